@@ -1,0 +1,1 @@
+"""Reading DICOM: safe read, discovery, grouping into studies and series, pixel decoding."""

@@ -1,0 +1,108 @@
+"""Colour fundus photographs: any photometric → RGB → field-of-view crop → model input.
+
+Ophthalmic Photography (8/16 bit), VL Photographic and Secondary Capture arrive as RGB,
+YBR_FULL, YBR_FULL_422 or PALETTE COLOR. The camera's circular field of view sits on a dark
+background; cropping to it makes photos from different cameras look alike to the network.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+from scipy import ndimage
+
+from dicom_ai.imaging.resize import resize_2d
+
+UInt8Array = npt.NDArray[np.uint8]
+
+
+def ybr_full_to_rgb(ybr: npt.NDArray[np.generic], bits: int = 8) -> UInt8Array:
+    """YCbCr (full range, PS3.3 C.7.6.3.1.2, ITU-R BT.601 coefficients) → RGB uint8.
+
+    ``R = Y + 1.402 (Cr - h)``, ``G = Y - 0.344136 (Cb - h) - 0.714136 (Cr - h)``,
+    ``B = Y + 1.772 (Cb - h)`` with ``h = 2**(bits-1)``; results rounded and clipped.
+    """
+    arr = ybr.astype(np.float64)
+    half = float(2 ** (bits - 1))
+    y, cb, cr = arr[..., 0], arr[..., 1] - half, arr[..., 2] - half
+    rgb = np.stack([y + 1.402 * cr, y - 0.344136 * cb - 0.714136 * cr, y + 1.772 * cb], axis=-1)
+    top = float(2**bits - 1)
+    rgb = np.clip(np.rint(rgb), 0, top)
+    return to_uint8(rgb, bits)
+
+
+def to_uint8(rgb: npt.NDArray[np.generic], bits: int) -> UInt8Array:
+    """Scale an RGB array with ``bits`` bits per sample to uint8 (16-bit OP → 8 bit)."""
+    if bits == 8:
+        return np.clip(rgb, 0, 255).astype(np.uint8)
+    scaled = rgb.astype(np.float64) * (255.0 / float(2**bits - 1))
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def upsample_422(ybr: npt.NDArray[np.generic]) -> npt.NDArray[np.generic]:
+    """YBR_FULL_422 with chroma stored at half horizontal resolution → full resolution.
+
+    A decoded array already has one Cb/Cr per pixel (shape H×W×3); raw 4:2:2 samples as
+    ``Y0 Y1 Cb Cr`` per pixel pair (PS3.5 8.2.1) come as a flat per-row buffer, H×(2W) bytes.
+    """
+    if ybr.ndim == 3 and ybr.shape[-1] == 3:
+        return ybr
+    h, row = ybr.shape
+    quads = ybr.reshape(h, row // 4, 4)
+    y = quads[..., :2].reshape(h, -1)
+    cb = np.repeat(quads[..., 2], 2, axis=1)
+    cr = np.repeat(quads[..., 3], 2, axis=1)
+    return np.stack([y, cb, cr], axis=-1)
+
+
+def palette_to_rgb(indices: npt.NDArray[np.generic], red: npt.NDArray[np.generic],
+                   green: npt.NDArray[np.generic], blue: npt.NDArray[np.generic],
+                   first_mapped: int, bits: int) -> UInt8Array:
+    """PALETTE COLOR: index → (R, G, B) through the three LUTs (PS3.3 C.7.6.3.1.5)."""
+    idx = np.clip(indices.astype(np.int64) - first_mapped, 0, len(red) - 1)
+    rgb = np.stack([np.asarray(red)[idx], np.asarray(green)[idx], np.asarray(blue)[idx]], -1)
+    return to_uint8(rgb, bits)
+
+
+def field_of_view(rgb: UInt8Array, *, threshold: float = 0.1) -> tuple[int, int, int, int]:
+    """Bounding box (row0, col0, row1, col1), end-exclusive, of the camera's field of view.
+
+    The FOV is the largest connected region brighter than ``threshold`` × the image's 99th
+    percentile of the red channel (the fundus is red-dominant; the mask background is near
+    black). When nothing stands out, the whole image is returned.
+    """
+    red = rgb[..., 0].astype(np.float64) if rgb.ndim == 3 else rgb.astype(np.float64)
+    ref = float(np.percentile(red, 99))
+    if ref <= 0:
+        return 0, 0, red.shape[0], red.shape[1]
+    mask = red > threshold * ref
+    mask = ndimage.binary_opening(mask, iterations=1) if min(mask.shape) > 32 else mask
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return 0, 0, red.shape[0], red.shape[1]
+    sizes = ndimage.sum_labels(mask, labels, index=np.arange(1, n + 1))
+    biggest = int(np.argmax(sizes)) + 1
+    rows, cols = np.nonzero(labels == biggest)
+    return int(rows.min()), int(cols.min()), int(rows.max()) + 1, int(cols.max()) + 1
+
+
+def crop_to_fov(rgb: UInt8Array) -> UInt8Array:
+    """Crop to the field of view, then pad the shorter side so the result is square and the
+    FOV circle stays centred (many cameras clip the circle at the top and bottom)."""
+    r0, c0, r1, c1 = field_of_view(rgb)
+    crop = rgb[r0:r1, c0:c1]
+    h, w = crop.shape[:2]
+    side = max(h, w)
+    out = np.zeros((side, side, *crop.shape[2:]), dtype=crop.dtype)
+    top, left = (side - h) // 2, (side - w) // 2
+    out[top:top + h, left:left + w] = crop
+    return out
+
+
+def model_input(rgb: UInt8Array, size: tuple[int, int]) -> npt.NDArray[np.float32]:
+    """RGB uint8 H×W×3 photograph → 3×H'×W' float32 in [0, 1], FOV-cropped."""
+    if rgb.ndim != 3 or rgb.shape[-1] != 3:
+        raise ValueError(f"expected H×W×3 RGB, got shape {rgb.shape}")
+    square = crop_to_fov(rgb)
+    chw = np.moveaxis(square, -1, 0).astype(np.float32) / 255.0
+    return resize_2d(chw, size, aspect="pad")

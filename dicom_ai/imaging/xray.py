@@ -1,0 +1,179 @@
+"""Projection radiography (CR, DX): stored values → presentation values in [0, 1] → model input.
+
+The order follows the DICOM grayscale pipeline (PS3.4 N.2): Modality LUT (rescale or Modality
+LUT Sequence) → VOI LUT (VOI LUT Sequence or window) → MONOCHROME1 inversion. All functions
+are pure; :func:`presentation_from_dataset` reads the parameters from a header.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+from pydicom.dataset import Dataset
+
+from dicom_ai.imaging.resize import Aspect, resize_2d
+
+FloatArray = npt.NDArray[np.float64]
+
+
+def rescale(stored: npt.NDArray[np.generic], slope: float = 1.0,
+            intercept: float = 0.0) -> FloatArray:
+    """Modality LUT as a linear rescale: ``slope * stored + intercept``."""
+    return stored.astype(np.float64) * float(slope) + float(intercept)
+
+
+def apply_lut(values: npt.NDArray[np.generic], descriptor: Sequence[int],
+              lut: Sequence[int] | npt.NDArray[np.generic]) -> FloatArray:
+    """Apply a LUT (Modality or VOI LUT Sequence item) as PS3.3 C.11.1.1 / C.11.2.1.1 define.
+
+    ``descriptor`` is (number of entries, first input value mapped, bits per entry); a number of
+    entries of 0 means 65536. Inputs below the first mapped value take the first entry, inputs
+    past the last take the last entry.
+    """
+    n_entries, first, _bits = (int(v) for v in descriptor)
+    table = np.asarray(lut, dtype=np.float64)
+    n = n_entries or 65536
+    table = table[:n]
+    idx = np.clip(np.rint(values.astype(np.float64)) - first, 0, len(table) - 1).astype(np.int64)
+    return table[idx]
+
+
+def window_linear(values: npt.NDArray[np.generic], center: float, width: float) -> FloatArray:
+    """VOI window with the LINEAR function of PS3.3 C.11.2.1.2.1, output in [0, 1].
+
+    ``x <= c - 0.5 - (w-1)/2`` → 0; ``x > c - 0.5 + (w-1)/2`` → 1; otherwise
+    ``((x - (c - 0.5)) / (w - 1) + 0.5)``.
+    """
+    if width < 1:
+        raise ValueError(f"window width must be >= 1, got {width}")
+    x = values.astype(np.float64)
+    if width == 1:
+        return (x > center - 0.5).astype(np.float64)
+    y = (x - (center - 0.5)) / (width - 1) + 0.5
+    return np.clip(y, 0.0, 1.0)
+
+
+def window_sigmoid(values: npt.NDArray[np.generic], center: float, width: float) -> FloatArray:
+    """VOI window with the SIGMOID function of PS3.3 C.11.2.1.3.1, output in (0, 1)."""
+    if width <= 0:
+        raise ValueError(f"window width must be > 0, got {width}")
+    return 1.0 / (1.0 + np.exp(-4.0 * (values.astype(np.float64) - center) / width))
+
+
+def scale_to_unit(values: npt.NDArray[np.generic], low: float, high: float) -> FloatArray:
+    """Map ``[low, high]`` linearly onto ``[0, 1]`` (clipped)."""
+    if high <= low:
+        return np.zeros(values.shape, dtype=np.float64)
+    return np.clip((values.astype(np.float64) - low) / (high - low), 0.0, 1.0)
+
+
+def invert(unit: FloatArray) -> FloatArray:
+    """MONOCHROME1 → MONOCHROME2 on presentation values in [0, 1]."""
+    return 1.0 - unit
+
+
+@dataclass(frozen=True)
+class VOI:
+    """How stored values become [0, 1]: a window, a LUT, or the full stored range."""
+
+    kind: str  # "window", "lut" or "range"
+    center: float = 0.0
+    width: float = 0.0
+    function: str = "LINEAR"
+    lut_descriptor: tuple[int, int, int] = (0, 0, 0)
+    lut_data: tuple[int, ...] = ()
+    lut_bits: int = 0
+    low: float = 0.0
+    high: float = 0.0
+
+
+def _first(value: object) -> float:
+    if isinstance(value, (list, tuple)) or hasattr(value, "__getitem__") and not isinstance(
+            value, (str, bytes)):
+        return float(value[0])  # type: ignore[index]
+    return float(value)  # type: ignore[arg-type]
+
+
+def stored_range(header: Dataset) -> tuple[float, float]:
+    """Range of stored values allowed by BitsStored and PixelRepresentation."""
+    bits = int(header.get("BitsStored", header.get("BitsAllocated", 8)))
+    if int(header.get("PixelRepresentation", 0)) == 1:
+        return float(-(2 ** (bits - 1))), float(2 ** (bits - 1) - 1)
+    return 0.0, float(2**bits - 1)
+
+
+def voi_from_header(header: Dataset) -> VOI:
+    """The VOI transform a viewer would apply by default: the first VOI LUT Sequence item, else
+    the first Window Center/Width, else the full range after the modality LUT."""
+    seq = header.get("VOILUTSequence")
+    if seq:
+        item = seq[0]
+        desc = tuple(int(v) for v in item.LUTDescriptor)
+        data = item.LUTData
+        if isinstance(data, bytes):
+            dtype = np.uint8 if desc[2] <= 8 and len(data) == (desc[0] or 65536) else np.uint16
+            data = np.frombuffer(data, dtype=dtype)
+        return VOI(kind="lut", lut_descriptor=(desc[0], desc[1], desc[2]),
+                   lut_data=tuple(int(v) for v in np.asarray(data).ravel()), lut_bits=desc[2])
+    if "WindowCenter" in header and "WindowWidth" in header:
+        fn = str(header.get("VOILUTFunction", "LINEAR")).upper() or "LINEAR"
+        return VOI(kind="window", center=_first(header.WindowCenter),
+                   width=_first(header.WindowWidth), function=fn)
+    low, high = stored_range(header)
+    slope = float(header.get("RescaleSlope", 1.0) or 1.0)
+    intercept = float(header.get("RescaleIntercept", 0.0) or 0.0)
+    ends = sorted((low * slope + intercept, high * slope + intercept))
+    return VOI(kind="range", low=ends[0], high=ends[1])
+
+
+def modality_values(stored: npt.NDArray[np.generic], header: Dataset) -> FloatArray:
+    """Stored values → modality values (Modality LUT Sequence, else Rescale Slope/Intercept)."""
+    seq = header.get("ModalityLUTSequence")
+    if seq:
+        item = seq[0]
+        return apply_lut(stored, [int(v) for v in item.LUTDescriptor], item.LUTData)
+    slope = float(header.get("RescaleSlope", 1.0) or 1.0)
+    intercept = float(header.get("RescaleIntercept", 0.0) or 0.0)
+    return rescale(stored, slope, intercept)
+
+
+def apply_voi(values: FloatArray, voi: VOI) -> FloatArray:
+    """Modality values → [0, 1] presentation values (before any MONOCHROME1 inversion)."""
+    if voi.kind == "lut":
+        out = apply_lut(values, voi.lut_descriptor, voi.lut_data)
+        return scale_to_unit(out, 0.0, float(2**voi.lut_bits - 1))
+    if voi.kind == "window":
+        if voi.function == "SIGMOID":
+            return window_sigmoid(values, voi.center, voi.width)
+        return window_linear(values, voi.center, voi.width)
+    return scale_to_unit(values, voi.low, voi.high)
+
+
+def presentation_from_dataset(stored: npt.NDArray[np.generic],
+                              header: Dataset) -> npt.NDArray[np.float32]:
+    """Decoded stored values of one grayscale frame → presentation values in [0, 1], where 1
+    is displayed white (MONOCHROME1 already inverted)."""
+    photometric = str(header.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if photometric not in {"MONOCHROME1", "MONOCHROME2"}:
+        raise ValueError(f"expected a grayscale image, got PhotometricInterpretation {photometric}")
+    values = apply_voi(modality_values(stored, header), voi_from_header(header))
+    if photometric == "MONOCHROME1":
+        values = invert(values)
+    return values.astype(np.float32)
+
+
+def presentation_from_8bit(gray: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
+    """An 8-bit grayscale picture (the training JPEGs) → [0, 1]: the same path as a
+    MONOCHROME2 8-bit DICOM without VOI (full stored range 0–255)."""
+    return scale_to_unit(gray, 0.0, 255.0).astype(np.float32)
+
+
+def model_input(presentation: npt.NDArray[np.float32], size: tuple[int, int], *,
+                aspect: Aspect = "pad") -> npt.NDArray[np.float32]:
+    """[0, 1] H×W presentation image → 1×H'×W' float32 network input."""
+    if presentation.ndim != 2:
+        raise ValueError(f"expected one H×W frame, got shape {presentation.shape}")
+    return resize_2d(presentation[None].astype(np.float32), size, aspect=aspect)
