@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import numpy.typing as npt
+from pydicom.dataset import Dataset
 from scipy import ndimage
 
 from dicom_ai.imaging.resize import resize_2d
@@ -106,3 +107,28 @@ def model_input(rgb: UInt8Array, size: tuple[int, int]) -> npt.NDArray[np.float3
     square = crop_to_fov(rgb)
     chw = np.moveaxis(square, -1, 0).astype(np.float32) / 255.0
     return resize_2d(chw, size, aspect="pad")
+
+
+def rgb_from_dataset(stored: npt.NDArray[np.generic], header: Dataset) -> UInt8Array:
+    """Decoded stored values of one frame (no colour conversion applied) → RGB uint8.
+
+    Handles RGB, YBR_FULL, YBR_FULL_422 (decoded or raw 4:2:2), PALETTE COLOR, and 8 or 16 bits
+    per sample. Grayscale input is an error: a fundus model is never given a grey image.
+    """
+    photometric = str(header.get("PhotometricInterpretation", "")).upper()
+    bits = int(header.get("BitsStored", header.get("BitsAllocated", 8)))
+    if photometric == "RGB":
+        return to_uint8(stored, bits)
+    if photometric == "YBR_FULL":
+        return ybr_full_to_rgb(stored, bits)
+    if photometric == "YBR_FULL_422":
+        return ybr_full_to_rgb(upsample_422(stored), bits)
+    if photometric == "PALETTE COLOR":
+        desc = [int(v) for v in header.RedPaletteColorLookupTableDescriptor]
+        lut_bits = desc[2]
+        dtype = np.uint16 if lut_bits > 8 else np.uint8
+        red, green, blue = (np.frombuffer(header.get(f"{c}PaletteColorLookupTableData"), dtype)
+                            for c in ("Red", "Green", "Blue"))
+        return palette_to_rgb(stored, red, green, blue, desc[1], lut_bits)
+    raise ValueError(f"expected a colour photograph, got PhotometricInterpretation "
+                     f"{photometric or '(none)'}")

@@ -1,0 +1,179 @@
+"""MONAI bundles as dicom-ai models: discovery, validation, loading (once), device choice.
+
+A bundle is a directory ``<models_dir>/<name>/`` laid out as ``docs/bundle-format.md`` says.
+The network is built from ``configs/inference.json`` (``network_def``) with MONAI's
+``ConfigParser`` and its state dict loaded with ``weights_only=True``: a bundle never runs
+arbitrary pickled code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydicom.uid import generate_uid
+
+from dicom_ai.inference.findings import ModelInfo
+
+log = logging.getLogger(__name__)
+
+#: Tasks the pipeline knows how to run; a bundle declaring anything else is refused at load.
+TASKS = ("classification", "ct-lung", "detection")
+
+
+class BundleError(ValueError):
+    """A model bundle is missing a file, declares something invalid or cannot be loaded."""
+
+
+def select_device(preference: str = "auto") -> torch.device:
+    """``auto`` → CUDA when torch sees a GPU, else CPU; ``cuda`` without a GPU is an error."""
+    if preference == "cpu":
+        return torch.device("cpu")
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise BundleError("inference.device is 'cuda' but torch sees no CUDA GPU")
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class Bundle:
+    """A loaded model: metadata, the network in eval mode on its device, and its identity."""
+
+    root: Path
+    metadata: dict[str, Any]
+    dicom_ai: dict[str, Any]
+    network: torch.nn.Module
+    device: torch.device
+    info: ModelInfo
+    inference_config: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def version(self) -> str:
+        return self.info.version
+
+    @property
+    def task(self) -> str:
+        return str(self.dicom_ai["task"])
+
+    def file(self, relative: str) -> Path:
+        """A file inside the bundle; refuses paths that escape it."""
+        path = (self.root / relative).resolve()
+        if self.root.resolve() not in path.parents:
+            raise BundleError(f"{self.root.name}: {relative!r} points outside the bundle")
+        return path
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        with path.open(encoding="utf-8") as fh:
+            data = json.load(fh)
+    except FileNotFoundError as exc:
+        raise BundleError(f"{path.parent.parent.name}: missing {path.parent.name}/{path.name}") \
+            from exc
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from exc
+    if not isinstance(data, dict):
+        raise BundleError(f"{path}: expected a JSON object")
+    return data
+
+
+def _detection_defaults() -> dict[str, Any]:
+    """A MONAI Model Zoo detection bundle has no ``dicom_ai`` block: route it to chest CT."""
+    return {
+        "task": "detection",
+        "input": "ct",
+        "accepts": {"modality": ["CT"], "reject_image_type": ["LOCALIZER"], "min_instances": 16},
+        "labels": ["nodule"],
+    }
+
+
+def _validate_block(name: str, block: dict[str, Any]) -> None:
+    task = block.get("task")
+    if task not in TASKS:
+        raise BundleError(f"{name}: dicom_ai.task must be one of {', '.join(TASKS)}, got {task!r}")
+    if not isinstance(block.get("accepts"), dict) or not block["accepts"].get("modality"):
+        raise BundleError(f"{name}: dicom_ai.accepts.modality must list the modalities it reads")
+    if task == "classification":
+        labels = block.get("labels")
+        if not isinstance(labels, list) or len(labels) < 2:
+            raise BundleError(f"{name}: a classification bundle lists at least two labels")
+        decision = block.get("decision", {})
+        if decision.get("kind") == "threshold" and decision.get("label") not in labels:
+            raise BundleError(f"{name}: decision.label {decision.get('label')!r} is not a label")
+        if decision.get("kind") not in ("threshold", "argmax"):
+            raise BundleError(f"{name}: decision.kind must be 'threshold' or 'argmax'")
+        missing = [lab for lab in labels if lab not in block.get("codes", {})]
+        if missing:
+            raise BundleError(f"{name}: no finding code for label(s) {', '.join(missing)}")
+
+
+def device_uid(name: str, version: str, weights_sha256: str) -> str:
+    """Device UID of the algorithm: changes whenever the weights change (retraining)."""
+    return str(generate_uid(prefix="2.25.", entropy_srcs=[name, version, weights_sha256]))
+
+
+def load_bundle(root: Path, *, device: torch.device) -> Bundle:
+    """Load one bundle; raises :class:`BundleError` with a specific reason when it cannot."""
+    root = Path(root)
+    metadata = _read_json(root / "configs" / "metadata.json")
+    config = _read_json(root / "configs" / "inference.json")
+    name = str(metadata.get("name") or root.name)
+    version = str(metadata.get("version", ""))
+    if not version:
+        raise BundleError(f"{name}: metadata.json has no version")
+    block = metadata.get("dicom_ai")
+    if block is None and "detector" in config:
+        block = _detection_defaults()
+    if not isinstance(block, dict):
+        raise BundleError(f"{name}: metadata.json has no 'dicom_ai' block and is not a MONAI "
+                          f"detection bundle")
+    _validate_block(name, block)
+    weights = root / "models" / "model.pt"
+    if not weights.is_file():
+        raise BundleError(f"{name}: missing models/model.pt")
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    if "network_def" not in config:
+        raise BundleError(f"{name}: configs/inference.json has no network_def")
+    from monai.bundle import ConfigParser
+
+    try:
+        network = ConfigParser({"network_def": config["network_def"]}).get_parsed_content(
+            "network_def")
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+            state = state["model"]
+        network.load_state_dict(state)
+    except (RuntimeError, KeyError, TypeError, ValueError, AttributeError, ImportError) as exc:
+        raise BundleError(f"{name}: cannot build the network from its weights: "
+                          f"{str(exc).splitlines()[0]}") from exc
+    network.to(device).eval()
+    info = ModelInfo(name=name, version=version, device_uid=device_uid(name, version, digest),
+                     manufacturer=str(metadata.get("authors", "dicom-ai")))
+    return Bundle(root=root, metadata=metadata, dicom_ai=block, network=network, device=device,
+                  info=info, inference_config=config)
+
+
+def discover(models_dir: Path) -> list[Path]:
+    """Bundle directories (with ``configs/metadata.json``) under ``models_dir``, sorted."""
+    return sorted(p.parent.parent for p in Path(models_dir).glob("*/configs/metadata.json"))
+
+
+def load_all(models_dir: Path, *, device: torch.device) -> tuple[list[Bundle], list[str]]:
+    """Load every bundle under ``models_dir``; a broken bundle is reported, not fatal."""
+    bundles: list[Bundle] = []
+    problems: list[str] = []
+    for root in discover(models_dir):
+        try:
+            bundles.append(load_bundle(root, device=device))
+        except BundleError as exc:
+            log.error("model bundle not loaded: %s", exc)
+            problems.append(str(exc))
+    return bundles, problems

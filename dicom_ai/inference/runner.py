@@ -1,0 +1,65 @@
+"""Running a network: batching, device placement, mixed precision and Grad-CAM.
+
+Models are loaded once (:mod:`dicom_ai.inference.bundle`); this module only moves arrays
+through them. Inference runs under ``torch.inference_mode``; Grad-CAM, which needs
+gradients, runs separately on the one image it explains.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from dicom_ai.inference.bundle import Bundle
+
+FloatArray = npt.NDArray[np.float32]
+
+
+def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager[object]:
+    # float16 autocast only where it pays and is numerically safe for these CNNs: on CUDA.
+    if amp and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def batches(items: Sequence[FloatArray], size: int) -> Iterator[FloatArray]:
+    """Stack ``items`` (each C×H×W) into arrays of at most ``size``."""
+    for start in range(0, len(items), size):
+        yield np.stack(items[start:start + size]).astype(np.float32)
+
+
+def predict_logits(bundle: Bundle, inputs: Sequence[FloatArray], *, batch_size: int = 16,
+                   amp: bool = True) -> FloatArray:
+    """Raw network outputs for each input, as an N×K float32 array on the CPU."""
+    outputs: list[FloatArray] = []
+    with torch.inference_mode(), _autocast(bundle.device, amp):
+        for batch in batches(inputs, batch_size):
+            out = bundle.network(torch.from_numpy(batch).to(bundle.device))
+            outputs.append(out.float().cpu().numpy())
+    return np.concatenate(outputs) if outputs else np.zeros((0, 0), dtype=np.float32)
+
+
+def calibrated_softmax(logits: FloatArray, temperature: float = 1.0) -> FloatArray:
+    """Softmax of ``logits / temperature`` (temperature fitted on validation data)."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    scaled = logits.astype(np.float64) / temperature
+    scaled -= scaled.max(axis=1, keepdims=True)
+    exp = np.exp(scaled)
+    return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def gradcam(bundle: Bundle, image: FloatArray, class_index: int, layer: str) -> FloatArray:
+    """Grad-CAM map (H×W in [0, 1], the input's size) for ``class_index`` at ``layer``."""
+    from monai.visualize import GradCAM
+
+    cam = GradCAM(nn_module=bundle.network, target_layers=layer)
+    x = torch.from_numpy(np.ascontiguousarray(image[None], dtype=np.float32)).to(bundle.device)
+    with torch.enable_grad():
+        heat = cam(x=x, class_idx=class_index)
+    result: FloatArray = heat[0, 0].detach().float().cpu().numpy()
+    return np.nan_to_num(result, nan=0.0).clip(0.0, 1.0).astype(np.float32)
