@@ -104,7 +104,11 @@ def model_input(rgb: UInt8Array, size: tuple[int, int]) -> npt.NDArray[np.float3
     """RGB uint8 H×W×3 photograph → 3×H'×W' float32 in [0, 1], FOV-cropped."""
     if rgb.ndim != 3 or rgb.shape[-1] != 3:
         raise ValueError(f"expected H×W×3 RGB, got shape {rgb.shape}")
-    square = crop_to_fov(rgb)
+    return input_from_fov(crop_to_fov(rgb), size)
+
+
+def input_from_fov(square: UInt8Array, size: tuple[int, int]) -> npt.NDArray[np.float32]:
+    """An FOV-cropped square RGB image (:func:`crop_to_fov`) → 3×H'×W' float32 in [0, 1]."""
     chw = np.moveaxis(square, -1, 0).astype(np.float32) / 255.0
     return resize_2d(chw, size, aspect="pad")
 

@@ -142,6 +142,8 @@ def load_bundle(root: Path, *, device: torch.device) -> Bundle:
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()
     if "network_def" not in config:
         raise BundleError(f"{name}: configs/inference.json has no network_def")
+    import pickle
+
     from monai.bundle import ConfigParser
 
     try:
@@ -151,7 +153,8 @@ def load_bundle(root: Path, *, device: torch.device) -> Bundle:
         if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
             state = state["model"]
         network.load_state_dict(state)
-    except (RuntimeError, KeyError, TypeError, ValueError, AttributeError, ImportError) as exc:
+    except (RuntimeError, KeyError, TypeError, ValueError, AttributeError, ImportError,
+            pickle.UnpicklingError) as exc:
         raise BundleError(f"{name}: cannot build the network from its weights: "
                           f"{str(exc).splitlines()[0]}") from exc
     network.to(device).eval()

@@ -1,0 +1,207 @@
+"""The ``classification`` task: 2D images (chest X-ray, fundus) → class probabilities.
+
+Per image: decode → normalize (the same functions training used) → image-based input-fit
+check → calibrated probabilities → Grad-CAM. Per series: the image with the strongest
+evidence for the model's decision finding speaks for the series (a study's worst image is
+what a reader must see); every analysed image gets its own Explanation and so its own SC.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from dicom_ai.config import InferenceSettings
+from dicom_ai.dicom.errors import DicomInputError
+from dicom_ai.dicom.model import Instance, Series
+from dicom_ai.dicom.pixels import decode
+from dicom_ai.imaging import fundus, xray
+from dicom_ai.imaging.resize import content_box, resize_2d
+from dicom_ai.inference import input_fit
+from dicom_ai.inference.bundle import Bundle
+from dicom_ai.inference.findings import Explanation, Finding, ModelResult
+from dicom_ai.inference.runner import calibrated_softmax, gradcam, predict_logits
+
+#: Longest side of the picture shown in a Secondary Capture: enough for a reading-room
+#: monitor, small enough to keep each SC a few hundred kB.
+DISPLAY_MAX_SIDE = 1024
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """One image ready for the network, and the picture a reader will see it explained on."""
+
+    instance: Instance
+    model_input: npt.NDArray[np.float32]
+    display: npt.NDArray[np.uint8]
+    box: tuple[int, int, int, int]
+
+
+def _display(image: npt.NDArray[np.float32]) -> npt.NDArray[np.uint8]:
+    """[0, 1] H×W or H×W×3 image → uint8, long side at most :data:`DISPLAY_MAX_SIDE`."""
+    chw = image[None] if image.ndim == 2 else np.moveaxis(image, -1, 0)
+    h, w = chw.shape[1:]
+    scale = min(1.0, DISPLAY_MAX_SIDE / max(h, w))
+    if scale < 1.0:
+        chw = resize_2d(chw, (max(1, round(h * scale)), max(1, round(w * scale))), aspect="stretch")
+    out = np.clip(np.rint(chw * 255.0), 0, 255).astype(np.uint8)
+    return out[0] if image.ndim == 2 else np.moveaxis(out, 0, -1)
+
+
+def _first_frame(stored: npt.NDArray[Any], header: Any) -> npt.NDArray[Any]:
+    frames = int(header.get("NumberOfFrames", 1) or 1)
+    return stored[0] if frames > 1 else stored
+
+
+def prepare(bundle: Bundle, instance: Instance) -> PreparedImage:
+    """Decode and normalize one instance as the bundle's ``input`` and ``preprocessing`` say.
+
+    Raises
+    ------
+    DicomInputError
+        The pixels cannot be decoded or are not the kind of image the model reads.
+    """
+    block = bundle.dicom_ai
+    size_hw = block["preprocessing"]["size"]
+    size = (int(size_hw[0]), int(size_hw[1]))
+    frame = _first_frame(decode(instance), instance.header)
+    try:
+        if block["input"] == "xray":
+            aspect = block["preprocessing"].get("aspect", "pad")
+            pres = xray.presentation_from_dataset(frame, instance.header)
+            return PreparedImage(instance, xray.model_input(pres, size, aspect=aspect),
+                                 _display(pres), content_box(pres.shape, size, aspect=aspect))
+        if block["input"] == "fundus":
+            square = fundus.crop_to_fov(fundus.rgb_from_dataset(frame, instance.header))
+            return PreparedImage(instance, fundus.input_from_fov(square, size),
+                                 _display(square.astype(np.float32) / 255.0), (0, 0, *size))
+    except ValueError as exc:
+        raise DicomInputError(str(exc), path=instance.path) from exc
+    raise DicomInputError(f"model {bundle.name} declares an unknown input {block['input']!r}")
+
+
+def decide(block: dict[str, Any], probabilities: npt.NDArray[np.float32]) -> list[Finding]:
+    """Findings for one image: every class of the model, then the derived findings."""
+    labels: list[str] = list(block["labels"])
+    decision = block["decision"]
+    if decision["kind"] == "threshold":
+        target = labels.index(decision["label"])
+        hit = bool(probabilities[target] >= float(decision["threshold"]))
+        positive = [hit if i == target else not hit for i in range(len(labels))] \
+            if len(labels) == 2 else [i == target and hit for i in range(len(labels))]
+    else:
+        top = int(np.argmax(probabilities))
+        positive = [i == top for i in range(len(labels))]
+    findings = [Finding(label=lab, probability=float(p), positive=pos)
+                for lab, p, pos in zip(labels, probabilities, positive, strict=True)]
+    for derived in block.get("derived_findings", []):
+        p = float(sum(probabilities[labels.index(lab)] for lab in derived["sum_of"]))
+        findings.append(Finding(label=derived["label"], probability=p,
+                                positive=p >= float(derived["threshold"])))
+    return findings
+
+
+def decision_score(block: dict[str, Any], findings: Sequence[Finding]) -> float:
+    """How strongly an image supports the model's key finding (used to pick the series'
+    representative image): the thresholded label, else the first derived finding, else
+    one minus the first (normal) class."""
+    by_label = {f.label: f for f in findings}
+    decision = block["decision"]
+    if decision["kind"] == "threshold":
+        return float(by_label[decision["label"]].probability or 0.0)
+    if block.get("derived_findings"):
+        return float(by_label[block["derived_findings"][0]["label"]].probability or 0.0)
+    return 1.0 - float(findings[0].probability or 0.0)
+
+
+def explained_class(block: dict[str, Any], probabilities: npt.NDArray[np.float32]) -> int:
+    """Class whose Grad-CAM is shown: the decision label, or the most probable class."""
+    decision = block["decision"]
+    if decision["kind"] == "threshold":
+        return list(block["labels"]).index(decision["label"])
+    return int(np.argmax(probabilities))
+
+
+def caption(block: dict[str, Any], findings: Sequence[Finding]) -> str:
+    """The finding text burned into a Secondary Capture."""
+    decision = block["decision"]
+    parts: list[str] = []
+    shown = [f for f in findings if f.positive] if decision["kind"] == "argmax" else [
+        f for f in findings if f.label == decision["label"]]
+    derived = {d["label"] for d in block.get("derived_findings", [])}
+    for f in shown:
+        if f.label in derived:
+            continue
+        verdict = "POSITIVE" if f.positive else "negative"
+        parts.append(f"{f.label}: p={f.probability:.2f} {verdict}")
+    for f in findings:
+        if f.label in derived:
+            parts.append(f"{f.label}: p={f.probability:.2f} "
+                         f"{'POSITIVE' if f.positive else 'negative'}")
+    return "; ".join(parts)
+
+
+def _heatmap_on_display(heat: npt.NDArray[np.float32], box: tuple[int, int, int, int],
+                        shape: tuple[int, ...]) -> npt.NDArray[np.float32]:
+    top, left, h, w = box
+    inside = heat[top:top + h, left:left + w]
+    return resize_2d(inside[None], (int(shape[0]), int(shape[1])), aspect="stretch")[0]
+
+
+def analyse_images(bundle: Bundle, series: Series, started: datetime,
+                   settings: InferenceSettings) -> tuple[ModelResult, dict[str, str]]:
+    """Run a classification bundle over every image of ``series``.
+
+    Returns the result and the instances that failed to decode (path → reason); a series all
+    of whose images fail or are unfit is ``rejected`` with the reason.
+    """
+    block = bundle.dicom_ai
+    failed: dict[str, str] = {}
+    prepared: list[PreparedImage] = []
+    for instance in series.instances:
+        try:
+            prepared.append(prepare(bundle, instance))
+        except DicomInputError as exc:
+            failed[str(instance.path)] = exc.reason
+
+    def rejected(reason: str) -> tuple[ModelResult, dict[str, str]]:
+        return ModelResult(series=series, model=bundle.info, status="rejected", started=started,
+                           reason=reason), failed
+
+    if not prepared:
+        return rejected("no image of the series could be decoded: "
+                        + "; ".join(sorted(set(failed.values()))))
+    inputs = [p.model_input for p in prepared]
+    fit = block.get("input_fit")
+    if fit:
+        scores, logits = input_fit.score_and_logits(bundle, inputs, batch_size=settings.batch_size,
+                                                    amp=settings.amp)
+        keep = [i for i, s in enumerate(scores) if s <= float(fit["threshold"])]
+        if not keep:
+            return rejected(f"the image is unlike the model's training data (input-fit score "
+                            f"{float(min(scores)):.1f} > {float(fit['threshold']):.1f}); "
+                            f"{bundle.name} reads {block.get('intended_input', block['input'])} "
+                            f"images only")
+        prepared = [prepared[i] for i in keep]
+        logits = logits[keep]
+    else:
+        logits = predict_logits(bundle, inputs, batch_size=settings.batch_size, amp=settings.amp)
+    probabilities = calibrated_softmax(logits, float(block.get("temperature", 1.0)))
+    per_image = [decide(block, p) for p in probabilities]
+    best = max(range(len(prepared)), key=lambda i: decision_score(block, per_image[i]))
+    explanations: list[Explanation] = []
+    layer = block.get("gradcam_layer")
+    for image, probs, findings in zip(prepared, probabilities, per_image, strict=True):
+        heat = None
+        if layer:
+            cam = gradcam(bundle, image.model_input, explained_class(block, probs), layer)
+            heat = _heatmap_on_display(cam, image.box, image.display.shape)
+        explanations.append(Explanation(source=image.instance, image=image.display,
+                                        heatmap=heat, caption=caption(block, findings)))
+    return ModelResult(series=series, model=bundle.info, status="ok", started=started,
+                       findings=per_image[best], explanations=explanations), failed

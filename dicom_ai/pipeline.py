@@ -1,0 +1,137 @@
+"""Study → findings → DICOM objects: the one place the whole flow is visible.
+
+Both ``dicom-ai replay`` and the service's worker call :func:`run_study`; nothing here knows
+whether the study came from disk or over the network.
+
+::
+
+    study ──▶ for each series: routing.not_applicable / routing.unfit  (skip or reject, with reason)
+          ──▶ task analyser (classification, ct-lung, detection) ──▶ ModelResult
+          ──▶ results.build_outputs: Secondary Captures + TID 1500 SR (deterministic UIDs)
+          ──▶ StudyOutcome (results, datasets to store/send, per-file outcome)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydicom.dataset import Dataset
+
+from dicom_ai import DISCLAIMER
+from dicom_ai.config import InferenceSettings, Settings
+from dicom_ai.dicom.errors import DicomInputError
+from dicom_ai.dicom.model import Series, Study
+from dicom_ai.inference import routing
+from dicom_ai.inference.bundle import Bundle, BundleError, load_all, select_device
+from dicom_ai.inference.findings import ModelResult
+
+log = logging.getLogger(__name__)
+
+Analyser = Callable[[Bundle, Series, datetime, InferenceSettings],
+                    tuple[ModelResult, dict[str, str]]]
+
+
+def _analyser(task: str) -> Analyser:
+    # Imported per task so that a deployment with only 2D models never imports the CT stack.
+    if task == "classification":
+        from dicom_ai.inference.classify import analyse_images
+        return analyse_images
+    if task == "ct-lung":
+        from dicom_ai.inference.ct_lung import analyse_ct
+        return analyse_ct
+    if task == "detection":
+        from dicom_ai.inference.detection import analyse_detection
+        return analyse_detection
+    raise BundleError(f"no analyser for task {task!r}")
+
+
+@dataclass
+class StudyOutcome:
+    """Everything one run over a study produced."""
+
+    study_instance_uid: str
+    results: list[ModelResult] = field(default_factory=list)
+    #: Secondary Captures and SRs, in the order they should be stored (SCs before their SR).
+    datasets: list[Dataset] = field(default_factory=list)
+    #: Series no model applies to: Series Instance UID → reason.
+    skipped_series: dict[str, str] = field(default_factory=dict)
+    #: Files that could not be used: path → reason.
+    failed_files: dict[str, str] = field(default_factory=dict)
+
+    def findings_document(self) -> dict[str, Any]:
+        """The ``findings.json`` document of this study."""
+        return {
+            "study_instance_uid": self.study_instance_uid,
+            "disclaimer": DISCLAIMER,
+            "results": [r.to_json() for r in self.results],
+            "skipped_series": [{"series_instance_uid": uid, "reason": reason}
+                               for uid, reason in sorted(self.skipped_series.items())],
+        }
+
+
+def load_models(settings: InferenceSettings, models_dir: Path | None = None
+                ) -> tuple[list[Bundle], list[str]]:
+    """Load every bundle once; returns the bundles and the problems of those that failed."""
+    if settings.num_threads > 0:
+        torch.set_num_threads(settings.num_threads)
+    device = select_device(settings.device)
+    log.info("inference device: %s", device)
+    return load_all(Path(models_dir or settings.models_dir), device=device)
+
+
+def analyse_series(series: Series, models: Sequence[Bundle], settings: Settings,
+                   started: datetime, outcome: StudyOutcome) -> None:
+    """Route one series to the models that apply and collect their results into ``outcome``."""
+    applicable: list[Bundle] = []
+    reasons: list[str] = []
+    for bundle in models:
+        reason = routing.not_applicable(bundle.dicom_ai["accepts"], series)
+        if reason is None:
+            applicable.append(bundle)
+        else:
+            reasons.append(reason)
+    if not applicable:
+        outcome.skipped_series[series.series_instance_uid] = routing.skip_reason(series, reasons)
+        return
+    for bundle in applicable:
+        unfit = routing.unfit(bundle.dicom_ai["accepts"], series)
+        if unfit is not None:
+            result = ModelResult(series=series, model=bundle.info, status="rejected",
+                                 started=started, reason=unfit)
+        else:
+            try:
+                result, failed = _analyser(bundle.task)(bundle, series, started,
+                                                        settings.inference)
+            except DicomInputError as exc:
+                result, failed = ModelResult(series=series, model=bundle.info,
+                                             status="rejected", started=started,
+                                             reason=exc.reason), {}
+            outcome.failed_files.update(failed)
+        log.info("series %s: %s %s → %s%s", series.series_instance_uid, bundle.name,
+                 bundle.version, result.status, f" ({result.reason})" if result.reason else "")
+        outcome.results.append(result)
+
+
+def run_study(study: Study, models: Sequence[Bundle], settings: Settings, *,
+              started: datetime | None = None) -> StudyOutcome:
+    """Analyse every series of ``study`` with the models that apply, and build the DICOM
+    results (Secondary Captures, then one SR per series and model)."""
+    from dicom_ai.results import build_outputs
+
+    started = started or datetime.now().astimezone()
+    outcome = StudyOutcome(study_instance_uid=study.study_instance_uid)
+    for series in study.series:
+        analyse_series(series, models, settings, started, outcome)
+    by_name = {b.name: b for b in models}
+    for result in outcome.results:
+        block = by_name[result.model.name].dicom_ai
+        outcome.datasets.extend(build_outputs(result, settings.output,
+                                              codes=block.get("codes", {}),
+                                              finding_site=block.get("finding_site")))
+    return outcome
