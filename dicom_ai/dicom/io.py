@@ -1,0 +1,191 @@
+"""Safe reading of DICOM files: one typed error with a one-line reason for anything unusable.
+
+pydicom is lenient on purpose: it reads a truncated file without complaint, keeps an
+unparseable number as a string, and warns on stderr. Here those cases become
+:class:`~dicom_ai.dicom.errors.UnreadableFileError` with a reason fit for
+``replay-summary.json`` and a C-STORE failure comment, and warnings are captured instead of
+printed. Reasons never carry element values, so no patient identity can leak through them.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pydicom
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.tag import BaseTag
+
+from dicom_ai.dicom.errors import UnreadableFileError
+
+#: Media Storage Directory Storage (a DICOMDIR).
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+
+#: Attributes of which a forced read (no preamble, no file meta) must find at least one before
+#: the result is believed to be DICOM: garbage parses as a handful of odd tags, never as these.
+_IDENTIFYING = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+
+#: Value representations whose text must parse as a number (PS3.5 Table 6.2-1). pydicom keeps
+#: an unparseable value as ``str``, which downstream ``int()``/``float()`` would trip over later.
+_NUMERIC_STRING_VRS = frozenset({"IS", "DS"})
+
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+def read_header(path: Path) -> Dataset:
+    """Read a DICOM file without its pixel data.
+
+    Files with a preamble and file meta are read strictly; files without (older or
+    network-dumped objects) are read with ``force=True`` and then accepted only if they carry
+    a SOP Class, SOP Instance, Study or Series Instance UID.
+
+    Parameters
+    ----------
+    path:
+        The file to read.
+
+    Returns
+    -------
+    Dataset
+        The header; bulk pixel data is not loaded.
+
+    Raises
+    ------
+    UnreadableFileError
+        Not DICOM, truncated, or a numeric attribute that cannot be read as a number.
+    """
+    return _read(path, stop_before_pixels=True)
+
+
+def read_dataset(path: Path) -> Dataset:
+    """Read a DICOM file including its pixel data, with the discipline of :func:`read_header`.
+
+    Parameters
+    ----------
+    path:
+        The file to read.
+
+    Returns
+    -------
+    Dataset
+        The complete dataset.
+
+    Raises
+    ------
+    UnreadableFileError
+        As for :func:`read_header`.
+    """
+    return _read(path, stop_before_pixels=False)
+
+
+def is_dicomdir(ds: Dataset) -> bool:
+    """Whether ``ds`` is a media directory (DICOMDIR) rather than an instance.
+
+    Parameters
+    ----------
+    ds:
+        A dataset as returned by :func:`read_header`.
+
+    Returns
+    -------
+    bool
+        True for the Media Storage Directory SOP class or a Directory Record Sequence.
+    """
+    meta = getattr(ds, "file_meta", None)
+    classes = {str(ds.get("SOPClassUID", "")),
+               str(meta.get("MediaStorageSOPClassUID", "")) if meta is not None else ""}
+    return MEDIA_STORAGE_DIRECTORY in classes or "DirectoryRecordSequence" in ds
+
+
+def _read(path: Path, *, stop_before_pixels: bool) -> Dataset:
+    # Warnings are recorded and dropped: those that matter (unparseable numbers) are found by
+    # _check_values, and the rest (non-conformant UIDs, over-long strings) do not stop us.
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        ds = _parse(path, stop_before_pixels=stop_before_pixels)
+        _check_complete(ds, path)
+        _check_values(ds, path)
+    return ds
+
+
+def _parse(path: Path, *, stop_before_pixels: bool) -> Dataset:
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+    except InvalidDicomError:
+        pass
+    except OSError as exc:
+        raise UnreadableFileError(f"cannot open: {exc.strerror or type(exc).__name__}",
+                                  path=path) from exc
+    except Exception as exc:
+        raise UnreadableFileError(_parse_failure(exc), path=path) from exc
+    with path.open("rb") as fh:
+        if fh.read(2) == _GZIP_MAGIC:
+            raise UnreadableFileError("not a DICOM file (gzip-compressed)", path=path)
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, force=True)
+    except Exception as exc:
+        raise UnreadableFileError("not a DICOM file", path=path) from exc
+    if not any(keyword in ds for keyword in _IDENTIFYING):
+        raise UnreadableFileError("not a DICOM file", path=path)
+    return ds
+
+
+def _parse_failure(exc: Exception) -> str:
+    if isinstance(exc, EOFError):
+        return "truncated: the file ends inside the file meta information"
+    # pydicom's messages describe structure (tags, lengths, VRs), not element values.
+    first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return f"cannot parse: {first_line}"
+
+
+def _check_complete(ds: Dataset, path: Path) -> None:
+    """Raise if an element's declared length runs past the end of the file.
+
+    pydicom stops quietly at end of file and keeps the short last value, so a file cut during
+    transfer would otherwise look whole.
+    """
+    size = path.stat().st_size
+    for tag in tuple(ds.keys()):
+        elem = ds.get_item(tag)
+        if not isinstance(elem, RawDataElement) or elem.length == _UNDEFINED_LENGTH:
+            continue
+        if elem.value_tell + elem.length > size:
+            have = max(0, size - elem.value_tell)
+            raise UnreadableFileError(
+                f"truncated: {_tag(tag)} holds {have} of {elem.length} bytes", path=path)
+
+
+def _check_values(ds: Dataset, path: Path) -> None:
+    """Convert every standard element, raising on a numeric string that is not a number."""
+    for tag in tuple(ds.keys()):
+        if tag.is_private:
+            continue
+        try:
+            elem = ds[tag]
+        except Exception as exc:
+            raise UnreadableFileError(f"cannot read value of {_tag(tag)}", path=path) from exc
+        if elem.VR in _NUMERIC_STRING_VRS and _has_text(elem.value):
+            raise UnreadableFileError(f"invalid value for VR {elem.VR} in {_tag(tag)}",
+                                      path=path)
+        if isinstance(elem.value, DicomSequence):
+            for item in elem.value:
+                _check_values(item, path)
+
+
+def _has_text(value: object) -> bool:
+    # pydicom's IS/DS classes subclass int/float/str-with-float; a bare ``str`` is what it keeps
+    # when the text could not be parsed.
+    values = value if isinstance(value, MultiValue | list) else [value]
+    return any(type(v) is str and v.strip() != "" for v in values)
+
+
+def _tag(tag: BaseTag) -> str:
+    return f"({tag.group:04X},{tag.element:04X})"
+
+
+__all__ = ["MEDIA_STORAGE_DIRECTORY", "is_dicomdir", "read_dataset", "read_header"]
