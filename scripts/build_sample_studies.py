@@ -1,0 +1,459 @@
+"""Build ``sample_studies/`` from the real data in ``../shared/data``.
+
+Chest X-rays (Kermany et al. 2018, CC BY 4.0) become CR and DX objects, RetinaMNIST fundus
+photographs (CC BY 4.0) become Ophthalmic Photography 8 Bit objects, and the TCIA
+Lung-PET-CT-Dx A0002 chest CT series (CC BY 4.0) is copied unchanged. The output is
+deterministic: UIDs are derived from fixed strings and dates are fixed, so re-running the
+script reproduces byte-identical files.
+
+Usage::
+
+    python scripts/build_sample_studies.py [--data ../shared/data] [--out sample_studies] [--check]
+
+``--check`` runs dicom3tools ``dciodvfy`` on every written object and fails on any "Error" line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import (
+    UID,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGLSLossless,
+    RLELossless,
+    generate_uid,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = REPO.parent / "shared" / "data"
+DEFAULT_OUT = REPO / "sample_studies"
+
+CR_STORAGE = UID("1.2.840.10008.5.1.4.1.1.1")
+DX_PRESENTATION_STORAGE = UID("1.2.840.10008.5.1.4.1.1.1.1")
+DX_PROCESSING_STORAGE = UID("1.2.840.10008.5.1.4.1.1.1.1.1")
+OP_8BIT_STORAGE = UID("1.2.840.10008.5.1.4.1.1.77.1.5.1")
+
+#: Every sample study carries the same made-up date, so nothing depends on when it was built.
+STUDY_DATE = "20250101"
+#: Salt of every derived UID: changing it changes every UID, nothing else does.
+UID_SALT = "dicom-ai sample_studies v1"
+#: Encoder plugins named explicitly so that a newly installed plugin cannot change the bytes.
+ENCODING_PLUGIN = {
+    RLELossless: "pydicom", JPEGLSLossless: "pyjpegls", JPEG2000Lossless: "pylibjpeg",
+}
+JPEG_QUALITY = 95
+#: The Kermany files carry no pixel spacing but DX requires Imager Pixel Spacing: a nominal
+#: detector pitch (typical of CR plates) at the original resolution, scaled by the published
+#: resize. It is not a calibration; nothing should measure lengths on these images.
+NOMINAL_PITCH_MM = 0.15
+
+CT_ARCHIVE = "ct/lung_pet_ct_dx_A0002.tar.xz"
+CT_SERIES_DIR = "lung_pet_ct_dx/A0002/series_B40f"
+CT_OUT_DIR = "ct-lung-pet-ct-dx-a0002"
+
+
+@dataclass(frozen=True)
+class ChestXRay:
+    """One chest X-ray study: which source image and how it is encoded."""
+
+    key: str
+    source: str
+    label: str
+    modality: str
+    #: "FOR PRESENTATION" or "FOR PROCESSING" for DX; empty for CR.
+    presentation_intent: str
+    photometric: str
+    bits_stored: int
+    window: bool
+    transfer_syntax: UID
+
+
+@dataclass(frozen=True)
+class Fundus:
+    """One fundus study: a RetinaMNIST validation image and how it is encoded."""
+
+    key: str
+    val_index: int
+    grade: int
+    #: Read by eye from the side of the optic disc (RetinaMNIST has no laterality): the disc
+    #: appears on the viewer's right in a right eye.
+    laterality: str
+    photometric: str
+    transfer_syntax: UID
+
+
+CHEST_XRAYS: tuple[ChestXRay, ...] = (
+    ChestXRay("CXR01", "train/NORMAL/IM-0199-0001.jpeg", "NORMAL", "CR", "",
+              "MONOCHROME2", 8, False, ExplicitVRLittleEndian),
+    ChestXRay("CXR02", "train/PNEUMONIA/person480_virus_982.jpeg", "PNEUMONIA", "CR", "",
+              "MONOCHROME1", 12, True, RLELossless),
+    ChestXRay("CXR03", "train/NORMAL/IM-0448-0001.jpeg", "NORMAL", "DX", "FOR PRESENTATION",
+              "MONOCHROME2", 12, True, JPEG2000Lossless),
+    ChestXRay("CXR04", "train/PNEUMONIA/person898_bacteria_2823.jpeg", "PNEUMONIA", "DX",
+              "FOR PROCESSING", "MONOCHROME1", 12, False, JPEGLSLossless),
+)
+
+FUNDUS_PHOTOS: tuple[Fundus, ...] = (
+    Fundus("FUNDUS01", 8, 0, "R", "RGB", ExplicitVRLittleEndian),
+    Fundus("FUNDUS02", 67, 2, "L", "YBR_FULL_422", JPEGBaseline8Bit),
+    Fundus("FUNDUS03", 49, 4, "L", "RGB", RLELossless),
+)
+
+
+def derived_uid(*parts: str) -> UID:
+    """A fixed UID under pydicom's root, hashed from ``parts`` (same parts → same UID).
+
+    (``generate_uid(prefix=None)`` would ignore the entropy sources and return a random UUID.)
+    """
+    return generate_uid(entropy_srcs=[UID_SALT, *parts])
+
+
+def code_item(value: str, scheme: str, meaning: str) -> Dataset:
+    """One item of a code sequence."""
+    item = Dataset()
+    item.CodeValue = value
+    item.CodingSchemeDesignator = scheme
+    item.CodeMeaning = meaning
+    return item
+
+
+def to_stored_range(gray: npt.NDArray[np.uint8], bits_stored: int,
+                    photometric: str) -> npt.NDArray[np.uint8] | npt.NDArray[np.uint16]:
+    """8-bit display values → stored values that display identically.
+
+    The 0–255 range is stretched to ``0 … 2**bits_stored - 1`` (``round(v * max / 255)``), and
+    for MONOCHROME1 the values are inverted (``max - v``) because MONOCHROME1 shows the
+    maximum as black.
+    """
+    top = 2**bits_stored - 1
+    if bits_stored == 8:
+        values = gray.astype(np.int64)
+    else:
+        values = np.rint(gray.astype(np.float64) * (top / 255.0)).astype(np.int64)
+    if photometric == "MONOCHROME1":
+        values = top - values
+    if bits_stored <= 8:
+        return values.astype(np.uint8)
+    return values.astype(np.uint16)
+
+
+def file_meta(sop_class: UID, sop_instance: UID, transfer_syntax: UID) -> FileMetaDataset:
+    """File meta information for a new object."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop_instance
+    meta.TransferSyntaxUID = transfer_syntax
+    return meta
+
+
+def base_dataset(key: str, *, sop_class: UID, modality: str, patient_label: str,
+                 study_description: str, series_description: str, study_time: str,
+                 provenance: str) -> Dataset:
+    """Patient, study, series, equipment and SOP common attributes shared by every object.
+
+    The patient identity is synthetic and says so: ``ANON^<key>`` / ``DICOMAI-<label>``.
+    """
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = derived_uid(key, "instance")
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = ds.AcquisitionDate = STUDY_DATE
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = ds.AcquisitionTime = study_time
+    ds.AccessionNumber = ""
+    ds.Modality = modality
+    ds.Manufacturer = ""
+    ds.ReferringPhysicianName = ""
+    ds.StudyDescription = study_description
+    ds.SeriesDescription = series_description
+    ds.PatientName = f"ANON^{key}"
+    ds.PatientID = f"DICOMAI-{patient_label}"
+    ds.PatientBirthDate = ""
+    ds.PatientSex = ""
+    ds.PatientIdentityRemoved = "YES"
+    ds.DeidentificationMethod = "Synthetic identity; pixels from a public de-identified dataset"
+    ds.StudyInstanceUID = derived_uid(key, "study")
+    ds.SeriesInstanceUID = derived_uid(key, "series")
+    ds.StudyID = key
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = 1
+    ds.ImageComments = provenance
+    return ds
+
+
+def set_pixels(ds: Dataset, pixels: npt.NDArray[np.uint8] | npt.NDArray[np.uint16], *,
+               photometric: str, bits_stored: int) -> None:
+    """Image Pixel module for an uncompressed array (H×W grayscale or H×W×3 colour)."""
+    ds.Rows, ds.Columns = int(pixels.shape[0]), int(pixels.shape[1])
+    ds.SamplesPerPixel = 3 if pixels.ndim == 3 else 1
+    if pixels.ndim == 3:
+        ds.PlanarConfiguration = 0
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated = pixels.dtype.itemsize * 8
+    ds.BitsStored = bits_stored
+    ds.HighBit = bits_stored - 1
+    ds.PixelRepresentation = 0
+    ds.PixelData = pixels.tobytes()
+
+
+def encode(ds: Dataset, transfer_syntax: UID) -> None:
+    """Compress the pixel data in place (lossless encoders, fixed plugin, same SOP UID)."""
+    if transfer_syntax == ExplicitVRLittleEndian:
+        return
+    ds.compress(transfer_syntax, encoding_plugin=ENCODING_PLUGIN[transfer_syntax],
+                generate_instance_uid=False)
+
+
+def lossy_source(ds: Dataset, ratio: float) -> None:
+    """Record that the pixels went through JPEG (ISO 10918-1) before they reached us."""
+    ds.LossyImageCompression = "01"
+    ds.LossyImageCompressionRatio = f"{ratio:.2f}"
+    ds.LossyImageCompressionMethod = "ISO_10918_1"
+
+
+def chest_xray(spec: ChestXRay, data: Path) -> Dataset:
+    """Build one CR or DX object from a Kermany JPEG (see :data:`CHEST_XRAYS`)."""
+    path = data / "cxr" / "kermany_fullres_subset" / spec.source
+    gray = np.asarray(Image.open(path).convert("L"), dtype=np.uint8)
+    if spec.modality == "CR":
+        sop_class = CR_STORAGE
+    elif spec.presentation_intent == "FOR PRESENTATION":
+        sop_class = DX_PRESENTATION_STORAGE
+    else:
+        sop_class = DX_PROCESSING_STORAGE
+    number = spec.key[-2:]
+    ds = base_dataset(
+        spec.key, sop_class=sop_class, modality=spec.modality, patient_label=f"CXR-{number}",
+        study_description="XR CHEST 1 VIEW (dicom-ai sample)",
+        series_description=f"Chest AP {spec.modality}", study_time=f"09{number}00",
+        provenance=(f"Kermany et al. 2018 (CC BY 4.0) {spec.source}; converted by "
+                    "scripts/build_sample_studies.py; sample study, not for diagnostic use"))
+    ds.BodyPartExamined = "CHEST"
+    # The Kermany paper describes its radiographs as anterior-posterior.
+    ds.ViewPosition = "AP"
+    # Checked by eye on all four: the R marker / heart show the standard display orientation.
+    ds.PatientOrientation = ["L", "F"]
+    ds.ImageType = ["DERIVED", "PRIMARY"]
+    ds.DerivationDescription = "JPEG from a public dataset re-encoded as DICOM"
+    # Side markers ("R") are burned into most of these radiographs; no identity is.
+    ds.BurnedInAnnotation = "YES"
+    lossy_source(ds, gray.size / path.stat().st_size)
+    set_pixels(ds, to_stored_range(gray, spec.bits_stored, spec.photometric),
+               photometric=spec.photometric, bits_stored=spec.bits_stored)
+    if spec.window:
+        # Centre/width chosen so that the linear VOI maps the stored range exactly onto the
+        # display range: the model sees what it saw in training (the source JPEG).
+        top = 2**spec.bits_stored
+        ds.WindowCenter = top // 2
+        ds.WindowWidth = top
+        ds.VOILUTFunction = "LINEAR"
+    if spec.modality == "DX":
+        add_dx_modules(ds, spec, nominal_spacing_mm(data, spec.source))
+    ds.file_meta = file_meta(sop_class, ds.SOPInstanceUID, ExplicitVRLittleEndian)
+    encode(ds, spec.transfer_syntax)
+    return ds
+
+
+def nominal_spacing_mm(data: Path, source: str) -> float:
+    """:data:`NOMINAL_PITCH_MM` scaled by original width / stored width from ``labels.csv``."""
+    with open(data / "cxr" / "kermany_fullres_subset" / "labels.csv", newline="") as fh:
+        row = next(r for r in csv.DictReader(fh) if r["path"] == source)
+    original = int(row["original_size"].split("x")[0])
+    stored = int(row["stored_size"].split("x")[0])
+    return round(NOMINAL_PITCH_MM * original / stored, 4)
+
+
+def add_dx_modules(ds: Dataset, spec: ChestXRay, spacing_mm: float) -> None:
+    """DX Series, DX Anatomy Imaged, DX Image, DX Detector and DX Positioning attributes."""
+    ds.PresentationIntentType = spec.presentation_intent
+    ds.ImageLaterality = "U"
+    ds.AnatomicRegionSequence = DicomSequence([code_item("816094009", "SCT", "Chest")])
+    ds.ViewCodeSequence = DicomSequence([code_item("399348003", "SCT", "antero-posterior")])
+    ds.PixelIntensityRelationship = "LOG"
+    # Bone (little X-ray intensity reaches the detector) is white: a high stored value in
+    # MONOCHROME2 (sign -1, "higher values = less intensity"), a low one in MONOCHROME1 (+1).
+    ds.PixelIntensityRelationshipSign = 1 if spec.photometric == "MONOCHROME1" else -1
+    ds.RescaleIntercept = 0
+    ds.RescaleSlope = 1
+    ds.RescaleType = "US"
+    ds.PresentationLUTShape = "INVERSE" if spec.photometric == "MONOCHROME1" else "IDENTITY"
+    ds.DetectorType = ""
+    ds.PositionerType = ""
+    ds.ImagerPixelSpacing = [spacing_mm, spacing_mm]
+    ds.AcquisitionContextSequence = DicomSequence()
+
+
+def fundus_photo(spec: Fundus, images: npt.NDArray[np.uint8],
+                 labels: npt.NDArray[np.uint8]) -> Dataset:
+    """Build one Ophthalmic Photography 8 Bit object from a RetinaMNIST validation image."""
+    if int(labels[spec.val_index]) != spec.grade:
+        raise ValueError(f"{spec.key}: val image {spec.val_index} is grade "
+                         f"{int(labels[spec.val_index])}, expected {spec.grade}")
+    rgb = np.ascontiguousarray(images[spec.val_index])
+    number = spec.key[-2:]
+    ds = base_dataset(
+        spec.key, sop_class=OP_8BIT_STORAGE, modality="OP", patient_label=f"FUNDUS-{number}",
+        study_description="Fundus photography (dicom-ai sample)",
+        series_description=f"Fundus {spec.laterality}", study_time=f"10{number}00",
+        provenance=(f"RetinaMNIST / DeepDRiD (CC BY 4.0) val image {spec.val_index}, DR grade "
+                    f"{spec.grade}; converted by scripts/build_sample_studies.py; sample "
+                    "study, not for diagnostic use"))
+    ds.ImageType = ["DERIVED", "PRIMARY", "RESAMPLED"]
+    ds.AcquisitionDateTime = f"{STUDY_DATE}10{number}00"
+    ds.BurnedInAnnotation = "NO"
+    ds.NumberOfFrames = 1
+    ds.FrameIncrementPointer = 0x00181063  # Frame Time
+    ds.FrameTime = 0
+    ds.ImageLaterality = spec.laterality
+    ds.PatientOrientation = ""
+    ds.SourceImageSequence = DicomSequence()
+    # The OP IOD makes the Synchronization module mandatory; nothing is synchronized here.
+    ds.SynchronizationFrameOfReferenceUID = derived_uid(spec.key, "synchronization")
+    ds.SynchronizationTrigger = "NO TRIGGER"
+    ds.AcquisitionTimeSynchronized = "N"
+    ds.AnatomicRegionSequence = DicomSequence([code_item("5665001", "SCT", "Retina")])
+    ds.AcquisitionContextSequence = DicomSequence()
+    ds.PatientEyeMovementCommanded = ""
+    ds.RefractiveStateSequence = DicomSequence()
+    ds.EmmetropicMagnification = None
+    ds.IntraOcularPressure = None
+    ds.HorizontalFieldOfView = None
+    ds.PupilDilated = ""
+    ds.AcquisitionDeviceTypeCodeSequence = DicomSequence(
+        [code_item("409898007", "SCT", "Fundus Camera")])
+    ds.IlluminationTypeCodeSequence = DicomSequence()
+    ds.LightPathFilterTypeStackCodeSequence = DicomSequence()
+    ds.ImagePathFilterTypeStackCodeSequence = DicomSequence()
+    ds.LensesCodeSequence = DicomSequence()
+    ds.DetectorType = ""
+    if spec.photometric == "YBR_FULL_422":
+        encode_jpeg_422(ds, rgb)
+        return ds
+    # Lossy compression is recorded for the file we convert: the npz holds raw 8-bit values.
+    # (The DeepDRiD JPEGs behind them were downsampled ~60-fold; see the README.)
+    ds.LossyImageCompression = "00"
+    set_pixels(ds, rgb, photometric="RGB", bits_stored=8)
+    ds.file_meta = file_meta(OP_8BIT_STORAGE, ds.SOPInstanceUID, ExplicitVRLittleEndian)
+    encode(ds, spec.transfer_syntax)
+    return ds
+
+
+def encode_jpeg_422(ds: Dataset, rgb: npt.NDArray[np.uint8]) -> None:
+    """Pixel data as JPEG baseline with 4:2:2 chroma (Pillow), photometric YBR_FULL_422.
+
+    pydicom has no JPEG baseline encoder, so Pillow writes the JPEG and it is encapsulated.
+    """
+    buffer = io.BytesIO()
+    Image.fromarray(rgb, mode="RGB").save(buffer, format="JPEG", quality=JPEG_QUALITY,
+                                          subsampling="4:2:2", optimize=False)
+    jpeg = buffer.getvalue()
+    ds.Rows, ds.Columns = int(rgb.shape[0]), int(rgb.shape[1])
+    ds.SamplesPerPixel = 3
+    ds.PlanarConfiguration = 0
+    ds.PhotometricInterpretation = "YBR_FULL_422"
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    ds.LossyImageCompression = "01"
+    ds.LossyImageCompressionRatio = f"{rgb.nbytes / len(jpeg):.2f}"
+    ds.LossyImageCompressionMethod = "ISO_10918_1"
+    ds.PixelData = encapsulate([jpeg])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta = file_meta(OP_8BIT_STORAGE, ds.SOPInstanceUID, JPEGBaseline8Bit)
+
+
+def copy_ct_series(data: Path, out: Path) -> list[Path]:
+    """Unpack the Lung-PET-CT-Dx A0002 archive and copy its 30 slices unchanged."""
+    target = out / CT_OUT_DIR
+    target.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp, tarfile.open(data / CT_ARCHIVE) as tar:
+        tar.extractall(tmp, filter="data")
+        slices = sorted((Path(tmp) / CT_SERIES_DIR).glob("*.dcm"))
+        if len(slices) != 30:
+            raise RuntimeError(f"expected 30 CT slices in {CT_ARCHIVE}, found {len(slices)}")
+        return [Path(shutil.copyfile(s, target / s.name)) for s in slices]
+
+
+def write(ds: Dataset, path: Path) -> Path:
+    """Save with a preamble and file meta (DICOM Part 10)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+#: dciodvfy also checks the optional General Reference module, which wants 1-n Source Image
+#: items, against the OP Image module's own Source Image Sequence (Type 2C, "zero or more
+#: items", PS3.3 C.8.17.2). A derived OP image with no DICOM source is conformant; these two
+#: lines are that clash, not a defect of the object.
+DCIODVFY_MODULE_CLASH = (
+    "Error - Bad Sequence number of Items 0 (1-n Required by Module definition) "
+    "Element=<SourceImageSequence> Module=<GeneralReference>",
+    "Error - Bad attribute Value Multiplicity Type 3 Optional "
+    "Element=<SourceImageSequence> Module=<GeneralReference>",
+)
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    """The "Error" lines dicom3tools reports for one object, less :data:`DCIODVFY_MODULE_CLASH`."""
+    result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, check=False)
+    return [line for line in (result.stdout + result.stderr).splitlines()
+            if line.startswith("Error") and line not in DCIODVFY_MODULE_CLASH]
+
+
+def build(data: Path, out: Path) -> list[Path]:
+    """Write every sample study under ``out``; return the written files in order."""
+    written = [write(chest_xray(spec, data), out / spec.key.lower() / "1.dcm")
+               for spec in CHEST_XRAYS]
+    with np.load(data / "fundus" / "retinamnist28_trainval.npz") as npz:
+        images = npz["val_images"]
+        labels = npz["val_labels"].ravel()
+    written += [write(fundus_photo(spec, images, labels), out / spec.key.lower() / "1.dcm")
+                for spec in FUNDUS_PHOTOS]
+    written += copy_ct_series(data, out)
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line entry: build, optionally validate with dciodvfy; 0 on success."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
+                        help="the shared data folder (default: ../shared/data)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help="where to write (default: sample_studies/)")
+    parser.add_argument("--check", action="store_true",
+                        help="validate each built object with dicom3tools dciodvfy")
+    args = parser.parse_args(argv)
+    written = build(args.data, args.out)
+    failed = False
+    for path in written:
+        if args.check and CT_OUT_DIR not in path.parts:
+            errors = dciodvfy_errors(path)
+            failed = failed or bool(errors)
+            for line in errors:
+                print(f"{path}: {line}", file=sys.stderr)
+        print(path.relative_to(args.out))
+    total = sum(p.stat().st_size for p in args.out.rglob("*") if p.is_file())
+    print(f"{len(written)} files, {total / 2**20:.1f} MiB under {args.out}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
