@@ -1,0 +1,181 @@
+"""Every coded concept our SR and SC use, in one table (documented in ``docs/sr-template.md``).
+
+Bundles name their finding types and finding site as ``{"value", "scheme", "meaning"}``
+(:data:`CodeSpec`); quantitative findings whose label has no code in the bundle fall back to
+:data:`DEFAULT_QUANTITY_CODES`. Codes were checked against pydicom's DICOM code dictionary
+(``pydicom.sr.codedict``) where it has them; the LOINC procedure codes and the IHE code are cited
+in the template document.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
+from highdicom.sr import CodedConcept
+from pydicom.dataset import Dataset
+
+#: The bundle form of a code: ``{"value": ..., "scheme": ..., "meaning": ...}``.
+CodeSpec = Mapping[str, str]
+
+#: Designator of our private coding scheme (PS3.16 8.2: private schemes start with "99").
+PRIVATE_SCHEME = "99DICOMAI"
+#: Names of the private schemes we use, for the Coding Scheme Identification Sequence.
+PRIVATE_SCHEME_NAMES = {
+    "99IHE": "IHE Radiology Technical Framework codes",
+    PRIVATE_SCHEME: "dicom-ai private codes (docs/sr-template.md)",
+}
+
+
+def concept(spec: CodeSpec) -> CodedConcept:
+    """A bundle ``CodeSpec`` as a highdicom coded concept.
+
+    Raises
+    ------
+    ValueError
+        When a key is missing or empty.
+    """
+    missing = [k for k in ("value", "scheme", "meaning") if not spec.get(k)]
+    if missing:
+        raise ValueError(f"code {dict(spec)!r} lacks {', '.join(missing)}")
+    return CodedConcept(value=str(spec["value"]), scheme_designator=str(spec["scheme"]),
+                        meaning=str(spec["meaning"]))
+
+
+def _c(value: str, scheme: str, meaning: str) -> CodedConcept:
+    return CodedConcept(value=value, scheme_designator=scheme, meaning=meaning)
+
+
+# --- measurement group content -------------------------------------------------------------
+PROBABILITY = _c("122157", "DCM", "Probability")
+PRESENT = _c("52101004", "SCT", "Present")
+ABSENT = _c("272519000", "SCT", "Absent")
+LONG_AXIS = _c("103339001", "SCT", "Long axis")
+ANALYSIS_PERFORMED = _c("111004", "DCM", "Analysis Performed")
+NOT_PERFORMED = _c("262008008", "SCT", "Not performed")
+COMMENT = _c("121106", "DCM", "Comment")
+BEST_ILLUSTRATION = _c("121080", "DCM", "Best illustration of finding")
+#: TID 1500 row 12: the report-level container for free-text and coded evaluations.
+QUALITATIVE_EVALUATIONS = _c("C0034375", "UMLS", "Qualitative Evaluations")
+
+# --- contributing equipment -----------------------------------------------------------------
+#: IHE Radiology AI Results (AIR) Rev 1.1, 6.5.3.1: Purpose of Reference of the algorithm's
+#: Contributing Equipment item. IHE published it under a placeholder value that DICOM has not
+#: replaced; viewers that implement AIR match on exactly this triplet.
+PROCESSING_ALGORITHM = _c("Newcode1", "99IHE", "Processing Algorithm")
+
+# --- units (UCUM) --------------------------------------------------------------------------
+_UCUM_MEANINGS = {
+    "1": "no units",
+    "%": "Percent",
+    "mm": "millimeter",
+    "mm2": "square millimeter",
+    "mm3": "cubic millimeter",
+    "mL": "milliliter",
+    "ml": "milliliter",
+    "[hnsf'U]": "Hounsfield unit",
+}
+
+
+def ucum(unit: str) -> CodedConcept:
+    """A UCUM unit code; the meaning comes from a small table, else the unit string itself."""
+    code = "mL" if unit == "ml" else unit
+    return _c(code, "UCUM", _UCUM_MEANINGS.get(unit, unit))
+
+
+NO_UNITS = ucum("1")
+MILLIMETER = ucum("mm")
+
+# --- anatomy ----------------------------------------------------------------------------------
+LUNG = _c("39607008", "SCT", "Lung")
+LEFT_LUNG = _c("44029006", "SCT", "Left lung")
+RIGHT_LUNG = _c("3341006", "SCT", "Right lung")
+BOTH_LUNGS = _c("74101002", "SCT", "Both lungs")
+
+
+@dataclass(frozen=True)
+class QuantityCode:
+    """How a quantitative finding is coded: the measured concept and where it was measured."""
+
+    name: CodedConcept
+    site: CodedConcept | None = None
+
+
+VOLUME = _c("118565006", "SCT", "Volume")
+MEAN_ATTENUATION = _c("112181", "DCM", "Mean Attenuation Coefficient")
+#: No standard code exists for the relative area of lung below a HU threshold (emphysema
+#: index); a private code says exactly what was computed.
+LOW_ATTENUATION_PERCENT = _c("LAA950", PRIVATE_SCHEME,
+                             "Percent of lung volume below -950 HU")
+
+#: Fallback codes for the quantitative labels of the lung CT model (bundle codes win).
+DEFAULT_QUANTITY_CODES: dict[str, QuantityCode] = {
+    "lung_volume_left_ml": QuantityCode(VOLUME, LEFT_LUNG),
+    "lung_volume_right_ml": QuantityCode(VOLUME, RIGHT_LUNG),
+    "lung_volume_ml": QuantityCode(VOLUME, BOTH_LUNGS),
+    "lung_volume_total_ml": QuantityCode(VOLUME, BOTH_LUNGS),
+    "mean_lung_density_hu": QuantityCode(MEAN_ATTENUATION, BOTH_LUNGS),
+    "laa950_percent": QuantityCode(LOW_ATTENUATION_PERCENT, BOTH_LUNGS),
+}
+
+# --- procedure reported ----------------------------------------------------------------------
+CT_CHEST = _c("24627-2", "LN", "CT Chest")
+XR_CHEST_SINGLE_VIEW = _c("36554-4", "LN", "XR Chest Single view")
+#: CID 100 "Quantitative Diagnostic Imaging Procedures" fallbacks by modality.
+CT_UNSPECIFIED = _c("25045-6", "LN", "CT unspecified body region")
+XR_UNSPECIFIED = _c("43468-8", "LN", "XR unspecified body region")
+MR_UNSPECIFIED = _c("25056-3", "LN", "MRI unspecified body region")
+IMAGING_PROCEDURE = _c("363679005", "SCT", "Imaging procedure")
+
+_CHEST_BODY_PARTS = {"CHEST", "LUNG", "THORAX"}
+_CHEST_SITES = {(c.value, c.scheme_designator) for c in (LUNG, LEFT_LUNG, RIGHT_LUNG, BOTH_LUNGS)}
+
+
+def procedure_reported(header: Dataset, finding_site: CodedConcept | None) -> CodedConcept:
+    """The imaging procedure that was analysed, for TID 1500 "Procedure reported".
+
+    The source's own Procedure Code Sequence wins. Otherwise the modality and the body region
+    (Body Part Examined, or a lung finding site when the header leaves the body part empty,
+    as converted radiographs often do) select a LOINC code; unknown combinations fall back to
+    the CID 100 code for the modality, then to SCT "Imaging procedure".
+    """
+    seq = header.get("ProcedureCodeSequence")
+    if seq:
+        item = seq[0]
+        if item.get("CodeValue") and item.get("CodingSchemeDesignator") and item.get(
+                "CodeMeaning"):
+            return _c(str(item.CodeValue), str(item.CodingSchemeDesignator),
+                      str(item.CodeMeaning))
+    modality = str(header.get("Modality", "")).upper()
+    body_part = str(header.get("BodyPartExamined", "")).upper()
+    chest = body_part in _CHEST_BODY_PARTS or (
+        not body_part and finding_site is not None
+        and (finding_site.value, finding_site.scheme_designator) in _CHEST_SITES)
+    if modality == "CT":
+        return CT_CHEST if chest else CT_UNSPECIFIED
+    if modality in {"CR", "DX"}:
+        return XR_CHEST_SINGLE_VIEW if chest else XR_UNSPECIFIED
+    if modality == "MR":
+        return MR_UNSPECIFIED
+    return IMAGING_PROCEDURE
+
+
+
+def coding_schemes(datasets: Sequence[Dataset]) -> list[CodingSchemeIdentificationItem]:
+    """Coding Scheme Identification items for every private ("99…") scheme used anywhere in
+    ``datasets`` (recursively), so that a reader can tell what the designator means."""
+    found: set[str] = set()
+
+    def walk(ds: Dataset) -> None:
+        for elem in ds:
+            if elem.VR == "SQ":
+                for item in elem.value:
+                    walk(item)
+            elif elem.keyword == "CodingSchemeDesignator" and str(elem.value).startswith("99"):
+                found.add(str(elem.value))
+
+    for ds in datasets:
+        walk(ds)
+    return [CodingSchemeIdentificationItem(designator=d, name=PRIVATE_SCHEME_NAMES.get(d))
+            for d in sorted(found)]

@@ -1,0 +1,60 @@
+"""Deterministic output UIDs: replaying a study gives every object the UID it had before.
+
+A UID is a hash of (sorted source SOP Instance UIDs, model name, version and device UID,
+object kind) under the organization root. The same study analysed by the same model always
+yields the same SR, SC and series UIDs, so a replay, a retry or a restart overwrites rather than
+duplicates a result in the PACS; a retrained model (new device UID) or a new version yields new
+objects.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterable
+
+from pydicom.uid import generate_uid
+
+from dicom_ai.inference.findings import ModelInfo
+
+#: Namespace of the name-based UUIDs behind "2.25." UIDs (uuid5 of the project's name).
+_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:dicom-ai:output-uid")
+
+
+def derive_uid(source_sop_instance_uids: Iterable[str], model: ModelInfo, kind: str, *,
+               root: str = "") -> str:
+    """Derive the UID of one output object from what it was made of.
+
+    Parameters
+    ----------
+    source_sop_instance_uids:
+        SOP Instance UIDs of the analysed instances; order and duplicates do not matter.
+    model:
+        The algorithm; name, version and device UID all enter the hash.
+    kind:
+        What the UID names, e.g. ``"sr"``, ``"sr-series"``, ``"sc:<source uid>:0"``,
+        ``"tracking:<label>:<n>"``; distinct kinds give distinct UIDs.
+    root:
+        Organization UID root (dot-separated digits, at most 24 characters). Empty uses the
+        ``2.25`` arc with a name-based UUID (ISO/IEC 9834-8), as PS3.5 B.2 allows.
+
+    Returns
+    -------
+    str
+        A valid UID of at most 64 characters.
+
+    Raises
+    ------
+    ValueError
+        When ``root`` is not a valid UID root.
+    """
+    payload = json.dumps([sorted(set(source_sop_instance_uids)), model.name, model.version,
+                          model.device_uid, kind], separators=(",", ":"))
+    if not root:
+        return f"2.25.{uuid.uuid5(_NAMESPACE, payload).int}"
+    if not all(part.isdigit() and (part == "0" or not part.startswith("0"))
+               for part in root.split(".")):
+        raise ValueError(f"UID root must be dot-separated numbers without leading zeros, "
+                         f"got {root!r}")
+    # pydicom hashes the payload with SHA-512 and keeps as many decimal digits as fit in 64.
+    return str(generate_uid(prefix=f"{root}.", entropy_srcs=[payload]))

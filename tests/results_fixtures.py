@@ -1,0 +1,135 @@
+"""Model results built from real DICOM files, for the tests of ``dicom_ai.results``.
+
+The files come from ``../shared/data/dicom`` (public test corpora, see its ``INDEX.tsv``); tests
+skip when the folder is absent. Findings are constructed here; the explanation pictures are
+the real decoded pixels of the source instances.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import pydicom
+import pytest
+
+from dicom_ai.config import OutputSettings
+from dicom_ai.dicom.model import Instance, Series
+from dicom_ai.imaging.xray import presentation_from_dataset
+from dicom_ai.inference.findings import Explanation, Finding, ModelInfo, ModelResult
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dicom"
+DX_FILE = "highdicom/dx_image.dcm"
+CT_DIR = "dcm_qa_ct/GE"
+RGB_FILE = "pydicom-data/SC_rgb.dcm"
+STARTED = datetime(2026, 11, 29, 12, 30, 15, tzinfo=UTC)
+
+PNEUMONIA = {"value": "233604007", "scheme": "SCT", "meaning": "Pneumonia"}
+NODULE = {"value": "27925004", "scheme": "SCT", "meaning": "Nodule"}
+REFERABLE_DR = {"value": "4855003", "scheme": "SCT", "meaning": "Diabetic retinopathy"}
+LUNG = {"value": "39607008", "scheme": "SCT", "meaning": "Lung"}
+RETINA = {"value": "5665001", "scheme": "SCT", "meaning": "Retina"}
+CODES = {"pneumonia": PNEUMONIA, "nodule": NODULE, "referable_dr": REFERABLE_DR}
+
+
+def data_path(relative: str) -> Path:
+    """Path of a corpus file; skips the calling test when the shared data is not there."""
+    path = DATA / relative
+    if not path.exists():
+        pytest.skip(f"shared test data not available: {relative}")
+    return path
+
+
+def instance(path: Path) -> Instance:
+    return Instance(path=path, header=pydicom.dcmread(path, stop_before_pixels=True))
+
+
+def series_of(paths: list[Path]) -> Series:
+    instances = [instance(p) for p in paths]
+    return Series(series_instance_uid=str(instances[0].header.SeriesInstanceUID),
+                  instances=instances)
+
+
+def model(name: str = "cxr-pneumonia", version: str = "1.0.0",
+          device_uid: str = "2.25.123456789") -> ModelInfo:
+    return ModelInfo(name=name, version=version, device_uid=device_uid)
+
+
+def settings(**kwargs: object) -> OutputSettings:
+    return OutputSettings(**kwargs)  # type: ignore[arg-type]
+
+
+def gaussian_heatmap(shape: tuple[int, int], center: tuple[float, float],
+                     sigma: float) -> npt.NDArray[np.float32]:
+    rows, cols = np.mgrid[0:shape[0], 0:shape[1]]
+    d2 = (rows - center[0]) ** 2 + (cols - center[1]) ** 2
+    return np.exp(-d2 / (2 * sigma**2)).astype(np.float32)
+
+
+def grey_display(path: Path) -> npt.NDArray[np.uint8]:
+    """The decoded image through the DICOM grayscale pipeline, as uint8 for display."""
+    ds = pydicom.dcmread(path)
+    unit = presentation_from_dataset(ds.pixel_array, ds)
+    return np.clip(np.rint(unit * 255.0), 0, 255).astype(np.uint8)
+
+
+def dx_result(version: str = "1.0.0") -> ModelResult:
+    """A chest radiograph (DX, MONOCHROME1) classified as pneumonia, with one heatmap."""
+    path = data_path(DX_FILE)
+    series = series_of([path])
+    image = grey_display(path)
+    heat = gaussian_heatmap(image.shape[:2], (image.shape[0] * 0.4, image.shape[1] * 0.6), 20)
+    return ModelResult(
+        series=series, model=model(version=version), status="ok", started=STARTED,
+        findings=[Finding("pneumonia", probability=0.8734567891, positive=True),
+                  Finding("normal", probability=0.1265432109, positive=False)],
+        explanations=[Explanation(source=series.instances[0], image=image, heatmap=heat,
+                                  caption="pneumonia p=0.873 (positive)")])
+
+
+def ct_result() -> ModelResult:
+    """A real 28-slice CT series with lung quantities and one localized candidate."""
+    paths = sorted(data_path(CT_DIR).glob("*.dcm"))
+    series = series_of(paths)
+    key = series.instances[10]
+    image = grey_display(key.path)
+    heat = gaussian_heatmap(image.shape[:2], (200.0, 300.0), 25)
+    slices = tuple(i.SOPInstanceUID for i in series.instances[9:12])
+    return ModelResult(
+        series=series, model=model("ct-lung", "0.3.1", "2.25.987654321"), status="ok",
+        started=STARTED,
+        findings=[
+            Finding("lung_volume_left_ml", value=2345.678912, unit="mL"),
+            Finding("mean_lung_density_hu", value=-845.12345, unit="[hnsf'U]"),
+            Finding("laa950_percent", value=7.25, unit="%"),
+            Finding("nodule", probability=0.712345678, positive=True,
+                    center_mm=(12.3456, -40.5, 100.25), extent_mm=(8.0, 6.5, 9.25),
+                    slices=slices),
+        ],
+        explanations=[Explanation(source=key, image=image, heatmap=heat,
+                                  caption="nodule candidate p=0.712",
+                                  markers=((180, 280, 220, 320),))])
+
+
+def rgb_result() -> ModelResult:
+    """A small RGB photograph (100×100) standing in for a fundus picture."""
+    path = data_path(RGB_FILE)
+    series = series_of([path])
+    image = np.asarray(pydicom.dcmread(path).pixel_array, dtype=np.uint8)
+    heat = gaussian_heatmap(image.shape[:2], (50.0, 50.0), 15)
+    return ModelResult(
+        series=series, model=model("fundus-dr", "2.0.0", "2.25.555"), status="ok",
+        started=STARTED,
+        findings=[Finding("referable_dr", probability=0.4, positive=False)],
+        explanations=[Explanation(source=series.instances[0], image=image, heatmap=heat,
+                                  caption="referable DR p=0.400 (negative)")])
+
+
+def rejected_result() -> ModelResult:
+    """The DX image rejected before any finding (out of distribution)."""
+    path = data_path(DX_FILE)
+    return ModelResult(series=series_of([path]), model=model(), status="rejected",
+                       started=STARTED,
+                       reason="input out of distribution (Mahalanobis 41.2 > 30.0)")
