@@ -1,0 +1,152 @@
+"""Pixel decoding: raw stored values out, frames first, and a one-line reason for every failure."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.encaps import encapsulate
+from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
+
+from dicom_ai.dicom.errors import PixelDecodeError
+from dicom_ai.dicom.io import read_header
+from dicom_ai.dicom.model import Instance
+from dicom_ai.dicom.pixels import (
+    decode,
+    decode_frame,
+    decode_pixels,
+    transfer_syntax_name,
+)
+from tests.conftest import MakeDicom
+
+GREY = (np.arange(48, dtype=np.int16).reshape(6, 8) - 20) * 37
+#: Big enough for the default five JPEG 2000 decomposition levels.
+RAMP = (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 7) % 4096
+
+
+def _instance(path: Path) -> Instance:
+    return Instance(path, read_header(path))
+
+
+def _compressed(path: Path, syntax: str) -> Path:
+    ds = pydicom.dcmread(path)
+    ds.compress(syntax)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_native_signed_16_bit(make_dicom: MakeDicom) -> None:
+    out = decode(_instance(make_dicom("a.dcm", GREY)))
+    assert out.dtype == np.int16
+    assert np.array_equal(out, GREY)
+
+
+def test_multi_frame_is_frames_first(make_dicom: MakeDicom) -> None:
+    frames = np.stack([GREY, GREY + 1, GREY + 2])
+    instance = _instance(make_dicom("a.dcm", frames, NumberOfFrames=3))
+    assert decode(instance).shape == (3, 6, 8)
+    assert np.array_equal(decode_frame(instance, 2), GREY + 2)
+    with pytest.raises(PixelDecodeError, match="frame 3 requested of an image with 3 frame"):
+        decode_frame(instance, 3)
+
+
+@pytest.mark.parametrize("syntax", [RLELossless, JPEGLSLossless, JPEG2000Lossless])
+def test_lossless_codecs_round_trip(make_dicom: MakeDicom, syntax: str) -> None:
+    path = _compressed(make_dicom("a.dcm", RAMP), syntax)
+    assert np.array_equal(decode(_instance(path)), RAMP)
+
+
+def test_ybr_full_stays_ybr(make_dicom: MakeDicom) -> None:
+    ybr = np.zeros((2, 2, 3), dtype=np.uint8)
+    ybr[..., 0], ybr[..., 1], ybr[..., 2] = 76, 85, 255  # a saturated red in YCbCr
+    path = make_dicom("a.dcm", ybr, PhotometricInterpretation="YBR_FULL")
+    decoded = decode_pixels(_instance(path))
+    assert decoded.photometric_interpretation == "YBR_FULL"
+    assert np.array_equal(decoded.array, ybr)
+
+
+def test_jpeg2000_colour_transform_is_reported_as_rgb(make_dicom: MakeDicom) -> None:
+    rgb = np.zeros((64, 64, 3), dtype=np.uint8)
+    rgb[..., 0] = (RAMP % 256).astype(np.uint8)
+    rgb[..., 2] = 200
+    ds = pydicom.dcmread(make_dicom("a.dcm", rgb))
+    # Labelling RGB samples YBR_RCT is how pydicom is told to apply the colour transform.
+    ds.PhotometricInterpretation = "YBR_RCT"
+    ds.compress(JPEG2000Lossless, use_mct=True)
+    ds.save_as(ds.filename, enforce_file_format=True)
+    decoded = decode_pixels(_instance(Path(ds.filename)))
+    assert decoded.photometric_interpretation == "RGB"
+    assert np.array_equal(decoded.array, rgb)
+
+
+def test_short_pixel_data(make_dicom: MakeDicom) -> None:
+    path = make_dicom("a.dcm", GREY)
+    ds = pydicom.dcmread(path)
+    ds.PixelData = ds.PixelData[:-2]
+    ds.save_as(path, enforce_file_format=True)
+    with pytest.raises(PixelDecodeError) as info:
+        decode(_instance(path))
+    assert info.value.reason == "pixel data shorter than expected: 94 of 96 bytes"
+
+
+def test_truncated_file_keeps_the_read_reason(make_dicom: MakeDicom) -> None:
+    path = make_dicom("a.dcm", GREY)
+    instance = _instance(path)
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(PixelDecodeError, match=r"truncated: \(7FE0,0010\) holds 86 of 96 bytes"):
+        decode(instance)
+
+
+def test_missing_bits_allocated(make_dicom: MakeDicom) -> None:
+    path = make_dicom("a.dcm", GREY)
+    ds = pydicom.dcmread(path)
+    del ds.BitsAllocated
+    ds.save_as(path, enforce_file_format=True)
+    with pytest.raises(PixelDecodeError) as info:
+        decode(_instance(path))
+    assert info.value.reason == "missing Bits Allocated (0028,0100)"
+
+
+def test_no_pixel_data(make_dicom: MakeDicom) -> None:
+    with pytest.raises(PixelDecodeError) as info:
+        decode(_instance(make_dicom("sr.dcm", None)))
+    assert info.value.reason == "no pixel data"
+
+
+def test_unsupported_transfer_syntax_is_named(make_dicom: MakeDicom) -> None:
+    # pydicom will not write a transfer syntax it does not know: write JPEG 2000 Lossless
+    # (a UID of the same length) and patch the file meta.
+    path = _compressed(make_dicom("a.dcm", RAMP), JPEG2000Lossless)
+    data = path.read_bytes()
+    assert data.count(b"1.2.840.10008.1.2.4.90") == 1
+    path.write_bytes(data.replace(b"1.2.840.10008.1.2.4.90", b"1.2.840.10008.1.2.8.1\0"))
+    with pytest.raises(PixelDecodeError) as info:
+        decode(_instance(path))
+    assert info.value.reason == "Deflated Image Frame Compression is not supported"
+
+
+def test_no_file_meta_uses_the_encoding_read(make_dicom: MakeDicom, tmp_path: Path) -> None:
+    ds = pydicom.dcmread(make_dicom("a.dcm", GREY))
+    del ds.file_meta
+    ds.preamble = None
+    bare = tmp_path / "bare"
+    ds.save_as(bare, implicit_vr=False, little_endian=True)
+    assert np.array_equal(decode(_instance(bare)), GREY)
+
+
+def test_corrupt_codestream(make_dicom: MakeDicom) -> None:
+    path = _compressed(make_dicom("a.dcm", RAMP), JPEGLSLossless)
+    ds = pydicom.dcmread(path)
+    ds.PixelData = encapsulate([b"\xff\xd8" + bytes(30)])
+    ds.save_as(path, enforce_file_format=True)
+    with pytest.raises(PixelDecodeError) as info:
+        decode(_instance(path))
+    assert info.value.reason.startswith("cannot decode JPEG-LS Lossless Image Compression: ")
+    assert "\n" not in info.value.reason
+
+
+def test_transfer_syntax_name() -> None:
+    assert transfer_syntax_name("1.2.840.10008.1.2.4.51") == "JPEG Extended (Process 2 and 4)"
+    assert transfer_syntax_name("1.2.840.10008.1.2.8.1") == "Deflated Image Frame Compression"
