@@ -1,0 +1,84 @@
+"""Command-line entry points of the service: ``serve``, ``status`` and ``config check``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from dicom_ai.config import SettingsError, load_settings
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from dicom_ai.service.server import Service
+
+    settings = load_settings(args.config)
+    if getattr(args, "log_level", None) is None:
+        logging.getLogger().setLevel(settings.log_level.upper())
+    return Service(settings).run()
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from dicom_ai.service import db
+    from dicom_ai.service.status import render
+
+    settings = load_settings(args.config)
+    path = Path(settings.storage.directory) / "index.sqlite"
+    if not path.is_file():
+        print(f"no index at {path}: the service has not run with this storage directory",
+              file=sys.stderr)
+        return 1
+    conn = db.connect(path)
+    try:
+        sys.stdout.write(render(conn))
+    finally:
+        conn.close()
+    return 0
+
+
+def _cmd_config_check(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings(args.file)
+    except SettingsError as exc:
+        for problem in exc.problems:
+            print(f"{args.file}: {problem}", file=sys.stderr)
+        print(f"{args.file}: {len(exc.problems)} problem(s)", file=sys.stderr)
+        return 1
+    scp = settings.scp
+    print(f"{args.file}: ok")
+    print(f"  listener  {scp.ae_title} on {scp.bind_address}:{scp.port}"
+          f"{' TLS' if scp.tls.enabled else ''}"
+          f"{' mutual-TLS' if scp.tls.require_client_cert else ''}; callers: "
+          f"{', '.join(scp.allowed_calling_aets) or 'any'}")
+    print(f"  storage   {settings.storage.directory} (refuse below "
+          f"{settings.storage.minimum_free_mb} MB free); quiet period "
+          f"{settings.studies.quiet_period_s:g} s")
+    for dest in settings.export.destinations:
+        where = dest.url if dest.kind == "stow" else f"{dest.ae_title}@{dest.host}:{dest.port}"
+        print(f"  export    {dest.name}: {dest.kind} {where}{' TLS' if dest.tls.enabled else ''}")
+    if not settings.export.destinations:
+        print("  export    none configured: results stay under storage/outputs")
+    if not Path(settings.inference.models_dir).is_dir():
+        print(f"  warning   models directory {settings.inference.models_dir} does not exist")
+    return 0
+
+
+def add_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
+    """Register ``serve``, ``status`` and ``config check`` on the ``dicom-ai`` parser."""
+    p = subparsers.add_parser("serve", help="receive studies over DICOM, analyse them and send "
+                              "results back (runs until SIGTERM)")
+    p.add_argument("--config", required=True, help="settings TOML file")
+    p.set_defaults(func=_cmd_serve)
+
+    p = subparsers.add_parser("status", help="studies, jobs and outbound queue of the service")
+    p.add_argument("--config", default=None, help="settings TOML file (default: defaults and "
+                   "DICOM_AI_* environment)")
+    p.set_defaults(func=_cmd_status)
+
+    p = subparsers.add_parser("config", help="configuration tools")
+    sub = p.add_subparsers(dest="config_command", required=True)
+    c = sub.add_parser("check", help="validate a settings file and say what is wrong")
+    c.add_argument("file", help="settings TOML file")
+    c.set_defaults(func=_cmd_config_check)

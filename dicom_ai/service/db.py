@@ -1,0 +1,127 @@
+"""The service's SQLite index: one WAL database shared by the receiver, the worker and the exporter.
+
+Every process opens its own connection; WAL lets the receiver keep writing while the worker and
+the exporter read. The schema lives here so that every table is described in one place:
+
+``instances``
+    One row per received instance, inserted after its file is on disk (fsync'ed and renamed).
+``studies``
+    Assembly state per Study Instance UID: ``receiving`` until the quiet period passes, then
+    ``complete``. ``generation`` counts re-openings (an instance arriving after completion).
+``jobs``
+    One processing job per study generation: ``queued`` → ``running`` → ``done`` / ``failed``;
+    a queued job of an older generation becomes ``superseded`` when the study re-opens.
+``outbound``
+    One row per result object and destination: ``pending`` → ``delivered`` / ``dead``.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Literal
+
+Synchronous = Literal["NORMAL", "FULL"]
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS instances (
+    sop_instance_uid    TEXT PRIMARY KEY,
+    study_instance_uid  TEXT NOT NULL,
+    series_instance_uid TEXT NOT NULL,
+    sop_class_uid       TEXT NOT NULL,
+    path                TEXT NOT NULL,
+    size                INTEGER NOT NULL,
+    calling_aet         TEXT NOT NULL,
+    received_at         REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS instances_by_study ON instances (study_instance_uid);
+CREATE TABLE IF NOT EXISTS studies (
+    study_instance_uid TEXT PRIMARY KEY,
+    state              TEXT NOT NULL CHECK (state IN ('receiving', 'complete')),
+    generation         INTEGER NOT NULL,
+    instance_count     INTEGER NOT NULL,
+    first_received     REAL NOT NULL,
+    last_received      REAL NOT NULL,
+    completed_at       REAL
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    id                 INTEGER PRIMARY KEY,
+    study_instance_uid TEXT NOT NULL,
+    generation         INTEGER NOT NULL,
+    state              TEXT NOT NULL
+                       CHECK (state IN ('queued', 'running', 'done', 'failed', 'superseded')),
+    attempts           INTEGER NOT NULL DEFAULT 0,
+    last_error         TEXT,
+    outputs            INTEGER NOT NULL DEFAULT 0,
+    created_at         REAL NOT NULL,
+    started_at         REAL,
+    finished_at        REAL,
+    UNIQUE (study_instance_uid, generation)
+);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state);
+CREATE TABLE IF NOT EXISTS outbound (
+    id                 INTEGER PRIMARY KEY,
+    job_id             INTEGER NOT NULL,
+    study_instance_uid TEXT NOT NULL,
+    sop_instance_uid   TEXT NOT NULL,
+    sop_class_uid      TEXT NOT NULL,
+    path               TEXT NOT NULL,
+    destination        TEXT NOT NULL,
+    state              TEXT NOT NULL CHECK (state IN ('pending', 'delivered', 'dead')),
+    attempts           INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at    REAL NOT NULL,
+    last_error         TEXT,
+    created_at         REAL NOT NULL,
+    delivered_at       REAL,
+    UNIQUE (sop_instance_uid, destination)
+);
+CREATE INDEX IF NOT EXISTS outbound_due ON outbound (state, next_attempt_at);
+"""
+
+
+def connect(path: Path, *, synchronous: Synchronous = "FULL",
+            check_same_thread: bool = True) -> sqlite3.Connection:
+    """Open (and create if needed) the index database in WAL mode.
+
+    Parameters
+    ----------
+    path:
+        The database file.
+    synchronous:
+        ``FULL`` fsyncs the WAL on every commit. The receiver uses ``NORMAL``: its files are
+        fsync'ed before their row is written and the start-up scan re-indexes any file whose row
+        a power cut lost, so the index commit need not pay a second fsync.
+    check_same_thread:
+        ``False`` when one connection is shared by threads under a lock.
+
+    Returns
+    -------
+    sqlite3.Connection
+        In autocommit mode; group writes with :func:`transaction`.
+    """
+    conn = sqlite3.connect(path, timeout=30.0, isolation_level=None,
+                           check_same_thread=check_same_thread)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(f"PRAGMA synchronous={synchronous}")
+    conn.execute("PRAGMA busy_timeout=30000")
+    conn.executescript(SCHEMA)
+    return conn
+
+
+@contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """Run a block as one write transaction (``BEGIN IMMEDIATE``), rolled back on error.
+
+    ``IMMEDIATE`` takes the write lock up front, so two processes never both read a row as
+    queued and then both claim it.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")

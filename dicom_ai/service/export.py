@@ -1,0 +1,283 @@
+"""Delivery of results to the configured destinations: C-STORE SCU and DICOMweb STOW-RS.
+
+The ``outbound`` table holds one row per result object and destination. The exporter process sends
+the rows that are due, one association (or one STOW-RS request) per destination and round, and
+marks a row ``delivered`` only after the destination confirmed it. A failed try schedules the next
+after an exponential backoff; after ``export.max_attempts`` tries the row is ``dead`` — visible in
+``dicom-ai status`` and never retried by itself, so a destination that keeps refusing us (calling AE
+title not recognized, wrong port) cannot cause an endless loop. A crash between a successful send
+and the mark re-sends the object on the next start; that is harmless because result UIDs are
+deterministic and a PACS keeps one instance per SOP Instance UID.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from multiprocessing.synchronize import Event as EventType
+from pathlib import Path
+from typing import Protocol
+
+import pydicom
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, evt
+from pynetdicom.events import Event
+
+from dicom_ai.config import DestinationSettings, ExportSettings, Settings
+from dicom_ai.service import db
+from dicom_ai.service.tls import client_context
+
+log = logging.getLogger(__name__)
+
+#: C-STORE statuses that mean "stored": success and the PS3.4 B.2 warnings (coercion, elements
+#: discarded, data set does not match SOP class — the SCP kept the object in every case).
+_STORED = {0x0000, 0xB000, 0xB006, 0xB007}
+
+
+def backoff_delay(failures: int, initial_s: float, max_s: float) -> float:
+    """Seconds to wait after the ``failures``-th failed try: ``initial_s * 2**(failures-1)``.
+
+    Parameters
+    ----------
+    failures:
+        Failed tries so far (≥ 1).
+    initial_s, max_s:
+        ``export.initial_backoff_s`` and the cap ``export.max_backoff_s``.
+    """
+    return float(min(max_s, initial_s * 2.0 ** (max(failures, 1) - 1)))
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One pending row of the outbound table."""
+
+    id: int
+    path: Path
+    sop_instance_uid: str
+    sop_class_uid: str
+    destination: str
+    attempts: int
+
+
+class Sender(Protocol):
+    """Sends a batch of result files to one destination."""
+
+    def send(self, items: Sequence[Delivery]) -> dict[int, str | None]:
+        """Send ``items``; map each id to None (stored) or a short reason it was not."""
+        ...
+
+
+class DimseSender:
+    """C-STORE SCU over one association per batch (optionally TLS).
+
+    Parameters
+    ----------
+    destination:
+        AE title, host, port and TLS of the peer.
+    calling_aet:
+        Our AE title as the caller (``scp.ae_title``): PACS allow-lists know us by it.
+    """
+
+    def __init__(self, destination: DestinationSettings, calling_aet: str) -> None:
+        self.destination = destination
+        self.calling_aet = calling_aet
+
+    def send(self, items: Sequence[Delivery]) -> dict[int, str | None]:
+        """Store each file; a refused or broken association fails the whole batch."""
+        dest = self.destination
+        ae = AE(ae_title=self.calling_aet)
+        for sop_class in sorted({i.sop_class_uid for i in items}):
+            ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        reason: list[str] = []
+
+        def on_acse(event: Event) -> None:
+            primitive = event.primitive  # type: ignore[attr-defined]
+            if getattr(primitive, "result", None) in (0x01, 0x02):
+                reason.append(f"association rejected: {primitive.reason_str}")
+
+        tls_args = (client_context(dest.tls), dest.host) if dest.tls.enabled else None
+        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args,
+                             evt_handlers=[(evt.EVT_ACSE_RECV, on_acse)])
+        if not assoc.is_established:
+            why = reason[0] if reason else (
+                "association aborted" if assoc.is_aborted else "cannot connect")
+            return dict.fromkeys((i.id for i in items), why)
+        results: dict[int, str | None] = {}
+        try:
+            for item in items:
+                if not assoc.is_established:
+                    results[item.id] = "association lost"
+                    continue
+                rsp = assoc.send_c_store(item.path)
+                status = getattr(rsp, "Status", None)
+                if status in _STORED:
+                    results[item.id] = None
+                elif status is None:
+                    results[item.id] = "no C-STORE response"
+                else:
+                    comment = str(rsp.get("ErrorComment", "")).strip()
+                    results[item.id] = f"C-STORE status 0x{status:04X}" + (
+                        f" ({comment})" if comment else "")
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        return results
+
+
+class StowSender:
+    """DICOMweb STOW-RS, one request per batch (``dicomweb-client``).
+
+    Parameters
+    ----------
+    destination:
+        ``url`` is the DICOMweb base (``…/dicom-web``); TLS settings apply to https URLs.
+    """
+
+    def __init__(self, destination: DestinationSettings) -> None:
+        self.destination = destination
+
+    def send(self, items: Sequence[Delivery]) -> dict[int, str | None]:
+        """Store the files; instances the server lists as failed keep their failure reason."""
+        import requests
+        from dicomweb_client.api import DICOMwebClient
+
+        session = requests.Session()
+        tls = self.destination.tls
+        if tls.enabled:
+            session.verify = tls.ca_certificates or True
+            if tls.certificate:
+                session.cert = (tls.certificate, tls.private_key) if tls.private_key \
+                    else tls.certificate
+        client = DICOMwebClient(url=self.destination.url, session=session)
+        datasets = [pydicom.dcmread(i.path) for i in items]
+        try:
+            response = client.store_instances(datasets=datasets)
+        except (requests.RequestException, OSError) as exc:
+            return dict.fromkeys((i.id for i in items), f"STOW-RS failed ({type(exc).__name__}: "
+                                 f"{str(exc)[:120]})")
+        failed = {str(f.get("ReferencedSOPInstanceUID", "")): int(f.get("FailureReason", 0))
+                  for f in response.get("FailedSOPSequence", [])}
+        return {i.id: (f"STOW-RS failure reason 0x{failed[i.sop_instance_uid]:04X}"
+                       if i.sop_instance_uid in failed else None) for i in items}
+
+
+def make_senders(settings: Settings) -> dict[str, Sender]:
+    """One sender per configured destination, by name."""
+    senders: dict[str, Sender] = {}
+    for dest in settings.export.destinations:
+        senders[dest.name] = (StowSender(dest) if dest.kind == "stow"
+                              else DimseSender(dest, settings.scp.ae_title))
+    return senders
+
+
+def due_deliveries(conn: sqlite3.Connection, root: Path, now: float,
+                   limit: int = 200) -> list[Delivery]:
+    """Pending rows whose next try is due, oldest first."""
+    rows = conn.execute(
+        "SELECT id, path, sop_instance_uid, sop_class_uid, destination, attempts FROM outbound "
+        "WHERE state = 'pending' AND next_attempt_at <= ? ORDER BY id LIMIT ?",
+        (now, limit)).fetchall()
+    return [Delivery(int(r[0]), root / r[1], str(r[2]), str(r[3]), str(r[4]), int(r[5]))
+            for r in rows]
+
+
+def record_results(conn: sqlite3.Connection, items: Sequence[Delivery],
+                   results: Mapping[int, str | None], settings: ExportSettings,
+                   now: float) -> None:
+    """Mark delivered rows, and schedule a retry or dead-letter the others, in one transaction."""
+    with db.transaction(conn):
+        for item in items:
+            error = results.get(item.id, "not attempted")
+            if error is None:
+                conn.execute("UPDATE outbound SET state = 'delivered', delivered_at = ?, "
+                             "attempts = attempts + 1, last_error = NULL WHERE id = ?",
+                             (now, item.id))
+                continue
+            failures = item.attempts + 1
+            dead = failures >= settings.max_attempts
+            conn.execute(
+                "UPDATE outbound SET state = ?, attempts = ?, last_error = ?, "
+                "next_attempt_at = ? WHERE id = ?",
+                ("dead" if dead else "pending", failures, error,
+                 now + backoff_delay(failures, settings.initial_backoff_s,
+                                     settings.max_backoff_s), item.id))
+
+
+class Exporter:
+    """Sends due deliveries, grouped by destination.
+
+    Parameters
+    ----------
+    conn:
+        Connection to the index.
+    root:
+        ``storage.directory`` (outbound paths are relative to it).
+    senders:
+        Destination name → sender. Rows for a destination no longer configured are dead-lettered.
+    settings:
+        ``export`` settings (attempts and backoff).
+    """
+
+    def __init__(self, conn: sqlite3.Connection, root: Path, senders: Mapping[str, Sender],
+                 settings: ExportSettings) -> None:
+        self.conn = conn
+        self.root = root
+        self.senders = senders
+        self.settings = settings
+
+    def run_once(self, now: float | None = None) -> int:
+        """One round over due deliveries; returns how many were attempted."""
+        items = due_deliveries(self.conn, self.root, time.time() if now is None else now)
+        by_destination: dict[str, list[Delivery]] = defaultdict(list)
+        for item in items:
+            by_destination[item.destination].append(item)
+        for name, batch in by_destination.items():
+            sender = self.senders.get(name)
+            results: dict[int, str | None]
+            if sender is None:
+                results = dict.fromkeys((i.id for i in batch), "destination no longer configured")
+                with db.transaction(self.conn):
+                    self.conn.executemany(
+                        "UPDATE outbound SET state = 'dead', last_error = ? WHERE id = ?",
+                        [(results[i.id], i.id) for i in batch])
+                continue
+            try:
+                results = sender.send(batch)
+            except Exception as exc:
+                log.exception("sending to %s failed", name)
+                results = dict.fromkeys((i.id for i in batch), f"{type(exc).__name__} while "
+                                        "sending")
+            record_results(self.conn, batch, results,
+                           self.settings, time.time() if now is None else now)
+            sent = sum(1 for r in results.values() if r is None)
+            log.info("%s: %d of %d delivered%s", name, sent, len(batch),
+                     "" if sent == len(batch) else
+                     f" ({next(r for r in results.values() if r is not None)})")
+        return len(items)
+
+
+def next_due_in(conn: sqlite3.Connection, now: float) -> float | None:
+    """Seconds until the next pending delivery is due (0 if one is due); None if none pends."""
+    row = conn.execute("SELECT MIN(next_attempt_at) FROM outbound WHERE state = 'pending'"
+                       ).fetchone()
+    return None if row is None or row[0] is None else max(0.0, float(row[0]) - now)
+
+
+def exporter_main(settings: Settings, stop: EventType, parent_pid: int) -> None:
+    """Entry point of the exporter process: deliver until ``stop``."""
+    from dicom_ai.service.worker import child_setup
+
+    child_setup(settings, parent_pid, "exporter")
+    root = Path(settings.storage.directory)
+    conn = db.connect(root / "index.sqlite")
+    exporter = Exporter(conn, root, make_senders(settings), settings.export)
+    poll = settings.worker.poll_interval_s
+    while not stop.is_set():
+        exporter.run_once()
+        wait = next_due_in(conn, time.time())
+        stop.wait(poll if wait is None else min(poll, max(wait, 0.05)))
+

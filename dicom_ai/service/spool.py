@@ -1,0 +1,286 @@
+"""Durable storage of received instances: file first (fsync, rename, fsync dir), then the index row.
+
+Layout under ``storage.directory``::
+
+    index.sqlite                         the index (see :mod:`dicom_ai.service.db`)
+    incoming/<study>/<series>/<sop>.dcm  received instances, exactly as sent (no re-encoding)
+    outputs/<study>/<sop>.dcm            our SR and SC objects, waiting for or after delivery
+    outputs/<study>/findings.json        the machine-readable twin of the latest SR(s)
+    tmp/                                 partial files; removed on start
+
+A file appears under ``incoming/`` only complete and fsync'ed (it is written in ``tmp/`` and
+renamed), so a crash leaves either nothing or a whole instance. The start-up scan
+(:meth:`Spool.reindex`) indexes any whole instance whose row was lost between rename and insert.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sqlite3
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from dicom_ai.dicom.errors import MissingAttributeError, UnreadableFileError
+from dicom_ai.service import db, studies
+
+log = logging.getLogger(__name__)
+
+#: A UID as PS3.5 §9.1 defines it: digits and dots, at most 64 characters. UIDs become path
+#: components, so anything else (``..``, ``/``) is refused before it reaches the file system.
+_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+
+_KEY_TAGS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID",
+             "Manufacturer")
+
+
+def is_uid(value: str) -> bool:
+    """True if ``value`` is a well-formed DICOM UID (digits and dots, ≤ 64 characters)."""
+    return len(value) <= 64 and _UID.match(value) is not None
+
+
+@dataclass(frozen=True)
+class InstanceKeys:
+    """The few header attributes the receiver needs: where to file an instance and its kind."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    manufacturer: str
+
+
+def parse_keys(data: bytes) -> InstanceKeys:
+    """Read the filing keys from an encoded DICOM file without touching the pixel data.
+
+    Parameters
+    ----------
+    data:
+        A DICOM file (preamble, file meta, data set) as bytes.
+
+    Raises
+    ------
+    UnreadableFileError
+        The bytes are not a parseable DICOM data set, or a UID is malformed.
+    MissingAttributeError
+        A UID needed to file the instance is absent.
+    """
+    try:
+        ds = pydicom.dcmread(BytesIO(data), stop_before_pixels=True,
+                             specific_tags=list(_KEY_TAGS))
+        values = {k: str(ds.get(k, "") or "").strip() for k in _KEY_TAGS}
+    except (InvalidDicomError, ValueError, TypeError, EOFError, OSError, KeyError,
+            NotImplementedError, AttributeError) as exc:
+        # The exception text can quote element values; only its kind leaves this function.
+        raise UnreadableFileError(f"data set cannot be parsed ({type(exc).__name__})") from exc
+    for key in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
+        if not values[key]:
+            raise MissingAttributeError(f"{key} is missing")
+        if not is_uid(values[key]):
+            raise UnreadableFileError(f"{key} is not a valid UID")
+    return InstanceKeys(values["StudyInstanceUID"], values["SeriesInstanceUID"],
+                        values["SOPInstanceUID"], values["SOPClassUID"], values["Manufacturer"])
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a directory entry (a rename or a new file) to disk."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def durable_write(target: Path, chunks: Sequence[bytes], *, tmp_dir: Path) -> int:
+    """Write ``chunks`` to ``target`` so that after return the file survives a crash or power cut.
+
+    The data goes to a temporary file in ``tmp_dir`` (same file system), is fsync'ed, renamed over
+    ``target`` and the target directory is fsync'ed. Readers never see a partial file.
+
+    Parameters
+    ----------
+    target:
+        Final path; its directory must exist.
+    chunks:
+        The bytes to write, in order (avoids joining large buffers).
+    tmp_dir:
+        Directory for the partial file, on the same file system as ``target``.
+
+    Returns
+    -------
+    int
+        The number of bytes written.
+    """
+    fd, tmp_name = tempfile.mkstemp(dir=tmp_dir, suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            for chunk in chunks:
+                fh.write(chunk)
+            fh.flush()
+            os.fsync(fh.fileno())
+            size = fh.tell()
+        os.replace(tmp_name, target)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    fsync_dir(target.parent)
+    return size
+
+
+@dataclass(frozen=True)
+class Stored:
+    """Outcome of :meth:`Spool.store`: where the instance lies and whether it was new."""
+
+    path: Path
+    new: bool
+
+
+class Spool:
+    """Received instances on disk plus their index rows; safe to share between SCP threads.
+
+    Parameters
+    ----------
+    root:
+        ``storage.directory``; created if missing.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.incoming = root / "incoming"
+        self.outputs = root / "outputs"
+        self.tmp = root / "tmp"
+        for d in (self.root, self.incoming, self.outputs, self.tmp):
+            d.mkdir(parents=True, exist_ok=True)
+        self.db_path = root / "index.sqlite"
+        self._conn = db.connect(self.db_path, synchronous="NORMAL", check_same_thread=False)
+        self._lock = threading.Lock()
+        self._dir_lock = threading.Lock()
+        self._known_dirs: set[Path] = set()
+
+    def close(self) -> None:
+        """Close the index connection."""
+        with self._lock:
+            self._conn.close()
+
+    def ensure_dir(self, path: Path) -> None:
+        """``mkdir -p`` that fsyncs the parent of each directory it creates.
+
+        Without the parent fsync a new study directory, and with it every file inside, could
+        vanish in a power cut although each file was fsync'ed.
+        """
+        if path in self._known_dirs:
+            return
+        with self._dir_lock:
+            missing: list[Path] = []
+            p = path
+            while not p.is_dir():
+                missing.append(p)
+                p = p.parent
+            for d in reversed(missing):
+                d.mkdir(exist_ok=True)
+                fsync_dir(d.parent)
+            self._known_dirs.add(path)
+
+    def instance_path(self, keys: InstanceKeys) -> Path:
+        """Where an instance is filed: ``incoming/<study>/<series>/<sop>.dcm``."""
+        return (self.incoming / keys.study_instance_uid / keys.series_instance_uid
+                / f"{keys.sop_instance_uid}.dcm")
+
+    def store(self, chunks: Sequence[bytes], keys: InstanceKeys, *, calling_aet: str,
+              now: float | None = None) -> Stored:
+        """Write an instance durably, then index it and note its arrival for study assembly.
+
+        On return the instance is safe to acknowledge. A SOP Instance UID received again replaces
+        the file but does not re-open a completed study: DICOM gives changed content a new UID.
+
+        Parameters
+        ----------
+        chunks:
+            The encoded DICOM file (preamble, meta, data set).
+        keys:
+            Its filing keys, from :func:`parse_keys`.
+        calling_aet:
+            The sender, kept for ``dicom-ai status`` and audits.
+        now:
+            Arrival time (epoch seconds); the current time by default.
+        """
+        path = self.instance_path(keys)
+        self.ensure_dir(path.parent)
+        size = durable_write(path, chunks, tmp_dir=self.tmp)
+        return Stored(path, self._index(keys, path, size, calling_aet,
+                                        time.time() if now is None else now))
+
+    def _index(self, keys: InstanceKeys, path: Path, size: int, calling_aet: str,
+               now: float) -> bool:
+        with self._lock, db.transaction(self._conn) as conn:
+            new = conn.execute("SELECT 1 FROM instances WHERE sop_instance_uid = ?",
+                               (keys.sop_instance_uid,)).fetchone() is None
+            conn.execute(
+                "INSERT OR REPLACE INTO instances (sop_instance_uid, study_instance_uid, "
+                "series_instance_uid, sop_class_uid, path, size, calling_aet, received_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (keys.sop_instance_uid, keys.study_instance_uid, keys.series_instance_uid,
+                 keys.sop_class_uid, str(path.relative_to(self.root)), size, calling_aet, now))
+            studies.record_arrival(conn, keys.study_instance_uid, now, new_instance=new)
+        return new
+
+    def reindex(self) -> int:
+        """Index whole instances found on disk without a row, and drop partial files.
+
+        A crash between the rename and the insert leaves such a file; it was never acknowledged,
+        but it is complete, so it is indexed (its study then waits a fresh quiet period).
+
+        Returns
+        -------
+        int
+            The number of instances indexed.
+        """
+        for part in self.tmp.glob("*.part"):
+            part.unlink(missing_ok=True)
+        with self._lock:
+            known = {r[0] for r in self._conn.execute("SELECT path FROM instances")}
+            uids = {r[0] for r in self._conn.execute("SELECT sop_instance_uid FROM instances")}
+        added = 0
+        for path in sorted(self.incoming.glob("*/*/*.dcm")):
+            rel = str(path.relative_to(self.root))
+            if rel in known:
+                continue
+            try:
+                keys = parse_keys(path.read_bytes())
+            except (UnreadableFileError, MissingAttributeError) as exc:
+                log.warning("start-up scan: %s is not indexable: %s", rel, exc.reason)
+                continue
+            if keys.sop_instance_uid in uids or path != self.instance_path(keys):
+                # A stale copy of an instance that was re-sent under other study/series UIDs.
+                log.warning("start-up scan: %s is superseded by a later copy; left unindexed", rel)
+                continue
+            self._index(keys, path, path.stat().st_size, "", time.time())
+            uids.add(keys.sop_instance_uid)
+            added += 1
+        return added
+
+
+def study_paths(conn: sqlite3.Connection, root: Path, study_instance_uid: str) -> list[Path]:
+    """The files of every indexed instance of a study, in a stable order.
+
+    Parameters
+    ----------
+    conn:
+        A connection to the index.
+    root:
+        ``storage.directory`` (index paths are relative to it).
+    study_instance_uid:
+        The study.
+    """
+    rows = conn.execute("SELECT path FROM instances WHERE study_instance_uid = ? ORDER BY path",
+                        (study_instance_uid,)).fetchall()
+    return [root / r[0] for r in rows]

@@ -1,0 +1,275 @@
+"""The processing worker: jobs from the SQLite table, run through the same pipeline as replay.
+
+It runs as its own process (started by :mod:`dicom_ai.service.server`), so model inference never
+holds the listener's GIL, and at a lower CPU priority, so reception keeps pace while a model runs.
+Models are loaded once per process. A job is claimed (``queued`` → ``running``, attempts + 1), its
+study's files are processed, every result object is written durably under
+``outputs/<study>/``, and then — in one transaction — the job is marked ``done`` and one outbound
+row per object and destination is queued. A crash anywhere before that transaction leaves the job
+``running``; the next start re-queues it, and the re-run writes the same objects (deterministic
+UIDs) again. A job that keeps crashing its process fails for good after ``worker.max_attempts``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import signal
+import sqlite3
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from io import BytesIO
+from multiprocessing.synchronize import Event as EventType
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.dataset import Dataset
+
+from dicom_ai.config import Settings
+from dicom_ai.dicom.errors import DicomInputError
+from dicom_ai.service import db
+from dicom_ai.service.spool import Spool, durable_write, is_uid, study_paths
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ProcessedStudy:
+    """What processing one study produced: objects to send and the findings document."""
+
+    datasets: list[Dataset]
+    findings: dict[str, Any] | None = None
+
+
+#: Processes the files of one study. The service uses :func:`pipeline_processor`; tests inject
+#: their own.
+Processor = Callable[[Sequence[Path]], ProcessedStudy]
+
+
+@dataclass(frozen=True)
+class Job:
+    """A claimed job."""
+
+    id: int
+    study_instance_uid: str
+    generation: int
+    attempts: int
+
+
+@dataclass
+class JobReport:
+    """Outcome of :meth:`Worker.run_once` for logs and tests."""
+
+    job: Job
+    state: str
+    outputs: list[Path] = field(default_factory=list)
+    error: str | None = None
+
+
+def claim_job(conn: sqlite3.Connection, now: float) -> Job | None:
+    """Take the oldest queued job: mark it running and count the attempt."""
+    with db.transaction(conn):
+        row = conn.execute(
+            "UPDATE jobs SET state = 'running', attempts = attempts + 1, started_at = ? "
+            "WHERE id = (SELECT id FROM jobs WHERE state = 'queued' ORDER BY id LIMIT 1) "
+            "RETURNING id, study_instance_uid, generation, attempts", (now,)).fetchone()
+    return None if row is None else Job(int(row[0]), str(row[1]), int(row[2]), int(row[3]))
+
+
+def requeue_interrupted(conn: sqlite3.Connection, max_attempts: int, now: float) -> int:
+    """Jobs left ``running`` by a dead worker: back to ``queued``, or ``failed`` when out of tries.
+
+    Call only while no worker runs. Returns the number of jobs re-queued.
+    """
+    with db.transaction(conn):
+        conn.execute("UPDATE jobs SET state = 'failed', finished_at = ?, last_error = "
+                     "'worker stopped during processing too often' "
+                     "WHERE state = 'running' AND attempts >= ?", (now, max_attempts))
+        return conn.execute("UPDATE jobs SET state = 'queued' WHERE state = 'running'").rowcount
+
+
+def error_text(exc: BaseException) -> str:
+    """A short, patient-free account of a failure for the job table and logs.
+
+    ``DicomInputError`` reasons are patient-free by contract; other messages may quote data, so
+    only the exception type is kept.
+    """
+    if isinstance(exc, DicomInputError):
+        return exc.reason[:300]
+    return f"{type(exc).__name__} during processing (see the worker log)"
+
+
+def encode(ds: Dataset) -> bytes:
+    """A dataset in the DICOM file format (preamble and file meta)."""
+    buf = BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    return buf.getvalue()
+
+
+class Worker:
+    """Runs jobs one at a time.
+
+    Parameters
+    ----------
+    conn:
+        Connection to the index.
+    spool:
+        Gives the storage layout (``outputs/``, ``tmp/``) and durable directory creation.
+    processor:
+        Turns a study's files into result objects.
+    destinations:
+        Names of the configured export destinations; each output is queued for each.
+    max_attempts:
+        Tries per job before it is ``failed``.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, spool: Spool, processor: Processor, *,
+                 destinations: Sequence[str], max_attempts: int) -> None:
+        self.conn = conn
+        self.spool = spool
+        self.processor = processor
+        self.destinations = list(destinations)
+        self.max_attempts = max_attempts
+
+    def run_once(self) -> JobReport | None:
+        """Claim and run one job; None when the queue is empty."""
+        job = claim_job(self.conn, time.time())
+        if job is None:
+            return None
+        paths = study_paths(self.conn, self.spool.root, job.study_instance_uid)
+        log.info("job %d: study %s generation %d, %d instances (attempt %d)", job.id,
+                 job.study_instance_uid, job.generation, len(paths), job.attempts)
+        try:
+            processed = self.processor(paths)
+            outputs = self._write_outputs(job, processed)
+        except Exception as exc:
+            log.exception("job %d failed", job.id)
+            return self._fail(job, error_text(exc))
+        return self._finish(job, processed, outputs)
+
+    def _write_outputs(self, job: Job, processed: ProcessedStudy) -> list[Path]:
+        out_dir = self.spool.outputs / job.study_instance_uid
+        self.spool.ensure_dir(out_dir)
+        paths = []
+        for ds in processed.datasets:
+            uid = str(ds.SOPInstanceUID)
+            if not is_uid(uid):
+                raise ValueError("a result object has an invalid SOP Instance UID")
+            path = out_dir / f"{uid}.dcm"
+            durable_write(path, [encode(ds)], tmp_dir=self.spool.tmp)
+            paths.append(path)
+        if processed.findings is not None:
+            document = json.dumps(processed.findings, indent=2).encode() + b"\n"
+            durable_write(out_dir / "findings.json", [document], tmp_dir=self.spool.tmp)
+        return paths
+
+    def _finish(self, job: Job, processed: ProcessedStudy, outputs: list[Path]) -> JobReport:
+        now = time.time()
+        with db.transaction(self.conn) as conn:
+            current = conn.execute("SELECT generation FROM studies WHERE study_instance_uid = ?",
+                                   (job.study_instance_uid,)).fetchone()
+            if current is not None and int(current[0]) > job.generation:
+                # The study re-opened while this job ran; the newer job's results replace these.
+                conn.execute("UPDATE jobs SET state = 'superseded', finished_at = ?, outputs = ? "
+                             "WHERE id = ?", (now, len(outputs), job.id))
+                state = "superseded"
+            else:
+                conn.execute("UPDATE jobs SET state = 'done', finished_at = ?, outputs = ?, "
+                             "last_error = NULL WHERE id = ?", (now, len(outputs), job.id))
+                for ds, path in zip(processed.datasets, outputs, strict=True):
+                    for dest in self.destinations:
+                        # A result already queued or delivered (same deterministic UID) stays as
+                        # it is; a dead-lettered one gets a fresh set of attempts.
+                        conn.execute(
+                            "INSERT INTO outbound (job_id, study_instance_uid, sop_instance_uid, "
+                            "sop_class_uid, path, destination, state, next_attempt_at, "
+                            "created_at) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?) "
+                            "ON CONFLICT (sop_instance_uid, destination) DO UPDATE SET "
+                            "state = 'pending', attempts = 0, next_attempt_at = excluded."
+                            "next_attempt_at, job_id = excluded.job_id WHERE state = 'dead'",
+                            (job.id, str(ds.StudyInstanceUID), str(ds.SOPInstanceUID),
+                             str(ds.SOPClassUID), str(path.relative_to(self.spool.root)), dest,
+                             now, now))
+                state = "done"
+        log.info("job %d %s: %d result objects", job.id, state, len(outputs))
+        return JobReport(job, state, outputs)
+
+    def _fail(self, job: Job, error: str) -> JobReport:
+        with db.transaction(self.conn) as conn:
+            state = "failed" if job.attempts >= self.max_attempts else "queued"
+            conn.execute("UPDATE jobs SET state = ?, last_error = ?, finished_at = ? "
+                         "WHERE id = ?", (state, error, time.time(), job.id))
+        return JobReport(job, state, error=error)
+
+
+def pipeline_processor(settings: Settings) -> Processor:
+    """The real processor: group the study's files and run :func:`dicom_ai.pipeline.run_study`.
+
+    Loads every model bundle once (in the calling process).
+    """
+    from dicom_ai.dicom.collect import collect
+    from dicom_ai.pipeline import load_models, run_study
+
+    models, problems = load_models(settings.inference)
+    for problem in problems:
+        log.warning("model not loaded: %s", problem)
+    if not models:
+        log.error("no usable model bundle under %s: studies will be received but produce no "
+                  "results", settings.inference.models_dir)
+    log.info("models loaded: %s", ", ".join(f"{m.name} {m.version}" for m in models) or "none")
+
+    def process(paths: Sequence[Path]) -> ProcessedStudy:
+        datasets: list[Dataset] = []
+        documents: list[dict[str, Any]] = []
+        for study in collect(paths).studies:
+            outcome = run_study(study, models, settings)
+            datasets.extend(outcome.datasets)
+            documents.append(outcome.findings_document())
+        return ProcessedStudy(datasets, documents[0] if len(documents) == 1 else None)
+
+    return process
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Make this child process end when the service process dies, even by SIGKILL.
+
+    Otherwise a killed service would leave an orphan worker running jobs beside the worker of the
+    restarted service. Linux ``PR_SET_PDEATHSIG``; elsewhere the parent check below still exits
+    a child whose parent is already gone.
+    """
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def child_setup(settings: Settings, parent_pid: int, name: str) -> None:
+    """Common start of a service child process: logging as configured, die with the parent."""
+    die_with_parent(parent_pid)
+    # SIGINT goes to the whole process group on Ctrl-C; the parent decides when children stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
+                        format=f"%(asctime)s %(levelname)s {name}[%(process)d] %(name)s: "
+                               "%(message)s")
+
+
+def worker_main(settings: Settings, stop: EventType, parent_pid: int,
+                processor_factory: Callable[[Settings], Processor] = pipeline_processor) -> None:
+    """Entry point of the worker process: load models once, then run jobs until ``stop``."""
+    child_setup(settings, parent_pid, "worker")
+    # Inference yields the CPU to the listener's threads: receiving must keep pace.
+    os.nice(10)
+    spool = Spool(Path(settings.storage.directory))
+    conn = db.connect(spool.db_path)
+    worker = Worker(conn, spool, processor_factory(settings),
+                    destinations=[d.name for d in settings.export.destinations],
+                    max_attempts=settings.worker.max_attempts)
+    while not stop.is_set():
+        if worker.run_once() is None:
+            stop.wait(settings.worker.poll_interval_s)
