@@ -69,18 +69,25 @@ run_tests() {
     install_peers
     # DCMTK and Orthanc leave Nagle's algorithm on without it: transfers stall at ~21 instances/s.
     export TCP_NODELAY=1
+    # Every step runs even after a failure, so one report shows lint, types and tests together.
+    local failed=() rc=0
     log "ruff"
-    "$VENV/bin/ruff" check .
+    "$VENV/bin/ruff" check . || failed+=(ruff)
     log "mypy"
-    "$VENV/bin/mypy"
+    "$VENV/bin/mypy" || failed+=(mypy)
     log "pytest"
-    local rc=0
     "$VENV/bin/pytest" -q || rc=$?
     if [ "$rc" -eq 5 ]; then
         log "no tests collected"
         rc=0
     fi
-    exit "$rc"
+    [ "$rc" -eq 0 ] || failed+=("pytest (exit $rc)")
+    if [ "${#failed[@]}" -gt 0 ]; then
+        log "FAILED: ${failed[*]}"
+        # pytest's own status when it failed, else 1.
+        exit $((rc != 0 ? rc : 1))
+    fi
+    log "ruff, mypy and pytest passed"
 }
 
 case "${1:-install}" in
