@@ -20,7 +20,9 @@ from dicom_ai.dicom.model import Instance, Series
 from dicom_ai.imaging.xray import presentation_from_dataset
 from dicom_ai.inference.findings import Explanation, Finding, ModelInfo, ModelResult
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dicom"
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "dicom"
+SAMPLES = REPO / "sample_studies"
 DX_FILE = "highdicom/dx_image.dcm"
 CT_DIR = "dcm_qa_ct/GE"
 RGB_FILE = "pydicom-data/SC_rgb.dcm"
@@ -34,11 +36,11 @@ RETINA = {"value": "5665001", "scheme": "SCT", "meaning": "Retina"}
 CODES = {"pneumonia": PNEUMONIA, "nodule": NODULE, "referable_dr": REFERABLE_DR}
 
 
-def data_path(relative: str) -> Path:
-    """Path of a corpus file; skips the calling test when the shared data is not there."""
-    path = DATA / relative
+def data_path(relative: str, root: Path = DATA) -> Path:
+    """Path of a corpus file; skips the calling test when the data is not there."""
+    path = root / relative
     if not path.exists():
-        pytest.skip(f"shared test data not available: {relative}")
+        pytest.skip(f"test data not available: {path}")
     return path
 
 
@@ -65,38 +67,53 @@ def gaussian_heatmap(shape: tuple[int, int], center: tuple[float, float],
                      sigma: float) -> npt.NDArray[np.float32]:
     rows, cols = np.mgrid[0:shape[0], 0:shape[1]]
     d2 = (rows - center[0]) ** 2 + (cols - center[1]) ** 2
-    return np.exp(-d2 / (2 * sigma**2)).astype(np.float32)
+    heat: npt.NDArray[np.float32] = np.exp(-d2 / (2 * sigma**2)).astype(np.float32)
+    return heat
 
 
-def grey_display(path: Path) -> npt.NDArray[np.uint8]:
-    """The decoded image through the DICOM grayscale pipeline, as uint8 for display."""
+def display(path: Path) -> npt.NDArray[np.uint8]:
+    """The decoded image as uint8 for display: grey through the DICOM grayscale pipeline,
+    colour as RGB (pydicom converts YBR)."""
     ds = pydicom.dcmread(path)
-    unit = presentation_from_dataset(ds.pixel_array, ds)
-    return np.clip(np.rint(unit * 255.0), 0, 255).astype(np.uint8)
+    pixels = ds.pixel_array
+    if int(ds.get("SamplesPerPixel", 1)) == 3:
+        rgb: npt.NDArray[np.uint8] = np.asarray(pixels, dtype=np.uint8)
+        return rgb
+    unit = presentation_from_dataset(pixels, ds)
+    grey: npt.NDArray[np.uint8] = np.clip(np.rint(unit * 255.0), 0, 255).astype(np.uint8)
+    return grey
 
 
-def dx_result(version: str = "1.0.0") -> ModelResult:
-    """A chest radiograph (DX, MONOCHROME1) classified as pneumonia, with one heatmap."""
-    path = data_path(DX_FILE)
+def classification_result(path: Path, info: ModelInfo, findings: list[Finding],
+                          caption: str) -> ModelResult:
+    """One image, classified, with a heatmap over its decoded pixels."""
     series = series_of([path])
-    image = grey_display(path)
-    heat = gaussian_heatmap(image.shape[:2], (image.shape[0] * 0.4, image.shape[1] * 0.6), 20)
-    return ModelResult(
-        series=series, model=model(version=version), status="ok", started=STARTED,
-        findings=[Finding("pneumonia", probability=0.8734567891, positive=True),
-                  Finding("normal", probability=0.1265432109, positive=False)],
-        explanations=[Explanation(source=series.instances[0], image=image, heatmap=heat,
-                                  caption="pneumonia p=0.873 (positive)")])
+    image = display(path)
+    heat = gaussian_heatmap(image.shape[:2], (image.shape[0] * 0.4, image.shape[1] * 0.6),
+                            max(image.shape[:2]) / 10)
+    return ModelResult(series=series, model=info, status="ok", started=STARTED,
+                       findings=findings,
+                       explanations=[Explanation(source=series.instances[0], image=image,
+                                                 heatmap=heat, caption=caption)])
 
 
-def ct_result() -> ModelResult:
-    """A real 28-slice CT series with lung quantities and one localized candidate."""
-    paths = sorted(data_path(CT_DIR).glob("*.dcm"))
-    series = series_of(paths)
-    key = series.instances[10]
-    image = grey_display(key.path)
+def dx_result(version: str = "1.0.0", path: Path | None = None) -> ModelResult:
+    """A chest radiograph classified as pneumonia, with one heatmap."""
+    return classification_result(
+        path or data_path(DX_FILE), model(version=version),
+        [Finding("pneumonia", probability=0.8734567891, positive=True),
+         Finding("normal", probability=0.1265432109, positive=False)],
+        "pneumonia p=0.873 (positive)")
+
+
+def ct_result(paths: list[Path] | None = None) -> ModelResult:
+    """A real CT series with lung quantities and one localized candidate."""
+    series = series_of(paths or sorted(data_path(CT_DIR).glob("*.dcm")))
+    key = series.instances[len(series.instances) // 2]
+    image = display(key.path)
     heat = gaussian_heatmap(image.shape[:2], (200.0, 300.0), 25)
-    slices = tuple(i.SOPInstanceUID for i in series.instances[9:12])
+    k = series.instances.index(key)
+    slices = tuple(i.SOPInstanceUID for i in series.instances[k - 1:k + 2])
     return ModelResult(
         series=series, model=model("ct-lung", "0.3.1", "2.25.987654321"), status="ok",
         started=STARTED,
@@ -113,23 +130,17 @@ def ct_result() -> ModelResult:
                                   markers=((180, 280, 220, 320),))])
 
 
-def rgb_result() -> ModelResult:
-    """A small RGB photograph (100×100) standing in for a fundus picture."""
-    path = data_path(RGB_FILE)
-    series = series_of([path])
-    image = np.asarray(pydicom.dcmread(path).pixel_array, dtype=np.uint8)
-    heat = gaussian_heatmap(image.shape[:2], (50.0, 50.0), 15)
-    return ModelResult(
-        series=series, model=model("fundus-dr", "2.0.0", "2.25.555"), status="ok",
-        started=STARTED,
-        findings=[Finding("referable_dr", probability=0.4, positive=False)],
-        explanations=[Explanation(source=series.instances[0], image=image, heatmap=heat,
-                                  caption="referable DR p=0.400 (negative)")])
+def fundus_result(path: Path | None = None) -> ModelResult:
+    """A colour photograph (by default a small 100×100 RGB file) graded for referable DR."""
+    return classification_result(
+        path or data_path(RGB_FILE), model("fundus-dr", "2.0.0", "2.25.555"),
+        [Finding("referable_dr", probability=0.4, positive=False)],
+        "referable DR p=0.400 (negative)")
 
 
-def rejected_result() -> ModelResult:
-    """The DX image rejected before any finding (out of distribution)."""
-    path = data_path(DX_FILE)
-    return ModelResult(series=series_of([path]), model=model(), status="rejected",
+def rejected_result(path: Path | None = None) -> ModelResult:
+    """An image rejected before any finding (out of distribution)."""
+    return ModelResult(series=series_of([path or data_path(DX_FILE)]), model=model(),
+                       status="rejected",
                        started=STARTED,
                        reason="input out of distribution (Mahalanobis 41.2 > 30.0)")

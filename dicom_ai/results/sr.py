@@ -16,6 +16,7 @@ Numbers are rounded exactly as :meth:`Finding.to_json` rounds them, so the SR an
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from copy import copy
 
@@ -135,10 +136,17 @@ def finding_group(finding: Finding, index: int,
         sites = [quantity.site] if quantity.site is not None else []
     else:
         kind = finding_type(finding.label, ctx.codes)
+    notes: list[TextContentItem] = []
     if finding.value is not None:
         quantity = quantity_code(finding.label, ctx.codes, ctx.site)
-        measurements.append(hd.sr.Measurement(
-            name=quantity.name, value=js["value"], unit=c.ucum(finding.unit or "1")))
+        if math.isfinite(finding.value):
+            measurements.append(hd.sr.Measurement(
+                name=quantity.name, value=js["value"], unit=c.ucum(finding.unit or "1")))
+        else:
+            # A DS value cannot be NaN; say so instead of inventing a number.
+            notes.append(TextContentItem(
+                name=c.COMMENT, value=f"{quantity.name.meaning}: not measurable",
+                relationship_type=RelationshipTypeValues.CONTAINS))
     coordinates = []
     if finding.center_mm is not None and ctx.frame_of_reference is not None:
         coordinates = [hd.sr.CoordinatesForMeasurement3D(
@@ -170,7 +178,7 @@ def finding_group(finding: Finding, index: int,
         qualitative_evaluations=evaluations or None,
         source_images=sources,
     )
-    _append(group, ctx.illustrations(sources))
+    _append(group, [*ctx.illustrations(sources), *notes])
     return group
 
 

@@ -1,0 +1,72 @@
+"""The code table: bundle codes, UCUM units, procedure reported, private scheme items."""
+
+from __future__ import annotations
+
+import pytest
+from highdicom.sr import CodedConcept
+from pydicom.dataset import Dataset
+
+from dicom_ai.results import codes
+
+
+def header(**attrs: object) -> Dataset:
+    ds = Dataset()
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    return ds
+
+
+def test_concept_from_bundle_spec() -> None:
+    spec = {"value": "233604007", "scheme": "SCT", "meaning": "Pneumonia"}
+    assert codes.concept(spec) == CodedConcept("233604007", "SCT", "Pneumonia")
+    with pytest.raises(ValueError, match="lacks meaning"):
+        codes.concept({"value": "1", "scheme": "SCT"})
+
+
+def test_ucum_units() -> None:
+    assert codes.ucum("mL") == CodedConcept("mL", "UCUM", "milliliter")
+    assert codes.ucum("ml") == CodedConcept("mL", "UCUM", "milliliter")
+    assert codes.ucum("[hnsf'U]").meaning == "Hounsfield unit"
+    assert codes.ucum("1") == codes.NO_UNITS
+    assert codes.ucum("kg") == CodedConcept("kg", "UCUM", "kg")
+
+
+@pytest.mark.parametrize(("attrs", "site", "expected"), [
+    ({"Modality": "CT", "BodyPartExamined": "CHEST"}, None, codes.CT_CHEST),
+    ({"Modality": "CT", "BodyPartExamined": "HEAD"}, codes.LUNG, codes.CT_UNSPECIFIED),
+    ({"Modality": "CT"}, codes.LUNG, codes.CT_CHEST),
+    ({"Modality": "CR"}, codes.LUNG, codes.XR_CHEST_SINGLE_VIEW),
+    ({"Modality": "DX", "BodyPartExamined": "THORAX"}, None, codes.XR_CHEST_SINGLE_VIEW),
+    ({"Modality": "DX", "BodyPartExamined": "HAND"}, None, codes.XR_UNSPECIFIED),
+    ({"Modality": "MR"}, None, codes.MR_UNSPECIFIED),
+    ({"Modality": "OP"}, CodedConcept("5665001", "SCT", "Retina"), codes.IMAGING_PROCEDURE),
+])
+def test_procedure_reported_by_modality_and_region(attrs: dict[str, str],
+                                                   site: CodedConcept | None,
+                                                   expected: CodedConcept) -> None:
+    assert codes.procedure_reported(header(**attrs), site) == expected
+
+
+def test_procedure_code_of_the_source_wins() -> None:
+    item = header(CodeValue="RPID16", CodingSchemeDesignator="RADLEX",
+                  CodeMeaning="CT Chest wo IV Contrast")
+    ds = header(Modality="CT", ProcedureCodeSequence=[item])
+    assert codes.procedure_reported(ds, None) == CodedConcept("RPID16", "RADLEX",
+                                                              "CT Chest wo IV Contrast")
+
+
+def test_default_quantity_codes_cover_the_lung_measurements() -> None:
+    for label in ("lung_volume_left_ml", "lung_volume_right_ml", "mean_lung_density_hu",
+                  "laa950_percent"):
+        assert label in codes.DEFAULT_QUANTITY_CODES
+    assert codes.DEFAULT_QUANTITY_CODES["lung_volume_right_ml"].site == codes.RIGHT_LUNG
+
+
+def test_coding_scheme_items_for_private_schemes_only() -> None:
+    item = header(CodeValue="X", CodingSchemeDesignator=codes.PRIVATE_SCHEME, CodeMeaning="x")
+    standard = header(CodeValue="1", CodingSchemeDesignator="SCT", CodeMeaning="y")
+    ds = header(ConceptNameCodeSequence=[item, standard],
+                ContentSequence=[header(ConceptCodeSequence=[codes.PROCESSING_ALGORITHM])])
+    items = codes.coding_schemes([ds])
+    assert [i.CodingSchemeDesignator for i in items] == ["99DICOMAI", "99IHE"]
+    assert all(i.CodingSchemeName for i in items)
