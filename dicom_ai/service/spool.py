@@ -82,6 +82,8 @@ def parse_keys(data: bytes) -> InstanceKeys:
             NotImplementedError, AttributeError) as exc:
         # The exception text can quote element values; only its kind leaves this function.
         raise UnreadableFileError(f"data set cannot be parsed ({type(exc).__name__})") from exc
+    if not any(values.values()):
+        raise UnreadableFileError("not a DICOM data set")
     for key in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
         if not values[key]:
             raise MissingAttributeError(f"{key} is missing")

@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_ai.config import Settings
 from dicom_ai.dicom.errors import DicomInputError
@@ -105,7 +106,11 @@ def error_text(exc: BaseException) -> str:
 
 
 def encode(ds: Dataset) -> bytes:
-    """A dataset in the DICOM file format (preamble and file meta)."""
+    """A dataset in the DICOM file format; Explicit VR Little Endian unless it names another."""
+    if getattr(ds, "file_meta", None) is None:
+        ds.file_meta = FileMetaDataset()
+    if "TransferSyntaxUID" not in ds.file_meta:
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     buf = BytesIO()
     pydicom.dcmwrite(buf, ds, enforce_file_format=True)
     return buf.getvalue()
