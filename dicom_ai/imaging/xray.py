@@ -38,7 +38,8 @@ def apply_lut(values: npt.NDArray[np.generic], descriptor: Sequence[int],
     n = n_entries or 65536
     table = table[:n]
     idx = np.clip(np.rint(values.astype(np.float64)) - first, 0, len(table) - 1).astype(np.int64)
-    return table[idx]
+    mapped: FloatArray = table[idx]
+    return mapped
 
 
 def window_linear(values: npt.NDArray[np.generic], center: float, width: float) -> FloatArray:
@@ -91,10 +92,24 @@ class VOI:
 
 
 def _first(value: object) -> float:
-    if isinstance(value, (list, tuple)) or hasattr(value, "__getitem__") and not isinstance(
-            value, (str, bytes)):
-        return float(value[0])  # type: ignore[index]
+    if isinstance(value, (list, tuple)) or (hasattr(value, "__getitem__") and not isinstance(
+            value, (str, bytes))):
+        return float(value[0])
     return float(value)  # type: ignore[arg-type]
+
+
+def lut_from_item(item: Dataset) -> tuple[tuple[int, int, int], npt.NDArray[np.int64]]:
+    """Descriptor and entries of a Modality or VOI LUT Sequence item.
+
+    LUT Data arrives as integers (VR US) or, in explicit VR files, as OW bytes: 16-bit
+    little-endian words, or one byte per entry when 8-bit entries fill exactly one byte each.
+    """
+    desc = tuple(int(v) for v in item.LUTDescriptor)
+    data = item.LUTData
+    if isinstance(data, bytes):
+        dtype = np.uint8 if desc[2] <= 8 and len(data) == (desc[0] or 65536) else np.dtype("<u2")
+        data = np.frombuffer(data, dtype=dtype)
+    return (desc[0], desc[1], desc[2]), np.asarray(data, dtype=np.int64).ravel()
 
 
 def stored_range(header: Dataset) -> tuple[float, float]:
@@ -110,14 +125,9 @@ def voi_from_header(header: Dataset) -> VOI:
     the first Window Center/Width, else the full range after the modality LUT."""
     seq = header.get("VOILUTSequence")
     if seq:
-        item = seq[0]
-        desc = tuple(int(v) for v in item.LUTDescriptor)
-        data = item.LUTData
-        if isinstance(data, bytes):
-            dtype = np.uint8 if desc[2] <= 8 and len(data) == (desc[0] or 65536) else np.uint16
-            data = np.frombuffer(data, dtype=dtype)
-        return VOI(kind="lut", lut_descriptor=(desc[0], desc[1], desc[2]),
-                   lut_data=tuple(int(v) for v in np.asarray(data).ravel()), lut_bits=desc[2])
+        desc, data = lut_from_item(seq[0])
+        return VOI(kind="lut", lut_descriptor=desc, lut_data=tuple(int(v) for v in data),
+                   lut_bits=desc[2])
     if "WindowCenter" in header and "WindowWidth" in header:
         fn = str(header.get("VOILUTFunction", "LINEAR")).upper() or "LINEAR"
         return VOI(kind="window", center=_first(header.WindowCenter),
@@ -133,8 +143,8 @@ def modality_values(stored: npt.NDArray[np.generic], header: Dataset) -> FloatAr
     """Stored values → modality values (Modality LUT Sequence, else Rescale Slope/Intercept)."""
     seq = header.get("ModalityLUTSequence")
     if seq:
-        item = seq[0]
-        return apply_lut(stored, [int(v) for v in item.LUTDescriptor], item.LUTData)
+        desc, data = lut_from_item(seq[0])
+        return apply_lut(stored, desc, data)
     slope = float(header.get("RescaleSlope", 1.0) or 1.0)
     intercept = float(header.get("RescaleIntercept", 0.0) or 0.0)
     return rescale(stored, slope, intercept)
