@@ -92,19 +92,20 @@ class DimseSender:
         ae = AE(ae_title=self.calling_aet)
         for sop_class in sorted({i.sop_class_uid for i in items}):
             ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-        reason: list[str] = []
+        # Filled by the ACSE handler: empty means the peer never answered (nothing listening).
+        heard: list[str] = []
 
         def on_acse(event: Event) -> None:
             primitive = event.primitive  # type: ignore[attr-defined]
-            if getattr(primitive, "result", None) in (0x01, 0x02):
-                reason.append(f"association rejected: {primitive.reason_str}")
+            rejected = getattr(primitive, "result", None) in (0x01, 0x02)
+            heard.append(f"association rejected: {primitive.reason_str}" if rejected else "")
 
         tls_args = (client_context(dest.tls), dest.host) if dest.tls.enabled else None
         assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args,
                              evt_handlers=[(evt.EVT_ACSE_RECV, on_acse)])
         if not assoc.is_established:
-            why = reason[0] if reason else (
-                "association aborted" if assoc.is_aborted else "cannot connect")
+            why = next((h for h in heard if h), "association aborted" if heard else
+                       "cannot connect")
             return dict.fromkeys((i.id for i in items), why)
         results: dict[int, str | None] = {}
         try:
