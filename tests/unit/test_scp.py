@@ -20,12 +20,12 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, Association
 from pynetdicom.transport import ThreadedAssociationServer
+from test_spool import STUDY, encoded  # type: ignore[import-not-found]
 
 from dicom_ai.config import DestinationSettings, Settings, TLSSettings
 from dicom_ai.service.export import Delivery, DimseSender
 from dicom_ai.service.scp import VERIFICATION, FreeBytes, StoreHandler, disk_free_bytes, start_scp
 from dicom_ai.service.spool import Spool
-from test_spool import STUDY, encoded  # type: ignore[import-not-found]
 
 
 @dataclass
@@ -97,11 +97,11 @@ def test_handler_stores_before_it_returns(tmp_path: Path) -> None:
     class Event:
         """The parts of a pynetdicom C-STORE event the handler reads."""
 
-        class assoc:  # noqa: N801 - mirrors the pynetdicom attribute
-            class requestor:  # noqa: N801
+        class assoc:
+            class requestor:
                 ae_title = "CT1"
 
-        class request:  # noqa: N801
+        class request:
             AffectedSOPClassUID = CTImageStorage
 
         @staticmethod

@@ -64,7 +64,7 @@ def test_parse_keys_reads_filing_attributes() -> None:
 
 
 def test_parse_keys_rejects_garbage_missing_and_malformed_uids() -> None:
-    with pytest.raises(UnreadableFileError, match="cannot be parsed|not a DICOM data set"):
+    with pytest.raises(UnreadableFileError, match=r"cannot be parsed|not a DICOM data set"):
         parse_keys(b"\x00" * 128 + b"DICM" + b"\xff" * 40)
     with pytest.raises(UnreadableFileError):
         parse_keys(b"plain text, not DICOM at all")

@@ -1,4 +1,4 @@
-"""Study assembly: completion after the quiet period, re-opening, supersession, start-up queueing."""
+"""Study assembly: completion after the quiet period, re-opening, supersession, queueing."""
 
 from __future__ import annotations
 
