@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
@@ -66,6 +67,7 @@ def test_gzip_is_named(make_dicom: MakeDicom, tmp_path: Path) -> None:
 def test_truncated_header_names_element_and_bytes(make_dicom: MakeDicom, tmp_path: Path) -> None:
     path = make_dicom("a.dcm", None, ImageComments="x" * 200)
     elem = pydicom.dcmread(path).get_item(0x00204000)
+    assert isinstance(elem, RawDataElement)
     cut = tmp_path / "cut.dcm"
     cut.write_bytes(path.read_bytes()[: elem.value_tell + 50])
     with pytest.raises(UnreadableFileError) as info:

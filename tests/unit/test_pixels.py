@@ -71,12 +71,13 @@ def test_jpeg2000_colour_transform_is_reported_as_rgb(make_dicom: MakeDicom) -> 
     rgb = np.zeros((64, 64, 3), dtype=np.uint8)
     rgb[..., 0] = (RAMP % 256).astype(np.uint8)
     rgb[..., 2] = 200
-    ds = pydicom.dcmread(make_dicom("a.dcm", rgb))
+    path = make_dicom("a.dcm", rgb)
+    ds = pydicom.dcmread(path)
     # Labelling RGB samples YBR_RCT is how pydicom is told to apply the colour transform.
     ds.PhotometricInterpretation = "YBR_RCT"
     ds.compress(JPEG2000Lossless, use_mct=True)
-    ds.save_as(ds.filename, enforce_file_format=True)
-    decoded = decode_pixels(_instance(Path(ds.filename)))
+    ds.save_as(path, enforce_file_format=True)
+    decoded = decode_pixels(_instance(path))
     assert decoded.photometric_interpretation == "RGB"
     assert np.array_equal(decoded.array, rgb)
 
