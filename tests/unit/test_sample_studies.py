@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import sys
 from collections import Counter
 from pathlib import Path
@@ -171,3 +172,11 @@ def test_build_script_reproduces_the_committed_files(tmp_path: Path) -> None:
         written = build.write(ds, tmp_path / key.lower() / "1.dcm")
         committed = SAMPLES / key.lower() / "1.dcm"
         assert written.read_bytes() == committed.read_bytes(), f"{key}: rebuild sample_studies"
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dicom3tools is not installed")
+@pytest.mark.parametrize("folder", sorted(EXPECTED))
+def test_built_objects_pass_dciodvfy(folder: str) -> None:
+    """dicom3tools finds no IOD error (the build script's known module clash aside)."""
+    assert load_build_script().dciodvfy_errors(SAMPLES / folder / "1.dcm") == []
