@@ -97,7 +97,7 @@ class Fundus:
     #: Read by eye from the side of the optic disc (RetinaMNIST has no laterality): the disc
     #: appears on the viewer's right in a right eye.
     laterality: str
-    photometric: str
+    #: JPEG baseline is written as YBR_FULL_422, anything else as RGB.
     transfer_syntax: UID
 
 
@@ -113,9 +113,9 @@ CHEST_XRAYS: tuple[ChestXRay, ...] = (
 )
 
 FUNDUS_PHOTOS: tuple[Fundus, ...] = (
-    Fundus("FUNDUS01", 8, 0, "R", "RGB", ExplicitVRLittleEndian),
-    Fundus("FUNDUS02", 67, 2, "L", "YBR_FULL_422", JPEGBaseline8Bit),
-    Fundus("FUNDUS03", 49, 4, "L", "RGB", RLELossless),
+    Fundus("FUNDUS01", 8, 0, "R", ExplicitVRLittleEndian),
+    Fundus("FUNDUS02", 67, 2, "L", JPEGBaseline8Bit),
+    Fundus("FUNDUS03", 49, 4, "L", RLELossless),
 )
 
 
@@ -232,6 +232,7 @@ def lossy_source(ds: Dataset, ratio: float) -> None:
 def chest_xray(spec: ChestXRay, data: Path) -> Dataset:
     """Build one CR or DX object from a Kermany JPEG (see :data:`CHEST_XRAYS`)."""
     path = data / "cxr" / "kermany_fullres_subset" / spec.source
+    row = source_row(data, spec)
     gray = np.asarray(Image.open(path).convert("L"), dtype=np.uint8)
     if spec.modality == "CR":
         sop_class = CR_STORAGE
@@ -266,16 +267,23 @@ def chest_xray(spec: ChestXRay, data: Path) -> Dataset:
         ds.WindowWidth = top
         ds.VOILUTFunction = "LINEAR"
     if spec.modality == "DX":
-        add_dx_modules(ds, spec, nominal_spacing_mm(data, spec.source))
+        add_dx_modules(ds, spec, nominal_spacing_mm(row))
     ds.file_meta = file_meta(sop_class, ds.SOPInstanceUID, ExplicitVRLittleEndian)
     encode(ds, spec.transfer_syntax)
     return ds
 
 
-def nominal_spacing_mm(data: Path, source: str) -> float:
-    """:data:`NOMINAL_PITCH_MM` scaled by original width / stored width from ``labels.csv``."""
+def source_row(data: Path, spec: ChestXRay) -> dict[str, str]:
+    """The ``labels.csv`` row of the source image, after checking its label is the expected one."""
     with open(data / "cxr" / "kermany_fullres_subset" / "labels.csv", newline="") as fh:
-        row = next(r for r in csv.DictReader(fh) if r["path"] == source)
+        row = next(r for r in csv.DictReader(fh) if r["path"] == spec.source)
+    if row["label"] != spec.label:
+        raise ValueError(f"{spec.key}: {spec.source} is {row['label']}, expected {spec.label}")
+    return row
+
+
+def nominal_spacing_mm(row: dict[str, str]) -> float:
+    """:data:`NOMINAL_PITCH_MM` scaled by original width / stored width of a ``labels.csv`` row."""
     original = int(row["original_size"].split("x")[0])
     stored = int(row["stored_size"].split("x")[0])
     return round(NOMINAL_PITCH_MM * original / stored, 4)
@@ -344,7 +352,7 @@ def fundus_photo(spec: Fundus, images: npt.NDArray[np.uint8],
     ds.ImagePathFilterTypeStackCodeSequence = DicomSequence()
     ds.LensesCodeSequence = DicomSequence()
     ds.DetectorType = ""
-    if spec.photometric == "YBR_FULL_422":
+    if spec.transfer_syntax == JPEGBaseline8Bit:
         encode_jpeg_422(ds, rgb)
         return ds
     # Lossy compression is recorded for the file we convert: the npz holds raw 8-bit values.
