@@ -327,6 +327,8 @@ def fundus_photo(spec: Fundus, images: npt.NDArray[np.uint8],
     ds.ImageType = ["DERIVED", "PRIMARY", "RESAMPLED"]
     ds.AcquisitionDateTime = f"{STUDY_DATE}10{number}00"
     ds.BurnedInAnnotation = "NO"
+    # The OP IOD includes the Multi-frame module; a still photograph is one frame and its
+    # frame increment pointer needs a target, so Frame Time is present and 0.
     ds.NumberOfFrames = 1
     ds.FrameIncrementPointer = 0x00181063  # Frame Time
     ds.FrameTime = 0
@@ -370,8 +372,8 @@ def encode_jpeg_422(ds: Dataset, rgb: npt.NDArray[np.uint8]) -> None:
     pydicom has no JPEG baseline encoder, so Pillow writes the JPEG and it is encapsulated.
     """
     buffer = io.BytesIO()
-    Image.fromarray(rgb, mode="RGB").save(buffer, format="JPEG", quality=JPEG_QUALITY,
-                                          subsampling="4:2:2", optimize=False)
+    Image.fromarray(rgb).save(buffer, format="JPEG", quality=JPEG_QUALITY,
+                              subsampling="4:2:2", optimize=False)
     jpeg = buffer.getvalue()
     ds.Rows, ds.Columns = int(rgb.shape[0]), int(rgb.shape[1])
     ds.SamplesPerPixel = 3
