@@ -6,7 +6,8 @@
 #   bash scripts/bootstrap.sh test       install, apt peers when missing, ruff, mypy, pytest
 #
 # Re-running is fast: pip is skipped while .venv matches pyproject.toml + constraints.txt.
-# Environment: PYTHON (default python3, must be >= 3.11), VENV (default .venv).
+# Environment: PYTHON (default python3, must be >= 3.11), VENV (default .venv),
+# TORCH_INDEX_URL (a CUDA build of the same torch, e.g. https://download.pytorch.org/whl/cu128).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -34,15 +35,16 @@ install_python() {
     fi
     [ -x "$VENV/bin/python" ] || { log "creating $VENV"; "$PYTHON" -m venv "$VENV"; }
     local want
-    want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
+    want=$({ cat pyproject.toml constraints.txt; echo "${TORCH_INDEX_URL:-}"; } | sha256sum | cut -d' ' -f1)
     if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && [ -x "$VENV/bin/dicom-ai" ]; then
         log "$VENV is up to date"
         return
     fi
-    # torch first and pinned: a free resolution would download a multi-GB CUDA build.
-    # GPU users install a CUDA build of torch 2.13.0 into $VENV before running this script.
-    log "installing torch==2.13.0"
-    "$VENV/bin/python" -m pip install --quiet torch==2.13.0
+    # torch first and pinned: a free resolution would download a multi-GB CUDA build. The
+    # constraint torch==2.13.0 below also accepts a CUDA build (2.13.0+cu128) installed here.
+    log "installing torch==2.13.0 ${TORCH_INDEX_URL:+from $TORCH_INDEX_URL}"
+    "$VENV/bin/python" -m pip install --quiet torch==2.13.0 \
+        ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
     log "installing dicom-ai[dev] with constraints.txt"
     "$VENV/bin/python" -m pip install --quiet -c constraints.txt -e ".[dev]"
     echo "$want" >"$STAMP"
@@ -94,6 +96,6 @@ case "${1:-install}" in
     install) install_python ;;
     demo) install_python; run_demo ;;
     test) install_python; run_tests ;;
-    -h | --help) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//' ;;
+    -h | --help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//' ;;
     *) log "unknown command '$1' (install, demo, test)"; exit 64 ;;
 esac
