@@ -43,6 +43,13 @@ def concept(spec: CodeSpec) -> CodedConcept:
                         meaning=str(spec["meaning"]))
 
 
+def private_code(label: str) -> CodedConcept:
+    """``(label, 99DICOMAI, label)`` for a label the bundle gave no code: the finding is still
+    reported, under a name nobody can mistake for a standard concept. Labels longer than 16
+    characters go to Long Code Value (highdicom picks it)."""
+    return CodedConcept(value=label, scheme_designator=PRIVATE_SCHEME, meaning=label)
+
+
 def _c(value: str, scheme: str, meaning: str) -> CodedConcept:
     return CodedConcept(value=value, scheme_designator=scheme, meaning=meaning)
 

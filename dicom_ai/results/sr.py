@@ -54,9 +54,7 @@ _TYPE2_COPIED = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex",
 
 def finding_type(label: str, codes: Mapping[str, CodeSpec]) -> CodedConcept:
     """The bundle's code for ``label``, or a private code naming the label when it has none."""
-    if label in codes:
-        return c.concept(codes[label])
-    return CodedConcept(label[:16], c.PRIVATE_SCHEME, label)
+    return c.concept(codes[label]) if label in codes else c.private_code(label)
 
 
 def quantity_code(label: str, codes: Mapping[str, CodeSpec],
@@ -69,7 +67,7 @@ def quantity_code(label: str, codes: Mapping[str, CodeSpec],
     elif default is not None:
         name = default.name
     else:
-        name = CodedConcept(label[:16], c.PRIVATE_SCHEME, label)
+        name = c.private_code(label)
     return c.QuantityCode(name, default.site if default and default.site else site)
 
 

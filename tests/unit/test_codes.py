@@ -70,3 +70,10 @@ def test_coding_scheme_items_for_private_schemes_only() -> None:
     items = codes.coding_schemes([ds])
     assert [i.CodingSchemeDesignator for i in items] == ["99DICOMAI", "99IHE"]
     assert all(i.CodingSchemeName for i in items)
+
+
+def test_private_code_keeps_long_labels_whole() -> None:
+    code = codes.private_code("lung_volume_left_ml_extra")
+    assert code.value == "lung_volume_left_ml_extra"
+    assert code.scheme_designator == codes.PRIVATE_SCHEME
+    assert "LongCodeValue" in code

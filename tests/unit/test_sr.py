@@ -12,7 +12,7 @@ from pydicom.sr.codedict import codes as dcm_codes
 from pydicom.uid import SecondaryCaptureImageStorage
 
 from dicom_ai import DISCLAIMER
-from dicom_ai.inference.findings import ModelResult
+from dicom_ai.inference.findings import Finding, ModelResult
 from dicom_ai.results import build_outputs, codes, findings_document
 from tests import results_fixtures as fx
 
@@ -154,6 +154,16 @@ def test_quantities_and_localized_candidate(tmp_path: Path) -> None:
     assert point.value[0] == pytest.approx(expected["nodule"]["center_mm"], abs=1e-4)
     assert [s.referenced_sop_instance_uid for s in nodule.source_images] == list(
         expected["nodule"]["slices"])
+
+
+def test_unmeasurable_quantity_is_stated_not_encoded(tmp_path: Path) -> None:
+    result = fx.ct_result()
+    result.findings = [Finding("mean_lung_density_hu", value=float("nan"), unit="[hnsf'U]")]
+    _, sr, report = build(result, tmp_path)
+    (group,) = report.get_image_measurement_groups()
+    assert group.get_measurements() == []
+    assert group.finding_type == codes.BOTH_LUNGS
+    assert "Mean Attenuation Coefficient: not measurable" in text_values(sr)
 
 
 def test_rejected_result_states_why_and_has_no_finding(tmp_path: Path) -> None:
