@@ -128,8 +128,8 @@ def collect(source: Path | Iterable[Path]) -> Collection:
     Collection
         Studies with their series in order of first appearance, and one :class:`FileEntry`
         per non-hidden input file: non-DICOM files, DICOMDIRs and repeated SOP Instance UIDs
-        are ``"skipped"``; unreadable files and files lacking a Study, Series or SOP Instance
-        UID are ``"failed"``.
+        are ``"skipped"``; missing or unreadable files and files lacking a Study, Series or
+        SOP Instance UID are ``"failed"``.
     """
     if isinstance(source, Path):
         paths = _walk(source) if source.is_dir() else [source]
@@ -160,6 +160,8 @@ def collect(source: Path | Iterable[Path]) -> Collection:
 
 
 def _classify(path: Path, seen: set[str]) -> tuple[FileEntry, Instance | None]:
+    if not path.is_file():
+        return FileEntry(path, "failed", "no such file"), None
     if not looks_like_dicom(path):
         return FileEntry(path, "skipped", "not a DICOM file"), None
     try:

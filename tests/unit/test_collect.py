@@ -92,6 +92,8 @@ def test_paths_as_given(make_dicom: MakeDicom, tmp_path: Path) -> None:
     single = collect(a)
     assert [e.path for e in single.entries] == [a]
     assert single.studies[0].series[0].instances[0].path == a
+    (gone,) = collect([tmp_path / "gone.dcm"]).entries
+    assert (gone.status, gone.reason) == ("failed", "no such file")
 
 
 def test_to_json() -> None:

@@ -8,6 +8,7 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.encaps import encapsulate
+from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
 
 from dicom_ai.dicom.errors import PixelDecodeError
@@ -151,3 +152,13 @@ def test_corrupt_codestream(make_dicom: MakeDicom) -> None:
 def test_transfer_syntax_name() -> None:
     assert transfer_syntax_name("1.2.840.10008.1.2.4.51") == "JPEG Extended (Process 2 and 4)"
     assert transfer_syntax_name("1.2.840.10008.1.2.8.1") == "Deflated Image Frame Compression"
+
+
+def test_no_plugin_installed(make_dicom: MakeDicom, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _compressed(make_dicom("a.dcm", RAMP), JPEGLSLossless)
+    decoder = get_decoder(JPEGLSLossless)
+    monkeypatch.setattr(type(decoder), "available_plugins", property(lambda self: ()))
+    with pytest.raises(PixelDecodeError) as info:
+        decode(_instance(path))
+    assert info.value.reason == ("no decoder plugin available for JPEG-LS Lossless Image "
+                                 "Compression")
