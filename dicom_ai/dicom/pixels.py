@@ -13,6 +13,7 @@ clear reason.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,11 @@ from pydicom.uid import (
 from dicom_ai.dicom.errors import PixelDecodeError, UnreadableFileError
 from dicom_ai.dicom.io import read_dataset
 from dicom_ai.dicom.model import Instance
+
+# pydicom logs a full traceback for every plugin that fails on a frame, even when the next
+# plugin succeeds. Each plugin's message is already in PixelDecodeError's reason, so the
+# tracebacks would only bury the service log and a replay's console.
+logging.getLogger("pydicom.pixels.decoders.base").setLevel(logging.CRITICAL)
 
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
