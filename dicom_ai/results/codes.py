@@ -62,6 +62,7 @@ LONG_AXIS = _c("103339001", "SCT", "Long axis")
 ANALYSIS_PERFORMED = _c("111004", "DCM", "Analysis Performed")
 NOT_PERFORMED = _c("262008008", "SCT", "Not performed")
 COMMENT = _c("121106", "DCM", "Comment")
+ANATOMICAL_STRUCTURE = _c("91723000", "SCT", "Anatomical Structure")
 BEST_ILLUSTRATION = _c("121080", "DCM", "Best illustration of finding")
 #: TID 1500 row 12: the report-level container for free-text and coded evaluations.
 QUALITATIVE_EVALUATIONS = _c("C0034375", "UMLS", "Qualitative Evaluations")

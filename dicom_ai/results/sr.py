@@ -46,7 +46,6 @@ from dicom_ai.results.uids import derive_uid
 
 #: Series Number of our SR series (fixed, so a replay keeps it; the UID carries identity).
 SR_SERIES_NUMBER = 9900
-ANATOMICAL_STRUCTURE = CodedConcept("91723000", "SCT", "Anatomical Structure")
 #: Type 2 patient/study attributes highdicom reads from the first evidence dataset.
 _TYPE2_COPIED = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex",
                  "AccessionNumber", "StudyID", "StudyDate", "StudyTime")
@@ -94,6 +93,8 @@ class _Context:
         return derive_uid(self.instances, self.result.model, kind, root=self.settings.uid_root)
 
     def source_images(self, slices: Sequence[str]) -> list[hd.sr.SourceImageForMeasurementGroup]:
+        """The finding's slices, or the whole series for a whole-series finding. A slice that
+        is not in the series cannot be referenced (its SOP class is unknown) and is skipped."""
         uids = [u for u in slices if u in self.instances] or list(self.instances)
         return [hd.sr.SourceImageForMeasurementGroup(self.instances[u].SOPClassUID, u)
                 for u in uids]
@@ -114,7 +115,8 @@ class _Context:
 
 def _append(group: hd.sr.MeasurementsAndQualitativeEvaluations,
             items: Sequence[ImageContentItem | TextContentItem]) -> None:
-    """Add rows TID 1501 allows but highdicom's constructor does not take (IMAGE, TEXT)."""
+    """Add rows highdicom's constructor does not take: the IMAGE reference to our SC and TEXT
+    comments (TID 1501 is extensible; highdicom's reader skips them)."""
     group[0].ContentSequence.extend(items)
 
 
@@ -122,21 +124,19 @@ def finding_group(finding: Finding, index: int,
                   ctx: _Context) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """TID 1501 group for one finding: classification, quantity or localized candidate."""
     js = finding.to_json()
-    quantity_only = finding.value is not None and finding.probability is None
-    measurements: list[hd.sr.Measurement] = []
     sites = [ctx.site] if ctx.site is not None else []
     category: CodedConcept | None = None
-    if quantity_only:
-        quantity = quantity_code(finding.label, ctx.codes, ctx.site)
-        # A measured organ is the "finding" of its group, as TID 1501 does for anatomy.
-        category = ANATOMICAL_STRUCTURE
-        kind = quantity.site or quantity.name
-        sites = [quantity.site] if quantity.site is not None else []
-    else:
-        kind = finding_type(finding.label, ctx.codes)
+    measurements: list[hd.sr.Measurement] = []
     notes: list[TextContentItem] = []
+    kind = finding_type(finding.label, ctx.codes)
     if finding.value is not None:
         quantity = quantity_code(finding.label, ctx.codes, ctx.site)
+        if finding.probability is None:
+            # A pure measurement's "finding" is the measured organ (category Anatomical
+            # Structure), as TID 1501 groups for organ volumes do.
+            category = c.ANATOMICAL_STRUCTURE
+            kind = quantity.site or quantity.name
+            sites = [quantity.site] if quantity.site is not None else []
         if math.isfinite(finding.value):
             measurements.append(hd.sr.Measurement(
                 name=quantity.name, value=js["value"], unit=c.ucum(finding.unit or "1")))
@@ -194,7 +194,7 @@ def statement_group(ctx: _Context, *, analysed: bool,
         qualitative_evaluations=evaluations or None,
         source_images=sources,
     )
-    _append(group, [TextContentItem(name=c.COMMENT, value=text[:1024],
+    _append(group, [TextContentItem(name=c.COMMENT, value=text,
                                     relationship_type=RelationshipTypeValues.CONTAINS)])
     return group
 
