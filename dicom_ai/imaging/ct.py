@@ -28,7 +28,8 @@ FloatArray = npt.NDArray[np.float64]
 
 #: Two slices closer than this along the normal (mm) are at the same position.
 DUPLICATE_TOLERANCE_MM = 0.01
-#: A step longer than this many median spacings means slices are missing.
+#: A step longer than this many median spacings, and a whole number of them, means slices are
+#: missing.
 GAP_FACTOR = 1.5
 #: Steps may differ from the median by this fraction (scanners round positions; 10 % keeps the
 #: worst local distortion of a stack treated as regular below a tenth of a slice).
@@ -257,16 +258,22 @@ def _check_tilt(ordered: FloatArray, normal: FloatArray, max_tilt_deg: float) ->
 
 def _check_steps(depths: FloatArray, steps: FloatArray) -> None:
     median = float(np.median(steps))
-    gaps = np.nonzero(steps > GAP_FACTOR * median)[0]
-    if gaps.size:
+    ratios = steps / median
+    gaps = np.nonzero(ratios > GAP_FACTOR)[0]
+    # A missing slice leaves a step of a whole number of spacings. Steps of other lengths
+    # (e.g. a head protocol switching from 4 mm to 7 mm slices) are a different spacing,
+    # not a hole, and are reported as such.
+    whole = bool(np.all(np.abs(ratios[gaps] - np.rint(ratios[gaps])) <= SPACING_TOLERANCE))
+    if gaps.size and whole:
         k = int(gaps[0])
         raise SeriesGeometryError(
             f"missing slices: {steps[k]:.2f} mm gap between {depths[k]:.2f} and "
-            f"{depths[k + 1]:.2f} mm along the slice normal (median spacing {median:.2f} mm; "
-            f"{gaps.size} gap(s))")
-    if np.any(np.abs(steps - median) > SPACING_TOLERANCE * median):
+            f"{depths[k + 1]:.2f} mm along the slice normal, about {round(ratios[k]) - 1} "
+            f"slice(s) missing (median spacing {median:.2f} mm; {gaps.size} gap(s))")
+    if np.any(np.abs(ratios - 1.0) > SPACING_TOLERANCE):
         raise SeriesGeometryError(f"inconsistent spacing: slice steps range from "
-                                  f"{steps.min():.2f} to {steps.max():.2f} mm")
+                                  f"{steps.min():.2f} to {steps.max():.2f} mm (median "
+                                  f"{median:.2f} mm)")
 
 
 def build_volume(series: Series, *, max_tilt_deg: float = 0.5) -> CTVolume:

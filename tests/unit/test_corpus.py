@@ -109,6 +109,11 @@ def test_tilted_head_ct_is_rejected_with_its_angle() -> None:
         build_volume(series)
     assert info.value.reason == ("gantry tilt: slices are stacked 18.50° off the slice normal "
                                  "(limit 0.5°)")
+    # Past the tilt it is a GE head protocol: 4 mm slices, then 7 mm ones.
+    with pytest.raises(SeriesGeometryError) as info:
+        build_volume(series, max_tilt_deg=20.0)
+    assert info.value.reason == ("inconsistent spacing: slice steps range from 1.08 to 7.00 mm "
+                                 "(median 4.00 mm)")
     volume = build_volume(Series(series.series_instance_uid, series.instances[:4]),
                           max_tilt_deg=20.0)
     assert volume.hu.shape == (4, 512, 512)

@@ -75,10 +75,13 @@ def test_check_geometry_returns_spacing() -> None:
      "duplicate slice positions: 1 slice(s) repeat a position (first at 2.50 mm along the "
      "slice normal)"),
     (_slices([0.0, 2.5, 5.0, 12.5, 15.0]),
-     "missing slices: 7.50 mm gap between 5.00 and 12.50 mm along the slice normal (median "
-     "spacing 2.50 mm; 1 gap(s))"),
+     "missing slices: 7.50 mm gap between 5.00 and 12.50 mm along the slice normal, about 2 "
+     "slice(s) missing (median spacing 2.50 mm; 1 gap(s))"),
     (_slices([0.0, 2.5, 5.0, 8.0, 10.5]),
-     "inconsistent spacing: slice steps range from 2.50 to 3.00 mm"),
+     "inconsistent spacing: slice steps range from 2.50 to 3.00 mm (median 2.50 mm)"),
+    # 4 mm then 7 mm slices: 7/4 = 1.75 spacings is a change of spacing, not a hole.
+    (_slices([0.0, 4.0, 8.0, 12.0, 19.0, 26.0]),
+     "inconsistent spacing: slice steps range from 4.00 to 7.00 mm (median 4.00 mm)"),
     # tan(10°) = 0.17633: each 1 mm step also moves 0.17633 mm along y.
     (_slices([0.0, 1.0, 2.0, 3.0], shift_y=math.tan(math.radians(10))),
      "gantry tilt: slices are stacked 10.00° off the slice normal (limit 0.5°)"),
