@@ -119,8 +119,11 @@ def _parse(path: Path, *, stop_before_pixels: bool) -> Dataset:
     except InvalidDicomError:
         pass
     except OSError as exc:
-        raise UnreadableFileError(f"cannot open: {exc.strerror or type(exc).__name__}",
-                                  path=path) from exc
+        # pydicom raises a bare OSError (no errno) when the stream ends where an element or
+        # item should start, e.g. a file cut inside an undefined-length sequence.
+        reason = (f"cannot open: {exc.strerror}" if exc.errno is not None
+                  else f"truncated or corrupt: {_first_line(exc)}")
+        raise UnreadableFileError(reason, path=path) from exc
     except Exception as exc:
         raise UnreadableFileError(_parse_failure(exc), path=path) from exc
     with path.open("rb") as fh:
@@ -138,9 +141,13 @@ def _parse(path: Path, *, stop_before_pixels: bool) -> Dataset:
 def _parse_failure(exc: Exception) -> str:
     if isinstance(exc, EOFError):
         return "truncated: the file ends inside the file meta information"
-    # pydicom's messages describe structure (tags, lengths, VRs), not element values.
-    first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return f"cannot parse: {first_line}"
+    return f"cannot parse: {_first_line(exc)}"
+
+
+def _first_line(exc: Exception) -> str:
+    # pydicom's messages describe structure (tags, lengths, VRs, offsets), not element values.
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _check_complete(ds: Dataset, path: Path) -> None:

@@ -75,6 +75,23 @@ def test_truncated_header_names_element_and_bytes(make_dicom: MakeDicom, tmp_pat
     assert info.value.reason == "truncated: (0020,4000) holds 50 of 200 bytes"
 
 
+def test_cut_inside_an_undefined_length_sequence(make_dicom: MakeDicom,
+                                                 tmp_path: Path) -> None:
+    item = Dataset()
+    item.ImageComments = "z" * 100
+    item.is_undefined_length_sequence_item = True
+    path = make_dicom("a.dcm", None, ReferencedImageSequence=Sequence([item]))
+    ds = pydicom.dcmread(path)
+    ds["ReferencedImageSequence"].is_undefined_length = True
+    ds.save_as(path, enforce_file_format=True)
+    data = path.read_bytes()
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(data[: data.index(b"z" * 100) + 100])
+    with pytest.raises(UnreadableFileError) as info:
+        read_header(cut)
+    assert info.value.reason.startswith("truncated or corrupt: ")
+
+
 def test_truncated_pixel_data_passes_header_fails_dataset(make_dicom: MakeDicom,
                                                           tmp_path: Path) -> None:
     path = make_dicom("a.dcm", PIXELS)
