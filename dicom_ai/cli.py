@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from dicom_ai import DISCLAIMER, __version__
 from dicom_ai.config import Settings, SettingsError, load_settings
+from dicom_ai.logs import configure_logging
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -100,8 +100,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dicom-ai`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=(args.log_level or "INFO").upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # A replay's product is its table and files, so it logs warnings only unless asked; the
+    # service logs its activity.
+    configure_logging(args.log_level or ("INFO" if args.command == "serve" else "WARNING"))
     try:
         return int(args.func(args))
     except SettingsError as exc:

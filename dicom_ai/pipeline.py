@@ -23,7 +23,6 @@ from typing import Any
 import torch
 from pydicom.dataset import Dataset
 
-from dicom_ai import DISCLAIMER
 from dicom_ai.config import InferenceSettings, Settings
 from dicom_ai.dicom.errors import DicomInputError
 from dicom_ai.dicom.model import Series, Study
@@ -66,13 +65,12 @@ class StudyOutcome:
 
     def findings_document(self) -> dict[str, Any]:
         """The ``findings.json`` document of this study."""
-        return {
-            "study_instance_uid": self.study_instance_uid,
-            "disclaimer": DISCLAIMER,
-            "results": [r.to_json() for r in self.results],
-            "skipped_series": [{"series_instance_uid": uid, "reason": reason}
-                               for uid, reason in sorted(self.skipped_series.items())],
-        }
+        from dicom_ai.results import findings_document
+
+        document = findings_document(self.study_instance_uid, self.results)
+        document["skipped_series"] = [{"series_instance_uid": uid, "reason": reason}
+                                      for uid, reason in sorted(self.skipped_series.items())]
+        return document
 
 
 def load_models(settings: InferenceSettings, models_dir: Path | None = None

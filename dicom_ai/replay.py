@@ -104,8 +104,9 @@ def _headline(result: ModelResult) -> str:
 
 
 def print_table(outcomes: Sequence[StudyOutcome], entries: Sequence[dict[str, Any]],
-                stream: TextIO = sys.stdout) -> None:
+                stream: TextIO | None = None) -> None:
     """A readable table of results, then a one-line account of the input files."""
+    stream = stream or sys.stdout
     rows = [("study", "series", "mod", "model", "status", "findings")]
     for outcome in outcomes:
         for r in outcome.results:
