@@ -1,0 +1,402 @@
+"""The ``ct-lung`` task: chest CT → lung measurements and nodule/mass candidates.
+
+Per series: HU volume (:func:`dicom_ai.imaging.ct.build_volume`) → is it a usable chest CT
+(header rules of the bundle, then the image: enough lung-density air inside the body) → lung
+segmentation and measurements (:mod:`dicom_ai.imaging.lung`) → the bundle's 2.5D network over
+every axial slice of the volume resampled to the bundle's spacing → a probability map → 3D
+connected components inside the (dilated) lungs → candidates with a 3D centre and extent in
+patient coordinates, the source slices they lie on, and a key-slice picture for each.
+
+The network reads ``channels`` neighbouring slices (centre slice in the middle) of the
+resampled volume, with HU clipped to a window and scaled to [0, 1]; training
+(:mod:`dicom_ai.train.ct_nodules`) calls :func:`model_input` and :func:`probability_map` so
+that it sees exactly what inference sees.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from dicom_ai.config import InferenceSettings
+from dicom_ai.dicom.errors import SeriesGeometryError
+from dicom_ai.dicom.model import Series
+from dicom_ai.imaging.ct import CTVolume, build_volume, resample
+from dicom_ai.imaging.lung import (
+    LungMasks,
+    lung_fraction,
+    lung_window,
+    measure_lungs,
+    segment_lungs,
+)
+from dicom_ai.inference import routing
+from dicom_ai.inference.bundle import Bundle
+from dicom_ai.inference.findings import Explanation, Finding, ModelResult
+
+FloatArray = npt.NDArray[np.float32]
+BoolArray = npt.NDArray[np.bool_]
+ScalarT = TypeVar("ScalarT", bound=np.generic)
+
+#: Standard size boundary (Fleischner glossary): a lesion over 30 mm is a mass, else a nodule.
+MASS_DIAMETER_MM = 30.0
+#: Below this share of the body volume in lung a series is not a chest CT (a chest through the
+#: lungs has about 0.15–0.5; the head CT of the test corpus 0.01).
+MIN_LUNG_FRACTION = 0.05
+#: Candidates are looked for in the lungs dilated by this margin (mm), so juxtapleural and hilar
+#: lesions, which the air-based lung mask leaves out, are still inside.
+LUNG_MARGIN_MM = 15.0
+#: Network input spatial sides must be multiples of this (four 2× poolings of a U-Net).
+SIZE_MULTIPLE = 16
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """The ``dicom_ai.preprocessing`` block of a ct-lung bundle.
+
+    Attributes
+    ----------
+    spacing:
+        (z, y, x) mm the network reads.
+    hu_window:
+        (low, high) HU mapped onto [0, 1], clipped outside.
+    channels:
+        Number of neighbouring slices per input (odd; the centre slice is predicted).
+    """
+
+    spacing: tuple[float, float, float]
+    hu_window: tuple[float, float]
+    channels: int
+
+    @classmethod
+    def from_block(cls, block: Mapping[str, Any]) -> Preprocessing:
+        """Read the bundle's ``preprocessing`` block."""
+        s = [float(v) for v in block["spacing"]]
+        w = [float(v) for v in block["hu_window"]]
+        channels = int(block.get("channels", 3))
+        if len(s) != 3 or len(w) != 2 or channels % 2 == 0:
+            raise ValueError("preprocessing needs spacing [z, y, x], hu_window [low, high] and "
+                             "an odd number of channels")
+        return cls((s[0], s[1], s[2]), (w[0], w[1]), channels)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A connected region of the probability map, in voxel indices of the map's grid.
+
+    Attributes
+    ----------
+    probability:
+        Highest probability inside the region.
+    lo, hi:
+        Inclusive bounding box corners (z, y, x).
+    centre:
+        Probability-weighted centroid (z, y, x), fractional.
+    """
+
+    probability: float
+    lo: tuple[int, int, int]
+    hi: tuple[int, int, int]
+    centre: tuple[float, float, float]
+
+
+def hu_to_unit(hu: npt.NDArray[np.floating], pre: Preprocessing) -> FloatArray:
+    """HU clipped to ``pre.hu_window`` and scaled to [0, 1] (float32)."""
+    low, high = pre.hu_window
+    unit: FloatArray = np.clip((np.asarray(hu, dtype=np.float32) - low) / (high - low),
+                               0.0, 1.0).astype(np.float32, copy=False)
+    return unit
+
+
+def model_input(hu: npt.NDArray[np.floating], pre: Preprocessing) -> FloatArray:
+    """HU volume (already on the network's grid) → (z, channels, y, x) network inputs.
+
+    Each slice k gets slices k − c//2 … k + c//2 (edge slices repeated at the ends), HU
+    clipped to ``pre.hu_window`` and scaled to [0, 1].
+
+    Parameters
+    ----------
+    hu
+        (z, y, x) volume in HU on the network's grid.
+    pre
+        Preprocessing of the bundle.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 (z, channels, y, x).
+    """
+    unit = hu_to_unit(hu, pre)
+    half = pre.channels // 2
+    idx = np.clip(np.arange(unit.shape[0])[:, None] + np.arange(-half, half + 1)[None, :],
+                  0, unit.shape[0] - 1)
+    stacked: FloatArray = unit[idx].astype(np.float32, copy=False)
+    return stacked
+
+
+def probability_map(network: torch.nn.Module, inputs: FloatArray, *, device: torch.device,
+                    batch_size: int = 8, amp: bool = True) -> FloatArray:
+    """Run a 2D segmentation network slice by slice; sigmoid of its single output channel.
+
+    Parameters
+    ----------
+    network
+        Maps (N, channels, H, W) to (N, 1, H, W) logits; sides padded to multiples of 16.
+    inputs
+        (z, channels, y, x) from :func:`model_input`.
+    device, batch_size, amp
+        Where and how to run; float16 autocast is used on CUDA only.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 (z, y, x) probabilities in [0, 1].
+    """
+    z, _, h, w = inputs.shape
+    ph, pw = (-h) % SIZE_MULTIPLE, (-w) % SIZE_MULTIPLE
+    out = np.empty((z, h, w), dtype=np.float32)
+    autocast = torch.autocast("cuda", dtype=torch.float16) if amp and device.type == "cuda" \
+        else torch.autocast("cpu", enabled=False)
+    with torch.inference_mode(), autocast:
+        for start in range(0, z, batch_size):
+            x = torch.from_numpy(inputs[start:start + batch_size]).to(device)
+            x = F.pad(x, (0, pw, 0, ph))
+            logits = network(x)[:, 0, :h, :w]
+            out[start:start + batch_size] = torch.sigmoid(logits.float()).cpu().numpy()
+    return out
+
+
+def find_candidates(prob: FloatArray, threshold: float, *,
+                    region: BoolArray | None = None, min_voxels: int = 1) -> list[Candidate]:
+    """Connected regions of ``prob >= threshold`` whose centroid lies in ``region``.
+
+    Parameters
+    ----------
+    prob
+        (z, y, x) probability map.
+    threshold
+        Level at which regions are formed.
+    region
+        Where a candidate's centroid must lie (e.g. the dilated lungs); everywhere if None.
+    min_voxels
+        Smaller regions are dropped as noise.
+
+    Returns
+    -------
+    list of Candidate
+        Highest probability first.
+    """
+    labels, n = ndimage.label(prob >= threshold, structure=np.ones((3, 3, 3), dtype=bool))
+    if n == 0:
+        return []
+    index = np.arange(1, n + 1)
+    peaks = ndimage.maximum(prob, labels, index)
+    centres = ndimage.center_of_mass(prob, labels, index)
+    boxes = ndimage.find_objects(labels)
+    sizes = np.bincount(labels.ravel())[1:]
+    found: list[Candidate] = []
+    for peak, centre, box, size in zip(peaks, centres, boxes, sizes, strict=True):
+        if size < min_voxels or box is None:
+            continue
+        c = tuple(float(v) for v in centre)
+        near = tuple(round(v) for v in c)
+        if region is not None and not region[near]:
+            continue
+        found.append(Candidate(
+            probability=float(peak),
+            lo=(box[0].start, box[1].start, box[2].start),
+            hi=(box[0].stop - 1, box[1].stop - 1, box[2].stop - 1),
+            centre=(c[0], c[1], c[2])))
+    return sorted(found, key=lambda k: -k.probability)
+
+
+def extent_mm(lo: Sequence[int], hi: Sequence[int], spacing: Sequence[float],
+              direction: npt.ArrayLike) -> tuple[float, float, float]:
+    """Size of an index bounding box along the patient axes (x, y, z), mm.
+
+    The box's sides, ``(hi − lo + 1) · spacing`` along the array axes, are rotated into LPS with
+    the direction cosines; for oblique slices this is the extent of the rotated box.
+    """
+    sides_zyx = (np.asarray(hi, dtype=np.float64) - np.asarray(lo, dtype=np.float64) + 1.0) \
+        * np.asarray(spacing, dtype=np.float64)
+    sides_xyz = np.abs(np.asarray(direction, dtype=np.float64)) @ sides_zyx[::-1]
+    return float(sides_xyz[0]), float(sides_xyz[1]), float(sides_xyz[2])
+
+
+def lesion_label(diameter_mm: float) -> str:
+    """``"mass"`` when the longest diameter exceeds 30 mm, else ``"nodule"``."""
+    return "mass" if diameter_mm > MASS_DIAMETER_MM else "nodule"
+
+
+def in_plane_diameter_mm(candidate: Candidate, spacing: Sequence[float]) -> float:
+    """Longest in-plane side of the candidate's box, mm: radiologists measure lesions on axial
+    slices, and the craniocaudal extent of a thick-slice series is coarse."""
+    return max((candidate.hi[a] - candidate.lo[a] + 1) * float(spacing[a]) for a in (1, 2))
+
+
+def nearest_on_grid(values: npt.NDArray[ScalarT], volume: CTVolume, grid: CTVolume
+                    ) -> npt.NDArray[ScalarT]:
+    """An array on ``volume``'s voxels (a mask, labels) sampled, nearest voxel, on ``grid``.
+
+    ``grid`` is a resampling of ``volume`` (:func:`dicom_ai.imaging.ct.resample`): both share
+    origin and direction, so grid index ``i`` lies at volume index
+    ``i · grid.spacing / volume.spacing``.
+    """
+    step = np.asarray(grid.spacing) / np.asarray(volume.spacing)
+    idx = [np.clip(np.rint(np.arange(n) * s).astype(int), 0, m - 1)
+           for n, s, m in zip(grid.hu.shape, step, volume.hu.shape, strict=True)]
+    return values[np.ix_(*idx)]
+
+
+def lung_region(masks: LungMasks, volume: CTVolume, grid: CTVolume) -> BoolArray:
+    """Where candidates are looked for: the lungs dilated by :data:`LUNG_MARGIN_MM`, on the
+    network's grid."""
+    lungs = nearest_on_grid(masks.lungs, volume, grid)
+    if not lungs.any():
+        return lungs
+    distance = ndimage.distance_transform_edt(~lungs, sampling=grid.spacing)
+    region: BoolArray = distance <= LUNG_MARGIN_MM
+    return region
+
+
+def _rejected(bundle: Bundle, series: Series, started: datetime, reason: str) -> ModelResult:
+    return ModelResult(series=series, model=bundle.info, status="rejected", started=started,
+                       reason=reason)
+
+
+def measurement_findings(masks: LungMasks, volume: CTVolume) -> list[Finding]:
+    """The four lung measurements as findings (labels and UCUM units of ``findings.json``)."""
+    m = measure_lungs(volume.hu, masks, volume.spacing)
+    return [
+        Finding(label="lung_volume_left_ml", value=m.volume_left_ml, unit="mL"),
+        Finding(label="lung_volume_right_ml", value=m.volume_right_ml, unit="mL"),
+        Finding(label="mean_lung_density_hu", value=m.mean_density_hu, unit="[hnsf'U]"),
+        Finding(label="laa950_percent", value=m.laa950_percent, unit="%"),
+    ]
+
+
+def candidate_finding(candidate: Candidate, grid: CTVolume, threshold: float) -> Finding:
+    """A candidate on the network's grid as a ``nodule``/``mass`` finding in patient space."""
+    centre = grid.index_to_patient(candidate.centre)
+    extent = extent_mm(candidate.lo, candidate.hi, grid.spacing, grid.direction)
+    uids: list[str] = []
+    for z in range(candidate.lo[0], candidate.hi[0] + 1):
+        uid = grid.instance_at(z).SOPInstanceUID
+        if uid not in uids:
+            uids.append(uid)
+    return Finding(label=lesion_label(in_plane_diameter_mm(candidate, grid.spacing)),
+                    probability=candidate.probability,
+                   positive=candidate.probability >= threshold,
+                   center_mm=(float(centre[0]), float(centre[1]), float(centre[2])),
+                   extent_mm=extent, slices=tuple(uids))
+
+
+def key_slice_explanation(candidate: Candidate, finding: Finding, volume: CTVolume,
+                          grid: CTVolume, prob: FloatArray) -> Explanation:
+    """The source slice through the candidate's centre, lung-windowed, with the probability
+    map over it and the candidate's box marked."""
+    source = grid.instance_at(candidate.centre[0])
+    k = next(i for i, inst in enumerate(volume.instances)
+             if inst.SOPInstanceUID == source.SOPInstanceUID)
+    image = lung_window(volume.hu[k])
+    gz = round(candidate.centre[0])
+    heat = torch.from_numpy(np.ascontiguousarray(prob[gz]))[None, None]
+    heatmap = F.interpolate(heat, size=image.shape, mode="bilinear",
+                            align_corners=True)[0, 0].numpy().astype(np.float32)
+    ry = grid.spacing[1] / volume.spacing[1]
+    rx = grid.spacing[2] / volume.spacing[2]
+    h, w = image.shape
+    marker = (int(np.clip(np.floor(candidate.lo[1] * ry), 0, h - 1)),
+              int(np.clip(np.floor(candidate.lo[2] * rx), 0, w - 1)),
+              int(np.clip(np.ceil(candidate.hi[1] * ry), 0, h - 1)),
+              int(np.clip(np.ceil(candidate.hi[2] * rx), 0, w - 1)))
+    size = max(finding.extent_mm or (0.0,))
+    caption = (f"{finding.label}: p={candidate.probability:.2f} "
+               f"{'POSITIVE' if finding.positive else 'below threshold'}, about {size:.0f} mm")
+    return Explanation(source=source, image=image, heatmap=np.clip(heatmap, 0.0, 1.0),
+                       caption=caption, markers=(marker,))
+
+
+def analyse_volume(bundle: Bundle, volume: CTVolume, settings: InferenceSettings
+                   ) -> tuple[str | None, list[Finding], list[Explanation]]:
+    """Measurements and candidates for a CT volume; a rejection reason instead when the
+    volume is not a chest CT the model can judge."""
+    block = bundle.dicom_ai
+    pre = Preprocessing.from_block(block["preprocessing"])
+    max_spacing = block["accepts"].get("max_slice_thickness_mm")
+    if max_spacing is not None and volume.spacing[0] > float(max_spacing) * 1.01:
+        return (f"slices are {volume.spacing[0]:.2f} mm apart, over the model's limit of "
+                f"{float(max_spacing):g} mm", [], [])
+    masks = segment_lungs(volume.hu, volume.spacing, volume.direction)
+    fraction = lung_fraction(masks)
+    if fraction < MIN_LUNG_FRACTION:
+        return (f"not a chest CT: lung-density air is {100 * fraction:.1f} % of the body "
+                f"volume (a chest CT through the lungs has at least "
+                f"{100 * MIN_LUNG_FRACTION:.0f} %)", [], [])
+    findings = measurement_findings(masks, volume)
+    grid = resample(volume, pre.spacing)
+    prob = probability_map(bundle.network, model_input(grid.hu, pre), device=bundle.device,
+                           batch_size=settings.batch_size, amp=settings.amp)
+    thresholds = block["thresholds"]
+    candidates = find_candidates(prob, float(thresholds["candidate"]),
+                                 region=lung_region(masks, volume, grid),
+                                 min_voxels=int(thresholds.get("min_voxels", 1)))
+    candidates = candidates[:int(thresholds.get("max_candidates", 10))]
+    positive_at = float(thresholds["positive"])
+    pairs = [(c, candidate_finding(c, grid, positive_at)) for c in candidates]
+    findings.extend(f for _, f in pairs)
+    shown = [(c, f) for c, f in pairs if f.positive] or pairs[:1]
+    explanations = [key_slice_explanation(c, f, volume, grid, prob) for c, f in shown]
+    return None, findings, explanations
+
+
+def analyse_ct(bundle: Bundle, series: Series, started: datetime,
+               settings: InferenceSettings) -> tuple[ModelResult, dict[str, str]]:
+    """Run a ``ct-lung`` bundle on a CT series.
+
+    Parameters
+    ----------
+    bundle
+        A loaded bundle whose ``dicom_ai.task`` is ``"ct-lung"``.
+    series
+        The CT series.
+    started
+        When the study's processing began (for the SR's dates).
+    settings
+        Batch size and mixed precision.
+
+    Returns
+    -------
+    tuple
+        The result (``ok`` with measurements and candidates, or ``rejected`` with a reason)
+        and the files that could not be used (path → reason; a CT series is used whole, so a
+        broken slice rejects the series and is listed here).
+    """
+    accepts = bundle.dicom_ai["accepts"]
+    reason = routing.unfit(accepts, series)
+    if reason is not None:
+        return _rejected(bundle, series, started, reason), {}
+    try:
+        volume = build_volume(series)
+    except SeriesGeometryError as exc:
+        failed = {str(exc.path): exc.reason} if exc.path is not None else {}
+        return _rejected(bundle, series, started, f"not one regular CT volume: {exc.reason}"), \
+            failed
+    reason, findings, explanations = analyse_volume(bundle, volume, settings)
+    if reason is not None:
+        return _rejected(bundle, series, started, reason), {}
+    return ModelResult(series=series, model=bundle.info, status="ok", started=started,
+                       findings=findings, explanations=explanations), {}
+
+
+__all__ = ["Candidate", "Preprocessing", "analyse_ct", "analyse_volume", "candidate_finding",
+           "extent_mm", "find_candidates", "hu_to_unit", "in_plane_diameter_mm",
+           "key_slice_explanation", "lesion_label", "lung_region", "measurement_findings",
+           "model_input", "nearest_on_grid", "probability_map"]

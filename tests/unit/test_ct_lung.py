@@ -1,0 +1,260 @@
+"""The ct-lung task on a DICOM phantom series, with a deterministic stand-in network.
+
+The stand-in flags exactly the voxels of lesion density (the phantom's lesions are 100 HU,
+the body 40 HU), so the tests check what the product does around a network: volume building,
+rejection reasons, measurements, candidate geometry in patient space, slices and key slices.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+import torch
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from dicom_ai.config import InferenceSettings
+from dicom_ai.dicom.model import Instance, Series
+from dicom_ai.inference.bundle import Bundle
+from dicom_ai.inference.ct_lung import (
+    Candidate,
+    Preprocessing,
+    analyse_ct,
+    extent_mm,
+    find_candidates,
+    in_plane_diameter_mm,
+    lesion_label,
+    model_input,
+    probability_map,
+)
+from dicom_ai.inference.findings import ModelInfo, ModelResult
+
+torch.set_num_threads(1)
+
+SPACING = (2.5, 2.0, 2.0)
+SHAPE = (24, 96, 96)
+ORIGIN = (-95.0, -90.0, 100.0)  # LPS of voxel (0, 0, 0)
+LESION_HU = 100.0
+WINDOW = (-1000.0, 400.0)
+
+
+class DensityBand(torch.nn.Module):
+    """Logit +20 where the centre channel is lesion density (95–105 HU), −20 elsewhere."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hu = x[:, 1:2] * (WINDOW[1] - WINDOW[0]) + WINDOW[0]
+        return torch.where((hu > 95.0) & (hu < 105.0), 20.0, -20.0)
+
+
+def _bundle(**accepts: object) -> Bundle:
+    block = {
+        "task": "ct-lung", "input": "ct",
+        "accepts": {"modality": ["CT"], "min_instances": 10, "max_slice_thickness_mm": 5.0,
+                    **accepts},
+        "preprocessing": {"spacing": [2.5, 2.0, 2.0], "hu_window": list(WINDOW), "channels": 3},
+        "thresholds": {"candidate": 0.5, "positive": 0.5, "min_voxels": 1,
+                       "max_candidates": 10},
+    }
+    return Bundle(root=Path("."), metadata={}, dicom_ai=block, network=DensityBand(),
+                  device=torch.device("cpu"), info=ModelInfo("ct-lung", "0", "2.25.1"),
+                  inference_config={})
+
+
+def _grid() -> tuple[npt.NDArray[np.float64], ...]:
+    return tuple(np.meshgrid(*(np.arange(n, dtype=np.float64) for n in SHAPE), indexing="ij"))
+
+
+def _ball(centre: tuple[float, float, float], radius_mm: float) -> npt.NDArray[np.bool_]:
+    zz, yy, xx = _grid()
+    d2 = (((zz - centre[0]) * SPACING[0]) ** 2 + ((yy - centre[1]) * SPACING[1]) ** 2
+          + ((xx - centre[2]) * SPACING[2]) ** 2)
+    inside: npt.NDArray[np.bool_] = d2 <= radius_mm**2
+    return inside
+
+
+def _chest(lesions: list[tuple[tuple[float, float, float], float]]
+           ) -> npt.NDArray[np.float32]:
+    _, yy, xx = _grid()
+    hu = np.full(SHAPE, -1000.0, dtype=np.float32)
+    hu[(yy - 48) ** 2 + (xx - 48) ** 2 <= 44**2] = 40.0
+    for cx in (26, 70):  # right lung at low column (patient right), left at high
+        hu[((yy - 48) / 30) ** 2 + ((xx - cx) / 16) ** 2 <= 1.0] = -850.0
+    for centre, radius in lesions:
+        hu[_ball(centre, radius)] = LESION_HU
+    return hu
+
+
+def _write_series(hu: npt.NDArray[np.float32], folder: Path, *, thickness: float = 2.5,
+                  duplicate: bool = False) -> Series:
+    folder.mkdir(parents=True, exist_ok=True)
+    study, series_uid, frame = generate_uid(), generate_uid(), generate_uid()
+    instances = []
+    for k in range(hu.shape[0]):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+        ds.SOPClassUID = CTImageStorage
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = \
+            study, series_uid, frame
+        ds.Modality = "CT"
+        ds.BodyPartExamined = "CHEST"
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.InstanceNumber = k + 1
+        z = ORIGIN[2] + SPACING[0] * (k - 1 if duplicate and k > 0 else k)
+        ds.ImagePositionPatient = [ORIGIN[0], ORIGIN[1], z]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.PixelSpacing = [SPACING[1], SPACING[2]]
+        ds.SliceThickness = thickness
+        ds.Rows, ds.Columns = hu.shape[1:]
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.BitsAllocated = ds.BitsStored = 16
+        ds.HighBit = 15
+        ds.PixelRepresentation = 1
+        ds.RescaleIntercept, ds.RescaleSlope = 0, 1
+        ds.PixelData = np.rint(hu[k]).astype(np.int16).tobytes()
+        path = folder / f"{k:03d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        header = ds.copy()
+        del header.PixelData
+        instances.append(Instance(path=path, header=header))
+    return Series(series_uid, instances[::-1])  # arrival order need not be slice order
+
+
+def _run(series: Series, bundle: Bundle | None = None) -> tuple[ModelResult, dict[str, str]]:
+    result, failed = analyse_ct(bundle or _bundle(), series, datetime(2026, 1, 1),
+                                InferenceSettings(batch_size=8))
+    return result, failed
+
+
+def _lps(zyx: tuple[float, float, float]) -> npt.NDArray[np.float64]:
+    return np.array([ORIGIN[0] + zyx[2] * SPACING[2], ORIGIN[1] + zyx[1] * SPACING[1],
+                     ORIGIN[2] + zyx[0] * SPACING[0]])
+
+
+def test_measurements_candidate_geometry_and_key_slice(tmp_path: Path) -> None:
+    nodule = ((12.0, 48.0, 70.0), 6.0)  # 12 mm ball in the left lung
+    hu = _chest([nodule])
+    series = _write_series(hu, tmp_path / "s")
+    result, failed = _run(series)
+    assert result.status == "ok" and failed == {}
+    by_label = {f.label: f for f in result.findings}
+    assert by_label["lung_volume_left_ml"].unit == "mL"
+    assert by_label["mean_lung_density_hu"].unit == "[hnsf'U]"
+    assert by_label["laa950_percent"].value == 0.0
+    # Left lung: the −850 ellipse (through all 24 slices) plus the enclosed nodule.
+    _, yy, xx = _grid()
+    left = (((yy - 48) / 30) ** 2 + ((xx - 70) / 16) ** 2 <= 1.0)
+    assert by_label["lung_volume_left_ml"].value == pytest.approx(
+        left.sum() * np.prod(SPACING) / 1000.0)
+    cands = [f for f in result.findings if f.label in ("nodule", "mass")]
+    assert len(cands) == 1
+    c = cands[0]
+    assert c.label == "nodule" and c.positive and c.probability == pytest.approx(1.0)
+    assert c.center_mm is not None and c.extent_mm is not None
+    np.testing.assert_allclose(c.center_mm, _lps(nodule[0]), atol=0.5)
+    ball = _ball(*nodule)
+    zs, ys, xs = np.nonzero(ball)
+    expected_extent = ((np.ptp(xs) + 1) * 2.0, (np.ptp(ys) + 1) * 2.0, (np.ptp(zs) + 1) * 2.5)
+    np.testing.assert_allclose(c.extent_mm, expected_extent)
+    by_z = {round(float(i.header.ImagePositionPatient[2]), 3): i.SOPInstanceUID
+            for i in series.instances}
+    assert c.slices == tuple(by_z[round(ORIGIN[2] + z * 2.5, 3)] for z in range(zs.min(),
+                                                                               zs.max() + 1))
+    (expl,) = result.explanations
+    assert expl.source.SOPInstanceUID == by_z[round(ORIGIN[2] + 12 * 2.5, 3)]
+    assert expl.image.shape == (96, 96) and expl.image.dtype == np.uint8
+    assert expl.heatmap is not None and expl.heatmap[48, 70] == pytest.approx(1.0)
+    r0, c0, r1, c1 = expl.markers[0]
+    assert r0 <= 48 <= r1 and c0 <= 70 <= c1 and r1 - r0 == np.ptp(ys)
+    assert "nodule" in expl.caption
+
+
+def test_large_lesion_is_a_mass(tmp_path: Path) -> None:
+    series = _write_series(_chest([((12.0, 48.0, 26.0), 16.0)]), tmp_path / "s")
+    result, _ = _run(series)
+    (c,) = [f for f in result.findings if f.probability is not None]
+    assert c.label == "mass"  # 32 mm across > 30 mm
+
+
+def test_head_like_series_is_rejected(tmp_path: Path) -> None:
+    hu = np.full(SHAPE, -1000.0, dtype=np.float32)
+    _, yy, xx = _grid()
+    hu[(yy - 48) ** 2 + (xx - 48) ** 2 <= 40**2] = 40.0
+    result, _ = _run(_write_series(hu, tmp_path / "s"))
+    assert result.status == "rejected" and not result.findings
+    assert result.reason is not None and result.reason.startswith("not a chest CT")
+
+
+@pytest.mark.parametrize(("kwargs", "slices", "reason"), [
+    ({"thickness": 7.0}, SHAPE[0], "slice thickness 7 mm exceeds the model's limit of 5 mm"),
+    ({}, 8, "8 image(s), the model needs at least 10"),
+    ({"duplicate": True}, SHAPE[0], "not one regular CT volume: duplicate slice positions"),
+])
+def test_unusable_series_are_rejected(tmp_path: Path, kwargs: dict[str, Any], slices: int,
+                                      reason: str) -> None:
+    hu = _chest([])[:slices]
+    result, _ = _run(_write_series(hu, tmp_path / "s", **kwargs))
+    assert result.status == "rejected" and result.reason is not None
+    assert result.reason.startswith(reason)
+
+
+def test_body_part_of_another_region_is_rejected(tmp_path: Path) -> None:
+    series = _write_series(_chest([]), tmp_path / "s")
+    result, _ = _run(series, _bundle(body_part_examined=["LUNG"]))
+    assert result.reason == "body part examined is CHEST, the model reads LUNG"
+
+
+def test_model_input_repeats_edge_slices() -> None:
+    hu = np.stack([np.full((2, 2), v, dtype=np.float32) for v in (-1000.0, -300.0, 400.0)])
+    x = model_input(hu, Preprocessing((1, 1, 1), WINDOW, 3))
+    assert x.shape == (3, 3, 2, 2)
+    assert x[0, :, 0, 0].tolist() == pytest.approx([0.0, 0.0, 0.5])
+    assert x[2, :, 0, 0].tolist() == pytest.approx([0.5, 1.0, 1.0])
+
+
+def test_probability_map_pads_and_crops() -> None:
+    class Echo(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            assert x.shape[-1] % 16 == 0 and x.shape[-2] % 16 == 0
+            return x[:, 1:2]
+
+    inputs = np.zeros((5, 3, 20, 30), dtype=np.float32)
+    prob = probability_map(Echo(), inputs, device=torch.device("cpu"), batch_size=2)
+    assert prob.shape == (5, 20, 30)
+    assert np.allclose(prob, 0.5)
+
+
+def test_find_candidates_orders_filters_and_boxes() -> None:
+    prob = np.zeros((5, 10, 10), dtype=np.float32)
+    prob[1:3, 1:3, 1:4] = 0.6
+    prob[2, 2, 2] = 0.7
+    prob[4, 8, 8] = 0.9  # a single voxel: kept unless min_voxels > 1
+    found = find_candidates(prob, 0.5)
+    assert [round(c.probability, 2) for c in found] == [0.9, 0.7]
+    assert found[1].lo == (1, 1, 1) and found[1].hi == (2, 2, 3)
+    assert len(find_candidates(prob, 0.5, min_voxels=2)) == 1
+    region = np.zeros(prob.shape, dtype=bool)
+    region[4, 8, 8] = True
+    assert [c.probability for c in find_candidates(prob, 0.5, region=region)] == \
+        pytest.approx([0.9])
+
+
+def test_extent_follows_the_direction_cosines() -> None:
+    # Columns along LPS −x, rows along +z (coronal-like): array axes map to patient axes.
+    direction = np.array([[-1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    assert extent_mm((0, 0, 0), (1, 3, 9), (2.0, 1.0, 0.5), direction) == (5.0, 4.0, 4.0)
+
+
+def test_lesion_label_boundary() -> None:
+    assert lesion_label(30.0) == "nodule" and lesion_label(30.1) == "mass"
+    cand = Candidate(0.9, (0, 2, 3), (4, 5, 12), (2.0, 3.5, 7.5))
+    assert in_plane_diameter_mm(cand, (8.0, 0.5, 0.5)) == 5.0  # z extent (40 mm) not counted
