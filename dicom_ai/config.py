@@ -304,12 +304,14 @@ def validate(settings: Settings) -> list[str]:
     if settings.studies.quiet_period_s < 0:
         problems.append("studies.quiet_period_s: must not be negative")
     if settings.inference.device not in {"auto", "cpu", "cuda"}:
-        problems.append(f"inference.device: one of auto, cpu, cuda; got {settings.inference.device!r}")
+        problems.append(f"inference.device: one of auto, cpu, cuda; "
+                        f"got {settings.inference.device!r}")
     if settings.inference.batch_size < 1:
         problems.append("inference.batch_size: must be at least 1")
     if settings.export.max_attempts < 1:
         problems.append("export.max_attempts: must be at least 1")
-    if settings.output.uid_root and not all(p.isdigit() for p in settings.output.uid_root.split(".")):
+    root_parts = settings.output.uid_root.split(".")
+    if settings.output.uid_root and not all(p.isdigit() for p in root_parts):
         problems.append(f"output.uid_root: a UID root is dot-separated digits, "
                         f"got {settings.output.uid_root!r}")
     if len(settings.output.uid_root) > 24:

@@ -137,7 +137,7 @@ def replay(folder: Path, out_dir: Path, models: Sequence[Bundle], settings: Sett
     for study in studies:
         try:
             outcome = run_study(study, models, settings)
-        except Exception as exc:  # noqa: BLE001 - one bad study must not stop the replay
+        except Exception as exc:  # one bad study must not stop the replay
             log.exception("study %s failed", study.study_instance_uid)
             crashed[study.study_instance_uid] = f"internal error: {type(exc).__name__}: {exc}"
             continue

@@ -20,11 +20,11 @@ class Instance:
     header: Dataset
 
     @property
-    def SOPInstanceUID(self) -> str:  # noqa: N802 - named after the DICOM keyword on purpose
+    def SOPInstanceUID(self) -> str:
         return str(self.header.SOPInstanceUID)
 
     @property
-    def SOPClassUID(self) -> str:  # noqa: N802
+    def SOPClassUID(self) -> str:
         return str(self.header.SOPClassUID)
 
 

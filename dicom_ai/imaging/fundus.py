@@ -35,7 +35,8 @@ def ybr_full_to_rgb(ybr: npt.NDArray[np.generic], bits: int = 8) -> UInt8Array:
 def to_uint8(rgb: npt.NDArray[np.generic], bits: int) -> UInt8Array:
     """Scale an RGB array with ``bits`` bits per sample to uint8 (16-bit OP → 8 bit)."""
     if bits == 8:
-        return np.clip(rgb, 0, 255).astype(np.uint8)
+        clipped: UInt8Array = np.clip(rgb, 0, 255).astype(np.uint8)
+        return clipped
     scaled = rgb.astype(np.float64) * (255.0 / float(2**bits - 1))
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 

@@ -144,7 +144,7 @@ def load_bundle(root: Path, *, device: torch.device) -> Bundle:
         raise BundleError(f"{name}: configs/inference.json has no network_def")
     import pickle
 
-    from monai.bundle import ConfigParser
+    from monai.bundle.config_parser import ConfigParser
 
     try:
         network = ConfigParser({"network_def": config["network_def"]}).get_parsed_content(

@@ -159,7 +159,9 @@ def _heatmap_on_display(heat: npt.NDArray[np.float32], box: tuple[int, int, int,
                         shape: tuple[int, ...]) -> npt.NDArray[np.float32]:
     top, left, h, w = box
     inside = heat[top:top + h, left:left + w]
-    return resize_2d(inside[None], (int(shape[0]), int(shape[1])), aspect="stretch")[0]
+    on_display: npt.NDArray[np.float32] = resize_2d(inside[None], (int(shape[0]), int(shape[1])),
+                                                    aspect="stretch")[0]
+    return on_display
 
 
 def analyse_images(bundle: Bundle, series: Series, started: datetime,

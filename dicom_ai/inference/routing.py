@@ -75,10 +75,10 @@ def unfit(accepts: Mapping[str, Any], series: Series) -> str | None:
         return f"{len(series.instances)} image(s), the model needs at least {minimum}"
     thickness_limit = accepts.get("max_slice_thickness_mm")
     thickness = header.get("SliceThickness")
-    if thickness_limit is not None and thickness not in (None, ""):
-        if float(thickness) > float(thickness_limit):
-            return (f"slice thickness {float(thickness):g} mm exceeds the model's limit of "
-                    f"{float(thickness_limit):g} mm")
+    if thickness_limit is not None and thickness not in (None, "") and \
+            float(thickness) > float(thickness_limit):
+        return (f"slice thickness {float(thickness):g} mm exceeds the model's limit of "
+                f"{float(thickness_limit):g} mm")
     return None
 
 

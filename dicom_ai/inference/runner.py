@@ -50,12 +50,13 @@ def calibrated_softmax(logits: FloatArray, temperature: float = 1.0) -> FloatArr
     scaled = logits.astype(np.float64) / temperature
     scaled -= scaled.max(axis=1, keepdims=True)
     exp = np.exp(scaled)
-    return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
+    probabilities: FloatArray = (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
+    return probabilities
 
 
 def gradcam(bundle: Bundle, image: FloatArray, class_index: int, layer: str) -> FloatArray:
     """Grad-CAM map (H×W in [0, 1], the input's size) for ``class_index`` at ``layer``."""
-    from monai.visualize import GradCAM
+    from monai.visualize.class_activation_maps import GradCAM
 
     cam = GradCAM(nn_module=bundle.network, target_layers=layer)
     x = torch.from_numpy(np.ascontiguousarray(image[None], dtype=np.float32)).to(bundle.device)

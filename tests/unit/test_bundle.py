@@ -42,10 +42,10 @@ def test_select_device() -> None:
 def test_missing_weights_and_bad_block(tmp_path: Path) -> None:
     path = write_bundle(tmp_path)
     (path / "models" / "model.pt").unlink()
-    with pytest.raises(BundleError, match="missing models/model.pt"):
+    with pytest.raises(BundleError, match=r"missing models/model\.pt"):
         load_bundle(path, device=CPU)
     bad = write_bundle(tmp_path / "x", block={**CXR_BLOCK, "task": "segmentation"})
-    with pytest.raises(BundleError, match="dicom_ai.task must be one of"):
+    with pytest.raises(BundleError, match=r"dicom_ai\.task must be one of"):
         load_bundle(bad, device=CPU)
     nocode = write_bundle(tmp_path / "y", block={**CXR_BLOCK, "codes": {}})
     with pytest.raises(BundleError, match="no finding code for label"):

@@ -1,4 +1,4 @@
-"""Replay end to end with a tiny bundle: findings.json, summary, exit status, no identity in logs."""
+"""Replay end to end with a tiny bundle: findings.json, summary, exit status, no identity logged."""
 
 from __future__ import annotations
 
