@@ -122,7 +122,9 @@ def rgb_from_dataset(stored: npt.NDArray[np.generic], header: Dataset) -> UInt8A
     """
     photometric = str(header.get("PhotometricInterpretation", "")).upper()
     bits = int(header.get("BitsStored", header.get("BitsAllocated", 8)))
-    if photometric == "RGB":
+    # JPEG 2000 decoders undo the reversible/irreversible colour transform themselves, so
+    # YBR_RCT and YBR_ICT pixels arrive as RGB (see dicom_ai.dicom.pixels.DecodedPixels).
+    if photometric in {"RGB", "YBR_RCT", "YBR_ICT"}:
         return to_uint8(stored, bits)
     if photometric == "YBR_FULL":
         return ybr_full_to_rgb(stored, bits)

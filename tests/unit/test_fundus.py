@@ -6,12 +6,14 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 import pytest
+from pydicom.dataset import Dataset
 
 from dicom_ai.imaging.fundus import (
     crop_to_fov,
     field_of_view,
     model_input,
     palette_to_rgb,
+    rgb_from_dataset,
     upsample_422,
     ybr_full_to_rgb,
 )
@@ -107,3 +109,25 @@ def test_model_input_shape_and_range() -> None:
     assert out[0, 16, 16] == pytest.approx(200 / 255)
     with pytest.raises(ValueError, match="RGB"):
         model_input(np.zeros((10, 10), dtype=np.uint8), (32, 32))
+
+
+def _colour_header(photometric: str) -> Dataset:
+    header = Dataset()
+    header.PhotometricInterpretation = photometric
+    header.BitsAllocated = 8
+    header.BitsStored = 8
+    return header
+
+
+@pytest.mark.parametrize("photometric", ["RGB", "YBR_RCT", "YBR_ICT"])
+def test_rgb_and_jpeg2000_colour_pass_through(photometric: str) -> None:
+    # The JPEG 2000 decoder has already turned YBR_RCT/YBR_ICT samples into RGB.
+    rgb = np.array([[[200, 90, 40]]], dtype=np.uint8)
+    assert rgb_from_dataset(rgb, _colour_header(photometric)).tolist() == [[[200, 90, 40]]]
+
+
+def test_rgb_from_ybr_header() -> None:
+    ybr = _ybr((76, 85, 255))
+    assert rgb_from_dataset(ybr, _colour_header("YBR_FULL_422")).tolist() == [[[254, 0, 0]]]
+    with pytest.raises(ValueError, match="colour photograph"):
+        rgb_from_dataset(np.zeros((2, 2), np.uint8), _colour_header("MONOCHROME2"))
