@@ -262,6 +262,8 @@ def child_setup(settings: Settings, parent_pid: int, name: str) -> None:
     logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s {name}[%(process)d] %(name)s: "
                                "%(message)s")
+    # highdicom narrates every attribute it copies at INFO; one line per object is ours to log.
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
 
 
 def worker_main(settings: Settings, stop: EventType, parent_pid: int,

@@ -4,7 +4,7 @@ Each test starts Orthanc (temp dir, ``TCP_NODELAY=1``) and the service as a subp
 config using the keys of ``deploy/dicom-ai.example.toml`` and a 2 s quiet period, then looks for
 our SR and SC objects in the *same* StudyInstanceUID through Orthanc's REST API.
 
-The models directory is the repository's ``models/`` (``DICOM_AI_TEST_MODELS`` overrides it).
+The models directory is the repository's ``models/`` (``DICOMAI_TEST_MODELS`` overrides it).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ pytestmark = [
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = REPO / "sample_studies"
-MODELS = Path(os.environ.get("DICOM_AI_TEST_MODELS", REPO / "models"))
+MODELS = Path(os.environ.get("DICOMAI_TEST_MODELS", REPO / "models"))
 SR_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
 SC = "1.2.840.10008.5.1.4.1.1.7"
 #: Bound on the time from the last instance sent to the results being in the PACS (2 s quiet
@@ -140,14 +140,28 @@ class Serve:
             cwd=self.workdir, env=env, capture_output=True, text=True, check=True).stdout
 
 
+#: storescu proposes uncompressed transfer syntaxes unless told; one flag per compressed syntax.
+STORESCU_PROPOSAL = {
+    "1.2.840.10008.1.2.5": "-xr",      # RLE Lossless
+    "1.2.840.10008.1.2.4.90": "-xv",   # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.80": "-xt",   # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.50": "-xy",   # JPEG Baseline
+}
+
+
 def send(paths: tuple[Path, ...] | list[Path], called: str, port: int, calling: str) -> None:
     """DCMTK storescu (the modality); every instance must be acknowledged with success."""
-    files = sorted(str(f) for p in paths for f in ([p] if p.is_file() else p.rglob("*.dcm")))
-    result = subprocess.run(["storescu", "-aet", calling, "-aec", called, "127.0.0.1", str(port),
-                             *files], env=dict(os.environ, TCP_NODELAY="1"),
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "error" not in result.stderr.lower(), result.stderr[-2000:]
+    groups: dict[str, list[str]] = {}
+    for f in sorted(f for p in paths for f in ([p] if p.is_file() else p.rglob("*.dcm"))):
+        ts = str(pydicom.dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+        groups.setdefault(STORESCU_PROPOSAL.get(ts, ""), []).append(str(f))
+    for flag, files in groups.items():
+        result = subprocess.run(["storescu", *([flag] if flag else []), "-aet", calling,
+                                 "-aec", called, "127.0.0.1", str(port), *files],
+                                env=dict(os.environ, TCP_NODELAY="1"), capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "error" not in result.stderr.lower(), result.stderr[-2000:]
 
 
 def study_uid(folder: Path) -> str:
@@ -206,7 +220,7 @@ def test_modality_push_results_land_in_the_same_study(workdir: Path,
 def test_orthanc_as_sender_and_stow_rs_destination(workdir: Path,
                                                    serve_factory: Callable[..., Serve]) -> None:
     port = free_port()
-    folder = SAMPLES / "cxr02"
+    folder = SAMPLES / "fundus02"
     with start_orthanc(workdir / "pacs", modalities={"DICOMAI": ("DICOMAI", "127.0.0.1", port)}
                        ) as pacs, start_orthanc(workdir / "archive", aet="ARCHIVE") as archive:
         serve = serve_factory([dimse(pacs), {"name": "archive", "kind": "stow",
@@ -227,7 +241,7 @@ def test_orthanc_as_sender_and_stow_rs_destination(workdir: Path,
 
 def test_kill_and_restart_delivers_each_result_exactly_once(
         workdir: Path, serve_factory: Callable[..., Serve]) -> None:
-    folder = SAMPLES / "cxr03"
+    folder = SAMPLES / "fundus03"
     uid = study_uid(folder)
     pacs_dir = workdir / "pacs"
     with start_orthanc(pacs_dir) as pacs:
@@ -268,7 +282,7 @@ def test_kill_and_restart_delivers_each_result_exactly_once(
 
 def test_destination_refusing_us_ends_in_dead_letters(workdir: Path,
                                                       serve_factory: Callable[..., Serve]) -> None:
-    folder = SAMPLES / "cxr01"
+    folder = SAMPLES / "fundus01"
     with start_orthanc(workdir / "pacs", allow_unknown_callers=False) as pacs:
         serve = serve_factory([dimse(pacs)], initial_backoff_s=0.2, max_backoff_s=0.5,
                               max_attempts=3)
