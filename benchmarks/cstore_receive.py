@@ -1,0 +1,171 @@
+"""C-STORE reception rate: DCMTK ``storescp`` against ``dicom-ai serve`` in one run.
+
+The same 200 CT instances (the real TCIA Lung-PET-CT-Dx A0002 chest CT, 30 slices of 512², copied
+with new SOP Instance UIDs) are sent with DCMTK ``storescu`` (``TCP_NODELAY=1``) to
+
+1. ``storescp`` writing to a temp dir (no fsync — DCMTK's default), and
+2. ``dicom-ai serve`` (every instance fsync'ed, renamed, directory fsync'ed and indexed before
+   the acknowledgement) while its worker is processing CT studies queued just before.
+
+It prints the median instances/s of each over ``--runs`` runs and the ratio. Usage::
+
+    python benchmarks/cstore_receive.py [--models models] [--runs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import pydicom
+from pydicom.uid import generate_uid
+
+REPO = Path(__file__).resolve().parents[1]
+CT_ARCHIVE = REPO.parent / "shared" / "data" / "ct" / "lung_pet_ct_dx_A0002.tar.xz"
+N_INSTANCES = 200
+BUSY_STUDIES = 3
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing listens on port {port}")
+
+
+def ct_slices(scratch: Path) -> list[Path]:
+    """The 30 real CT slices, unpacked into ``scratch``."""
+    with tarfile.open(CT_ARCHIVE) as tar:
+        tar.extractall(scratch / "src", filter="data")
+    return sorted((scratch / "src").rglob("*.dcm"))
+
+
+def copies(slices: list[Path], out: Path, count: int) -> list[Path]:
+    """``count`` instances of one new study/series, cycling over ``slices``, new SOP UIDs."""
+    out.mkdir(parents=True)
+    study, series = generate_uid(), generate_uid()
+    paths = []
+    for i in range(count):
+        ds = pydicom.dcmread(slices[i % len(slices)])
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.InstanceNumber = i + 1
+        path = out / f"{i:04d}.dcm"
+        ds.save_as(path)
+        paths.append(path)
+    return paths
+
+
+def storescu(port: int, called: str, files: list[Path]) -> float:
+    """Send ``files`` over one association; returns the wall time in seconds."""
+    start = time.perf_counter()
+    subprocess.run(["storescu", "-aet", "BENCH", "-aec", called, "127.0.0.1", str(port),
+                    *map(str, files)], check=True, env=dict(os.environ, TCP_NODELAY="1"),
+                   stdout=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def running_jobs(index: Path) -> int:
+    conn = sqlite3.connect(index)
+    try:
+        return int(conn.execute("SELECT COUNT(*) FROM jobs WHERE state = 'running'"
+                                ).fetchone()[0])
+    finally:
+        conn.close()
+
+
+def bench_storescp(scratch: Path, files: list[Path], runs: int) -> list[float]:
+    port = free_port()
+    out = scratch / "storescp"
+    out.mkdir()
+    proc = subprocess.Popen(["storescp", "-od", str(out), str(port)],
+                            env=dict(os.environ, TCP_NODELAY="1"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        return [storescu(port, "STORESCP", files) for _ in range(runs)]
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def bench_serve(scratch: Path, files: list[Path], busy: list[list[Path]], models: Path,
+                runs: int) -> tuple[list[float], list[bool]]:
+    port = free_port()
+    storage = scratch / "serve"
+    config = scratch / "dicom-ai.toml"
+    config.write_text(
+        f'[scp]\nport = {port}\n[storage]\ndirectory = "{storage}"\nminimum_free_mb = 256\n'
+        f'[studies]\nquiet_period_s = 1.0\n[worker]\npoll_interval_s = 0.2\n'
+        f'[inference]\nmodels_dir = "{models}"\n')
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    log = (scratch / "serve.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "dicom_ai.cli", "serve", "--config",
+                             str(config)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_port(port)
+        # Studies for the worker to chew on while we measure reception.
+        for study in busy:
+            storescu(port, "DICOMAI", study)
+        deadline = time.monotonic() + 120
+        while running_jobs(storage / "index.sqlite") == 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        times, overlapped = [], []
+        for _ in range(runs):
+            before = running_jobs(storage / "index.sqlite")
+            times.append(storescu(port, "DICOMAI", files))
+            overlapped.append(before > 0 and running_jobs(storage / "index.sqlite") > 0)
+        return times, overlapped
+    finally:
+        proc.terminate()
+        proc.wait()
+        log.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", type=Path, default=REPO / "models")
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="cstore-bench-") as tmp:
+        scratch = Path(tmp)
+        slices = ct_slices(scratch)
+        files = copies(slices, scratch / "bench", N_INSTANCES)
+        busy = [copies(slices, scratch / f"busy{i}", len(slices)) for i in range(BUSY_STUDIES)]
+        size_mb = sum(f.stat().st_size for f in files) / 2**20
+        dcmtk = bench_storescp(scratch, files, args.runs)
+        ours, overlapped = bench_serve(scratch, files, busy, args.models, args.runs)
+    rate_dcmtk = N_INSTANCES / statistics.median(dcmtk)
+    rate_ours = N_INSTANCES / statistics.median(ours)
+    print(f"{N_INSTANCES} CT instances ({size_mb:.0f} MB), storescu with TCP_NODELAY=1, "
+          f"median of {args.runs} runs")
+    print(f"  DCMTK storescp (no fsync)            {rate_dcmtk:7.1f} instances/s  "
+          f"runs: {', '.join(f'{t:.2f}s' for t in dcmtk)}")
+    print(f"  dicom-ai serve (fsync, worker busy)  {rate_ours:7.1f} instances/s  "
+          f"runs: {', '.join(f'{t:.2f}s' for t in ours)}")
+    print(f"  worker processing a study during {sum(overlapped)} of {args.runs} runs")
+    print(f"  ratio dicom-ai / storescp            {rate_ours / rate_dcmtk:7.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
