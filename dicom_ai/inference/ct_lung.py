@@ -15,7 +15,7 @@ that it sees exactly what inference sees.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
@@ -217,7 +217,7 @@ def find_candidates(prob: FloatArray, threshold: float, *,
     return sorted(found, key=lambda k: -k.probability)
 
 
-def extent_mm(lo: Sequence[int], hi: Sequence[int], spacing: Sequence[float],
+def extent_mm(lo: Sequence[float], hi: Sequence[float], spacing: Sequence[float],
               direction: npt.ArrayLike) -> tuple[float, float, float]:
     """Size of an index bounding box along the patient axes (x, y, z), mm.
 
@@ -266,6 +266,21 @@ def lung_region(masks: LungMasks, volume: CTVolume, grid: CTVolume) -> BoolArray
     return region
 
 
+def not_chest_reason(masks: LungMasks) -> str | None:
+    """Why a segmented volume is not a chest CT (too little lung inside the body), or None."""
+    fraction = lung_fraction(masks)
+    if fraction >= MIN_LUNG_FRACTION:
+        return None
+    return (f"not a chest CT: lung-density air is {100 * fraction:.1f} % of the body volume "
+            f"(a chest CT through the lungs has at least {100 * MIN_LUNG_FRACTION:.0f} %)")
+
+
+def shown_candidates(pairs: Sequence[tuple[Candidate, Finding]]
+                     ) -> list[tuple[Candidate, Finding]]:
+    """Candidates that get a key-slice picture: every positive one, else the most probable."""
+    return [(c, f) for c, f in pairs if f.positive] or list(pairs[:1])
+
+
 def _rejected(bundle: Bundle, series: Series, started: datetime, reason: str) -> ModelResult:
     return ModelResult(series=series, model=bundle.info, status="rejected", started=started,
                        reason=reason)
@@ -299,17 +314,19 @@ def candidate_finding(candidate: Candidate, grid: CTVolume, threshold: float) ->
 
 
 def key_slice_explanation(candidate: Candidate, finding: Finding, volume: CTVolume,
-                          grid: CTVolume, prob: FloatArray) -> Explanation:
+                          grid: CTVolume, prob: FloatArray | None) -> Explanation:
     """The source slice through the candidate's centre, lung-windowed, with the probability
-    map over it and the candidate's box marked."""
+    map (when the model makes one) over it and the candidate's box marked."""
     source = grid.instance_at(candidate.centre[0])
     k = next(i for i, inst in enumerate(volume.instances)
              if inst.SOPInstanceUID == source.SOPInstanceUID)
     image = lung_window(volume.hu[k])
-    gz = round(candidate.centre[0])
-    heat = torch.from_numpy(np.ascontiguousarray(prob[gz]))[None, None]
-    heatmap = F.interpolate(heat, size=image.shape, mode="bilinear",
-                            align_corners=True)[0, 0].numpy().astype(np.float32)
+    heatmap = None
+    if prob is not None:
+        heat = torch.from_numpy(np.ascontiguousarray(prob[round(candidate.centre[0])]))
+        heatmap = np.clip(F.interpolate(heat[None, None], size=image.shape, mode="bilinear",
+                                        align_corners=True)[0, 0].numpy(), 0.0, 1.0
+                          ).astype(np.float32)
     ry = grid.spacing[1] / volume.spacing[1]
     rx = grid.spacing[2] / volume.spacing[2]
     h, w = image.shape
@@ -320,8 +337,8 @@ def key_slice_explanation(candidate: Candidate, finding: Finding, volume: CTVolu
     size = max(finding.extent_mm or (0.0,))
     caption = (f"{finding.label}: p={candidate.probability:.2f} "
                f"{'POSITIVE' if finding.positive else 'below threshold'}, about {size:.0f} mm")
-    return Explanation(source=source, image=image, heatmap=np.clip(heatmap, 0.0, 1.0),
-                       caption=caption, markers=(marker,))
+    return Explanation(source=source, image=image, heatmap=heatmap, caption=caption,
+                       markers=(marker,))
 
 
 def analyse_volume(bundle: Bundle, volume: CTVolume, settings: InferenceSettings
@@ -335,11 +352,9 @@ def analyse_volume(bundle: Bundle, volume: CTVolume, settings: InferenceSettings
         return (f"slices are {volume.spacing[0]:.2f} mm apart, over the model's limit of "
                 f"{float(max_spacing):g} mm", [], [])
     masks = segment_lungs(volume.hu, volume.spacing, volume.direction)
-    fraction = lung_fraction(masks)
-    if fraction < MIN_LUNG_FRACTION:
-        return (f"not a chest CT: lung-density air is {100 * fraction:.1f} % of the body "
-                f"volume (a chest CT through the lungs has at least "
-                f"{100 * MIN_LUNG_FRACTION:.0f} %)", [], [])
+    reason = not_chest_reason(masks)
+    if reason is not None:
+        return reason, [], []
     findings = measurement_findings(masks, volume)
     grid = resample(volume, pre.spacing)
     prob = probability_map(bundle.network, model_input(grid.hu, pre), device=bundle.device,
@@ -352,9 +367,32 @@ def analyse_volume(bundle: Bundle, volume: CTVolume, settings: InferenceSettings
     positive_at = float(thresholds["positive"])
     pairs = [(c, candidate_finding(c, grid, positive_at)) for c in candidates]
     findings.extend(f for _, f in pairs)
-    shown = [(c, f) for c, f in pairs if f.positive] or pairs[:1]
-    explanations = [key_slice_explanation(c, f, volume, grid, prob) for c, f in shown]
+    explanations = [key_slice_explanation(c, f, volume, grid, prob)
+                    for c, f in shown_candidates(pairs)]
     return None, findings, explanations
+
+
+VolumeAnalysis = Callable[[CTVolume], tuple[str | None, list[Finding], list[Explanation]]]
+
+
+def analyse_ct_series(bundle: Bundle, series: Series, started: datetime,
+                      analyse: VolumeAnalysis) -> tuple[ModelResult, dict[str, str]]:
+    """The frame shared by the CT tasks: header rules of the bundle, then the HU volume, then
+    ``analyse`` (which returns a rejection reason, or findings and explanations)."""
+    reason = routing.unfit(bundle.dicom_ai["accepts"], series)
+    if reason is not None:
+        return _rejected(bundle, series, started, reason), {}
+    try:
+        volume = build_volume(series)
+    except SeriesGeometryError as exc:
+        failed = {str(exc.path): exc.reason} if exc.path is not None else {}
+        return _rejected(bundle, series, started, f"not one regular CT volume: {exc.reason}"), \
+            failed
+    reason, findings, explanations = analyse(volume)
+    if reason is not None:
+        return _rejected(bundle, series, started, reason), {}
+    return ModelResult(series=series, model=bundle.info, status="ok", started=started,
+                       findings=findings, explanations=explanations), {}
 
 
 def analyse_ct(bundle: Bundle, series: Series, started: datetime,
@@ -377,26 +415,14 @@ def analyse_ct(bundle: Bundle, series: Series, started: datetime,
     tuple
         The result (``ok`` with measurements and candidates, or ``rejected`` with a reason)
         and the files that could not be used (path → reason; a CT series is used whole, so a
-        broken slice rejects the series and is listed here).
+        slice with broken geometry rejects the series and is listed here).
     """
-    accepts = bundle.dicom_ai["accepts"]
-    reason = routing.unfit(accepts, series)
-    if reason is not None:
-        return _rejected(bundle, series, started, reason), {}
-    try:
-        volume = build_volume(series)
-    except SeriesGeometryError as exc:
-        failed = {str(exc.path): exc.reason} if exc.path is not None else {}
-        return _rejected(bundle, series, started, f"not one regular CT volume: {exc.reason}"), \
-            failed
-    reason, findings, explanations = analyse_volume(bundle, volume, settings)
-    if reason is not None:
-        return _rejected(bundle, series, started, reason), {}
-    return ModelResult(series=series, model=bundle.info, status="ok", started=started,
-                       findings=findings, explanations=explanations), {}
+    return analyse_ct_series(bundle, series, started,
+                             lambda volume: analyse_volume(bundle, volume, settings))
 
 
-__all__ = ["Candidate", "Preprocessing", "analyse_ct", "analyse_volume", "candidate_finding",
-           "extent_mm", "find_candidates", "hu_to_unit", "in_plane_diameter_mm",
-           "key_slice_explanation", "lesion_label", "lung_region", "measurement_findings",
-           "model_input", "nearest_on_grid", "probability_map"]
+__all__ = ["Candidate", "Preprocessing", "VolumeAnalysis", "analyse_ct", "analyse_ct_series",
+           "analyse_volume", "candidate_finding", "extent_mm", "find_candidates", "hu_to_unit",
+           "in_plane_diameter_mm", "key_slice_explanation", "lesion_label", "lung_region",
+           "measurement_findings", "model_input", "nearest_on_grid", "not_chest_reason",
+           "probability_map", "shown_candidates"]
