@@ -67,24 +67,26 @@ STORAGE_SOP_CLASSES: tuple[str, ...] = (
 
 #: Transfer syntaxes the pixel decoders installed with dicom-ai can read (pydicom native,
 #: python-gdcm, pylibjpeg-openjpeg, pyjpegls). Accepting one we cannot decode would turn a clean
-#: negotiation refusal into a late processing failure.
+#: negotiation refusal into a late processing failure. The order is our preference within a
+#: proposed context: uncompressed, then lossless, then lossy — never asking a sender to compress
+#: an image lossily for us.
 TRANSFER_SYNTAXES: tuple[str, ...] = (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
     JPEGLossless,
     JPEGLosslessSV1,
     JPEGLSLossless,
-    JPEGLSNearLossless,
     JPEG2000Lossless,
-    JPEG2000,
     HTJ2KLossless,
     HTJ2KLosslessRPCL,
-    HTJ2K,
     RLELossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLSNearLossless,
+    JPEG2000,
+    HTJ2K,
 )
 
 #: Verification SOP Class (C-ECHO).
