@@ -9,6 +9,7 @@ The models directory is the repository's ``models/`` (``DICOMAI_TEST_MODELS`` ov
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import signal
@@ -23,7 +24,7 @@ from typing import Any, TypeVar
 
 import pydicom
 import pytest
-from orthanc import Orthanc, free_port, orthanc_available, start_orthanc  # type: ignore[import-not-found]
+from orthanc import Orthanc, free_port, orthanc_available, start_orthanc
 
 pytestmark = [
     pytest.mark.integration,
@@ -210,7 +211,7 @@ def test_modality_push_results_land_in_the_same_study(workdir: Path,
         for folder in studies:
             uid = study_uid(folder)
             found = wait_for(f"SR and SC of {folder.name} in the PACS",
-                             lambda uid=uid: results_in_pacs(pacs, uid))
+                             functools.partial(results_in_pacs, pacs, uid))
             sources = len(list(folder.rglob("*.dcm")))
             assert sum(len(v) for v in pacs.instances_by_sop_class(uid).values()) == \
                 sources + len(found["sr"]) + len(found["sc"])

@@ -11,7 +11,7 @@ import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.events import Event
-from test_spool import encoded  # type: ignore[import-not-found]
+from test_spool import encoded
 
 from dicom_ai.config import DestinationSettings, ExportSettings
 from dicom_ai.service import db

@@ -9,6 +9,7 @@ import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom.dataset import Dataset
@@ -18,9 +19,10 @@ from pydicom.uid import (
     MRImageStorage,
     SecondaryCaptureImageStorage,
 )
-from pynetdicom import AE, Association
+from pynetdicom import AE
+from pynetdicom.association import Association
 from pynetdicom.transport import ThreadedAssociationServer
-from test_spool import STUDY, encoded  # type: ignore[import-not-found]
+from test_spool import STUDY, encoded
 
 from dicom_ai.config import DestinationSettings, Settings, TLSSettings
 from dicom_ai.service.export import Delivery, DimseSender
@@ -67,7 +69,7 @@ def associate(port: int, *, calling: str = "MODALITY", called: str = "DICOMAI",
     return ae.associate("127.0.0.1", port, ae_title=called, tls_args=tls)
 
 
-def ct(sop: str, **attrs: object) -> Dataset:
+def ct(sop: str, **attrs: Any) -> Dataset:
     from io import BytesIO
 
     import pydicom
@@ -104,18 +106,19 @@ def test_handler_stores_before_it_returns(tmp_path: Path) -> None:
         class request:
             AffectedSOPClassUID = CTImageStorage
 
-        @staticmethod
-        def encoded_dataset() -> bytes:
-            return data
+        def __init__(self, payload: bytes) -> None:
+            self.payload = payload
+
+        def encoded_dataset(self) -> bytes:
+            return self.payload
 
     handler = StoreHandler(spool, minimum_free_mb=0, own_manufacturer="dicom-ai")
-    assert handler.on_store(Event()) == 0x0000  # type: ignore[arg-type]
+    assert handler.on_store(Event(data)) == 0x0000  # type: ignore[arg-type]
     conn = sqlite3.connect(spool.db_path)
     (rel,) = conn.execute("SELECT path FROM instances").fetchone()
     assert (tmp_path / rel).read_bytes() == data
 
-    Event.encoded_dataset = staticmethod(lambda: b"\x00" * 128 + b"DICM" + b"\x01" * 64)
-    rsp = handler.on_store(Event())  # type: ignore[arg-type]
+    rsp = handler.on_store(Event(b"\x00" * 128 + b"DICM" + b"\x01" * 64))  # type: ignore[arg-type]
     assert isinstance(rsp, Dataset)
     assert 0xC000 <= rsp.Status <= 0xCFFF
     assert conn.execute("SELECT COUNT(*) FROM instances").fetchone() == (1,)
