@@ -135,7 +135,13 @@ class Assembler(threading.Thread):
         conn = db.connect(self._db_path)
         try:
             while not self._stop_event.wait(self._tick):
-                for uid, generation in complete_quiet_studies(conn, time.time(), self._quiet):
+                try:
+                    completed = complete_quiet_studies(conn, time.time(), self._quiet)
+                except sqlite3.Error:
+                    # A busy or failing index must not end assembly for good; try next tick.
+                    log.exception("study assembly failed; retrying")
+                    continue
+                for uid, generation in completed:
                     log.info("study %s complete (generation %d); job queued", uid, generation)
         finally:
             conn.close()
