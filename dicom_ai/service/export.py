@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Protocol
 
 import pydicom
+from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.events import Event
@@ -113,7 +114,11 @@ class DimseSender:
                 if not assoc.is_established:
                     results[item.id] = "association lost"
                     continue
-                rsp = assoc.send_c_store(item.path)
+                try:
+                    rsp = assoc.send_c_store(item.path)
+                except (OSError, InvalidDicomError) as exc:
+                    results[item.id] = f"result file unreadable ({type(exc).__name__})"
+                    continue
                 status = getattr(rsp, "Status", None)
                 if status in _STORED:
                     results[item.id] = None
