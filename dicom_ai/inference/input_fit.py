@@ -1,0 +1,137 @@
+"""Input-fit check: is an image close enough to the training data for the model to judge it?
+
+The network's pooled penultimate features of the training images are summarised by their mean
+and a shrinkage-regularised inverse covariance (Ledoit–Wolf); an input whose Mahalanobis
+distance to that distribution exceeds a threshold fitted on validation images is rejected
+before any finding (Lee et al. 2018, "A simple unified framework for detecting
+out-of-distribution samples").
+
+The bundle's ``dicom_ai.input_fit`` block names the layer, the statistics file and the
+threshold; :func:`score_and_logits` runs the network once and returns both the scores and the
+logits, so the check costs no extra forward pass::
+
+    scores, logits = score_and_logits(bundle, inputs)
+    rejected = scores > bundle.dicom_ai["input_fit"]["threshold"]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from sklearn.covariance import ledoit_wolf
+from torch import nn
+
+from dicom_ai.inference.bundle import Bundle
+from dicom_ai.inference.runner import predict_logits
+
+
+def fit_statistics(features: npt.NDArray[np.floating]) -> dict[str, torch.Tensor]:
+    """Mean and inverse of the Ledoit–Wolf shrunk covariance of N×D training features.
+
+    Returns
+    -------
+    dict
+        ``{"mean": (D,), "precision": (D, D)}`` float64 tensors, saved with
+        :func:`torch.save` and loaded with ``torch.load(..., weights_only=True)``.
+    """
+    x = np.asarray(features, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"need N×D features with N >= 2, got shape {x.shape}")
+    mean = x.mean(axis=0)
+    cov, _shrinkage = ledoit_wolf(x)
+    precision = np.linalg.pinv(cov, hermitian=True)
+    return {"mean": torch.from_numpy(mean), "precision": torch.from_numpy(precision)}
+
+
+def mahalanobis(features: npt.NDArray[np.floating] | torch.Tensor,
+                stats: dict[str, torch.Tensor]) -> npt.NDArray[np.float64]:
+    """Mahalanobis distance sqrt((x−μ)ᵀ Σ⁻¹ (x−μ)) of each row of N×D ``features``."""
+    x = torch.as_tensor(features).detach().cpu().to(torch.float64)
+    diff = x - stats["mean"].to(torch.float64)
+    d2 = ((diff @ stats["precision"].to(torch.float64)) * diff).sum(dim=1)
+    return np.asarray(d2.clamp(min=0.0).sqrt().numpy(), dtype=np.float64)
+
+
+def load_statistics(path: Path) -> dict[str, torch.Tensor]:
+    """Statistics written by ``torch.save(fit_statistics(...))``, loaded safely."""
+    stats = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(stats, dict) or set(stats) != {"mean", "precision"}:
+        raise ValueError(f"{path} does not hold input-fit statistics")
+    return stats
+
+
+class FeatureTap:
+    """Context manager that records the output of one named module of ``net`` during forward
+    passes, pooled to N×D (spatial dimensions averaged).
+
+    Parameters
+    ----------
+    net
+        The network.
+    layer
+        A name from ``net.named_modules()``, e.g. ``"class_layers.flatten"``.
+
+    Raises
+    ------
+    KeyError
+        If ``layer`` is not a module of ``net``.
+    """
+
+    def __init__(self, net: nn.Module, layer: str) -> None:
+        modules = dict(net.named_modules())
+        if layer not in modules:
+            raise KeyError(f"no module named {layer!r} in {type(net).__name__}")
+        self._module = modules[layer]
+        self._handle: torch.utils.hooks.RemovableHandle | None = None
+        self._features: list[torch.Tensor] = []
+
+    def _hook(self, _module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
+        out = output.detach()
+        if out.ndim > 2:
+            out = out.flatten(2).mean(dim=2)
+        self._features.append(out.float().cpu())
+
+    def __enter__(self) -> Self:
+        self._features = []
+        self._handle = self._module.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    @property
+    def features(self) -> torch.Tensor:
+        """N×D features of every forward pass made inside the ``with`` block, concatenated."""
+        if not self._features:
+            raise RuntimeError("no forward pass recorded")
+        return torch.cat(self._features)
+
+
+def score_and_logits(bundle: Bundle, inputs: Sequence[npt.NDArray[np.float32]], *,
+                     batch_size: int = 16,
+                     amp: bool = True) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float32]]:
+    """Input-fit scores (Mahalanobis distances) and logits of ``inputs`` in one forward pass.
+
+    Parameters
+    ----------
+    bundle
+        A loaded bundle whose ``dicom_ai`` block has ``input_fit`` with ``layer`` and ``stats``.
+    inputs
+        C×H×W model inputs.
+    batch_size, amp
+        As for :func:`dicom_ai.inference.runner.predict_logits`.
+    """
+    fit = bundle.dicom_ai["input_fit"]
+    stats = load_statistics(bundle.file(str(fit["stats"])))
+    with FeatureTap(bundle.network, str(fit["layer"])) as tap:
+        logits = predict_logits(bundle, inputs, batch_size=batch_size, amp=amp)
+    return mahalanobis(tap.features, stats), logits

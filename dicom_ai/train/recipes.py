@@ -1,0 +1,128 @@
+"""What each shipped model is: network, input size, data, augmentation, optimisation, and the
+routing/coding metadata written into its bundle.
+
+Candidates were timed for one training step on this 2-core CPU (batch 32, ms per image):
+ResNet-18 (widths 32–256) 24 at 128 px / 114 at 224 px; ResNet-10 24 / 62; a slim DenseNet
+(growth 16, blocks 4-8-12-8) 10 at 128 px, 15 at 160 px, 33 at 224 px — on an idle CPU. With
+the CPU shared by other jobs a 160 px epoch took 7.3 min (val AUC 0.974 after one epoch), so the
+shipped recipe trains at 128 px for 12 epochs. For 28 px fundus images a ResNet-10 without the
+stride-2 stem keeps a 4×4 map before pooling (2 ms per image).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from dicom_ai.train.augment import CXR, FUNDUS, AugmentConfig
+from dicom_ai.train.datasets import CXR_LABELS, FUNDUS_LABELS
+from dicom_ai.train.loop import LoopConfig
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything needed to train and package one model."""
+
+    name: str
+    description: str
+    network_def: dict[str, Any]
+    size: tuple[int, int]
+    labels: tuple[str, ...]
+    augment: AugmentConfig
+    loop: LoopConfig
+    gradcam_layer: str
+    feature_layer: str
+    dicom_ai: dict[str, Any]
+
+
+CXR_PNEUMONIA = Recipe(
+    name="cxr-pneumonia",
+    description="Pneumonia vs normal on frontal pediatric chest radiographs (CR/DX)",
+    network_def={"_target_": "monai.networks.nets.DenseNet", "spatial_dims": 2,
+                 "in_channels": 1, "out_channels": 2, "init_features": 32, "growth_rate": 16,
+                 "block_config": [4, 8, 12, 8], "dropout_prob": 0.0},
+    size=(128, 128),
+    labels=CXR_LABELS,
+    augment=CXR,
+    loop=LoopConfig(epochs=20, batch_size=32, lr=2e-3, weight_decay=1e-4, patience=6,
+                    max_minutes=70.0),
+    gradcam_layer="class_layers.relu",
+    feature_layer="class_layers.flatten",
+    dicom_ai={
+        "task": "classification",
+        "input": "xray",
+        "accepts": {
+            "modality": ["CR", "DX"],
+            "photometric_interpretation": ["MONOCHROME1", "MONOCHROME2"],
+            "body_part_examined": ["CHEST"],
+            "reject_view_position": ["LL", "RL", "LATERAL", "LAT"],
+            "reject_image_type": ["LOCALIZER"],
+        },
+        "preprocessing": {"size": [128, 128], "aspect": "stretch"},
+        "decision": {"kind": "threshold", "label": "pneumonia",
+                     "criterion": "highest threshold with sensitivity >= 0.95 on validation"},
+        "derived_findings": [],
+        "codes": {
+            "normal": {"value": "17621005", "scheme": "SCT", "meaning": "Normal"},
+            "pneumonia": {"value": "233604007", "scheme": "SCT", "meaning": "Pneumonia"},
+        },
+        "finding_site": {"value": "39607008", "scheme": "SCT", "meaning": "Lung structure"},
+    },
+)
+
+FUNDUS_DR = Recipe(
+    name="fundus-dr",
+    description="Diabetic retinopathy grade 0-4 (ICDR) on colour fundus photographs",
+    network_def={"_target_": "monai.networks.nets.ResNet", "block": "basic",
+                 "layers": [1, 1, 1, 1], "block_inplanes": [32, 64, 128, 256],
+                 "spatial_dims": 2, "n_input_channels": 3, "num_classes": 5,
+                 "conv1_t_size": 3, "conv1_t_stride": 1, "no_max_pool": True},
+    size=(28, 28),
+    labels=FUNDUS_LABELS,
+    augment=FUNDUS,
+    loop=LoopConfig(epochs=60, batch_size=32, lr=2e-3, weight_decay=5e-4, patience=15,
+                    max_minutes=10.0, label_smoothing=0.05),
+    gradcam_layer="layer4",
+    feature_layer="avgpool",
+    dicom_ai={
+        "task": "classification",
+        "input": "fundus",
+        "accepts": {
+            # Ophthalmic Photography 8/16 bit, VL Photographic, Secondary Capture (a fundus
+            # photo exported from a camera workstation often arrives as SC or OT).
+            "modality": ["OP", "XC", "OT", "SC"],
+            "sop_class_uid": ["1.2.840.10008.5.1.4.1.1.77.1.5.1",
+                              "1.2.840.10008.5.1.4.1.1.77.1.5.2",
+                              "1.2.840.10008.5.1.4.1.1.77.1.4",
+                              "1.2.840.10008.5.1.4.1.1.7"],
+            "photometric_interpretation": ["RGB", "YBR_FULL", "YBR_FULL_422", "PALETTE COLOR"],
+            "reject_image_type": ["LOCALIZER"],
+        },
+        "preprocessing": {"size": [28, 28], "aspect": "pad", "fov_crop": True},
+        "decision": {"kind": "argmax"},
+        "derived_findings": [{"label": "referable_dr",
+                              "sum_of": ["dr_grade_2", "dr_grade_3", "dr_grade_4"],
+                              "criterion": "Youden's J maximum on validation"}],
+        # SNOMED CT concepts of the CMS "Level of Severity of Retinopathy Findings" value set
+        # (OID 2.16.840.1.113883.3.526.3.1283) and their parent 4855003; grade 0 has no
+        # disorder concept, so it is coded "Normal" at the retina like a normal chest film.
+        "codes": {
+            "dr_grade_0": {"value": "17621005", "scheme": "SCT", "meaning": "Normal"},
+            "dr_grade_1": {"value": "312903003", "scheme": "SCT",
+                           "meaning": "Mild nonproliferative retinopathy due to diabetes mellitus"},
+            "dr_grade_2": {"value": "312904009", "scheme": "SCT",
+                           "meaning": "Moderate nonproliferative retinopathy due to diabetes "
+                                      "mellitus"},
+            "dr_grade_3": {"value": "312905005", "scheme": "SCT",
+                           "meaning": "Severe nonproliferative retinopathy due to diabetes "
+                                      "mellitus"},
+            "dr_grade_4": {"value": "59276001", "scheme": "SCT",
+                           "meaning": "Proliferative retinopathy due to diabetes mellitus"},
+            "referable_dr": {"value": "4855003", "scheme": "SCT",
+                             "meaning": "Diabetic retinopathy"},
+        },
+        "finding_site": {"value": "5665001", "scheme": "SCT", "meaning": "Retina structure"},
+    },
+)
+
+RECIPES = {r.name: r for r in (CXR_PNEUMONIA, FUNDUS_DR)}

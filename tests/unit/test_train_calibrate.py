@@ -1,0 +1,49 @@
+"""Temperature scaling and operating points against hand-worked values."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dicom_ai.train.calibrate import (
+    fit_temperature,
+    softmax,
+    threshold_for_sensitivity,
+    youden_threshold,
+)
+
+
+def test_softmax_rows_and_temperature() -> None:
+    p = softmax(np.array([[0.0, np.log(3.0)]]))
+    assert p[0].tolist() == pytest.approx([0.25, 0.75])
+    # Doubling the temperature halves the logit gap: e^{ln3/2} = √3 → p = √3/(1+√3).
+    p2 = softmax(np.array([[0.0, np.log(3.0)]]), temperature=2.0)
+    assert p2[0, 1] == pytest.approx(np.sqrt(3) / (1 + np.sqrt(3)))
+
+
+def test_fit_temperature_recovers_known_scale() -> None:
+    # Binary logits 0 vs z for z = ±2 with true P(class 1 | z) = sigmoid(z / 2): the NLL-optimal
+    # temperature is 2. Build exact frequencies: for z=+2, p = sigmoid(1) ≈ 0.731 of 1000 cases.
+    p = 1.0 / (1.0 + np.exp(-1.0))
+    n_pos = round(1000 * p)
+    logits = np.array([[0.0, 2.0]] * 1000 + [[0.0, -2.0]] * 1000)
+    labels = np.array([1] * n_pos + [0] * (1000 - n_pos) + [0] * n_pos + [1] * (1000 - n_pos))
+    assert fit_temperature(logits, labels) == pytest.approx(2.0, rel=0.01)
+
+
+def test_threshold_for_sensitivity_is_highest_keeping_target() -> None:
+    labels = np.array([1] * 10 + [0] * 3)
+    scores = np.array([0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.5, 0.9])
+    # 0.95 × 10 = 9.5 → need 10 positives → the lowest positive score, 0.2.
+    assert threshold_for_sensitivity(labels, scores, 0.95) == 0.2
+    # 0.8 × 10 = 8 positives → 8th highest positive score = 0.4.
+    assert threshold_for_sensitivity(labels, scores, 0.8) == 0.4
+    assert ((scores >= 0.4) & (labels == 1)).sum() == 8
+
+
+def test_youden_threshold() -> None:
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    scores = np.array([0.1, 0.2, 0.6, 0.5, 0.7, 0.9])
+    # t=0.7: sens 2/3, spec 1 → J 0.667; t=0.5: sens 1, spec 2/3 → J 0.667; t=0.6: sens 2/3,
+    # spec 2/3. Highest threshold on the tie: 0.7.
+    assert youden_threshold(labels, scores) == 0.7
