@@ -77,7 +77,7 @@ def _ball(centre: tuple[float, float, float], radius_mm: float) -> npt.NDArray[n
     return inside
 
 
-def _chest(lesions: list[tuple[tuple[float, float, float], float]]
+def chest_phantom(lesions: list[tuple[tuple[float, float, float], float]]
            ) -> npt.NDArray[np.float32]:
     _, yy, xx = _grid()
     hu = np.full(SHAPE, -1000.0, dtype=np.float32)
@@ -89,7 +89,7 @@ def _chest(lesions: list[tuple[tuple[float, float, float], float]]
     return hu
 
 
-def _write_series(hu: npt.NDArray[np.float32], folder: Path, *, thickness: float = 2.5,
+def write_series(hu: npt.NDArray[np.float32], folder: Path, *, thickness: float = 2.5,
                   duplicate: bool = False) -> Series:
     folder.mkdir(parents=True, exist_ok=True)
     study, series_uid, frame = generate_uid(), generate_uid(), generate_uid()
@@ -142,8 +142,8 @@ def _lps(zyx: tuple[float, float, float]) -> npt.NDArray[np.float64]:
 
 def test_measurements_candidate_geometry_and_key_slice(tmp_path: Path) -> None:
     nodule = ((12.0, 48.0, 70.0), 6.0)  # 12 mm ball in the left lung
-    hu = _chest([nodule])
-    series = _write_series(hu, tmp_path / "s")
+    hu = chest_phantom([nodule])
+    series = write_series(hu, tmp_path / "s")
     result, failed = _run(series)
     assert result.status == "ok" and failed == {}
     by_label = {f.label: f for f in result.findings}
@@ -179,7 +179,7 @@ def test_measurements_candidate_geometry_and_key_slice(tmp_path: Path) -> None:
 
 
 def test_large_lesion_is_a_mass(tmp_path: Path) -> None:
-    series = _write_series(_chest([((12.0, 48.0, 26.0), 16.0)]), tmp_path / "s")
+    series = write_series(chest_phantom([((12.0, 48.0, 26.0), 16.0)]), tmp_path / "s")
     result, _ = _run(series)
     (c,) = [f for f in result.findings if f.probability is not None]
     assert c.label == "mass"  # 32 mm across > 30 mm
@@ -189,7 +189,7 @@ def test_head_like_series_is_rejected(tmp_path: Path) -> None:
     hu = np.full(SHAPE, -1000.0, dtype=np.float32)
     _, yy, xx = _grid()
     hu[(yy - 48) ** 2 + (xx - 48) ** 2 <= 40**2] = 40.0
-    result, _ = _run(_write_series(hu, tmp_path / "s"))
+    result, _ = _run(write_series(hu, tmp_path / "s"))
     assert result.status == "rejected" and not result.findings
     assert result.reason is not None and result.reason.startswith("not a chest CT")
 
@@ -201,14 +201,14 @@ def test_head_like_series_is_rejected(tmp_path: Path) -> None:
 ])
 def test_unusable_series_are_rejected(tmp_path: Path, kwargs: dict[str, Any], slices: int,
                                       reason: str) -> None:
-    hu = _chest([])[:slices]
-    result, _ = _run(_write_series(hu, tmp_path / "s", **kwargs))
+    hu = chest_phantom([])[:slices]
+    result, _ = _run(write_series(hu, tmp_path / "s", **kwargs))
     assert result.status == "rejected" and result.reason is not None
     assert result.reason.startswith(reason)
 
 
 def test_body_part_of_another_region_is_rejected(tmp_path: Path) -> None:
-    series = _write_series(_chest([]), tmp_path / "s")
+    series = write_series(chest_phantom([]), tmp_path / "s")
     result, _ = _run(series, _bundle(body_part_examined=["LUNG"]))
     assert result.reason == "body part examined is CHEST, the model reads LUNG"
 
