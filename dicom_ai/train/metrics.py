@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
-from sklearn.metrics import roc_auc_score
+from scipy.stats import rankdata
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -17,15 +17,22 @@ IntArray = npt.NDArray[np.int64]
 def binary_auc(labels: npt.NDArray[np.integer], scores: npt.NDArray[np.floating]) -> float:
     """Area under the ROC curve of ``scores`` for ``labels`` ∈ {0, 1} (ties count one half).
 
+    Computed as the Mann–Whitney statistic from average ranks,
+    ``(Σ rank(positive) − P(P+1)/2) / (P·N)``, which is fast enough for thousands of bootstrap
+    resamples.
+
     Raises
     ------
     ValueError
         If only one class is present.
     """
-    y = np.asarray(labels).astype(np.int64)
-    if y.min() == y.max():
+    y = np.asarray(labels).astype(bool)
+    n_pos = int(y.sum())
+    n_neg = len(y) - n_pos
+    if n_pos == 0 or n_neg == 0:
         raise ValueError("AUC needs both classes")
-    return float(roc_auc_score(y, np.asarray(scores, dtype=np.float64)))
+    ranks = rankdata(np.asarray(scores, dtype=np.float64))
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
 def macro_auc(labels: npt.NDArray[np.integer], probs: npt.NDArray[np.floating]) -> float:

@@ -1,12 +1,13 @@
 """What each shipped model is: network, input size, data, augmentation, optimisation, and the
 routing/coding metadata written into its bundle.
 
-Candidates were timed for one training step on this 2-core CPU (batch 32, ms per image):
-ResNet-18 (widths 32–256) 24 at 128 px / 114 at 224 px; ResNet-10 24 / 62; a slim DenseNet
-(growth 16, blocks 4-8-12-8) 10 at 128 px, 15 at 160 px, 33 at 224 px — on an idle CPU. With
-the CPU shared by other jobs a 160 px epoch took 7.3 min (val AUC 0.974 after one epoch), so the
-shipped recipe trains at 128 px for 12 epochs. For 28 px fundus images a ResNet-10 without the
-stride-2 stem keeps a 4×4 map before pooling (2 ms per image).
+Candidates were timed for one training step on this 2-core CPU (batch 32, ms per image, idle
+machine, 2 threads): ResNet-18 (widths 32–256) 24 at 128 px / 114 at 224 px; ResNet-10 24 / 62;
+a slim DenseNet (growth 16, blocks 4-8-12-8) 10 at 128 px, 15 at 160 px, 33 at 224 px. On the
+CPU shared with other jobs a 160 px epoch of the slim DenseNet took 7.3 min (val AUC 0.974
+after one epoch), so the shipped recipe trains it at 128 px for at most 20 epochs or 65
+minutes. For 28 px fundus images a ResNet-10 without the stride-2 stem keeps a 4×4 map before
+pooling (2 ms per image).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ CXR_PNEUMONIA = Recipe(
     labels=CXR_LABELS,
     augment=CXR,
     loop=LoopConfig(epochs=20, batch_size=32, lr=2e-3, weight_decay=1e-4, patience=6,
-                    max_minutes=70.0),
+                    max_minutes=65.0),
     gradcam_layer="class_layers.relu",
     feature_layer="class_layers.flatten",
     dicom_ai={
@@ -80,8 +81,8 @@ FUNDUS_DR = Recipe(
     size=(28, 28),
     labels=FUNDUS_LABELS,
     augment=FUNDUS,
-    loop=LoopConfig(epochs=60, batch_size=32, lr=2e-3, weight_decay=5e-4, patience=15,
-                    max_minutes=10.0, label_smoothing=0.05),
+    loop=LoopConfig(epochs=40, batch_size=32, lr=2e-3, weight_decay=5e-4, patience=20,
+                    max_minutes=15.0, label_smoothing=0.05),
     gradcam_layer="layer4",
     feature_layer="avgpool",
     dicom_ai={

@@ -1,0 +1,87 @@
+"""Input-fit statistics, Mahalanobis distance and the feature tap."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from dicom_ai.inference.input_fit import (
+    FeatureTap,
+    fit_statistics,
+    load_statistics,
+    mahalanobis,
+)
+
+
+def test_mahalanobis_by_hand() -> None:
+    stats = {"mean": torch.tensor([1.0, 2.0], dtype=torch.float64),
+             "precision": torch.tensor([[0.25, 0.0], [0.0, 1.0]], dtype=torch.float64)}
+    # (3−1)²/4 + (2−2)² = 1 → 1; (1−1)²/4 + (5−2)² = 9 → 3.
+    d = mahalanobis(np.array([[3.0, 2.0], [1.0, 5.0]]), stats)
+    assert d.tolist() == pytest.approx([1.0, 3.0])
+
+
+def test_fit_statistics_recovers_gaussian() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4000, 3)) * np.array([1.0, 2.0, 0.5]) + np.array([5.0, -1.0, 0.0])
+    stats = fit_statistics(x)
+    assert stats["mean"].numpy() == pytest.approx([5.0, -1.0, 0.0], abs=0.1)
+    # Precision ≈ diag(1, 1/4, 4); Ledoit–Wolf shrinks only slightly with n ≫ d.
+    assert np.diag(stats["precision"].numpy()) == pytest.approx([1.0, 0.25, 4.0], rel=0.15)
+    d = mahalanobis(x, stats)
+    # Squared distances of a 3-D Gaussian follow χ²(3): mean 3.
+    assert float((d**2).mean()) == pytest.approx(3.0, rel=0.1)
+
+
+def test_fit_statistics_with_more_dims_than_samples_is_finite() -> None:
+    x = np.random.default_rng(1).normal(size=(5, 20))
+    d = mahalanobis(x + 10.0, fit_statistics(x))
+    assert np.all(np.isfinite(d))
+
+
+def test_statistics_round_trip(tmp_path: Path) -> None:
+    stats = fit_statistics(np.random.default_rng(2).normal(size=(50, 4)))
+    torch.save(stats, tmp_path / "fit.pt")
+    back = load_statistics(tmp_path / "fit.pt")
+    assert torch.equal(back["precision"], stats["precision"])
+    torch.save({"other": torch.zeros(1)}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError):
+        load_statistics(tmp_path / "bad.pt")
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 1, bias=False)
+        self.head = nn.Linear(2, 1)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.tensor([1.0, 2.0]).view(2, 1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv(x).mean(dim=(2, 3)))
+
+
+def test_feature_tap_pools_and_detaches() -> None:
+    net = _Net()
+    x = torch.arange(8.0).view(2, 1, 2, 2)  # image means 1.5 and 5.5
+    with FeatureTap(net, "conv") as tap:
+        net(x[:1])
+        net(x[1:])
+    assert tap.features.tolist() == [[1.5, 3.0], [5.5, 11.0]]
+    # The hook is gone after the block.
+    net(x)
+    assert tap.features.shape == (2, 2)
+
+
+def test_feature_tap_unknown_layer() -> None:
+    with pytest.raises(KeyError):
+        FeatureTap(_Net(), "nope")
+
+
+def test_feature_tap_without_forward() -> None:
+    with FeatureTap(_Net(), "conv") as tap, pytest.raises(RuntimeError):
+        _ = tap.features
