@@ -240,3 +240,16 @@ def test_mutual_tls_requires_a_client_certificate(scp_factory: StartSCP,
     assert assoc.is_established
     assert assoc.send_c_echo().Status == 0x0000
     assoc.release()
+
+
+def test_dimse_sender_over_mutual_tls(scp_factory: StartSCP, certs: Path, tmp_path: Path) -> None:
+    running = scp_factory(tls_settings(certs, mutual=True))
+    path = tmp_path / "ct.dcm"
+    path.write_bytes(encoded("1.2.3.108"))
+    item = Delivery(1, path, "1.2.3.108", CTImageStorage, "us", 0)
+    tls = TLSSettings(enabled=True, ca_certificates=str(certs / "ca.crt"),
+                      certificate=str(certs / "client.crt"), private_key=str(certs / "client.key"))
+    dest = DestinationSettings(name="us", ae_title="DICOMAI", host="127.0.0.1", port=running.port,
+                               tls=tls)
+    assert DimseSender(dest, "PACS").send([item]) == {1: None}
+    assert (running.spool.incoming / STUDY).is_dir()
