@@ -1,12 +1,12 @@
 """Input-fit check: is an image close enough to the training data for the model to judge it?
 
-The network's pooled penultimate features of the training images are summarised by their mean
-and a shrinkage-regularised inverse covariance (Ledoit–Wolf); an input whose Mahalanobis
-distance to that distribution exceeds a threshold fitted on validation images is rejected
-before any finding (Lee et al. 2018, "A simple unified framework for detecting
+The network's pooled features of the training images (several layers, shallow to deep) are
+summarised by their mean and a shrinkage-regularised inverse covariance (Ledoit–Wolf); an input
+whose Mahalanobis distance to that distribution exceeds a threshold fitted on validation images
+is rejected before any finding (Lee et al. 2018, "A simple unified framework for detecting
 out-of-distribution samples").
 
-The bundle's ``dicom_ai.input_fit`` block names the layer, the statistics file and the
+The bundle's ``dicom_ai.input_fit`` block names the layers, the statistics file and the
 threshold; :func:`score_and_logits` runs the network once and returns both the scores and the
 logits, so the check costs no extra forward pass::
 
@@ -66,54 +66,70 @@ def load_statistics(path: Path) -> dict[str, torch.Tensor]:
     return stats
 
 
+def layer_names(fit: dict[str, Any]) -> list[str]:
+    """The layers of a bundle's ``input_fit`` block: ``layers`` (a list), else ``layer``."""
+    names = fit.get("layers") or [fit["layer"]]
+    return [str(n) for n in names]
+
+
 class FeatureTap:
-    """Context manager that records the output of one named module of ``net`` during forward
-    passes, pooled to N×D (spatial dimensions averaged).
+    """Context manager that records the outputs of named modules of ``net`` during forward
+    passes, each pooled to N×D_i (spatial dimensions averaged) and concatenated to N×ΣD_i.
+
+    Several layers from shallow to deep make a better out-of-distribution detector than the
+    last one alone (Lee et al. 2018): shallow layers see colour and texture, deep ones content.
 
     Parameters
     ----------
     net
         The network.
-    layer
-        A name from ``net.named_modules()``, e.g. ``"class_layers.flatten"``.
+    layers
+        One name or a list of names from ``net.named_modules()``, e.g. ``"layer4"``.
 
     Raises
     ------
     KeyError
-        If ``layer`` is not a module of ``net``.
+        If a layer is not a module of ``net``.
     """
 
-    def __init__(self, net: nn.Module, layer: str) -> None:
+    def __init__(self, net: nn.Module, layers: str | Sequence[str]) -> None:
         modules = dict(net.named_modules())
-        if layer not in modules:
-            raise KeyError(f"no module named {layer!r} in {type(net).__name__}")
-        self._module = modules[layer]
-        self._handle: torch.utils.hooks.RemovableHandle | None = None
-        self._features: list[torch.Tensor] = []
+        names = [layers] if isinstance(layers, str) else list(layers)
+        for name in names:
+            if name not in modules:
+                raise KeyError(f"no module named {name!r} in {type(net).__name__}")
+        self._modules = [modules[n] for n in names]
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._features: list[list[torch.Tensor]] = [[] for _ in names]
 
-    def _hook(self, _module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
-        out = output.detach()
-        if out.ndim > 2:
-            out = out.flatten(2).mean(dim=2)
-        self._features.append(out.float().cpu())
+    def _hook(self, index: int) -> Any:
+        def record(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
+            out = output.detach()
+            if out.ndim > 2:
+                out = out.flatten(2).mean(dim=2)
+            self._features[index].append(out.float().cpu())
+
+        return record
 
     def __enter__(self) -> Self:
-        self._features = []
-        self._handle = self._module.register_forward_hook(self._hook)
+        self._features = [[] for _ in self._modules]
+        self._handles = [m.register_forward_hook(self._hook(i))
+                         for i, m in enumerate(self._modules)]
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
     @property
     def features(self) -> torch.Tensor:
-        """N×D features of every forward pass made inside the ``with`` block, concatenated."""
-        if not self._features:
+        """N×D features of every forward pass made inside the ``with`` block: batches stacked
+        along rows, layers side by side in the order given."""
+        if not self._features[0]:
             raise RuntimeError("no forward pass recorded")
-        return torch.cat(self._features)
+        return torch.cat([torch.cat(per_layer) for per_layer in self._features], dim=1)
 
 
 def score_and_logits(bundle: Bundle, inputs: Sequence[npt.NDArray[np.float32]], *,
@@ -124,7 +140,8 @@ def score_and_logits(bundle: Bundle, inputs: Sequence[npt.NDArray[np.float32]], 
     Parameters
     ----------
     bundle
-        A loaded bundle whose ``dicom_ai`` block has ``input_fit`` with ``layer`` and ``stats``.
+        A loaded bundle whose ``dicom_ai`` block has ``input_fit`` with ``layers`` (or
+        ``layer``) and ``stats``.
     inputs
         C×H×W model inputs.
     batch_size, amp
@@ -132,6 +149,6 @@ def score_and_logits(bundle: Bundle, inputs: Sequence[npt.NDArray[np.float32]], 
     """
     fit = bundle.dicom_ai["input_fit"]
     stats = load_statistics(bundle.file(str(fit["stats"])))
-    with FeatureTap(bundle.network, str(fit["layer"])) as tap:
+    with FeatureTap(bundle.network, layer_names(fit)) as tap:
         logits = predict_logits(bundle, inputs, batch_size=batch_size, amp=amp)
     return mahalanobis(tap.features, stats), logits

@@ -32,6 +32,8 @@ class LoopConfig:
     max_minutes: float = 45.0
     seed: int = 0
     label_smoothing: float = 0.0
+    #: Class weights ∝ (1 / frequency) ** power: 1 balances the classes fully, 0.5 half-way.
+    class_weight_power: float = 1.0
 
 
 @dataclass
@@ -59,11 +61,16 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def class_weights(labels: npt.NDArray[np.int64], n_classes: int) -> torch.Tensor:
-    """Inverse-frequency weights normalised to mean 1, so each class contributes equally to the
-    loss whatever its prevalence (pneumonia is 3× normal in Kermany)."""
+def class_weights(labels: npt.NDArray[np.int64], n_classes: int,
+                  power: float = 1.0) -> torch.Tensor:
+    """Loss weights ∝ (1 / class frequency) ** ``power``, normalised to mean 1.
+
+    With ``power`` 1 each class contributes equally to the loss whatever its prevalence
+    (pneumonia is 3× normal in Kermany); a smaller power corrects less, which keeps the argmax
+    of a many-class model from favouring rare classes.
+    """
     counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
-    w = counts.sum() / (n_classes * np.maximum(counts, 1.0))
+    w = (counts.sum() / (n_classes * np.maximum(counts, 1.0))) ** power
     return torch.tensor(w / w.mean(), dtype=torch.float32)
 
 
@@ -104,7 +111,7 @@ def fit(net: nn.Module, train: ImageSet, val: ImageSet, n_classes: int, aug: Aug
     steps_per_epoch = max(1, len(train.labels) // cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
     budget = cfg.max_minutes * 60.0
-    weights = class_weights(train.labels, n_classes).to(dev)
+    weights = class_weights(train.labels, n_classes, cfg.class_weight_power).to(dev)
     history = History()
     best_state = copy.deepcopy(net.state_dict())
     start = time.monotonic()

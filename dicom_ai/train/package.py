@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import platform
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,11 +77,11 @@ def load_network(recipe: Recipe, bundle_dir: Path) -> nn.Module:
     return net.eval()
 
 
-def logits_and_features(net: nn.Module, layer: str,
+def logits_and_features(net: nn.Module, layers: Sequence[str],
                         images: npt.NDArray[np.float16]) -> tuple[npt.NDArray[np.float64],
                                                                  npt.NDArray[np.float64]]:
-    """Logits and pooled ``layer`` features of un-augmented images."""
-    with FeatureTap(net, layer) as tap:
+    """Logits and pooled features of ``layers`` (side by side) for un-augmented images."""
+    with FeatureTap(net, layers) as tap:
         logits = predict_logits(net, images)
     return logits, tap.features.double().numpy()
 
@@ -89,8 +89,8 @@ def logits_and_features(net: nn.Module, layer: str,
 def predictions(recipe: Recipe, net: nn.Module, train: ImageSet,
                 val: ImageSet) -> Predictions:
     """Everything calibration and the input-fit check need from the trained network."""
-    val_logits, val_features = logits_and_features(net, recipe.feature_layer, val.images)
-    _, train_features = logits_and_features(net, recipe.feature_layer, train.images)
+    val_logits, val_features = logits_and_features(net, recipe.feature_layers, val.images)
+    _, train_features = logits_and_features(net, recipe.feature_layers, train.images)
     return Predictions(val_logits, val_features, train_features)
 
 
@@ -142,7 +142,7 @@ def metadata(recipe: Recipe, *, temperature: float, decision: dict[str, Any],
         "decision": decision,
         "derived_findings": derived,
         "gradcam_layer": recipe.gradcam_layer,
-        "input_fit": {"kind": "mahalanobis", "layer": recipe.feature_layer,
+        "input_fit": {"kind": "mahalanobis", "layers": list(recipe.feature_layers),
                       "stats": "models/input_fit.pt", "threshold": round(fit_threshold, 4),
                       "criterion": f"{INPUT_FIT_PERCENTILE:g}th percentile of validation "
                                    "scores"},

@@ -32,7 +32,7 @@ class Recipe:
     augment: AugmentConfig
     loop: LoopConfig
     gradcam_layer: str
-    feature_layer: str
+    feature_layers: tuple[str, ...]
     dicom_ai: dict[str, Any]
 
 
@@ -48,10 +48,12 @@ CXR_PNEUMONIA = Recipe(
     loop=LoopConfig(epochs=20, batch_size=32, lr=2e-3, weight_decay=1e-4, patience=6,
                     max_minutes=65.0),
     gradcam_layer="class_layers.relu",
-    feature_layer="class_layers.flatten",
+    feature_layers=("features.transition1", "features.transition2", "features.transition3",
+                    "class_layers.relu"),
     dicom_ai={
         "task": "classification",
         "input": "xray",
+        "intended_input": "frontal chest radiographs",
         "accepts": {
             "modality": ["CR", "DX"],
             "photometric_interpretation": ["MONOCHROME1", "MONOCHROME2"],
@@ -84,10 +86,11 @@ FUNDUS_DR = Recipe(
     loop=LoopConfig(epochs=40, batch_size=32, lr=2e-3, weight_decay=5e-4, patience=20,
                     max_minutes=15.0, label_smoothing=0.05),
     gradcam_layer="layer4",
-    feature_layer="avgpool",
+    feature_layers=("layer1", "layer2", "layer3", "layer4"),
     dicom_ai={
         "task": "classification",
         "input": "fundus",
+        "intended_input": "colour fundus photographs",
         "accepts": {
             # Ophthalmic Photography 8/16 bit, VL Photographic, Secondary Capture (a fundus
             # photo exported from a camera workstation often arrives as SC or OT).

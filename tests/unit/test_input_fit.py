@@ -12,6 +12,7 @@ from torch import nn
 from dicom_ai.inference.input_fit import (
     FeatureTap,
     fit_statistics,
+    layer_names,
     load_statistics,
     mahalanobis,
 )
@@ -75,6 +76,22 @@ def test_feature_tap_pools_and_detaches() -> None:
     # The hook is gone after the block.
     net(x)
     assert tap.features.shape == (2, 2)
+
+
+def test_feature_tap_concatenates_layers_in_order() -> None:
+    net = _Net()
+    x = torch.arange(8.0).view(2, 1, 2, 2)
+    with FeatureTap(net, ["head", "conv"]) as tap:
+        out = net(x)
+    # head output (N×1) first, then the pooled conv features (N×2).
+    assert tap.features.shape == (2, 3)
+    assert torch.allclose(tap.features[:, :1], out)
+    assert tap.features[:, 1:].tolist() == [[1.5, 3.0], [5.5, 11.0]]
+
+
+def test_layer_names() -> None:
+    assert layer_names({"layers": ["a", "b"], "layer": "c"}) == ["a", "b"]
+    assert layer_names({"layer": "c"}) == ["c"]
 
 
 def test_feature_tap_unknown_layer() -> None:
