@@ -13,6 +13,7 @@ UIDs) again. A job that keeps crashing its process fails for good after ``worker
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import json
 import logging
 import os
@@ -272,6 +273,10 @@ def worker_main(settings: Settings, stop: EventType, parent_pid: int,
     child_setup(settings, parent_pid, "worker")
     # Inference yields the CPU to the listener's threads: receiving must keep pace.
     os.nice(10)
+    if settings.inference.num_threads == 0:
+        # torch would take every core; leave one to the listener and the exporter.
+        settings = dataclasses.replace(settings, inference=dataclasses.replace(
+            settings.inference, num_threads=max(1, (os.cpu_count() or 1) - 1)))
     spool = Spool(Path(settings.storage.directory))
     conn = db.connect(spool.db_path)
     worker = Worker(conn, spool, processor_factory(settings),

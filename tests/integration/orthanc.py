@@ -10,11 +10,14 @@ Usable by every integration test::
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -25,6 +28,13 @@ from pathlib import Path
 from typing import Any
 
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
+def end_with_this_process() -> None:
+    """``preexec_fn`` for test peers: Linux sends them SIGTERM when the test process dies, so an
+    interrupted test run leaves no server behind."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def free_port() -> int:
@@ -168,7 +178,8 @@ def start_orthanc(workdir: Path, *, aet: str = "ORTHANC",
     env = dict(os.environ, TCP_NODELAY="1")
     with log_path.open("wb") as log:
         process = subprocess.Popen(["Orthanc", str(config_path)], stdout=log,
-                                   stderr=subprocess.STDOUT, env=env, cwd=workdir)
+                                   stderr=subprocess.STDOUT, env=env, cwd=workdir,
+                                   preexec_fn=end_with_this_process)
     orthanc = Orthanc(aet, dicom_port, http_port, process, log_path)
     try:
         _wait_up(orthanc, timeout=30.0)

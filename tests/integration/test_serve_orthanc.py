@@ -24,7 +24,13 @@ from typing import Any, TypeVar
 
 import pydicom
 import pytest
-from orthanc import Orthanc, free_port, orthanc_available, start_orthanc
+from orthanc import (
+    Orthanc,
+    end_with_this_process,
+    free_port,
+    orthanc_available,
+    start_orthanc,
+)
 
 pytestmark = [
     pytest.mark.integration,
@@ -100,7 +106,7 @@ class Serve:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "dicom_ai.cli", "serve", "--config", str(self.config)],
                 cwd=self.workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True)
+                start_new_session=True, preexec_fn=end_with_this_process)
 
         def listening() -> bool:
             assert self.process is not None
