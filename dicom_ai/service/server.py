@@ -113,6 +113,9 @@ class Service:
 
     def run(self) -> int:
         """Recover, start everything, and serve until SIGTERM or SIGINT; returns the exit code."""
+        if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+            # pynetdicom logs several lines per C-STORE at INFO; our own lines say what matters.
+            logging.getLogger("pynetdicom").setLevel(logging.WARNING)
         spool = Spool(self.root)
         self.recover(spool)
         for name in ("worker", "exporter"):
