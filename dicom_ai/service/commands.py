@@ -1,10 +1,11 @@
-"""Command-line entry points of the service: ``serve``, ``status`` and ``config check``."""
+"""Command-line entry points of the service: ``serve``, ``status``, ``retry``, ``config check``."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,24 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_retry(args: argparse.Namespace) -> int:
+    from dicom_ai.service import db
+    from dicom_ai.service.export import retry_dead
+
+    settings = load_settings(args.config)
+    path = Path(settings.storage.directory) / "index.sqlite"
+    if not path.is_file():
+        print(f"no index at {path}", file=sys.stderr)
+        return 1
+    conn = db.connect(path)
+    try:
+        count = retry_dead(conn, time.time(), args.destination)
+    finally:
+        conn.close()
+    print(f"{count} dead letter(s) queued again; the running service sends them on its next round")
+    return 0
+
+
 def _cmd_config_check(args: argparse.Namespace) -> int:
     try:
         settings = load_settings(args.file)
@@ -66,7 +85,7 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
 
 
 def add_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
-    """Register ``serve``, ``status`` and ``config check`` on the ``dicom-ai`` parser."""
+    """Register ``serve``, ``status``, ``retry`` and ``config check`` on the ``dicom-ai`` parser."""
     p = subparsers.add_parser("serve", help="receive studies over DICOM, analyse them and send "
                               "results back (runs until SIGTERM)")
     p.add_argument("--config", required=True, help="settings TOML file")
@@ -76,6 +95,12 @@ def add_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("--config", default=None, help="settings TOML file (default: defaults and "
                    "DICOM_AI_* environment)")
     p.set_defaults(func=_cmd_status)
+
+    p = subparsers.add_parser("retry", help="send dead-lettered results again (after fixing the "
+                              "destination)")
+    p.add_argument("--config", default=None, help="settings TOML file")
+    p.add_argument("--destination", default=None, help="only this destination (default: all)")
+    p.set_defaults(func=_cmd_retry)
 
     p = subparsers.add_parser("config", help="configuration tools")
     sub = p.add_subparsers(dest="config_command", required=True)

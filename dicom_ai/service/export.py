@@ -266,6 +266,30 @@ class Exporter:
         return len(items)
 
 
+def retry_dead(conn: sqlite3.Connection, now: float, destination: str | None = None) -> int:
+    """Give dead letters a fresh set of tries (after the destination was fixed).
+
+    Parameters
+    ----------
+    conn:
+        Connection to the index.
+    now:
+        When they become due.
+    destination:
+        Only this destination's dead letters; all by default.
+
+    Returns
+    -------
+    int
+        How many rows are pending again.
+    """
+    with db.transaction(conn):
+        return conn.execute(
+            "UPDATE outbound SET state = 'pending', attempts = 0, next_attempt_at = ? "
+            "WHERE state = 'dead' AND (? IS NULL OR destination = ?)",
+            (now, destination, destination)).rowcount
+
+
 def next_due_in(conn: sqlite3.Connection, now: float) -> float | None:
     """Seconds until the next pending delivery is due (0 if one is due); None if none pends."""
     row = conn.execute("SELECT MIN(next_attempt_at) FROM outbound WHERE state = 'pending'"

@@ -80,7 +80,8 @@ def render(conn: sqlite3.Connection, *, now: float | None = None, limit: int = 2
         "SELECT destination, sop_instance_uid, attempts, last_error FROM outbound "
         "WHERE state = 'dead' ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
     if dead:
-        parts.append("\nDead letters (not retried automatically)")
+        parts.append("\nDead letters (not retried automatically; `dicom-ai retry` after fixing "
+                     "the destination)")
         parts.append(table(["destination", "sop instance uid", "attempts", "last error"],
                            [tuple(r) for r in dead]))
     pending = conn.execute(

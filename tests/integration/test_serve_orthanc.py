@@ -140,11 +140,15 @@ class Serve:
         finally:
             conn.close()
 
-    def status(self) -> str:
+    def cli(self, command: str) -> str:
+        """Run ``dicom-ai COMMAND --config …`` beside the service; its standard output."""
         env = dict(os.environ, PYTHONPATH=str(REPO))
         return subprocess.run(
-            [sys.executable, "-m", "dicom_ai.cli", "status", "--config", str(self.config)],
+            [sys.executable, "-m", "dicom_ai.cli", command, "--config", str(self.config)],
             cwd=self.workdir, env=env, capture_output=True, text=True, check=True).stdout
+
+    def status(self) -> str:
+        return self.cli("status")
 
 
 #: storescu proposes uncompressed transfer syntaxes unless told; one flag per compressed syntax.
@@ -302,3 +306,10 @@ def test_destination_refusing_us_ends_in_dead_letters(workdir: Path,
         assert serve.index("SELECT MAX(attempts) FROM outbound") == [(3,)]
         status = serve.status()
         assert "Dead letters" in status and "Calling AE title not recognised" in status
+        pacs_port = pacs.dicom_port
+    # The PACS administrator adds us; the operator re-queues the dead letters.
+    with start_orthanc(workdir / "pacs", dicom_port=pacs_port) as pacs:
+        assert "queued again" in serve.cli("retry")
+        wait_for("re-queued results delivered", lambda: serve.index(
+            "SELECT COUNT(*) = SUM(state = 'delivered') FROM outbound")[0][0] == 1)
+        assert results_in_pacs(pacs, study_uid(folder)) is not None

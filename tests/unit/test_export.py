@@ -15,7 +15,14 @@ from test_spool import encoded
 
 from dicom_ai.config import DestinationSettings, ExportSettings
 from dicom_ai.service import db
-from dicom_ai.service.export import Delivery, DimseSender, Exporter, backoff_delay, next_due_in
+from dicom_ai.service.export import (
+    Delivery,
+    DimseSender,
+    Exporter,
+    backoff_delay,
+    next_due_in,
+    retry_dead,
+)
 
 
 @pytest.mark.parametrize(("failures", "expected"), [(1, 2.0), (2, 4.0), (3, 8.0), (5, 32.0),
@@ -167,3 +174,13 @@ def test_dimse_sender_reports_a_closed_port(tmp_path: Path) -> None:
     dest = DestinationSettings(name="pacs", ae_title="PACS", host="127.0.0.1", port=port)
     item = Delivery(1, tmp_path / "x.dcm", "7.1", CTImageStorage, "pacs", 0)
     assert DimseSender(dest, "DICOMAI").send([item]) == {1: "cannot connect"}
+
+
+def test_retry_dead_revives_only_the_chosen_destination(conn: sqlite3.Connection) -> None:
+    queue(conn, "8.1", destination="pacs")
+    queue(conn, "8.2", destination="archive")
+    conn.execute("UPDATE outbound SET state = 'dead', attempts = 6")
+    assert retry_dead(conn, 50.0, "pacs") == 1
+    assert rows(conn)[0][:4] == ("8.1", "pending", 0, 50.0)
+    assert rows(conn)[1][1] == "dead"
+    assert retry_dead(conn, 60.0) == 1
