@@ -12,6 +12,7 @@ import errno
 import logging
 import shutil
 import sqlite3
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -140,6 +141,9 @@ class StoreHandler:
         self.minimum_free = minimum_free_mb * 1024 * 1024
         self.own_manufacturer = own_manufacturer
         self.free_bytes = free_bytes
+        # Per association (by id): [stored, refused], for one summary line when it ends.
+        self._tally: dict[int, list[int]] = {}
+        self._tally_lock = threading.Lock()
 
     def on_echo(self, event: Event) -> int:
         """C-ECHO: always success."""
@@ -147,6 +151,22 @@ class StoreHandler:
 
     def on_store(self, event: Event) -> int | Dataset:
         """C-STORE: store durably, then answer; a failure status with a short comment otherwise."""
+        rsp = self._store(event)
+        stored = rsp == SUCCESS
+        with self._tally_lock:
+            tally = self._tally.setdefault(id(event.assoc), [0, 0])
+            tally[0 if stored else 1] += 1
+        return rsp
+
+    def on_closed(self, event: Event) -> None:
+        """Association released or aborted: one log line with what it brought."""
+        with self._tally_lock:
+            stored, refused = self._tally.pop(id(event.assoc), [0, 0])
+        if stored or refused:
+            log.info("association from %s ended: %d instances stored, %d refused",
+                     str(event.assoc.requestor.ae_title).strip(), stored, refused)
+
+    def _store(self, event: Event) -> int | Dataset:
         data: bytes = event.encoded_dataset()
         if self.free_bytes(self.spool.root) - len(data) < self.minimum_free:
             log.warning("C-STORE refused: free disk below storage.minimum_free_mb")
@@ -223,6 +243,8 @@ def start_scp(settings: Settings, spool: Spool, *,
         (evt.EVT_C_STORE, handler.on_store),
         (evt.EVT_C_ECHO, handler.on_echo),
         (evt.EVT_REJECTED, _log_rejected),
+        (evt.EVT_RELEASED, handler.on_closed),
+        (evt.EVT_ABORTED, handler.on_closed),
     ]
     server = ae.start_server(
         (settings.scp.bind_address, settings.scp.port), block=False, evt_handlers=handlers,

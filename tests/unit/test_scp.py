@@ -3,9 +3,11 @@ before acknowledged, failure statuses, negotiation rules, allow-list, TLS and mu
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import ssl
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,7 +79,9 @@ def ct(sop: str, **attrs: Any) -> Dataset:
     return pydicom.dcmread(BytesIO(encoded(sop, **attrs)))
 
 
-def test_store_is_on_disk_and_indexed_when_acknowledged(scp_factory: StartSCP) -> None:
+def test_store_is_on_disk_and_indexed_when_acknowledged(
+        scp_factory: StartSCP, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="dicom_ai.service.scp")
     running = scp_factory()
     assoc = associate(running.port)
     assert assoc.is_established
@@ -90,6 +94,11 @@ def test_store_is_on_disk_and_indexed_when_acknowledged(scp_factory: StartSCP) -
     assert conn.execute("SELECT calling_aet FROM instances WHERE sop_instance_uid = '1.2.3.100'"
                         ).fetchone() == ("MODALITY",)
     assoc.release()
+    summary = "association from MODALITY ended: 1 instances stored, 0 refused"
+    deadline = time.monotonic() + 5
+    while summary not in caplog.text and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert summary in caplog.text
 
 
 def test_handler_stores_before_it_returns(tmp_path: Path) -> None:
