@@ -3,6 +3,7 @@ before acknowledged, failure statuses, negotiation rules, allow-list, TLS and mu
 
 from __future__ import annotations
 
+import csv
 import logging
 import sqlite3
 import ssl
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import (
@@ -28,7 +30,15 @@ from test_spool import STUDY, encoded
 
 from dicom_ai.config import DestinationSettings, Settings, TLSSettings
 from dicom_ai.service.export import Delivery, DimseSender
-from dicom_ai.service.scp import VERIFICATION, FreeBytes, StoreHandler, disk_free_bytes, start_scp
+from dicom_ai.service.scp import (
+    STORAGE_SOP_CLASSES,
+    TRANSFER_SYNTAXES,
+    VERIFICATION,
+    FreeBytes,
+    StoreHandler,
+    disk_free_bytes,
+    start_scp,
+)
 from dicom_ai.service.spool import Spool
 
 
@@ -73,8 +83,6 @@ def associate(port: int, *, calling: str = "MODALITY", called: str = "DICOMAI",
 
 def ct(sop: str, **attrs: Any) -> Dataset:
     from io import BytesIO
-
-    import pydicom
 
     return pydicom.dcmread(BytesIO(encoded(sop, **attrs)))
 
@@ -262,3 +270,41 @@ def test_dimse_sender_over_mutual_tls(scp_factory: StartSCP, certs: Path, tmp_pa
                                tls=tls)
     assert DimseSender(dest, "PACS").send([item]) == {1: None}
     assert (running.spool.incoming / STUDY).is_dir()
+
+
+CORPUS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "dicom"
+
+
+def corpus_file_per_transfer_syntax() -> dict[str, Path]:
+    """One readable corpus file of an accepted SOP class for each transfer syntax we accept."""
+    chosen: dict[str, Path] = {}
+    with (CORPUS / "INDEX.tsv").open() as fh:
+        for row in csv.DictReader(fh, delimiter="\t"):
+            if row["status"] != "ok" or "edge-case" in row["flags"]:
+                continue
+            if row["ts"] in TRANSFER_SYNTAXES and row["ts"] not in chosen:
+                ds = pydicom.dcmread(CORPUS / row["path"], stop_before_pixels=True)
+                if ds.SOPClassUID in STORAGE_SOP_CLASSES and all(
+                        ds.get(k) for k in ("StudyInstanceUID", "SeriesInstanceUID")):
+                    chosen[row["ts"]] = CORPUS / row["path"]
+    return chosen
+
+
+@pytest.mark.skipif(not (CORPUS / "INDEX.tsv").is_file(), reason="../shared/data not present")
+def test_compressed_and_uncompressed_syntaxes_are_stored_as_sent(scp_factory: StartSCP) -> None:
+    running = scp_factory()
+    files = corpus_file_per_transfer_syntax()
+    # Implicit/explicit LE, big endian, JPEG baseline/extended/lossless SV1, JPEG 2000, RLE.
+    assert len(files) >= 9
+    ae = AE(ae_title="MODALITY")
+    datasets = {ts: pydicom.dcmread(path) for ts, path in files.items()}
+    for ts, ds in datasets.items():
+        ae.add_requested_context(ds.SOPClassUID, ts)
+    assoc = ae.associate("127.0.0.1", running.port, ae_title="DICOMAI")
+    assert assoc.is_established
+    for ts, ds in datasets.items():
+        assert assoc.send_c_store(ds).Status == 0x0000, ts
+        stored = (running.spool.incoming / ds.StudyInstanceUID / ds.SeriesInstanceUID
+                  / f"{ds.SOPInstanceUID}.dcm")
+        assert pydicom.dcmread(stored, stop_before_pixels=True).file_meta.TransferSyntaxUID == ts
+    assoc.release()
