@@ -84,7 +84,7 @@ FUNDUS_DR = Recipe(
     labels=FUNDUS_LABELS,
     augment=FUNDUS,
     loop=LoopConfig(epochs=40, batch_size=32, lr=2e-3, weight_decay=5e-4, patience=20,
-                    max_minutes=15.0, label_smoothing=0.05),
+                    max_minutes=15.0, label_smoothing=0.05, class_weight_power=0.5),
     gradcam_layer="layer4",
     feature_layers=("layer1", "layer2", "layer3", "layer4"),
     dicom_ai={

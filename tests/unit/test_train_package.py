@@ -1,0 +1,66 @@
+"""The shipped bundles: MONAI config round trip, weights, metadata contract, size."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from monai.bundle.config_parser import ConfigParser
+
+from dicom_ai import DISCLAIMER
+from dicom_ai.inference.input_fit import FeatureTap, layer_names, load_statistics
+from dicom_ai.train.package import metadata
+from dicom_ai.train.recipes import RECIPES
+
+MODELS = Path(__file__).resolve().parents[2] / "models"
+MONAI_KEYS = {"schema", "version", "monai_version", "pytorch_version", "numpy_version",
+              "required_packages_version", "task", "description", "authors", "copyright",
+              "data_source", "data_type", "image_classes", "label_classes", "pred_classes",
+              "eval_metrics", "intended_use", "references", "network_data_format"}
+LABELS = {"cxr-pneumonia": ["normal", "pneumonia"],
+          "fundus-dr": ["dr_grade_0", "dr_grade_1", "dr_grade_2", "dr_grade_3", "dr_grade_4"]}
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_shipped_bundle_round_trip(name: str) -> None:
+    root = MODELS / name
+    meta = json.loads((root / "configs" / "metadata.json").read_text())
+    config = json.loads((root / "configs" / "inference.json").read_text())
+    assert set(meta) >= MONAI_KEYS
+    assert meta["version"] == "1.0.0" and meta["name"] == name
+    block = meta["dicom_ai"]
+    assert block["labels"] == LABELS[name]
+    assert set(block["codes"]) >= set(LABELS[name])
+    assert DISCLAIMER in meta["description"]
+    net = ConfigParser(config).get_parsed_content("network_def")
+    net.load_state_dict(torch.load(root / "models" / "model.pt", weights_only=True))
+    net.eval()
+    modules = dict(net.named_modules())
+    assert block["gradcam_layer"] in modules
+    size = block["preprocessing"]["size"]
+    channels = meta["network_data_format"]["inputs"]["image"]["num_channels"]
+    stats = load_statistics(root / block["input_fit"]["stats"])
+    with torch.no_grad(), FeatureTap(net, layer_names(block["input_fit"])) as tap:
+        logits = net(torch.full((2, channels, *size), 0.5))
+    assert logits.shape == (2, len(LABELS[name])) and torch.isfinite(logits).all()
+    assert tap.features.shape[1] == stats["mean"].shape[0]
+    assert block["temperature"] > 0
+    total = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    assert total < 50 * 2**20
+
+
+def test_metadata_fills_decision_and_input_fit() -> None:
+    recipe = RECIPES["cxr-pneumonia"]
+    decision = {**recipe.dicom_ai["decision"], "threshold": 0.3}
+    meta = metadata(recipe, temperature=1.2, decision=decision, derived=[], fit_threshold=40.0,
+                    eval_metrics={"auc": 0.9})
+    block = meta["dicom_ai"]
+    assert block["decision"]["threshold"] == 0.3
+    assert block["input_fit"] == {"kind": "mahalanobis", "layers": list(recipe.feature_layers),
+                                  "stats": "models/input_fit.pt", "threshold": 40.0,
+                                  "criterion": "99.5th percentile of validation scores"}
+    assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == {
+        "0": "normal", "1": "pneumonia"}
+    assert meta["network_data_format"]["inputs"]["image"]["spatial_shape"] == list(recipe.size)
