@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from monai.bundle.config_parser import ConfigParser
 
 from dicom_ai import DISCLAIMER
 from dicom_ai.inference.input_fit import FeatureTap, layer_names, load_statistics
-from dicom_ai.train.package import metadata
+from dicom_ai.train.package import decision_and_derived, metadata
 from dicom_ai.train.recipes import RECIPES
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
@@ -64,3 +65,21 @@ def test_metadata_fills_decision_and_input_fit() -> None:
     assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == {
         "0": "normal", "1": "pneumonia"}
     assert meta["network_data_format"]["inputs"]["image"]["spatial_shape"] == list(recipe.size)
+
+
+def test_decision_and_derived_thresholds_from_validation() -> None:
+    labels = np.array([0, 1, 1, 1, 1, 0])
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.4, 0.6], [0.7, 0.3], [0.1, 0.9], [0.6, 0.4]])
+    decision, derived = decision_and_derived(RECIPES["cxr-pneumonia"], labels, probs)
+    # Positives' scores 0.9, 0.8, 0.6, 0.3: ⌈0.95 × 4⌉ = 4 → the lowest, 0.3.
+    assert decision["threshold"] == 0.3 and derived == []
+    grades = np.array([0, 0, 2, 3, 4, 1])
+    p5 = np.array([[0.6, 0.2, 0.1, 0.05, 0.05], [0.5, 0.3, 0.1, 0.05, 0.05],
+                   [0.1, 0.2, 0.4, 0.2, 0.1], [0.1, 0.1, 0.2, 0.5, 0.1],
+                   [0.0, 0.1, 0.1, 0.2, 0.6], [0.2, 0.5, 0.2, 0.05, 0.05]])
+    decision, derived = decision_and_derived(RECIPES["fundus-dr"], grades, p5)
+    assert decision == {"kind": "argmax"}
+    # P(grade ≥ 2) = 0.2, 0.2, 0.7, 0.8, 0.9, 0.3: every threshold in (0.3, 0.7] separates
+    # perfectly; the highest such observed score is 0.7.
+    assert derived[0]["label"] == "referable_dr"
+    assert derived[0]["threshold"] == pytest.approx(0.7)
