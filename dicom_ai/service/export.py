@@ -30,6 +30,7 @@ from pynetdicom.events import Event
 
 from dicom_ai.config import DestinationSettings, ExportSettings, Settings
 from dicom_ai.service import db
+from dicom_ai.service.process import child_setup
 from dicom_ai.service.tls import client_context
 
 log = logging.getLogger(__name__)
@@ -299,8 +300,6 @@ def next_due_in(conn: sqlite3.Connection, now: float) -> float | None:
 
 def exporter_main(settings: Settings, stop: EventType, parent_pid: int) -> None:
     """Entry point of the exporter process: deliver until ``stop``."""
-    from dicom_ai.service.worker import child_setup
-
     child_setup(settings, parent_pid, "exporter")
     root = Path(settings.storage.directory)
     conn = db.connect(root / "index.sqlite")
