@@ -67,9 +67,9 @@ def load_statistics(path: Path) -> dict[str, torch.Tensor]:
 
 
 def layer_names(fit: dict[str, Any]) -> list[str]:
-    """The layers of a bundle's ``input_fit`` block: ``layers`` (a list), else ``layer``."""
-    names = fit.get("layers") or [fit["layer"]]
-    return [str(n) for n in names]
+    """The layers of a bundle's ``input_fit`` block: ``layer`` is one module name or a list."""
+    layer = fit["layer"]
+    return [layer] if isinstance(layer, str) else [str(n) for n in layer]
 
 
 class FeatureTap:
@@ -140,8 +140,8 @@ def score_and_logits(bundle: Bundle, inputs: Sequence[npt.NDArray[np.float32]], 
     Parameters
     ----------
     bundle
-        A loaded bundle whose ``dicom_ai`` block has ``input_fit`` with ``layers`` (or
-        ``layer``) and ``stats``.
+        A loaded bundle whose ``dicom_ai`` block has ``input_fit`` with ``layer`` (a name or
+        a list of names) and ``stats``.
     inputs
         C×H×W model inputs.
     batch_size, amp

@@ -142,7 +142,7 @@ def metadata(recipe: Recipe, *, temperature: float, decision: dict[str, Any],
         "decision": decision,
         "derived_findings": derived,
         "gradcam_layer": recipe.gradcam_layer,
-        "input_fit": {"kind": "mahalanobis", "layers": list(recipe.feature_layers),
+        "input_fit": {"kind": "mahalanobis", "layer": list(recipe.feature_layers),
                       "stats": "models/input_fit.pt", "threshold": round(fit_threshold, 4),
                       "criterion": f"{INPUT_FIT_PERCENTILE:g}th percentile of validation "
                                    "scores"},

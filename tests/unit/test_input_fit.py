@@ -90,7 +90,7 @@ def test_feature_tap_concatenates_layers_in_order() -> None:
 
 
 def test_layer_names() -> None:
-    assert layer_names({"layers": ["a", "b"], "layer": "c"}) == ["a", "b"]
+    assert layer_names({"layer": ["a", "b"]}) == ["a", "b"]
     assert layer_names({"layer": "c"}) == ["c"]
 
 

@@ -59,7 +59,7 @@ def test_metadata_fills_decision_and_input_fit() -> None:
                     eval_metrics={"auc": 0.9})
     block = meta["dicom_ai"]
     assert block["decision"]["threshold"] == 0.3
-    assert block["input_fit"] == {"kind": "mahalanobis", "layers": list(recipe.feature_layers),
+    assert block["input_fit"] == {"kind": "mahalanobis", "layer": list(recipe.feature_layers),
                                   "stats": "models/input_fit.pt", "threshold": 40.0,
                                   "criterion": "99.5th percentile of validation scores"}
     assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == {
