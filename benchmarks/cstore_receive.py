@@ -110,7 +110,8 @@ def bench_storescp(scratch: Path, files: list[Path], runs: int) -> list[float]:
 
 
 def bench_serve(scratch: Path, files: list[Path], busy: list[list[Path]], models: Path,
-                runs: int) -> tuple[list[float], list[bool]]:
+                runs: int) -> tuple[list[float], list[float], list[bool]]:
+    """Runs with the worker idle, then runs while it processes ``busy`` studies."""
     port = free_port()
     storage = scratch / "serve"
     config = scratch / "dicom-ai.toml"
@@ -124,6 +125,13 @@ def bench_serve(scratch: Path, files: list[Path], busy: list[list[Path]], models
                              str(config)], env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_port(port)
+        # "Idle" means after the worker has imported torch and loaded the models.
+        deadline = time.monotonic() + 300
+        while b"models loaded" not in (scratch / "serve.log").read_bytes():
+            if time.monotonic() > deadline:
+                raise TimeoutError("the worker did not load its models")
+            time.sleep(0.2)
+        idle = [storescu(port, "DICOMAI", files) for _ in range(runs)]
         # Studies for the worker to chew on while we measure reception.
         for study in busy:
             storescu(port, "DICOMAI", study)
@@ -135,7 +143,7 @@ def bench_serve(scratch: Path, files: list[Path], busy: list[list[Path]], models
             before = running_jobs(storage / "index.sqlite")
             times.append(storescu(port, "DICOMAI", files))
             overlapped.append(before > 0 and running_jobs(storage / "index.sqlite") > 0)
-        return times, overlapped
+        return idle, times, overlapped
     finally:
         # The measurement is over: no need to wait for the worker to finish its study.
         proc.kill()
@@ -155,13 +163,15 @@ def main(argv: list[str] | None = None) -> int:
         busy = [copies(slices, scratch / f"busy{i}", len(slices)) for i in range(BUSY_STUDIES)]
         size_mb = sum(f.stat().st_size for f in files) / 2**20
         dcmtk = bench_storescp(scratch, files, args.runs)
-        ours, overlapped = bench_serve(scratch, files, busy, args.models, args.runs)
+        idle, ours, overlapped = bench_serve(scratch, files, busy, args.models, args.runs)
     rate_dcmtk = N_INSTANCES / statistics.median(dcmtk)
     rate_ours = N_INSTANCES / statistics.median(ours)
     print(f"{N_INSTANCES} CT instances ({size_mb:.0f} MB), storescu with TCP_NODELAY=1, "
           f"median of {args.runs} runs")
     print(f"  DCMTK storescp (no fsync)            {rate_dcmtk:7.1f} instances/s  "
           f"runs: {', '.join(f'{t:.2f}s' for t in dcmtk)}")
+    print(f"  dicom-ai serve (fsync, worker idle)  {N_INSTANCES / statistics.median(idle):7.1f} "
+          f"instances/s  runs: {', '.join(f'{t:.2f}s' for t in idle)}")
     print(f"  dicom-ai serve (fsync, worker busy)  {rate_ours:7.1f} instances/s  "
           f"runs: {', '.join(f'{t:.2f}s' for t in ours)}")
     print(f"  worker processing a study during {sum(overlapped)} of {args.runs} runs")
