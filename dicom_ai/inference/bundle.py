@@ -147,8 +147,9 @@ def load_bundle(root: Path, *, device: torch.device) -> Bundle:
     from monai.bundle.config_parser import ConfigParser
 
     try:
-        network = ConfigParser({"network_def": config["network_def"]}).get_parsed_content(
-            "network_def")
+        # The whole config is parsed (lazily) so that references such as MONAI Model Zoo
+        # detection bundles' "@feature_extractor" inside network_def resolve.
+        network = ConfigParser(config).get_parsed_content("network_def")
         state = torch.load(weights, map_location="cpu", weights_only=True)
         if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
             state = state["model"]
