@@ -138,7 +138,9 @@ def replay(folder: Path, out_dir: Path, models: Sequence[Bundle], settings: Sett
         try:
             outcome = run_study(study, models, settings)
         except Exception as exc:  # one bad study must not stop the replay
-            log.exception("study %s failed", study.study_instance_uid)
+            log.error("study %s failed: %s: %s", study.study_instance_uid, type(exc).__name__,
+                      exc)
+            log.debug("traceback of the failed study", exc_info=True)
             crashed[study.study_instance_uid] = f"internal error: {type(exc).__name__}: {exc}"
             continue
         write_outcome(outcome, out_dir)

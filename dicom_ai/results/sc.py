@@ -23,6 +23,7 @@ from dicom_ai.config import OutputSettings
 from dicom_ai.inference.findings import Explanation, ModelResult
 from dicom_ai.results.codes import coding_schemes
 from dicom_ai.results.equipment import AlgorithmEquipment
+from dicom_ai.results.reference import reference_header
 from dicom_ai.results.uids import derive_uid
 
 UInt8Array = npt.NDArray[np.uint8]
@@ -216,7 +217,7 @@ def build_secondary_capture(explanation: Explanation, result: ModelResult,
         RGB, Explicit VR Little Endian, in the source's study and a new deterministic series.
     """
     model = result.model
-    source = explanation.source.header
+    source = reference_header(explanation.source.header)
     pixels = render(explanation.image, explanation.heatmap,
                     banner=banner_text(model.name, model.version),
                     caption=explanation.caption, markers=explanation.markers)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from copy import copy
 
 import highdicom as hd
 import numpy as np
@@ -41,14 +40,12 @@ from dicom_ai.inference.findings import Finding, ModelResult
 from dicom_ai.results import codes as c
 from dicom_ai.results.codes import CodeSpec
 from dicom_ai.results.equipment import AlgorithmEquipment
+from dicom_ai.results.reference import reference_header
 from dicom_ai.results.sc import series_description
 from dicom_ai.results.uids import derive_uid
 
 #: Series Number of our SR series (fixed, so a replay keeps it; the UID carries identity).
 SR_SERIES_NUMBER = 9900
-#: Type 2 patient/study attributes highdicom reads from the first evidence dataset.
-_TYPE2_COPIED = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex",
-                 "AccessionNumber", "StudyID", "StudyDate", "StudyTime")
 
 
 def finding_type(label: str, codes: Mapping[str, CodeSpec]) -> CodedConcept:
@@ -211,16 +208,6 @@ def measurement_groups(ctx: _Context) -> list[hd.sr.MeasurementsAndQualitativeEv
     return [finding_group(f, i, ctx) for i, f in enumerate(result.findings)]
 
 
-def _evidence_reference(header: Dataset) -> Dataset:
-    """The source header with absent Type 2 patient/study attributes present and empty:
-    highdicom reads them as attributes, and an empty value is what the source meant."""
-    ref = copy(header)
-    for keyword in _TYPE2_COPIED:
-        if keyword not in ref:
-            setattr(ref, keyword, None)
-    return ref
-
-
 def _complete_deidentification(sr: Dataset) -> None:
     """A source marked de-identified must say how (Type 1C); some leave the method empty.
     State that the source did not say, instead of copying an invalid empty value."""
@@ -275,7 +262,7 @@ def build_sr(result: ModelResult, settings: OutputSettings, *, codes: Mapping[st
     started = result.started
     equipment = AlgorithmEquipment(model, institution_name=settings.institution_name,
                                    contribution_datetime=started)
-    evidence = [_evidence_reference(header),
+    evidence = [reference_header(header),
                 *(i.header for i in result.series.instances[1:]), *secondary_captures]
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
