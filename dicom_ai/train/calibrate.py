@@ -34,23 +34,38 @@ def fit_temperature(logits: npt.NDArray[np.floating], labels: npt.NDArray[np.int
     return float(log_t.exp())
 
 
+def below(threshold: float, scores: npt.NDArray[np.floating]) -> float:
+    """Midway between ``threshold`` and the highest score below it (``threshold`` itself when
+    none is lower).
+
+    Every threshold in that gap makes the same decisions on the scores at hand; the midpoint
+    keeps a case that scored exactly ``threshold`` positive when its probability is recomputed
+    in float32 at inference.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    lower = s[s < threshold]
+    return float((threshold + lower.max()) / 2.0) if len(lower) else float(threshold)
+
+
 def threshold_for_sensitivity(labels: npt.NDArray[np.integer], scores: npt.NDArray[np.floating],
                               min_sensitivity: float) -> float:
-    """The highest threshold t such that ``scores >= t`` has sensitivity ≥ ``min_sensitivity``.
+    """A threshold t, the highest up to rounding, such that ``scores >= t`` has sensitivity
+    ≥ ``min_sensitivity``.
 
     With positives' scores sorted descending s_1 ≥ s_2 ≥ …, the k-th highest, k =
-    ⌈min_sensitivity · P⌉, is that threshold: every higher one catches fewer than k positives.
+    ⌈min_sensitivity · P⌉, is the highest such threshold (every higher one catches fewer than k
+    positives); the result is :func:`below` s_k.
     """
     pos = np.sort(np.asarray(scores, dtype=np.float64)[np.asarray(labels) == 1])[::-1]
     if len(pos) == 0:
         raise ValueError("no positive cases")
     k = int(np.ceil(min_sensitivity * len(pos) - 1e-9))
-    return float(pos[max(k, 1) - 1])
+    return below(float(pos[max(k, 1) - 1]), scores)
 
 
 def youden_threshold(labels: npt.NDArray[np.integer], scores: npt.NDArray[np.floating]) -> float:
     """Threshold maximising Youden's J = sensitivity + specificity − 1 over the observed scores
-    (decision ``score >= t``); the highest such threshold on ties."""
+    (decision ``score >= t``); the highest such score on ties, then :func:`below` it."""
     y = np.asarray(labels).astype(bool)
     s = np.asarray(scores, dtype=np.float64)
     if y.all() or not y.any():
@@ -62,4 +77,4 @@ def youden_threshold(labels: npt.NDArray[np.integer], scores: npt.NDArray[np.flo
         j = (pred & y).sum() / y.sum() + (~pred & ~y).sum() / (~y).sum() - 1.0
         if j > best_j + 1e-12:
             best_t, best_j = float(t), float(j)
-    return best_t
+    return below(best_t, s)

@@ -71,8 +71,9 @@ def test_decision_and_derived_thresholds_from_validation() -> None:
     labels = np.array([0, 1, 1, 1, 1, 0])
     probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.4, 0.6], [0.7, 0.3], [0.1, 0.9], [0.6, 0.4]])
     decision, derived = decision_and_derived(RECIPES["cxr-pneumonia"], labels, probs)
-    # Positives' scores 0.9, 0.8, 0.6, 0.3: ⌈0.95 × 4⌉ = 4 → the lowest, 0.3.
-    assert decision["threshold"] == 0.3 and derived == []
+    # Positives' scores 0.9, 0.8, 0.6, 0.3: ⌈0.95 × 4⌉ = 4 → the lowest, 0.3; midway to the
+    # next lower score 0.1 → 0.2.
+    assert decision["threshold"] == pytest.approx(0.2) and derived == []
     grades = np.array([0, 0, 2, 3, 4, 1])
     p5 = np.array([[0.6, 0.2, 0.1, 0.05, 0.05], [0.5, 0.3, 0.1, 0.05, 0.05],
                    [0.1, 0.2, 0.4, 0.2, 0.1], [0.1, 0.1, 0.2, 0.5, 0.1],
@@ -80,6 +81,6 @@ def test_decision_and_derived_thresholds_from_validation() -> None:
     decision, derived = decision_and_derived(RECIPES["fundus-dr"], grades, p5)
     assert decision == {"kind": "argmax"}
     # P(grade ≥ 2) = 0.2, 0.2, 0.7, 0.8, 0.9, 0.3: every threshold in (0.3, 0.7] separates
-    # perfectly; the highest such observed score is 0.7.
+    # perfectly; the highest such observed score is 0.7, midway to 0.3 → 0.5.
     assert derived[0]["label"] == "referable_dr"
-    assert derived[0]["threshold"] == pytest.approx(0.7)
+    assert derived[0]["threshold"] == pytest.approx(0.5)
