@@ -1,4 +1,5 @@
-"""Input-fit statistics, Mahalanobis distance and the feature tap."""
+"""Input-fit statistics, Mahalanobis distance, the feature tap, and the shipped bundles' check
+on real non-chest radiographs and non-fundus photographs from ../shared/data/dicom."""
 
 from __future__ import annotations
 
@@ -9,12 +10,17 @@ import pytest
 import torch
 from torch import nn
 
+from dicom_ai.dicom.io import read_header
+from dicom_ai.dicom.model import Instance
+from dicom_ai.inference.bundle import load_bundle
+from dicom_ai.inference.classify import prepare
 from dicom_ai.inference.input_fit import (
     FeatureTap,
     fit_statistics,
     layer_names,
     load_statistics,
     mahalanobis,
+    score_and_logits,
 )
 
 
@@ -102,3 +108,40 @@ def test_feature_tap_unknown_layer() -> None:
 def test_feature_tap_without_forward() -> None:
     with FeatureTap(_Net(), "conv") as tap, pytest.raises(RuntimeError):
         _ = tap.features
+
+
+REPO = Path(__file__).resolve().parents[2]
+CORPUS = REPO.parent / "shared" / "data" / "dicom"
+
+
+def _scores(bundle_name: str, files: list[Path]) -> tuple[list[float], float]:
+    bundle = load_bundle(REPO / "models" / bundle_name, device=torch.device("cpu"))
+    inputs = [prepare(bundle, Instance(f, read_header(f))).model_input for f in files]
+    scores, _ = score_and_logits(bundle, inputs, amp=False)
+    return scores.tolist(), float(bundle.dicom_ai["input_fit"]["threshold"])
+
+
+@pytest.mark.skipif(not CORPUS.is_dir(), reason="../shared/data/dicom is not present")
+def test_shipped_cxr_model_rejects_non_chest_and_passes_samples() -> None:
+    others = ["highdicom/dx_image.dcm",                              # lateral thorax, DX
+              "pydicom_test_files/dicomdirtests/77654033/CR1/6154",  # cervical spine, CR
+              "dcm_qa_ct/GE/01.dcm",                                 # head CT slice
+              "pydicom-data/vlut_04.dcm"]                            # test pattern, SC
+    scores, threshold = _scores("cxr-pneumonia", [CORPUS / f for f in others])
+    assert all(s > threshold for s in scores), scores
+    samples = sorted((REPO / "sample_studies").glob("cxr0*/1.dcm"))
+    scores, threshold = _scores("cxr-pneumonia", samples)
+    assert len(scores) == 4 and all(s <= threshold for s in scores), scores
+
+
+@pytest.mark.skipif(not CORPUS.is_dir(), reason="../shared/data/dicom is not present")
+def test_shipped_fundus_model_rejects_other_photographs_and_passes_samples() -> None:
+    others = ["pydicom-data/SC_rgb.dcm",                             # colour test pattern
+              "pydicom_test_files/SC_rgb_jpeg.dcm",                  # photograph, JPEG
+              "pydicom-data/US1_UNCI.dcm",                           # colour ultrasound
+              "pydicom_test_files/examples_ybr_color.dcm"]           # ultrasound, YBR_FULL_422
+    scores, threshold = _scores("fundus-dr", [CORPUS / f for f in others])
+    assert all(s > threshold for s in scores), scores
+    samples = sorted((REPO / "sample_studies").glob("fundus0*/1.dcm"))
+    scores, threshold = _scores("fundus-dr", samples)
+    assert len(scores) == 3 and all(s <= threshold for s in scores), scores
