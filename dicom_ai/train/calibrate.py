@@ -31,7 +31,7 @@ def fit_temperature(logits: npt.NDArray[np.floating], labels: npt.NDArray[np.int
         return loss
 
     opt.step(closure)  # type: ignore[no-untyped-call]
-    return float(log_t.exp())
+    return float(log_t.detach().exp().item())
 
 
 def below(threshold: float, scores: npt.NDArray[np.floating]) -> float:
