@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset
+from pydicom.pixels.processing import apply_color_lut
 from scipy import ndimage
 
 from dicom_ai.imaging.resize import resize_2d
@@ -131,8 +132,13 @@ def rgb_from_dataset(stored: npt.NDArray[np.generic], header: Dataset) -> UInt8A
     if photometric == "YBR_FULL_422":
         return ybr_full_to_rgb(upsample_422(stored), bits)
     if photometric == "PALETTE COLOR":
+        if "RedPaletteColorLookupTableDescriptor" not in header:
+            raise ValueError("PALETTE COLOR image without a Red Palette Color LUT Descriptor")
         desc = [int(v) for v in header.RedPaletteColorLookupTableDescriptor]
         lut_bits = desc[2]
+        if "RedPaletteColorLookupTableData" not in header:
+            # Segmented palettes (PS3.3 C.7.9.2) are expanded by pydicom's own implementation.
+            return to_uint8(apply_color_lut(stored, header), lut_bits)
         dtype = np.uint16 if lut_bits > 8 else np.uint8
         red, green, blue = (np.frombuffer(header.get(f"{c}PaletteColorLookupTableData"), dtype)
                             for c in ("Red", "Green", "Blue"))

@@ -104,6 +104,8 @@ def lut_from_item(item: Dataset) -> tuple[tuple[int, int, int], npt.NDArray[np.i
     LUT Data arrives as integers (VR US) or, in explicit VR files, as OW bytes: 16-bit
     little-endian words, or one byte per entry when 8-bit entries fill exactly one byte each.
     """
+    if "LUTDescriptor" not in item or "LUTData" not in item:
+        raise ValueError("LUT Sequence item without LUT Descriptor or LUT Data")
     desc = tuple(int(v) for v in item.LUTDescriptor)
     data = item.LUTData
     if isinstance(data, bytes):

@@ -8,16 +8,13 @@ what a reader must see); every analysed image gets its own Explanation and so it
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import torch
 
 from dicom_ai.config import InferenceSettings
 from dicom_ai.dicom.errors import DicomInputError
@@ -43,12 +40,6 @@ class PreparedImage:
     model_input: npt.NDArray[np.float32]
     display: npt.NDArray[np.uint8]
     box: tuple[int, int, int, int]
-
-
-@functools.cache
-def _fit_statistics(path: Path) -> dict[str, torch.Tensor]:
-    # Loaded once per process and bundle, like the network itself.
-    return input_fit.load_statistics(path)
 
 
 def _display(image: npt.NDArray[np.float32]) -> npt.NDArray[np.uint8]:
@@ -190,10 +181,9 @@ def analyse_images(bundle: Bundle, series: Series, started: datetime,
     inputs = [p.model_input for p in prepared]
     fit = block.get("input_fit")
     if fit:
-        with input_fit.FeatureTap(bundle.network, fit["layer"]) as tap:
-            logits = predict_logits(bundle, inputs, batch_size=settings.batch_size,
-                                    amp=settings.amp)
-        scores = input_fit.mahalanobis(tap.features, _fit_statistics(bundle.file(fit["stats"])))
+        scores, logits = input_fit.score_and_logits(bundle, inputs,
+                                                    batch_size=settings.batch_size,
+                                                    amp=settings.amp)
         keep = [i for i, s in enumerate(scores) if s <= float(fit["threshold"])]
         if not keep:
             return rejected(f"the image is unlike the model's training data (input-fit score "

@@ -8,6 +8,12 @@ import json
 import os
 from pathlib import Path
 
+#: Models trained by the classification recipes (:mod:`dicom_ai.train.recipes`), named here
+#: without importing torch.
+CLASSIFIERS = ("cxr-pneumonia", "fundus-dr")
+#: The CT model, trained by :mod:`dicom_ai.train.ct_nodules`.
+CT_MODEL = "ct-lung"
+
 #: Where the training data lives unless ``--data`` or ``DICOM_AI_TRAIN_DATA`` says otherwise.
 DEFAULT_DATA = Path("../shared/data")
 #: Scratch directory for the normalized image cache (never inside the repository).
@@ -23,14 +29,16 @@ def _cache_dir(arg: str | None) -> Path:
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Register ``train`` and ``evaluate`` on the CLI's subparsers."""
-    from dicom_ai.train.recipes import RECIPES
+    """Register ``train`` and ``evaluate`` on the CLI's subparsers.
 
+    Nothing here imports torch: every ``dicom-ai`` command, the service's listener included,
+    builds this parser.
+    """
     train = subparsers.add_parser(
         "train", help="train a shipped model and write its MONAI bundle",
         description="Train a model from ../shared/data, calibrate it on validation and write "
                     "the bundle (weights, configs, input-fit statistics).")
-    train.add_argument("model", choices=sorted(RECIPES), help="which model")
+    train.add_argument("model", choices=[*CLASSIFIERS, CT_MODEL], help="which model")
     train.add_argument("--epochs", type=int, help="maximum epochs (default: the recipe's)")
     train.add_argument("--out", help="bundle directory (default: models/<model>)")
     train.add_argument("--data", help="data root (default: $DICOM_AI_TRAIN_DATA or "
@@ -58,6 +66,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
 
 def run_train(args: argparse.Namespace) -> int:
     """Train (unless ``--export-only``), then export the bundle."""
+    if args.model == CT_MODEL:
+        from dicom_ai.train import ct_nodules
+
+        return ct_nodules.main(["--out", str(args.out or Path("models") / CT_MODEL),
+                                "--threads", str(args.threads), "train",
+                                "--data", str(_data_dir(args.data) / "ct")])
     from dicom_ai.train.package import export_bundle
     from dicom_ai.train.recipes import RECIPES
     from dicom_ai.train.run import train_model

@@ -131,3 +131,29 @@ def test_rgb_from_ybr_header() -> None:
     assert rgb_from_dataset(ybr, _colour_header("YBR_FULL_422")).tolist() == [[[254, 0, 0]]]
     with pytest.raises(ValueError, match="colour photograph"):
         rgb_from_dataset(np.zeros((2, 2), np.uint8), _colour_header("MONOCHROME2"))
+
+
+def test_segmented_palette_of_a_real_file() -> None:
+    from pathlib import Path
+
+    from dicom_ai.dicom.io import read_dataset
+    from dicom_ai.imaging.fundus import rgb_from_dataset
+
+    path = (Path(__file__).resolve().parents[2].parent / "shared" / "data" / "dicom"
+            / "pydicom-data" / "gdcm-US-ALOKA-16.dcm")
+    if not path.exists():
+        pytest.skip("../shared/data not present")
+    ds = read_dataset(path)
+    assert "SegmentedRedPaletteColorLookupTableData" in ds
+    rgb = rgb_from_dataset(ds.pixel_array, ds)
+    assert rgb.dtype == np.uint8 and rgb.shape == (int(ds.Rows), int(ds.Columns), 3)
+    assert rgb.max() > 0
+
+
+def test_palette_without_descriptor_is_a_value_error() -> None:
+    from dicom_ai.imaging.fundus import rgb_from_dataset
+
+    ds = Dataset()
+    ds.PhotometricInterpretation = "PALETTE COLOR"
+    with pytest.raises(ValueError, match="Descriptor"):
+        rgb_from_dataset(np.zeros((2, 2), np.uint8), ds)

@@ -84,3 +84,15 @@ def test_decision_and_derived_thresholds_from_validation() -> None:
     # perfectly; the highest such observed score is 0.7, midway to 0.3 → 0.5.
     assert derived[0]["label"] == "referable_dr"
     assert derived[0]["threshold"] == pytest.approx(0.5)
+
+
+def test_cli_names_every_recipe_without_importing_torch() -> None:
+    import subprocess
+    import sys
+
+    from dicom_ai.train.commands import CLASSIFIERS
+
+    assert sorted(CLASSIFIERS) == sorted(RECIPES)
+    code = ("import sys; from dicom_ai.cli import build_parser; build_parser(); "
+            "sys.exit('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

@@ -157,3 +157,12 @@ def test_modality_lut_sequence_as_16_bit_words() -> None:
     item.add_new(0x00283006, "OW", np.array([100, 200, 300], dtype="<u2").tobytes())
     header = _header(ModalityLUTSequence=Sequence([item]))
     assert modality_values(np.array([0, 1, 2, 5]), header).tolist() == [100, 200, 300, 300]
+
+
+def test_lut_item_without_descriptor_is_a_value_error() -> None:
+    from pydicom.dataset import Dataset
+
+    from dicom_ai.imaging.xray import lut_from_item
+
+    with pytest.raises(ValueError, match="without LUT Descriptor"):
+        lut_from_item(Dataset())
