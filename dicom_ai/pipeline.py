@@ -119,17 +119,18 @@ def analyse_series(series: Series, models: Sequence[Bundle], settings: Settings,
 def run_study(study: Study, models: Sequence[Bundle], settings: Settings, *,
               started: datetime | None = None) -> StudyOutcome:
     """Analyse every series of ``study`` with the models that apply, and build the DICOM
-    results (Secondary Captures, then one SR per series and model)."""
+    results (Secondary Captures, then one SR per model)."""
     from dicom_ai.results import build_outputs
 
     started = started or datetime.now().astimezone()
     outcome = StudyOutcome(study_instance_uid=study.study_instance_uid)
     for series in study.series:
         analyse_series(series, models, settings, started, outcome)
-    by_name = {b.name: b for b in models}
-    for result in outcome.results:
-        block = by_name[result.model.name].dicom_ai
-        outcome.datasets.extend(build_outputs(result, settings.output,
-                                              codes=block.get("codes", {}),
-                                              finding_site=block.get("finding_site")))
+    # One SR per study and model: the results of one model on the study's series together.
+    for bundle in models:
+        results = [r for r in outcome.results if r.model == bundle.info]
+        if results:
+            outcome.datasets.extend(build_outputs(results, settings.output,
+                                                  codes=bundle.dicom_ai.get("codes", {}),
+                                                  finding_site=bundle.dicom_ai.get("finding_site")))
     return outcome

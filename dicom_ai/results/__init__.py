@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from pydicom.dataset import Dataset
 from pydicom.uid import SecondaryCaptureImageStorage
@@ -27,15 +27,16 @@ def output_filename(ds: Dataset) -> str:
     return f"{kind}-{ds.SOPInstanceUID}.dcm"
 
 
-def build_outputs(result: ModelResult, settings: OutputSettings, *,
+def build_outputs(results: Sequence[ModelResult], settings: OutputSettings, *,
                   codes: Mapping[str, CodeSpec], finding_site: CodeSpec | None) -> list[Dataset]:
-    """All DICOM objects of one model result: one SC per explanation, then the SR.
+    """All DICOM objects of one model on one study: one SC per explanation, then one SR.
 
     Parameters
     ----------
-    result:
-        The model's findings (or rejection) on one series. The file names of the objects
-        (:func:`output_filename`) are appended to ``result.outputs``, in order.
+    results:
+        The model's findings (or rejections) on the series of one study. The file names of
+        each result's SCs and of the shared SR (:func:`output_filename`) are appended to its
+        ``outputs``, in order.
     settings:
         UID root, manufacturer, institution; ``secondary_captures`` false skips the SCs.
     codes:
@@ -48,15 +49,17 @@ def build_outputs(result: ModelResult, settings: OutputSettings, *,
     list of pydicom.dataset.Dataset
         The SCs (none for a rejected result) followed by the SR, which references them.
     """
-    scs: list[Dataset] = []
-    if settings.secondary_captures and result.status == "ok":
-        scs = [build_secondary_capture(e, result, settings, index=i)
-               for i, e in enumerate(result.explanations)]
-    sr = build_sr(result, settings, codes=codes, finding_site=finding_site,
+    per_result: list[list[Dataset]] = [
+        [build_secondary_capture(e, result, settings, index=i)
+         for i, e in enumerate(result.explanations)]
+        if settings.secondary_captures and result.status == "ok" else []
+        for result in results]
+    scs = [sc for group in per_result for sc in group]
+    sr = build_sr(results, settings, codes=codes, finding_site=finding_site,
                   secondary_captures=scs)
-    outputs = [*scs, sr]
-    result.outputs.extend(output_filename(ds) for ds in outputs)
-    return outputs
+    for result, own in zip(results, per_result, strict=True):
+        result.outputs.extend(output_filename(ds) for ds in [*own, sr])
+    return [*scs, sr]
 
 
 __all__ = ["build_outputs", "derive_uid", "findings_document", "output_filename"]

@@ -217,15 +217,17 @@ def _complete_deidentification(sr: Dataset) -> None:
         sr.DeidentificationMethod = "not stated in the source images"
 
 
-def build_sr(result: ModelResult, settings: OutputSettings, *, codes: Mapping[str, CodeSpec],
-             finding_site: CodeSpec | None,
+def build_sr(results: Sequence[ModelResult], settings: OutputSettings, *,
+             codes: Mapping[str, CodeSpec], finding_site: CodeSpec | None,
              secondary_captures: Sequence[Dataset] = ()) -> hd.sr.Comprehensive3DSR:
-    """Build the Comprehensive 3D SR of one model result.
+    """Build the Comprehensive 3D SR of one model on one study.
 
     Parameters
     ----------
-    result:
-        Findings (or a rejection) of one model on one series.
+    results:
+        Findings (or rejections) of one model on the series of one study, at least one; a
+        study whose frontal film was analysed and whose lateral was rejected gets one SR that
+        says both.
     settings:
         UID root, manufacturer and institution.
     codes:
@@ -233,16 +235,20 @@ def build_sr(result: ModelResult, settings: OutputSettings, *, codes: Mapping[st
     finding_site:
         The bundle's finding site, or ``None``.
     secondary_captures:
-        The SCs made for this result; groups reference those made from their source images.
+        The SCs made for these results; groups reference those made from their source images.
 
     Returns
     -------
     highdicom.sr.Comprehensive3DSR
         UNVERIFIED, COMPLETE, PRELIMINARY; in the source's study, a new deterministic series.
     """
+    if not results:
+        raise ValueError("an SR needs at least one model result")
     site = c.concept(finding_site) if finding_site else None
-    ctx = _Context(result, settings, codes, site, secondary_captures)
+    contexts = [_Context(r, settings, codes, site, secondary_captures) for r in results]
+    result = results[0]
     model = result.model
+    sources = [uid for ctx in contexts for uid in ctx.instances]
     observer = hd.sr.ObserverContext(
         observer_type=dcm_codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -252,7 +258,7 @@ def build_sr(result: ModelResult, settings: OutputSettings, *, codes: Mapping[st
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=c.procedure_reported(header, site),
-        imaging_measurements=measurement_groups(ctx),
+        imaging_measurements=[g for ctx in contexts for g in measurement_groups(ctx)],
     )
     disclaimer = ContainerContentItem(name=c.QUALITATIVE_EVALUATIONS,
                                       relationship_type=RelationshipTypeValues.CONTAINS)
@@ -262,14 +268,15 @@ def build_sr(result: ModelResult, settings: OutputSettings, *, codes: Mapping[st
     started = result.started
     equipment = AlgorithmEquipment(model, institution_name=settings.institution_name,
                                    contribution_datetime=started)
-    evidence = [reference_header(header),
-                *(i.header for i in result.series.instances[1:]), *secondary_captures]
+    evidence = [reference_header(header), *(i.header for i in result.series.instances[1:]),
+                *(i.header for r in results[1:] for i in r.series.instances),
+                *secondary_captures]
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=report,
-        series_instance_uid=ctx.uid("sr-series"),
+        series_instance_uid=derive_uid(sources, model, "sr-series", root=settings.uid_root),
         series_number=SR_SERIES_NUMBER,
-        sop_instance_uid=ctx.uid("sr"),
+        sop_instance_uid=derive_uid(sources, model, "sr", root=settings.uid_root),
         instance_number=1,
         manufacturer=settings.manufacturer,
         is_complete=True,

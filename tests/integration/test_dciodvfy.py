@@ -60,7 +60,7 @@ def test_outputs_validate_and_render(study: str, tmp_path: Path) -> None:
     settings = fx.settings(uid_root="1.2.826.0.1.3680043.10.1", institution_name="Test")
     site = fx.RETINA if study.startswith("fundus") else fx.LUNG
     paths = []
-    for ds in build_outputs(result, settings, codes=fx.CODES, finding_site=site):
+    for ds in build_outputs([result], settings, codes=fx.CODES, finding_site=site):
         path = tmp_path / output_filename(ds)
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)

@@ -133,3 +133,28 @@ def test_corpus_replay_accounts_for_every_file(tmp_path: Path,
     assert all(e["reason"] for e in entries if e["status"] != "processed")
     assert status == (2 if any(e["status"] == "failed" for e in entries) else 0)
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_frontal_and_lateral_study_gets_one_valid_sr(tmp_path: Path) -> None:
+    import pydicom
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(SAMPLES / "cxr01" / "1.dcm", folder / "frontal.dcm")
+    lateral = pydicom.dcmread(SAMPLES / "cxr01" / "1.dcm")
+    lateral.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.7701"
+    lateral.SOPInstanceUID = "1.2.826.0.1.3680043.8.498.7701.1"
+    lateral.SeriesNumber = 2
+    lateral.ViewPosition = "LL"
+    lateral.save_as(folder / "lateral.dcm")
+    out = tmp_path / "out"
+    assert main(["replay", str(folder), "--out", str(out), "--models", str(REPO / "models"),
+                 "--quiet"]) == 0
+    (study_dir,) = [p for p in out.iterdir() if p.is_dir()]
+    srs = sorted(study_dir.glob("sr-*.dcm"))
+    assert len(srs) == 1
+    outputs = sorted(study_dir.glob("*.dcm"))
+    for path in outputs:
+        assert validator_errors("dciodvfy", path) == [], path.name
+    assert validator_errors("dcentvfy", folder / "frontal.dcm", folder / "lateral.dcm",
+                            *outputs) == []

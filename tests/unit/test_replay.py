@@ -117,3 +117,29 @@ def test_replay_twice_gives_identical_uids(cxr_folder: Path, models_dir: Path,
     uids = [[ds.SOPInstanceUID for ds in o.datasets] for o in (first.outcomes + second.outcomes)]
     assert uids[0] == uids[1] and len(uids[0]) >= 2
     shutil.rmtree(tmp_path / "a")
+
+
+def test_one_sr_per_study_and_model(cxr_folder: Path, models_dir: Path, tmp_path: Path) -> None:
+    import highdicom as hd
+
+    lateral = pydicom.dcmread(cxr_folder / "cxr.dcm")
+    lateral.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.77"
+    lateral.SOPInstanceUID = "1.2.826.0.1.3680043.8.498.77.1"
+    lateral.ViewPosition = "LL"
+    lateral.save_as(cxr_folder / "lateral.dcm")
+    bundle = load_bundle(models_dir / "tiny-cxr", device=torch.device("cpu"))
+    report = replay(cxr_folder, tmp_path / "out", [bundle], Settings(), progress=False)
+    (outcome,) = report.outcomes
+    assert sorted(r.status for r in outcome.results) == ["ok", "rejected"]
+    srs = [ds for ds in outcome.datasets if ds.Modality == "SR"]
+    assert len(srs) == 1
+    sr_name = f"sr-{srs[0].SOPInstanceUID}.dcm"
+    assert all(r.outputs[-1] == sr_name for r in outcome.results)
+    sr = hd.sr.srread(tmp_path / "out" / outcome.study_instance_uid / sr_name)
+    groups = sr.content.get_image_measurement_groups()
+    assert len(groups) == 3  # normal, pneumonia, and "not analysed" for the lateral
+    referenced = {ref.ReferencedSOPInstanceUID
+                  for item in srs[0].CurrentRequestedProcedureEvidenceSequence
+                  for series in item.ReferencedSeriesSequence
+                  for ref in series.ReferencedSOPSequence}
+    assert lateral.SOPInstanceUID in referenced

@@ -20,7 +20,7 @@ from tests import results_fixtures as fx
 def build(result: ModelResult, tmp_path: Path, **settings: Any
           ) -> tuple[list[Dataset], Dataset, hd.sr.MeasurementReport]:
     """Build the outputs, write the SR and read it back: (outputs, SR read back, its report)."""
-    datasets = build_outputs(result, fx.settings(**settings), codes=fx.CODES,
+    datasets = build_outputs([result], fx.settings(**settings), codes=fx.CODES,
                              finding_site=fx.LUNG)
     path = tmp_path / "sr.dcm"
     datasets[-1].save_as(path, enforce_file_format=True)

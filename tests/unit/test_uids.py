@@ -59,7 +59,7 @@ def test_invalid_root_is_refused(root: str) -> None:
 
 def test_replaying_a_study_twice_gives_identical_uids() -> None:
     def uids() -> list[tuple[str, str]]:
-        datasets = build_outputs(fx.dx_result(), fx.settings(), codes=fx.CODES,
+        datasets = build_outputs([fx.dx_result()], fx.settings(), codes=fx.CODES,
                                  finding_site=fx.LUNG)
         return [(str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID)) for ds in datasets]
 
