@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import sys
+import traceback
 import warnings
+from pathlib import Path
 
 #: Libraries whose warnings may quote element values (and so patient identity).
 VALUE_QUOTING_LOGGERS = ("pydicom", "highdicom", "pynetdicom.dsutils")
@@ -26,3 +28,27 @@ def configure_logging(level: str = "INFO") -> None:
     logging.captureWarnings(True)
     logging.getLogger("py.warnings").setLevel(logging.ERROR)
     warnings.simplefilter("default")
+
+
+def safe_error_text(exc: BaseException) -> str:
+    """One line about a failure that cannot carry patient identity.
+
+    Our own :class:`~dicom_ai.dicom.errors.DicomInputError` reasons are identity-free by
+    contract and are kept; any other exception's message may quote element values (pydicom and
+    highdicom do), so only its type and where it was raised are kept.
+    """
+    from dicom_ai.dicom.errors import DicomInputError
+
+    if isinstance(exc, DicomInputError):
+        return exc.reason[:300]
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
+    return f"{type(exc).__name__}{where}"
+
+
+def log_failure(logger: logging.Logger, message: str, exc: BaseException) -> None:
+    """Log a caught exception at ERROR: :func:`safe_error_text` and the call stack as
+    ``file:line in function`` frames — enough to find the bug, never a value from the data."""
+    frames = " <- ".join(f"{Path(f.filename).name}:{f.lineno} in {f.name}"
+                         for f in reversed(traceback.extract_tb(exc.__traceback__)))
+    logger.error("%s: %s [%s]", message, safe_error_text(exc), frames)

@@ -25,6 +25,7 @@ from dicom_ai.config import Settings
 from dicom_ai.dicom.collect import Collection, collect
 from dicom_ai.inference.bundle import Bundle
 from dicom_ai.inference.findings import ModelResult
+from dicom_ai.logs import log_failure, safe_error_text
 from dicom_ai.pipeline import StudyOutcome, run_study
 from dicom_ai.results import output_filename
 
@@ -138,10 +139,8 @@ def replay(folder: Path, out_dir: Path, models: Sequence[Bundle], settings: Sett
         try:
             outcome = run_study(study, models, settings)
         except Exception as exc:  # one bad study must not stop the replay
-            log.error("study %s failed: %s: %s", study.study_instance_uid, type(exc).__name__,
-                      exc)
-            log.debug("traceback of the failed study", exc_info=True)
-            crashed[study.study_instance_uid] = f"internal error: {type(exc).__name__}: {exc}"
+            log_failure(log, f"study {study.study_instance_uid} failed", exc)
+            crashed[study.study_instance_uid] = f"internal error: {safe_error_text(exc)}"
             continue
         write_outcome(outcome, out_dir)
         outcomes.append(outcome)

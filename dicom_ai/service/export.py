@@ -29,6 +29,7 @@ from pynetdicom import AE, evt
 from pynetdicom.events import Event
 
 from dicom_ai.config import DestinationSettings, ExportSettings, Settings
+from dicom_ai.logs import log_failure
 from dicom_ai.service import db
 from dicom_ai.service.process import child_setup
 from dicom_ai.service.tls import client_context
@@ -255,7 +256,7 @@ class Exporter:
             try:
                 results = sender.send(batch)
             except Exception as exc:
-                log.exception("sending to %s failed", name)
+                log_failure(log, f"sending to {name} failed", exc)
                 results = dict.fromkeys((i.id for i in batch), f"{type(exc).__name__} while "
                                         "sending")
             record_results(self.conn, batch, results,

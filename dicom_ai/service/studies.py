@@ -21,6 +21,7 @@ import threading
 import time
 from pathlib import Path
 
+from dicom_ai.logs import log_failure
 from dicom_ai.service import db
 
 log = logging.getLogger(__name__)
@@ -137,9 +138,9 @@ class Assembler(threading.Thread):
             while not self._stop_event.wait(self._tick):
                 try:
                     completed = complete_quiet_studies(conn, time.time(), self._quiet)
-                except sqlite3.Error:
+                except sqlite3.Error as exc:
                     # A busy or failing index must not end assembly for good; try next tick.
-                    log.exception("study assembly failed; retrying")
+                    log_failure(log, "study assembly failed; retrying", exc)
                     continue
                 for uid, generation in completed:
                     log.info("study %s complete (generation %d); job queued", uid, generation)

@@ -30,7 +30,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_ai.config import Settings
-from dicom_ai.dicom.errors import DicomInputError
+from dicom_ai.logs import log_failure, safe_error_text
 from dicom_ai.service import db
 from dicom_ai.service.process import child_setup
 from dicom_ai.service.spool import Spool, durable_write, is_uid, study_paths
@@ -93,17 +93,6 @@ def requeue_interrupted(conn: sqlite3.Connection, max_attempts: int, now: float)
         return conn.execute("UPDATE jobs SET state = 'queued' WHERE state = 'running'").rowcount
 
 
-def error_text(exc: BaseException) -> str:
-    """A short, patient-free account of a failure for the job table and logs.
-
-    ``DicomInputError`` reasons are patient-free by contract; other messages may quote data, so
-    only the exception type is kept.
-    """
-    if isinstance(exc, DicomInputError):
-        return exc.reason[:300]
-    return f"{type(exc).__name__} during processing (see the worker log)"
-
-
 def encode(ds: Dataset) -> bytes:
     """A dataset in the DICOM file format; Explicit VR Little Endian unless it names another."""
     if getattr(ds, "file_meta", None) is None:
@@ -152,8 +141,8 @@ class Worker:
             processed = self.processor(paths)
             outputs = self._write_outputs(job, processed)
         except Exception as exc:
-            log.exception("job %d failed", job.id)
-            return self._fail(job, error_text(exc))
+            log_failure(log, f"job {job.id} failed", exc)
+            return self._fail(job, safe_error_text(exc))
         return self._finish(job, processed, outputs)
 
     def _write_outputs(self, job: Job, processed: ProcessedStudy) -> list[Path]:

@@ -4,6 +4,7 @@ failed attempts, interrupted jobs re-queued, supersession when the study re-open
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
@@ -96,12 +97,16 @@ def test_failing_job_is_retried_then_failed_with_reason(tmp_path: Path) -> None:
     assert worker.run_once() is None
 
 
-def test_unexpected_error_text_keeps_only_the_type(tmp_path: Path) -> None:
+def test_unexpected_error_keeps_only_type_and_place(tmp_path: Path,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
     spool, conn = setup(tmp_path)
     processor = Recorder([], RuntimeError("Doe^Jane 19700101"))
+    caplog.set_level(logging.DEBUG)
     Worker(conn, spool, processor, destinations=[], max_attempts=1).run_once()
     error = conn.execute("SELECT last_error FROM jobs").fetchone()[0]
-    assert error == "RuntimeError during processing (see the worker log)"
+    assert error.startswith("RuntimeError at test_worker.py:")
+    assert "job 1 failed: RuntimeError at test_worker.py:" in caplog.text
+    assert "Doe^Jane" not in caplog.text and "19700101" not in caplog.text
 
 
 def test_interrupted_job_is_requeued_or_failed_when_out_of_attempts(tmp_path: Path) -> None:
