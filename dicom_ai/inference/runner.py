@@ -43,15 +43,19 @@ def predict_logits(bundle: Bundle, inputs: Sequence[FloatArray], *, batch_size: 
     return np.concatenate(outputs) if outputs else np.zeros((0, 0), dtype=np.float32)
 
 
-def calibrated_softmax(logits: FloatArray, temperature: float = 1.0) -> FloatArray:
-    """Softmax of ``logits / temperature`` (temperature fitted on validation data)."""
+def calibrated_softmax(logits: npt.NDArray[np.floating],
+                       temperature: float = 1.0) -> npt.NDArray[np.float64]:
+    """Row-wise softmax of ``logits / temperature``, in float64 (numerically stable).
+
+    Training chooses operating points with this same function, so a probability compared with
+    a bundle's threshold at inference is computed exactly as it was when the threshold was set.
+    """
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
-    scaled = logits.astype(np.float64) / temperature
+    scaled = np.asarray(logits, dtype=np.float64) / temperature
     scaled -= scaled.max(axis=1, keepdims=True)
     exp = np.exp(scaled)
-    probabilities: FloatArray = (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
-    return probabilities
+    return np.asarray(exp / exp.sum(axis=1, keepdims=True), dtype=np.float64)
 
 
 def gradcam(bundle: Bundle, image: FloatArray, class_index: int, layer: str) -> FloatArray:

@@ -8,14 +8,6 @@ import torch
 import torch.nn.functional as F
 
 
-def softmax(logits: npt.NDArray[np.floating], temperature: float = 1.0) -> npt.NDArray[np.float64]:
-    """Row-wise softmax of ``logits / temperature`` (numerically stable)."""
-    z = np.asarray(logits, dtype=np.float64) / temperature
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return np.asarray(e / e.sum(axis=1, keepdims=True), dtype=np.float64)
-
-
 def fit_temperature(logits: npt.NDArray[np.floating], labels: npt.NDArray[np.integer]) -> float:
     """Temperature T > 0 minimising the negative log-likelihood of ``softmax(logits / T)``
     (Guo et al. 2017), by L-BFGS on log T so T stays positive."""

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from dicom_ai.train.calibrate import softmax
+from dicom_ai.inference.runner import calibrated_softmax as softmax
 from dicom_ai.train.metrics import (
     binary_auc,
     bootstrap_ci,

@@ -18,9 +18,9 @@ from torch import nn
 
 import dicom_ai
 from dicom_ai.inference.input_fit import FeatureTap, fit_statistics, mahalanobis
+from dicom_ai.inference.runner import calibrated_softmax as softmax
 from dicom_ai.train.calibrate import (
     fit_temperature,
-    softmax,
     threshold_for_sensitivity,
     youden_threshold,
 )

@@ -8,18 +8,9 @@ import pytest
 from dicom_ai.train.calibrate import (
     below,
     fit_temperature,
-    softmax,
     threshold_for_sensitivity,
     youden_threshold,
 )
-
-
-def test_softmax_rows_and_temperature() -> None:
-    p = softmax(np.array([[0.0, np.log(3.0)]]))
-    assert p[0].tolist() == pytest.approx([0.25, 0.75])
-    # Doubling the temperature halves the logit gap: e^{ln3/2} = √3 → p = √3/(1+√3).
-    p2 = softmax(np.array([[0.0, np.log(3.0)]]), temperature=2.0)
-    assert p2[0, 1] == pytest.approx(np.sqrt(3) / (1 + np.sqrt(3)))
 
 
 def test_fit_temperature_recovers_known_scale() -> None:
