@@ -86,7 +86,6 @@ class VOI:
     function: str = "LINEAR"
     lut_descriptor: tuple[int, int, int] = (0, 0, 0)
     lut_data: tuple[int, ...] = ()
-    lut_bits: int = 0
     low: float = 0.0
     high: float = 0.0
 
@@ -128,8 +127,7 @@ def voi_from_header(header: Dataset) -> VOI:
     seq = header.get("VOILUTSequence")
     if seq:
         desc, data = lut_from_item(seq[0])
-        return VOI(kind="lut", lut_descriptor=desc, lut_data=tuple(int(v) for v in data),
-                   lut_bits=desc[2])
+        return VOI(kind="lut", lut_descriptor=desc, lut_data=tuple(int(v) for v in data))
     if "WindowCenter" in header and "WindowWidth" in header:
         fn = str(header.get("VOILUTFunction", "LINEAR")).upper() or "LINEAR"
         return VOI(kind="window", center=_first(header.WindowCenter),
@@ -156,7 +154,8 @@ def apply_voi(values: FloatArray, voi: VOI) -> FloatArray:
     """Modality values → [0, 1] presentation values (before any MONOCHROME1 inversion)."""
     if voi.kind == "lut":
         out = apply_lut(values, voi.lut_descriptor, voi.lut_data)
-        return scale_to_unit(out, 0.0, float(2**voi.lut_bits - 1))
+        # The descriptor's third value is the bit depth of the LUT's entries.
+        return scale_to_unit(out, 0.0, float(2**voi.lut_descriptor[2] - 1))
     if voi.kind == "window":
         if voi.function == "SIGMOID":
             return window_sigmoid(values, voi.center, voi.width)
