@@ -96,19 +96,25 @@ def running_jobs(index: Path) -> int:
         conn.close()
 
 
+def bench_receiver(command: list[str], port: int, called: str, files: list[Path],
+                   runs: int) -> list[float]:
+    """Start a receiver (``command`` listens on ``port``), time ``runs`` sends, stop it."""
+    proc = subprocess.Popen(command, env=dict(os.environ, TCP_NODELAY="1"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        return [storescu(port, called, files) for _ in range(runs)]
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
 def bench_storescp(scratch: Path, files: list[Path], runs: int) -> list[float]:
     port = free_port()
     out = scratch / "storescp"
     out.mkdir()
-    proc = subprocess.Popen(["storescp", "-od", str(out), str(port)],
-                            env=dict(os.environ, TCP_NODELAY="1"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_port(port)
-        return [storescu(port, "STORESCP", files) for _ in range(runs)]
-    finally:
-        proc.terminate()
-        proc.wait()
+    return bench_receiver(["storescp", "-od", str(out), str(port)], port, "STORESCP", files,
+                          runs)
 
 
 #: The floor for any pynetdicom receiver: an SCP that only takes the encoded bytes and answers.
@@ -129,14 +135,8 @@ ae.start_server(("127.0.0.1", int(sys.argv[1])), block=True,
 
 def bench_floor(files: list[Path], runs: int) -> list[float]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-c", FLOOR_SCP, str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_port(port)
-        return [storescu(port, "FLOOR", files) for _ in range(runs)]
-    finally:
-        proc.kill()
-        proc.wait()
+    return bench_receiver([sys.executable, "-c", FLOOR_SCP, str(port)], port, "FLOOR", files,
+                          runs)
 
 
 def bench_serve(scratch: Path, files: list[Path], busy: list[list[Path]], models: Path,
