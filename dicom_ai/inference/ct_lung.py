@@ -37,7 +37,6 @@ from dicom_ai.imaging.lung import (
     measure_lungs,
     segment_lungs,
 )
-from dicom_ai.inference import routing
 from dicom_ai.inference.bundle import Bundle
 from dicom_ai.inference.findings import Explanation, Finding, ModelResult
 
@@ -377,11 +376,9 @@ VolumeAnalysis = Callable[[CTVolume], tuple[str | None, list[Finding], list[Expl
 
 def analyse_ct_series(bundle: Bundle, series: Series, started: datetime,
                       analyse: VolumeAnalysis) -> tuple[ModelResult, dict[str, str]]:
-    """The frame shared by the CT tasks: header rules of the bundle, then the HU volume, then
-    ``analyse`` (which returns a rejection reason, or findings and explanations)."""
-    reason = routing.unfit(bundle.dicom_ai["accepts"], series)
-    if reason is not None:
-        return _rejected(bundle, series, started, reason), {}
+    """The frame shared by the CT tasks: the HU volume, then ``analyse`` (which returns a
+    rejection reason, or findings and explanations). The bundle's header rules were already
+    applied by :func:`dicom_ai.pipeline.analyse_series`."""
     try:
         volume = build_volume(series)
     except SeriesGeometryError as exc:

@@ -18,13 +18,12 @@ import torch
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from dicom_ai.config import InferenceSettings
+from dicom_ai.config import InferenceSettings, Settings
 from dicom_ai.dicom.model import Instance, Series
 from dicom_ai.inference.bundle import Bundle
 from dicom_ai.inference.ct_lung import (
     Candidate,
     Preprocessing,
-    analyse_ct,
     extent_mm,
     find_candidates,
     in_plane_diameter_mm,
@@ -33,6 +32,7 @@ from dicom_ai.inference.ct_lung import (
     probability_map,
 )
 from dicom_ai.inference.findings import ModelInfo, ModelResult
+from dicom_ai.pipeline import StudyOutcome, analyse_series
 
 torch.set_num_threads(1)
 
@@ -130,9 +130,13 @@ def write_series(hu: npt.NDArray[np.float32], folder: Path, *, thickness: float 
 
 
 def _run(series: Series, bundle: Bundle | None = None) -> tuple[ModelResult, dict[str, str]]:
-    result, failed = analyse_ct(bundle or _bundle(), series, datetime(2026, 1, 1),
-                                InferenceSettings(batch_size=8))
-    return result, failed
+    # Through the pipeline, as the product runs it: routing's header rules come first.
+    outcome = StudyOutcome(series.study_instance_uid)
+    analyse_series(series, [bundle or _bundle()],
+                   Settings(inference=InferenceSettings(batch_size=8)), datetime(2026, 1, 1),
+                   outcome)
+    (result,) = outcome.results
+    return result, outcome.failed_files
 
 
 def _lps(zyx: tuple[float, float, float]) -> npt.NDArray[np.float64]:
