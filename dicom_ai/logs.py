@@ -17,12 +17,27 @@ from pathlib import Path
 
 #: Libraries whose warnings may quote element values (and so patient identity).
 VALUE_QUOTING_LOGGERS = ("pydicom", "highdicom", "pynetdicom.dsutils")
+#: Libraries that narrate routine work at INFO (pynetdicom: several lines per association of the
+#: exporter); our own lines say what matters, so theirs start at WARNING.
+CHATTY_LOGGERS = ("pynetdicom",)
 
 
-def configure_logging(level: str = "INFO") -> None:
-    """Configure the root logger on stderr and silence value-quoting third-party warnings."""
+def configure_logging(level: str = "INFO", *, process: str = "") -> None:
+    """Configure the root logger on stderr and silence value-quoting third-party warnings.
+
+    Parameters
+    ----------
+    level:
+        Root level name.
+    process:
+        For a service child process: its name, put with its PID in every line.
+    """
+    prefix = f"{process}[%(process)d] " if process else ""
     logging.basicConfig(level=level.upper(), stream=sys.stderr, force=True,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format=f"%(asctime)s %(levelname)s {prefix}%(name)s: %(message)s")
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        for name in CHATTY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
     for name in VALUE_QUOTING_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     logging.captureWarnings(True)

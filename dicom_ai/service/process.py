@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
 import signal
 import sys
 
 from dicom_ai.config import Settings
+from dicom_ai.logs import configure_logging
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -30,8 +30,4 @@ def child_setup(settings: Settings, parent_pid: int, name: str) -> None:
     die_with_parent(parent_pid)
     # SIGINT goes to the whole process group on Ctrl-C; the parent decides when children stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
-                        format=f"%(asctime)s %(levelname)s {name}[%(process)d] %(name)s: "
-                               "%(message)s")
-    # highdicom narrates every attribute it copies at INFO; one line per object is ours to log.
-    logging.getLogger("highdicom").setLevel(logging.WARNING)
+    configure_logging(settings.log_level, process=name)

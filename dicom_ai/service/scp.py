@@ -1,9 +1,9 @@
 """The DICOM listener: C-ECHO and C-STORE, durable before acknowledged.
 
-The C-STORE handler runs in pynetdicom's association thread and does the least it can: check free
-disk, parse the few filing attributes from the encoded bytes (no pixel decoding), write the bytes
-as received (fsync, rename, fsync dir), index them, and only then answer 0x0000. Models run in the
-worker process, never here.
+The C-STORE handler runs in the association's thread (:mod:`dicom_ai.service.association`) and
+does the least it can: check free disk, parse the few filing attributes from the encoded bytes (no
+pixel decoding), write the bytes as received (fsync, rename, fsync dir), index them, and only then
+answer 0x0000. Models run in the worker process, never here.
 """
 
 from __future__ import annotations
@@ -11,12 +11,15 @@ from __future__ import annotations
 import errno
 import logging
 import shutil
+import socket
+import socketserver
 import sqlite3
+import ssl
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from pydicom.dataset import Dataset
 from pydicom.uid import (
     HTJ2K,
     JPEG2000,
@@ -43,13 +46,18 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
     VLPhotographicImageStorage,
 )
-from pynetdicom import AE, evt
-from pynetdicom.events import Event, EventHandlerType
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.presentation import PresentationContext, build_context
 
-from dicom_ai.config import Settings
+from dicom_ai.config import SCPSettings, Settings
 from dicom_ai.dicom.errors import DicomInputError
-from dicom_ai.service.spool import Spool, parse_keys
+from dicom_ai.service.association import (
+    AcceptorPolicy,
+    Association,
+    StoreFunction,
+    StoreRequest,
+    StoreStatus,
+)
+from dicom_ai.service.spool import InstanceKeys, Spool, parse_dataset_keys, part10_header
 from dicom_ai.service.tls import server_context
 
 log = logging.getLogger(__name__)
@@ -111,16 +119,28 @@ def disk_free_bytes(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
-def _failure(status: int, comment: str) -> Dataset:
-    rsp = Dataset()
-    rsp.Status = status
-    # Error Comment is LO: at most 64 characters.
-    rsp.ErrorComment = comment[:64]
-    return rsp
+#: The filing keys sit in the first few kilobytes of a data set; this much is parsed first.
+KEYS_PREFIX = 64 * 1024
+
+
+def _parse_keys(request: StoreRequest) -> InstanceKeys:
+    """The filing keys of a received data set: from its first :data:`KEYS_PREFIX` bytes, or from
+    all of it when they do not lie there (a header longer than that)."""
+    head = bytearray()
+    for fragment in request.dataset:
+        head += fragment[:KEYS_PREFIX - len(head)]
+        if len(head) == KEYS_PREFIX:
+            break
+    try:
+        return parse_dataset_keys(bytes(head), request.transfer_syntax)
+    except DicomInputError:
+        if len(head) == sum(len(f) for f in request.dataset):
+            raise
+    return parse_dataset_keys(b"".join(request.dataset), request.transfer_syntax)
 
 
 class StoreHandler:
-    """C-STORE and C-ECHO handlers bound to one spool.
+    """Stores one C-STORE durably and says what to answer.
 
     Parameters
     ----------
@@ -141,83 +161,121 @@ class StoreHandler:
         self.minimum_free = minimum_free_mb * 1024 * 1024
         self.own_manufacturer = own_manufacturer
         self.free_bytes = free_bytes
-        # Per association (by id): [stored, refused], for one summary line when it ends.
-        self._tally: dict[int, list[int]] = {}
-        self._tally_lock = threading.Lock()
 
-    def on_echo(self, event: Event) -> int:
-        """C-ECHO: always success."""
-        return SUCCESS
-
-    def on_store(self, event: Event) -> int | Dataset:
-        """C-STORE: store durably, then answer; a failure status with a short comment otherwise."""
-        rsp = self._store(event)
-        stored = rsp == SUCCESS
-        with self._tally_lock:
-            tally = self._tally.setdefault(id(event.assoc), [0, 0])
-            tally[0 if stored else 1] += 1
-        return rsp
-
-    def on_closed(self, event: Event) -> None:
-        """Association released or aborted: one log line with what it brought."""
-        with self._tally_lock:
-            stored, refused = self._tally.pop(id(event.assoc), [0, 0])
-        if stored or refused:
-            log.info("association from %s ended: %d instances stored, %d refused",
-                     str(event.assoc.requestor.ae_title).strip(), stored, refused)
-
-    def _store(self, event: Event) -> int | Dataset:
-        data: bytes = event.encoded_dataset()
-        if self.free_bytes(self.spool.root) - len(data) < self.minimum_free:
+    def __call__(self, request: StoreRequest) -> StoreStatus:
+        """Store ``request`` (file fsync'ed, renamed, indexed) or say why not."""
+        chunks = [part10_header(request.sop_class_uid, request.sop_instance_uid,
+                                request.transfer_syntax, request.calling_aet), *request.dataset]
+        size = sum(len(c) for c in chunks)
+        if self.free_bytes(self.spool.root) - size < self.minimum_free:
             log.warning("C-STORE refused: free disk below storage.minimum_free_mb")
-            return _failure(OUT_OF_RESOURCES, "out of resources: disk almost full")
+            return StoreStatus(OUT_OF_RESOURCES, "out of resources: disk almost full")
         try:
-            keys = parse_keys(data)
+            keys = _parse_keys(request)
         except DicomInputError as exc:
-            log.warning("C-STORE from %s refused: %s", event.assoc.requestor.ae_title, exc.reason)
-            return _failure(CANNOT_UNDERSTAND, exc.reason)
-        if keys.sop_class_uid != event.request.AffectedSOPClassUID:
-            return _failure(SOP_CLASS_MISMATCH, "SOP Class UID differs from the request")
+            log.warning("C-STORE from %s refused: %s", request.calling_aet, exc.reason)
+            return StoreStatus(CANNOT_UNDERSTAND, exc.reason)
+        if keys.sop_class_uid != request.sop_class_uid:
+            return StoreStatus(SOP_CLASS_MISMATCH, "SOP Class UID differs from the request")
         if (keys.sop_class_uid == SecondaryCaptureImageStorage
                 and keys.manufacturer == self.own_manufacturer):
             log.info("C-STORE of our own result %s acknowledged and discarded",
                      keys.sop_instance_uid)
-            return SUCCESS
-        calling = str(event.assoc.requestor.ae_title).strip()
+            return StoreStatus(SUCCESS)
         try:
-            stored = self.spool.store([data], keys, calling_aet=calling)
+            stored = self.spool.store(chunks, keys, calling_aet=request.calling_aet)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                return _failure(OUT_OF_RESOURCES, "out of resources: disk full")
+                return StoreStatus(OUT_OF_RESOURCES, "out of resources: disk full")
             log.error("C-STORE %s not stored: %s", keys.sop_instance_uid, exc.strerror)
-            return _failure(PROCESSING_FAILURE, "local storage error")
+            return StoreStatus(PROCESSING_FAILURE, "local storage error")
         except sqlite3.Error as exc:
             log.error("C-STORE %s not indexed: %s", keys.sop_instance_uid, exc)
-            return _failure(PROCESSING_FAILURE, "local index error")
+            return StoreStatus(PROCESSING_FAILURE, "local index error")
         log.debug("stored %s (%s)", keys.sop_instance_uid, "new" if stored.new else "again")
-        return SUCCESS
+        return StoreStatus(SUCCESS)
 
 
-def build_ae(settings: Settings) -> AE:
-    """The application entity of ``scp``: contexts, limits and the calling-AE allow-list."""
-    scp = settings.scp
-    ae = AE(ae_title=scp.ae_title)
-    for sop_class in STORAGE_SOP_CLASSES:
-        ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
-    ae.add_supported_context(VERIFICATION, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-    ae.maximum_associations = scp.maximum_associations
-    ae.maximum_pdu_size = scp.maximum_pdu_size
-    ae.network_timeout = scp.network_timeout
-    # A caller addressing another AE title has been misconfigured; refuse it ("called AE title
-    # not recognized") rather than file its images under the wrong service.
-    ae.require_called_aet = True
-    # Unknown callers get A-ASSOCIATE-RJ, permanent, reason 3 "calling AE title not recognized".
-    ae.require_calling_aet = list(scp.allowed_calling_aets)
-    return ae
+def supported_contexts() -> list[PresentationContext]:
+    """Our presentation contexts: each storage class with every syntax we decode, plus C-ECHO."""
+    contexts = [build_context(sop_class, list(TRANSFER_SYNTAXES))
+                for sop_class in STORAGE_SOP_CLASSES]
+    contexts.append(build_context(VERIFICATION, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]))
+    return contexts
+
+
+def acceptor_policy(scp: SCPSettings) -> AcceptorPolicy:
+    """What the listener accepts, from the ``scp`` settings."""
+    return AcceptorPolicy(
+        ae_title=scp.ae_title, contexts=supported_contexts(),
+        allowed_calling_aets=frozenset(a.strip() for a in scp.allowed_calling_aets),
+        maximum_pdu_size=scp.maximum_pdu_size, network_timeout=scp.network_timeout,
+        slots=threading.BoundedSemaphore(scp.maximum_associations))
+
+
+class Listener(socketserver.ThreadingTCPServer):
+    """The TCP listener: one thread and one :class:`Association` per connection.
+
+    Parameters
+    ----------
+    address:
+        Bind address and port (0 picks a free port; see ``server_address``).
+    policy:
+        What associations may do.
+    store:
+        Stores each received instance.
+    tls:
+        Wraps each connection in TLS when given; the handshake runs in the connection's thread.
+    """
+
+    daemon_threads = True
+    allow_reuse_address = True
+    # Connections arriving while an association is being set up queue in the kernel.
+    request_queue_size = 64
+
+    def __init__(self, address: tuple[str, int], policy: AcceptorPolicy, store: StoreFunction,
+                 tls: ssl.SSLContext | None = None) -> None:
+        super().__init__(address, socketserver.BaseRequestHandler, bind_and_activate=True)
+        self.policy = policy
+        self.store = store
+        self.tls = tls
+        self._thread: threading.Thread | None = None
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        sock: socket.socket = request
+        # Each C-STORE-RSP is one small segment the sender waits for; Nagle would delay it.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.tls is not None:
+            sock.settimeout(self.policy.network_timeout)
+            try:
+                sock = self.tls.wrap_socket(sock, server_side=True)
+            except (ssl.SSLError, OSError) as exc:
+                log.warning("TLS handshake with %s failed: %s", client_address[0],
+                            getattr(exc, "reason", None) or type(exc).__name__)
+                sock.close()
+                return
+        Association(sock, self.policy, self.store).run()
+
+    def shutdown_request(self, request: Any) -> None:
+        # Association.run() closes its (possibly TLS-wrapped) socket itself.
+        pass
+
+    def start(self) -> None:
+        """Accept connections in a background thread."""
+        self._thread = threading.Thread(target=self.serve_forever, name="scp-listener",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop accepting and close the listening socket; open associations run to their end."""
+        self.shutdown()
+        self.server_close()
+        if self._thread is not None:
+            self._thread.join()
 
 
 def start_scp(settings: Settings, spool: Spool, *,
-              free_bytes: FreeBytes = disk_free_bytes) -> ThreadedAssociationServer:
+              free_bytes: FreeBytes = disk_free_bytes) -> Listener:
     """Start listening in background threads.
 
     Parameters
@@ -231,29 +289,17 @@ def start_scp(settings: Settings, spool: Spool, *,
 
     Returns
     -------
-    ThreadedAssociationServer
-        Call ``shutdown()`` to stop.
+    Listener
+        Call ``stop()`` to stop.
     """
     handler = StoreHandler(spool, minimum_free_mb=settings.storage.minimum_free_mb,
                            own_manufacturer=settings.output.manufacturer,
                            free_bytes=free_bytes)
-    ae = build_ae(settings)
     tls = settings.scp.tls
-    handlers: list[EventHandlerType] = [
-        (evt.EVT_C_STORE, handler.on_store),
-        (evt.EVT_C_ECHO, handler.on_echo),
-        (evt.EVT_REJECTED, _log_rejected),
-        (evt.EVT_RELEASED, handler.on_closed),
-        (evt.EVT_ABORTED, handler.on_closed),
-    ]
-    server = ae.start_server(
-        (settings.scp.bind_address, settings.scp.port), block=False, evt_handlers=handlers,
-        ssl_context=server_context(tls) if tls.enabled else None)
-    assert server is not None  # start_server returns the server when block=False
+    listener = Listener((settings.scp.bind_address, settings.scp.port),
+                        acceptor_policy(settings.scp), handler,
+                        server_context(tls) if tls.enabled else None)
+    listener.start()
     log.info("listening as %s on %s:%d%s", settings.scp.ae_title, settings.scp.bind_address,
-             settings.scp.port, " (TLS)" if tls.enabled else "")
-    return server
-
-
-def _log_rejected(event: Event) -> None:
-    log.warning("association from %s rejected", event.assoc.requestor.ae_title)
+             listener.server_address[1], " (TLS)" if tls.enabled else "")
+    return listener

@@ -2,7 +2,7 @@
 
 Process layout::
 
-    dicom-ai serve            listener threads (pynetdicom) + study assembler thread + supervisor
+    dicom-ai serve            listener (a thread per association) + assembler thread + supervisor
       ├─ worker process       models loaded once; runs jobs (nice 10)
       └─ exporter process     C-STORE SCU / STOW-RS deliveries
 
@@ -113,16 +113,13 @@ class Service:
 
     def run(self) -> int:
         """Recover, start everything, and serve until SIGTERM or SIGINT; returns the exit code."""
-        if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
-            # pynetdicom logs several lines per C-STORE at INFO; our own lines say what matters.
-            logging.getLogger("pynetdicom").setLevel(logging.WARNING)
         spool = Spool(self.root)
         self.recover(spool)
         for name in ("worker", "exporter"):
             self._start_child(name)
         assembler = studies.Assembler(spool.db_path, self.settings.studies.quiet_period_s)
         assembler.start()
-        server = start_scp(self.settings, spool, free_bytes=self.free_bytes)
+        listener = start_scp(self.settings, spool, free_bytes=self.free_bytes)
         supervisor = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
         supervisor.start()
 
@@ -134,7 +131,7 @@ class Service:
         signal.signal(signal.SIGINT, request_stop)
         while not self._stopping.wait(1.0):
             pass
-        server.shutdown()
+        listener.stop()
         assembler.stop()
         self._stop_children.set()
         for name, proc in self._children.items():

@@ -19,17 +19,23 @@ import logging
 import os
 import re
 import sqlite3
+import struct
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 
-import pydicom
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_dataset, read_partial
+from pydicom.tag import BaseTag, Tag
+from pydicom.uid import UID
 
+from dicom_ai import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from dicom_ai.dicom.errors import MissingAttributeError, UnreadableFileError
 from dicom_ai.service import db, studies
 
@@ -41,6 +47,14 @@ _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
 _KEY_TAGS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID",
              "Manufacturer")
+_KEY_TAG_NUMBERS: list[BaseTag | int] = [Tag(k) for k in _KEY_TAGS]
+_LAST_KEY_TAG = max(_KEY_TAG_NUMBERS)
+
+
+def _after_keys(tag: BaseTag, _vr: str | None, _length: int) -> bool:
+    # Data sets are in ascending tag order: past Series Instance UID nothing we need follows, and
+    # the parse is over before the image module and its pixel data.
+    return bool(tag > _LAST_KEY_TAG)
 
 
 def is_uid(value: str) -> bool:
@@ -60,12 +74,12 @@ class InstanceKeys:
 
 
 def parse_keys(data: bytes) -> InstanceKeys:
-    """Read the filing keys from an encoded DICOM file without touching the pixel data.
+    """Read the filing keys from an encoded DICOM file, parsing no further than they lie.
 
     Parameters
     ----------
     data:
-        A DICOM file (preamble, file meta, data set) as bytes.
+        A DICOM file (preamble, file meta, data set) as bytes, or a leading part of one.
 
     Raises
     ------
@@ -74,12 +88,35 @@ def parse_keys(data: bytes) -> InstanceKeys:
     MissingAttributeError
         A UID needed to file the instance is absent.
     """
+    return _keys(lambda: read_partial(BytesIO(data), stop_when=_after_keys,
+                                      specific_tags=_KEY_TAG_NUMBERS))
+
+
+def parse_dataset_keys(data: bytes, transfer_syntax: str) -> InstanceKeys:
+    """:func:`parse_keys` for a data set as a C-STORE carries it: no preamble, no file meta.
+
+    Parameters
+    ----------
+    data:
+        The data set, or a leading part of it, encoded in ``transfer_syntax``.
+    transfer_syntax:
+        The presentation context's transfer syntax.
+    """
+    syntax = UID(transfer_syntax)
+    if syntax.is_deflated:
+        # A leading part of a deflate stream inflates to a leading part of the data set.
+        data = zlib.decompressobj(-zlib.MAX_WBITS).decompress(data)
+    return _keys(lambda: read_dataset(BytesIO(data), syntax.is_implicit_VR,
+                                      syntax.is_little_endian, stop_when=_after_keys,
+                                      specific_tags=_KEY_TAG_NUMBERS))
+
+
+def _keys(read: Callable[[], Dataset]) -> InstanceKeys:
     try:
-        ds = pydicom.dcmread(BytesIO(data), stop_before_pixels=True,
-                             specific_tags=list(_KEY_TAGS))
+        ds = read()
         values = {k: str(ds.get(k, "") or "").strip() for k in _KEY_TAGS}
     except (InvalidDicomError, ValueError, TypeError, EOFError, OSError, KeyError,
-            NotImplementedError, AttributeError) as exc:
+            NotImplementedError, AttributeError, zlib.error) as exc:
         # The exception text can quote element values; only its kind leaves this function.
         raise UnreadableFileError(f"data set cannot be parsed ({type(exc).__name__})") from exc
     if not any(values.values()):
@@ -93,6 +130,53 @@ def parse_keys(data: bytes) -> InstanceKeys:
                         values["SOPInstanceUID"], values["SOPClassUID"], values["Manufacturer"])
 
 
+_META_SHORT = struct.Struct("<HH2sH")
+_META_LONG = struct.Struct("<HH2s2xL")
+
+
+def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
+    """An Explicit VR Little Endian element of group 0002 (PS3.5 §7.1.2)."""
+    if vr == b"OB":
+        return _META_LONG.pack(0x0002, element, vr, len(value)) + value
+    return _META_SHORT.pack(0x0002, element, vr, len(value)) + value
+
+
+def _even(value: str, pad: bytes) -> bytes:
+    raw = value.encode("ascii")
+    return raw + pad if len(raw) % 2 else raw
+
+
+def part10_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str,
+                  source_aet: str) -> bytes:
+    """Preamble, ``DICM`` and File Meta Information (PS3.10 §7.1) for a received data set.
+
+    Written here rather than through pydicom because it is built once per C-STORE, where
+    pydicom's generic writer cost a third of a millisecond.
+
+    Parameters
+    ----------
+    sop_class_uid, sop_instance_uid:
+        Affected SOP Class and Instance UIDs of the C-STORE.
+    transfer_syntax:
+        The presentation context's transfer syntax.
+    source_aet:
+        The calling AE title (Source Application Entity Title); omitted when empty.
+    """
+    elements = [
+        _meta_element(0x0001, b"OB", b"\x00\x01"),
+        _meta_element(0x0002, b"UI", _even(sop_class_uid, b"\x00")),
+        _meta_element(0x0003, b"UI", _even(sop_instance_uid, b"\x00")),
+        _meta_element(0x0010, b"UI", _even(transfer_syntax, b"\x00")),
+        _meta_element(0x0012, b"UI", _even(IMPLEMENTATION_CLASS_UID, b"\x00")),
+        _meta_element(0x0013, b"SH", _even(IMPLEMENTATION_VERSION_NAME, b" ")),
+    ]
+    if source_aet:
+        elements.append(_meta_element(0x0016, b"AE", _even(source_aet, b" ")))
+    body = b"".join(elements)
+    return (bytes(128) + b"DICM" + _meta_element(0x0000, b"UL", struct.pack("<L", len(body)))
+            + body)
+
+
 def fsync_dir(path: Path) -> None:
     """Flush a directory entry (a rename or a new file) to disk."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -102,7 +186,7 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def durable_write(target: Path, chunks: Sequence[bytes], *, tmp_dir: Path) -> int:
+def durable_write(target: Path, chunks: Sequence[bytes | memoryview], *, tmp_dir: Path) -> int:
     """Write ``chunks`` to ``target`` so that after return the file survives a crash or power cut.
 
     The data goes to a temporary file in ``tmp_dir`` (same file system), is fsync'ed, renamed over
@@ -123,13 +207,20 @@ def durable_write(target: Path, chunks: Sequence[bytes], *, tmp_dir: Path) -> in
         The number of bytes written.
     """
     fd, tmp_name = tempfile.mkstemp(dir=tmp_dir, suffix=".part")
+    size = 0
     try:
-        with os.fdopen(fd, "wb") as fh:
+        try:
+            # Unbuffered: the chunks are large and already in memory; a buffered file would copy.
             for chunk in chunks:
-                fh.write(chunk)
-            fh.flush()
-            os.fsync(fh.fileno())
-            size = fh.tell()
+                view = memoryview(chunk)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                    size += written
+            # The data and the file size; the name is made durable by the directory fsync below.
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp_name, target)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
@@ -197,8 +288,8 @@ class Spool:
         return (self.incoming / keys.study_instance_uid / keys.series_instance_uid
                 / f"{keys.sop_instance_uid}.dcm")
 
-    def store(self, chunks: Sequence[bytes], keys: InstanceKeys, *, calling_aet: str,
-              now: float | None = None) -> Stored:
+    def store(self, chunks: Sequence[bytes | memoryview], keys: InstanceKeys, *,
+              calling_aet: str, now: float | None = None) -> Stored:
         """Write an instance durably, then index it and note its arrival for study assembly.
 
         On return the instance is safe to acknowledge. A SOP Instance UID received again replaces

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import csv
 import logging
+import socket
 import sqlite3
 import ssl
+import struct
 import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -25,26 +28,28 @@ from pydicom.uid import (
 )
 from pynetdicom import AE
 from pynetdicom.association import Association
-from pynetdicom.transport import ThreadedAssociationServer
 from test_spool import STUDY, encoded
 
 from dicom_ai.config import DestinationSettings, Settings, TLSSettings
+from dicom_ai.service.association import StoreRequest
 from dicom_ai.service.export import Delivery, DimseSender
 from dicom_ai.service.scp import (
     STORAGE_SOP_CLASSES,
     TRANSFER_SYNTAXES,
     VERIFICATION,
     FreeBytes,
+    Listener,
     StoreHandler,
     disk_free_bytes,
     start_scp,
 )
 from dicom_ai.service.spool import Spool
+from dicom_ai.service.ul import RELEASE_RP, AbortReason, PDUType, abort_pdu, read_pdu
 
 
 @dataclass
 class Running:
-    server: ThreadedAssociationServer
+    server: Listener
     spool: Spool
     port: int
 
@@ -68,7 +73,7 @@ def scp_factory(tmp_path: Path) -> Iterator[StartSCP]:
 
     yield start
     for running in started:
-        running.server.shutdown()
+        running.server.stop()
         running.spool.close()
 
 
@@ -82,14 +87,12 @@ def associate(port: int, *, calling: str = "MODALITY", called: str = "DICOMAI",
 
 
 def ct(sop: str, **attrs: Any) -> Dataset:
-    from io import BytesIO
-
     return pydicom.dcmread(BytesIO(encoded(sop, **attrs)))
 
 
 def test_store_is_on_disk_and_indexed_when_acknowledged(
         scp_factory: StartSCP, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="dicom_ai.service.scp")
+    caplog.set_level(logging.INFO, logger="dicom_ai.service")
     running = scp_factory()
     assoc = associate(running.port)
     assert assoc.is_established
@@ -112,33 +115,46 @@ def test_store_is_on_disk_and_indexed_when_acknowledged(
 def test_handler_stores_before_it_returns(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
     data = encoded("1.2.3.101")
-
-    class Event:
-        """The parts of a pynetdicom C-STORE event the handler reads."""
-
-        class assoc:
-            class requestor:
-                ae_title = "CT1"
-
-        class request:
-            AffectedSOPClassUID = CTImageStorage
-
-        def __init__(self, payload: bytes) -> None:
-            self.payload = payload
-
-        def encoded_dataset(self) -> bytes:
-            return self.payload
-
+    meta = pydicom.dcmread(BytesIO(data), stop_before_pixels=True).file_meta
+    offset = 132 + 12 + meta.FileMetaInformationGroupLength
+    dataset = memoryview(data)[offset:]
+    # Fragments as a sender might cut them, the first one ending inside the header.
+    request = StoreRequest("CT1", CTImageStorage, "1.2.3.101", meta.TransferSyntaxUID,
+                           [dataset[:100], dataset[100:]])
     handler = StoreHandler(spool, minimum_free_mb=0, own_manufacturer="dicom-ai")
-    assert handler.on_store(Event(data)) == 0x0000  # type: ignore[arg-type]
+    assert handler(request).status == 0x0000
     conn = sqlite3.connect(spool.db_path)
     (rel,) = conn.execute("SELECT path FROM instances").fetchone()
-    assert (tmp_path / rel).read_bytes() == data
+    stored = (tmp_path / rel).read_bytes()
+    assert stored.endswith(bytes(dataset))
+    written = pydicom.dcmread(BytesIO(stored))
+    assert written.file_meta.SourceApplicationEntityTitle == "CT1"
+    assert written.SOPInstanceUID == "1.2.3.101"
 
-    rsp = handler.on_store(Event(b"\x00" * 128 + b"DICM" + b"\x01" * 64))  # type: ignore[arg-type]
-    assert isinstance(rsp, Dataset)
-    assert 0xC000 <= rsp.Status <= 0xCFFF
+    garbage = StoreRequest("CT1", CTImageStorage, "1.2.3.999", ExplicitVRLittleEndian,
+                           [b"\x01" * 64])
+    outcome = handler(garbage)
+    assert 0xC000 <= outcome.status <= 0xCFFF
     assert conn.execute("SELECT COUNT(*) FROM instances").fetchone() == (1,)
+
+
+def test_keys_beyond_the_parsed_prefix_are_found(tmp_path: Path) -> None:
+    """A header longer than the prefix parsed first (a big private sequence before the UIDs)."""
+    from dicom_ai.service.scp import KEYS_PREFIX
+
+    big = Dataset()
+    big.add_new(0x00091010, "LO", "owner")
+    big.add_new(0x00091011, "OB", b"\x00" * (KEYS_PREFIX + 1000))
+    ds = ct("1.2.3.109")
+    ds.update(big)
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    data = buffer.getvalue()
+    offset = 132 + 12 + ds.file_meta.FileMetaInformationGroupLength
+    request = StoreRequest("CT1", CTImageStorage, "1.2.3.109", ExplicitVRLittleEndian,
+                           [memoryview(data)[offset:]])
+    handler = StoreHandler(Spool(tmp_path), minimum_free_mb=0, own_manufacturer="dicom-ai")
+    assert handler(request).status == 0x0000
 
 
 def test_low_disk_answers_out_of_resources(scp_factory: StartSCP) -> None:
@@ -308,3 +324,92 @@ def test_compressed_and_uncompressed_syntaxes_are_stored_as_sent(scp_factory: St
                   / f"{ds.SOPInstanceUID}.dcm")
         assert pydicom.dcmread(stored, stop_before_pixels=True).file_meta.TransferSyntaxUID == ts
     assoc.release()
+
+
+def associate_rq(calling: str = "MODALITY", called: str = "DICOMAI") -> bytes:
+    """An A-ASSOCIATE-RQ proposing CT (context 1), encoded with pynetdicom's PDU classes."""
+    from pynetdicom.pdu import A_ASSOCIATE_RQ
+    from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
+    from pynetdicom.presentation import build_context
+
+    context = build_context(CTImageStorage, [ExplicitVRLittleEndian])
+    context.context_id = 1
+    maximum = MaximumLengthNotification()
+    maximum.maximum_length_received = 16384
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
+    primitive.calling_ae_title = calling
+    primitive.called_ae_title = called
+    primitive.presentation_context_definition_list = [context]
+    primitive.user_information = [maximum]
+    pdu = A_ASSOCIATE_RQ()
+    pdu.from_primitive(primitive)
+    return pdu.encode()
+
+
+def raw_association(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    sock.sendall(associate_rq())
+    assert read_pdu(sock, 1 << 16).type == PDUType.A_ASSOCIATE_AC
+    return sock
+
+
+def test_protocol_violations_are_aborted_and_the_listener_carries_on(
+        scp_factory: StartSCP) -> None:
+    running = scp_factory()
+    # Not DICOM at all.
+    with socket.create_connection(("127.0.0.1", running.port), timeout=5) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\n\r\n")
+        assert read_pdu(sock, 64).raw == abort_pdu(AbortReason.UNRECOGNIZED_PDU)
+    # Data on a presentation context that was never accepted.
+    with raw_association(running.port) as sock:
+        sock.sendall(b"\x04\x00" + struct.pack(">L", 8) + struct.pack(">LBB", 4, 99, 3) + b"xx")
+        assert read_pdu(sock, 64).raw == abort_pdu(AbortReason.UNEXPECTED_PDU_PARAMETER)
+    # A second A-ASSOCIATE-RQ inside an association.
+    with raw_association(running.port) as sock:
+        sock.sendall(associate_rq())
+        assert read_pdu(sock, 64).raw == abort_pdu(AbortReason.UNEXPECTED_PDU)
+    # A release is answered.
+    with raw_association(running.port) as sock:
+        sock.sendall(b"\x05\x00" + struct.pack(">L", 4) + bytes(4))
+        assert read_pdu(sock, 64).raw == RELEASE_RP
+    assoc = associate(running.port)
+    assert assoc.send_c_store(ct("1.2.3.110")).Status == 0x0000
+    assoc.release()
+
+
+def test_associations_beyond_the_limit_are_rejected_transiently(
+        scp_factory: StartSCP) -> None:
+    settings = Settings()
+    settings.scp.maximum_associations = 1
+    running = scp_factory(settings)
+    with raw_association(running.port):
+        with socket.create_connection(("127.0.0.1", running.port), timeout=5) as second:
+            second.sendall(associate_rq())
+            rj = read_pdu(second, 64)
+        # A-ASSOCIATE-RJ: result 2 (transient), source 3 (presentation), reason 2 (local limit).
+        assert rj.type == PDUType.A_ASSOCIATE_RJ and bytes(rj.body)[1:] == bytes((2, 3, 2))
+    deadline = time.monotonic() + 5
+    while not (assoc := associate(running.port)).is_established:
+        assert time.monotonic() < deadline, "the slot was not given back"
+    assoc.release()
+
+
+def test_rejections_name_the_reason(scp_factory: StartSCP) -> None:
+    settings = Settings()
+    settings.scp.allowed_calling_aets = ["PACS"]
+    running = scp_factory(settings)
+    for calling, called, reason in [("INTRUDER", "DICOMAI", 3), ("PACS", "ELSEWHERE", 7)]:
+        with socket.create_connection(("127.0.0.1", running.port), timeout=5) as sock:
+            sock.sendall(associate_rq(calling, called))
+            rj = read_pdu(sock, 64)
+        # Permanent (1), service user (1), calling (3) or called (7) AE title not recognised.
+        assert rj.type == PDUType.A_ASSOCIATE_RJ and bytes(rj.body)[1:] == bytes((1, 1, reason))
+
+
+def test_idle_association_is_aborted(scp_factory: StartSCP) -> None:
+    settings = Settings()
+    settings.scp.network_timeout = 0.5
+    running = scp_factory(settings)
+    with raw_association(running.port) as sock:
+        assert read_pdu(sock, 64).raw == abort_pdu(AbortReason.NOT_SPECIFIED)
