@@ -140,6 +140,14 @@ class Service:
                 log.warning("%s did not stop in time; terminating", name)
                 proc.terminate()
                 proc.join(timeout=5)
+        if not self._children["worker"].is_alive():
+            conn = db.connect(spool.db_path)
+            try:
+                if requeue_interrupted(conn, self.settings.worker.max_attempts, time.time(),
+                                       by_shutdown=True):
+                    log.info("the job interrupted by the stop is queued again")
+            finally:
+                conn.close()
         assembler.join(timeout=5)
         spool.close()
         log.info("stopped")

@@ -81,12 +81,29 @@ def claim_job(conn: sqlite3.Connection, now: float) -> Job | None:
     return None if row is None else Job(int(row[0]), str(row[1]), int(row[2]), int(row[3]))
 
 
-def requeue_interrupted(conn: sqlite3.Connection, max_attempts: int, now: float) -> int:
+def requeue_interrupted(conn: sqlite3.Connection, max_attempts: int, now: float, *,
+                        by_shutdown: bool = False) -> int:
     """Jobs left ``running`` by a dead worker: back to ``queued``, or ``failed`` when out of tries.
 
     Call only while no worker runs. Returns the number of jobs re-queued.
+
+    Parameters
+    ----------
+    conn:
+        Connection to the index.
+    max_attempts:
+        ``worker.max_attempts``.
+    now:
+        Time stamp for jobs that fail.
+    by_shutdown:
+        The service stopped the worker itself (SIGTERM, a restart for maintenance): the attempt
+        is given back, since the study did not cause the interruption. A worker that died on
+        its own, or with a killed service, keeps the attempt counted: the study may be the cause.
     """
     with db.transaction(conn):
+        if by_shutdown:
+            return conn.execute("UPDATE jobs SET state = 'queued', attempts = attempts - 1 "
+                                "WHERE state = 'running'").rowcount
         conn.execute("UPDATE jobs SET state = 'failed', finished_at = ?, last_error = "
                      "'worker stopped during processing too often' "
                      "WHERE state = 'running' AND attempts >= ?", (now, max_attempts))

@@ -119,6 +119,13 @@ def test_interrupted_job_is_requeued_or_failed_when_out_of_attempts(tmp_path: Pa
     assert one(conn, "SELECT state FROM jobs") == ("failed",)
 
 
+def test_a_stop_of_the_service_gives_the_attempt_back(tmp_path: Path) -> None:
+    _, conn = setup(tmp_path)
+    conn.execute("UPDATE jobs SET state = 'running', attempts = 3")
+    assert requeue_interrupted(conn, 3, 300.0, by_shutdown=True) == 1
+    assert one(conn, "SELECT state, attempts FROM jobs") == ("queued", 2)
+
+
 def test_job_of_a_reopened_study_is_superseded_and_not_exported(tmp_path: Path) -> None:
     spool, conn = setup(tmp_path)
 
