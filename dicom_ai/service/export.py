@@ -20,9 +20,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import pydicom
+import requests
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
@@ -136,6 +137,24 @@ class DimseSender:
         return results
 
 
+class _ConfiguredTLSSession(requests.Session):
+    """A session whose ``verify`` setting beats ``REQUESTS_CA_BUNDLE``/``CURL_CA_BUNDLE``.
+
+    requests lets those environment variables override a session's CA bundle (only a per-call
+    ``verify`` beats them, and dicomweb-client passes none), so a CA bundle set machine-wide would
+    silently replace the one configured for a destination. Proxy settings from the environment
+    still apply.
+    """
+
+    def merge_environment_settings(self, url: str, proxies: Any, stream: Any,
+                                   verify: Any, cert: Any) -> dict[str, Any]:
+        settings: dict[str, Any] = super().merge_environment_settings(url, proxies, stream,
+                                                                      verify, cert)
+        if verify is None:
+            settings["verify"] = self.verify
+        return settings
+
+
 class StowSender:
     """DICOMweb STOW-RS, one request per batch (``dicomweb-client``).
 
@@ -150,10 +169,9 @@ class StowSender:
 
     def send(self, items: Sequence[Delivery]) -> dict[int, str | None]:
         """Store the files; instances the server lists as failed keep their failure reason."""
-        import requests
         from dicomweb_client.api import DICOMwebClient
 
-        session = requests.Session()
+        session = _ConfiguredTLSSession()
         tls = self.destination.tls
         if tls.enabled:
             session.verify = tls.ca_certificates or True
@@ -161,6 +179,9 @@ class StowSender:
                 session.cert = (tls.certificate, tls.private_key) if tls.private_key \
                     else tls.certificate
         client = DICOMwebClient(url=self.destination.url, session=session)
+        # The outbound queue retries with its own backoff; the library's retries would hold the
+        # exporter for half a minute per failing request.
+        client.set_http_retry_params(retry=False)
         datasets = [pydicom.dcmread(i.path) for i in items]
         try:
             response = client.store_instances(datasets=datasets)
