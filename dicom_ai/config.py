@@ -68,6 +68,10 @@ class StorageSettings:
     directory: str = "var/dicom-ai"
     #: Below this much free disk, C-STORE answers 0xA700 (out of resources) instead of storing.
     minimum_free_mb: int = 1024
+    #: Days a *finished* study (processed, every result delivered) is kept after its last
+    #: instance arrived; then its files and rows are removed. 0 keeps everything. dicom-ai is not
+    #: an archive: the PACS holds the originals and our results.
+    retention_days: float = 7.0
 
 
 @dataclass
@@ -301,6 +305,8 @@ def validate(settings: Settings) -> list[str]:
         problems.append("scp.maximum_associations: must be at least 1")
     if settings.scp.maximum_pdu_size < 0:
         problems.append("scp.maximum_pdu_size: must be 0 (unlimited) or positive")
+    if settings.storage.retention_days < 0:
+        problems.append("storage.retention_days: must be 0 (keep everything) or positive")
     if settings.studies.quiet_period_s < 0:
         problems.append("studies.quiet_period_s: must not be negative")
     if settings.inference.device not in {"auto", "cpu", "cuda"}:

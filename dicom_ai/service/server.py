@@ -28,6 +28,7 @@ from types import FrameType
 from dicom_ai.config import Settings
 from dicom_ai.service import db, studies
 from dicom_ai.service.export import exporter_main
+from dicom_ai.service.retention import Sweeper
 from dicom_ai.service.scp import FreeBytes, disk_free_bytes, start_scp
 from dicom_ai.service.spool import Spool
 from dicom_ai.service.worker import Processor, pipeline_processor, requeue_interrupted, worker_main
@@ -119,6 +120,10 @@ class Service:
             self._start_child(name)
         assembler = studies.Assembler(spool.db_path, self.settings.studies.quiet_period_s)
         assembler.start()
+        sweeper = None
+        if self.settings.storage.retention_days > 0:
+            sweeper = Sweeper(spool, self.settings.storage.retention_days)
+            sweeper.start()
         listener = start_scp(self.settings, spool, free_bytes=self.free_bytes)
         supervisor = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
         supervisor.start()
@@ -133,6 +138,9 @@ class Service:
             pass
         listener.stop()
         assembler.stop()
+        if sweeper is not None:
+            sweeper.stop()
+            sweeper.join(timeout=30)
         self._stop_children.set()
         for name, proc in self._children.items():
             proc.join(timeout=30)

@@ -18,12 +18,14 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import sqlite3
 import struct
 import tempfile
 import threading
 import time
 import zlib
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from io import BytesIO
@@ -258,6 +260,11 @@ class Spool:
         self._lock = threading.Lock()
         self._dir_lock = threading.Lock()
         self._known_dirs: set[Path] = set()
+        # A study is never purged while one of its instances is being stored, and a store waits
+        # while its study is being purged.
+        self._studies = threading.Condition()
+        self._storing: Counter[str] = Counter()
+        self._purging: set[str] = set()
 
     def close(self) -> None:
         """Close the index connection."""
@@ -306,11 +313,66 @@ class Spool:
         now:
             Arrival time (epoch seconds); the current time by default.
         """
-        path = self.instance_path(keys)
-        self.ensure_dir(path.parent)
-        size = durable_write(path, chunks, tmp_dir=self.tmp)
-        return Stored(path, self._index(keys, path, size, calling_aet,
-                                        time.time() if now is None else now))
+        study = keys.study_instance_uid
+        with self._studies:
+            self._studies.wait_for(lambda: study not in self._purging)
+            self._storing[study] += 1
+        try:
+            path = self.instance_path(keys)
+            self.ensure_dir(path.parent)
+            size = durable_write(path, chunks, tmp_dir=self.tmp)
+            return Stored(path, self._index(keys, path, size, calling_aet,
+                                            time.time() if now is None else now))
+        finally:
+            with self._studies:
+                self._storing[study] -= 1
+                if not self._storing[study]:
+                    del self._storing[study]
+
+    def purge_study(self, study_instance_uid: str, *, cutoff: float) -> int | None:
+        """Remove a study finished before ``cutoff``: its files, then its index rows.
+
+        Files go first: a crash in between leaves rows without files, which the next sweep
+        removes, never files without rows, which the start-up scan would index as new arrivals.
+
+        Parameters
+        ----------
+        study_instance_uid:
+            The study.
+        cutoff:
+            See :func:`dicom_ai.service.studies.finished_before`.
+
+        Returns
+        -------
+        int or None
+            The number of instances removed; ``None`` when the study is not (or no longer)
+            finished before ``cutoff``, or an instance of it is being stored right now.
+        """
+        with self._studies:
+            if self._storing[study_instance_uid]:
+                return None
+            self._purging.add(study_instance_uid)
+        try:
+            with self._lock:
+                if not studies.finished_before(self._conn, cutoff, study_instance_uid):
+                    return None
+            removed = (self.incoming / study_instance_uid, self.outputs / study_instance_uid)
+            for directory in removed:
+                shutil.rmtree(directory, ignore_errors=True)
+            with self._dir_lock:
+                self._known_dirs = {d for d in self._known_dirs
+                                    if not any(d.is_relative_to(r) for r in removed)}
+            with self._lock, db.transaction(self._conn) as conn:
+                count = int(conn.execute("DELETE FROM instances WHERE study_instance_uid = ?",
+                                         (study_instance_uid,)).rowcount)
+                for table in ("outbound", "jobs", "studies"):
+                    conn.execute(f"DELETE FROM {table} WHERE study_instance_uid = ?",
+                                 (study_instance_uid,))
+            return count
+        finally:
+            with self._studies:
+                self._purging.discard(study_instance_uid)
+                self._studies.notify_all()
 
     def _index(self, keys: InstanceKeys, path: Path, size: int, calling_aet: str,
                now: float) -> bool:

@@ -109,6 +109,37 @@ def _queue_job(conn: sqlite3.Connection, study_instance_uid: str, generation: in
                  (study_instance_uid, generation, now))
 
 
+def finished_before(conn: sqlite3.Connection, cutoff: float,
+                    study_instance_uid: str | None = None) -> list[str]:
+    """Studies whose work is over and whose last instance arrived before ``cutoff``.
+
+    Finished means: complete, the job of its current generation ``done`` or ``failed``, no job
+    queued or running, and no delivery ``pending`` or ``dead`` (a dead letter waits for the
+    operator's ``dicom-ai retry``).
+
+    Parameters
+    ----------
+    conn:
+        Connection to the index.
+    cutoff:
+        Epoch seconds.
+    study_instance_uid:
+        Check only this study.
+    """
+    rows = conn.execute(
+        "SELECT s.study_instance_uid FROM studies s "
+        "WHERE s.state = 'complete' AND s.last_received < ? "
+        "AND (? IS NULL OR s.study_instance_uid = ?) "
+        "AND EXISTS (SELECT 1 FROM jobs j WHERE j.study_instance_uid = s.study_instance_uid "
+        "  AND j.generation = s.generation AND j.state IN ('done', 'failed')) "
+        "AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.study_instance_uid = s.study_instance_uid "
+        "  AND j.state IN ('queued', 'running')) "
+        "AND NOT EXISTS (SELECT 1 FROM outbound o "
+        "  WHERE o.study_instance_uid = s.study_instance_uid AND o.state IN ('pending', 'dead'))",
+        (cutoff, study_instance_uid, study_instance_uid)).fetchall()
+    return [str(r[0]) for r in rows]
+
+
 class Assembler(threading.Thread):
     """Background thread that completes quiet studies.
 
