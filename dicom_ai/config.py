@@ -91,6 +91,10 @@ class WorkerSettings:
     #: Attempts before a job is marked failed for good.
     max_attempts: int = 3
     poll_interval_s: float = 1.0
+    #: While instances are arriving, inference pauses between network layers for at most this
+    #: many seconds at a time (then runs at least 0.5 s), so a study being analysed does not slow
+    #: reception. 0 disables the pauses.
+    reception_pause_s: float = 2.0
 
 
 @dataclass
@@ -305,6 +309,8 @@ def validate(settings: Settings) -> list[str]:
         problems.append("scp.maximum_associations: must be at least 1")
     if settings.scp.maximum_pdu_size < 0:
         problems.append("scp.maximum_pdu_size: must be 0 (unlimited) or positive")
+    if settings.worker.reception_pause_s < 0:
+        problems.append("worker.reception_pause_s: must be 0 (never pause) or positive")
     if settings.storage.retention_days < 0:
         problems.append("storage.retention_days: must be 0 (keep everything) or positive")
     if settings.studies.quiet_period_s < 0:

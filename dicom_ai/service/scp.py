@@ -57,6 +57,7 @@ from dicom_ai.service.association import (
     StoreRequest,
     StoreStatus,
 )
+from dicom_ai.service.gate import SharedClock, stamp
 from dicom_ai.service.spool import InstanceKeys, Spool, parse_dataset_keys, part10_header
 from dicom_ai.service.tls import server_context
 
@@ -153,17 +154,23 @@ class StoreHandler:
         by a PACS; they are acknowledged and discarded so that a routing rule cannot loop.
     free_bytes:
         Free-space probe, replaceable in tests.
+    reception:
+        Stamped at every C-STORE, so that the worker pauses inference (:mod:`.gate`).
     """
 
     def __init__(self, spool: Spool, *, minimum_free_mb: int, own_manufacturer: str,
-                 free_bytes: FreeBytes = disk_free_bytes) -> None:
+                 free_bytes: FreeBytes = disk_free_bytes,
+                 reception: SharedClock | None = None) -> None:
         self.spool = spool
         self.minimum_free = minimum_free_mb * 1024 * 1024
         self.own_manufacturer = own_manufacturer
         self.free_bytes = free_bytes
+        self.reception = reception
 
     def __call__(self, request: StoreRequest) -> StoreStatus:
         """Store ``request`` (file fsync'ed, renamed, indexed) or say why not."""
+        if self.reception is not None:
+            stamp(self.reception)
         chunks = [part10_header(request.sop_class_uid, request.sop_instance_uid,
                                 request.transfer_syntax, request.calling_aet), *request.dataset]
         size = sum(len(c) for c in chunks)
@@ -275,7 +282,8 @@ class Listener(socketserver.ThreadingTCPServer):
 
 
 def start_scp(settings: Settings, spool: Spool, *,
-              free_bytes: FreeBytes = disk_free_bytes) -> Listener:
+              free_bytes: FreeBytes = disk_free_bytes,
+              reception: SharedClock | None = None) -> Listener:
     """Start listening in background threads.
 
     Parameters
@@ -286,6 +294,8 @@ def start_scp(settings: Settings, spool: Spool, *,
         Where received instances go.
     free_bytes:
         Free-space probe, replaceable in tests.
+    reception:
+        Stamped at every C-STORE (see :class:`StoreHandler`).
 
     Returns
     -------
@@ -294,7 +304,7 @@ def start_scp(settings: Settings, spool: Spool, *,
     """
     handler = StoreHandler(spool, minimum_free_mb=settings.storage.minimum_free_mb,
                            own_manufacturer=settings.output.manufacturer,
-                           free_bytes=free_bytes)
+                           free_bytes=free_bytes, reception=reception)
     tls = settings.scp.tls
     listener = Listener((settings.scp.bind_address, settings.scp.port),
                         acceptor_policy(settings.scp), handler,

@@ -63,6 +63,8 @@ class Service:
         self.root = Path(settings.storage.directory)
         self._ctx = multiprocessing.get_context("spawn")
         self._stop_children = self._ctx.Event()
+        # The listener stamps it at every C-STORE; the worker pauses inference while it is recent.
+        self._reception = self._ctx.Value("d", 0.0, lock=False)
         self._stopping = threading.Event()
         self._children: dict[str, SpawnProcess] = {}
         self._started_at: dict[str, float] = {}
@@ -87,7 +89,8 @@ class Service:
         parent = os.getpid()
         if name == "worker":
             proc = self._ctx.Process(target=worker_main, name="dicom-ai-worker", args=(
-                self.settings, self._stop_children, parent, self.processor_factory))
+                self.settings, self._stop_children, parent, self.processor_factory,
+                self._reception))
         else:
             proc = self._ctx.Process(target=exporter_main, name="dicom-ai-exporter",
                                      args=(self.settings, self._stop_children, parent))
@@ -124,7 +127,8 @@ class Service:
         if self.settings.storage.retention_days > 0:
             sweeper = Sweeper(spool, self.settings.storage.retention_days)
             sweeper.start()
-        listener = start_scp(self.settings, spool, free_bytes=self.free_bytes)
+        listener = start_scp(self.settings, spool, free_bytes=self.free_bytes,
+                             reception=self._reception)
         supervisor = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
         supervisor.start()
 

@@ -32,6 +32,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from dicom_ai.config import Settings
 from dicom_ai.logs import log_failure, safe_error_text
 from dicom_ai.service import db
+from dicom_ai.service.gate import ReceptionGate, SharedClock
 from dicom_ai.service.process import child_setup
 from dicom_ai.service.spool import Spool, durable_write, is_uid, study_paths
 
@@ -246,9 +247,19 @@ def pipeline_processor(settings: Settings) -> Processor:
 
 
 def worker_main(settings: Settings, stop: EventType, parent_pid: int,
-                processor_factory: Callable[[Settings], Processor] = pipeline_processor) -> None:
-    """Entry point of the worker process: load models once, then run jobs until ``stop``."""
+                processor_factory: Callable[[Settings], Processor] = pipeline_processor,
+                reception: SharedClock | None = None) -> None:
+    """Entry point of the worker process: load models once, then run jobs until ``stop``.
+
+    ``reception`` is the listener's C-STORE clock: with ``worker.reception_pause_s`` > 0 every
+    network layer waits while instances are arriving (:mod:`dicom_ai.service.gate`).
+    """
     child_setup(settings, parent_pid, "worker")
+    if reception is not None and settings.worker.reception_pause_s > 0:
+        import torch
+
+        torch.nn.modules.module.register_module_forward_pre_hook(
+            ReceptionGate(reception, settings.worker.reception_pause_s))
     # Inference yields the CPU to the listener's threads: receiving must keep pace.
     os.nice(10)
     if settings.inference.num_threads == 0:
