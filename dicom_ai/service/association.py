@@ -2,9 +2,9 @@
 
 The listener runs one :class:`Association` per TCP connection, in its own thread, with blocking
 reads. pynetdicom supplies the association codecs — A-ASSOCIATE PDUs and presentation context
-negotiation — but not its acceptor engine: that engine hands every PDU
-between two polling threads that sleep a millisecond per turn, and on this project's reference
-machine it tops out at 0.4× DCMTK ``storescp`` before a single byte is written to disk (see
+negotiation — but not its acceptor engine: that engine hands every PDU between two polling
+threads that sleep a millisecond per turn, and on this project's reference machine it reaches
+about a third of DCMTK ``storescp``'s rate before a single byte is written to disk (see
 ``benchmarks/cstore_receive.py``). Here a C-STORE costs one thread's reads, the durable write and
 one response.
 
