@@ -8,6 +8,7 @@ answer 0x0000. Models run in the worker process, never here.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import shutil
@@ -16,6 +17,7 @@ import socketserver
 import sqlite3
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,7 @@ from pynetdicom.presentation import PresentationContext, build_context
 from dicom_ai.config import SCPSettings, Settings
 from dicom_ai.dicom.errors import DicomInputError
 from dicom_ai.service.association import (
+    ARTIM_TIMEOUT,
     AcceptorPolicy,
     Association,
     StoreFunction,
@@ -220,6 +223,10 @@ def acceptor_policy(scp: SCPSettings) -> AcceptorPolicy:
         slots=threading.BoundedSemaphore(scp.maximum_associations))
 
 
+#: Seconds a stopping service lets open associations finish before cutting them off.
+SHUTDOWN_GRACE_S = 10.0
+
+
 class Listener(socketserver.ThreadingTCPServer):
     """The TCP listener: one thread and one :class:`Association` per connection.
 
@@ -247,6 +254,8 @@ class Listener(socketserver.ThreadingTCPServer):
         self.store = store
         self.tls = tls
         self._thread: threading.Thread | None = None
+        self._active: dict[threading.Thread, socket.socket] = {}
+        self._active_lock = threading.Lock()
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         sock: socket.socket = request
@@ -261,7 +270,13 @@ class Listener(socketserver.ThreadingTCPServer):
                             getattr(exc, "reason", None) or type(exc).__name__)
                 sock.close()
                 return
-        Association(sock, self.policy, self.store).run()
+        with self._active_lock:
+            self._active[threading.current_thread()] = sock
+        try:
+            Association(sock, self.policy, self.store).run()
+        finally:
+            with self._active_lock:
+                del self._active[threading.current_thread()]
 
     def shutdown_request(self, request: Any) -> None:
         # Association.run() closes its (possibly TLS-wrapped) socket itself.
@@ -273,12 +288,30 @@ class Listener(socketserver.ThreadingTCPServer):
                                         daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
-        """Stop accepting and close the listening socket; open associations run to their end."""
+    def stop(self, grace_s: float = SHUTDOWN_GRACE_S) -> None:
+        """Stop accepting, let open associations finish for ``grace_s``, then cut them off.
+
+        A connection cut off mid-transfer loses nothing acknowledged: an instance being stored
+        is stored (its response is what fails), and the sender sends the rest again later.
+        """
         self.shutdown()
         self.server_close()
         if self._thread is not None:
             self._thread.join()
+        deadline = time.monotonic() + grace_s
+        for thread in self._snapshot():
+            thread.join(max(0.0, deadline - time.monotonic()))
+        for thread, sock in self._snapshot().items():
+            log.warning("service stopping: association cut off after %.0f s", grace_s)
+            with contextlib.suppress(OSError):
+                # The plain socket call, also on a TLS socket: it wakes the blocked reader
+                # without unwrapping TLS under that thread's feet.
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+            thread.join(ARTIM_TIMEOUT)
+
+    def _snapshot(self) -> dict[threading.Thread, socket.socket]:
+        with self._active_lock:
+            return dict(self._active)
 
 
 def start_scp(settings: Settings, spool: Spool, *,

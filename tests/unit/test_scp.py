@@ -43,7 +43,14 @@ from dicom_ai.service.scp import (
     start_scp,
 )
 from dicom_ai.service.spool import Spool
-from dicom_ai.service.ul import RELEASE_RP, AbortReason, PDUType, abort_pdu, read_pdu
+from dicom_ai.service.ul import (
+    RELEASE_RP,
+    AbortReason,
+    PDUType,
+    PeerClosed,
+    abort_pdu,
+    read_pdu,
+)
 
 
 @dataclass
@@ -393,3 +400,14 @@ def test_idle_association_is_aborted(scp_factory: StartSCP) -> None:
     running = scp_factory(settings)
     with raw_association(running.port) as sock:
         assert read_pdu(sock, 64).raw == abort_pdu(AbortReason.NOT_SPECIFIED)
+
+
+def test_stop_cuts_off_an_association_left_open(scp_factory: StartSCP) -> None:
+    running = scp_factory()
+    with raw_association(running.port) as sock:
+        started = time.monotonic()
+        running.server.stop(grace_s=0.2)
+        assert time.monotonic() - started < 5
+        # The connection is closed under the idle requestor; nothing else arrives.
+        with pytest.raises(PeerClosed):
+            read_pdu(sock, 64)
