@@ -174,9 +174,7 @@ class StoreHandler:
         """Store ``request`` (file fsync'ed, renamed, indexed) or say why not."""
         if self.reception is not None:
             stamp(self.reception)
-        chunks = [part10_header(request.sop_class_uid, request.sop_instance_uid,
-                                request.transfer_syntax, request.calling_aet), *request.dataset]
-        size = sum(len(c) for c in chunks)
+        size = sum(len(f) for f in request.dataset)
         if self.free_bytes(self.spool.root) - size < self.minimum_free:
             log.warning("C-STORE refused: free disk below storage.minimum_free_mb")
             return StoreStatus(OUT_OF_RESOURCES, "out of resources: disk almost full")
@@ -192,8 +190,12 @@ class StoreHandler:
             log.info("C-STORE of our own result %s acknowledged and discarded",
                      keys.sop_instance_uid)
             return StoreStatus(SUCCESS)
+        # The file meta names the instance the data set holds (the request should agree).
+        header = part10_header(keys.sop_class_uid, keys.sop_instance_uid,
+                               request.transfer_syntax, request.calling_aet)
         try:
-            stored = self.spool.store(chunks, keys, calling_aet=request.calling_aet)
+            stored = self.spool.store([header, *request.dataset], keys,
+                                      calling_aet=request.calling_aet)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 return StoreStatus(OUT_OF_RESOURCES, "out of resources: disk full")
