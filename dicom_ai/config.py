@@ -91,10 +91,10 @@ class WorkerSettings:
     #: Attempts before a job is marked failed for good.
     max_attempts: int = 3
     poll_interval_s: float = 1.0
-    #: While instances are arriving, inference pauses between network layers for at most this
-    #: many seconds at a time (then runs at least 0.5 s), so a study being analysed does not slow
-    #: reception. 0 disables the pauses.
-    reception_pause_s: float = 2.0
+    #: While instances are arriving, the worker process is paused (SIGSTOP, Linux) for at most
+    #: this many seconds at a time, then runs at least 1 s: a study being analysed does not slow
+    #: reception, and a sender that never stops cannot starve the analysis. 0: never pause.
+    reception_pause_s: float = 5.0
 
 
 @dataclass

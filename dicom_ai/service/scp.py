@@ -60,7 +60,7 @@ from dicom_ai.service.association import (
     StoreRequest,
     StoreStatus,
 )
-from dicom_ai.service.gate import SharedClock, stamp
+from dicom_ai.service.pacing import SharedClock, stamp
 from dicom_ai.service.spool import InstanceKeys, Spool, parse_dataset_keys, part10_header
 from dicom_ai.service.tls import server_context
 
@@ -158,7 +158,7 @@ class StoreHandler:
     free_bytes:
         Free-space probe, replaceable in tests.
     reception:
-        Stamped at every C-STORE, so that the worker pauses inference (:mod:`.gate`).
+        Stamped at every C-STORE, so that the worker is paused (:mod:`.pacing`).
     """
 
     def __init__(self, spool: Spool, *, minimum_free_mb: int, own_manufacturer: str,

@@ -26,8 +26,9 @@ from pathlib import Path
 from types import FrameType
 
 from dicom_ai.config import Settings
-from dicom_ai.service import db, studies
+from dicom_ai.service import db, pacing, studies
 from dicom_ai.service.export import exporter_main
+from dicom_ai.service.pacing import Pacer
 from dicom_ai.service.retention import Sweeper
 from dicom_ai.service.scp import FreeBytes, disk_free_bytes, start_scp
 from dicom_ai.service.spool import Spool
@@ -63,8 +64,10 @@ class Service:
         self.root = Path(settings.storage.directory)
         self._ctx = multiprocessing.get_context("spawn")
         self._stop_children = self._ctx.Event()
-        # The listener stamps it at every C-STORE; the worker pauses inference while it is recent.
+        # The listener stamps it at every C-STORE; the pacer pauses the worker while it is recent,
+        # never while the worker holds `critical` (an index transaction).
         self._reception = self._ctx.Value("d", 0.0, lock=False)
+        self._critical = self._ctx.Lock()
         self._stopping = threading.Event()
         self._children: dict[str, SpawnProcess] = {}
         self._started_at: dict[str, float] = {}
@@ -90,7 +93,7 @@ class Service:
         if name == "worker":
             proc = self._ctx.Process(target=worker_main, name="dicom-ai-worker", args=(
                 self.settings, self._stop_children, parent, self.processor_factory,
-                self._reception))
+                self._critical))
         else:
             proc = self._ctx.Process(target=exporter_main, name="dicom-ai-exporter",
                                      args=(self.settings, self._stop_children, parent))
@@ -98,6 +101,10 @@ class Service:
         self._children[name] = proc
         self._started_at[name] = time.monotonic()
         log.info("%s process started (pid %s)", name, proc.pid)
+
+    def _worker_pid(self) -> int | None:
+        worker = self._children.get("worker")
+        return worker.pid if worker is not None and worker.is_alive() else None
 
     def _supervise(self) -> None:
         while not self._stopping.wait(1.0):
@@ -129,6 +136,11 @@ class Service:
             sweeper.start()
         listener = start_scp(self.settings, spool, free_bytes=self.free_bytes,
                              reception=self._reception)
+        pacer = None
+        if self.settings.worker.reception_pause_s > 0 and pacing.supported():
+            pacer = Pacer(self._reception, self._critical, self._worker_pid,
+                          self.settings.worker.reception_pause_s)
+            pacer.start()
         supervisor = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
         supervisor.start()
 
@@ -141,6 +153,8 @@ class Service:
         while not self._stopping.wait(1.0):
             pass
         listener.stop()
+        if pacer is not None:
+            pacer.stop()
         assembler.stop()
         if sweeper is not None:
             sweeper.stop()

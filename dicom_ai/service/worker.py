@@ -12,6 +12,7 @@ UIDs) again. A job that keeps crashing its process fails for good after ``worker
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -19,6 +20,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from io import BytesIO
 from multiprocessing.synchronize import Event as EventType
@@ -32,7 +34,6 @@ from pydicom.uid import ExplicitVRLittleEndian
 from dicom_ai.config import Settings
 from dicom_ai.logs import log_failure, safe_error_text
 from dicom_ai.service import db
-from dicom_ai.service.gate import ReceptionGate, SharedClock
 from dicom_ai.service.process import child_setup
 from dicom_ai.service.spool import Spool, durable_write, is_uid, study_paths
 
@@ -140,16 +141,19 @@ class Worker:
     """
 
     def __init__(self, conn: sqlite3.Connection, spool: Spool, processor: Processor, *,
-                 destinations: Sequence[str], max_attempts: int) -> None:
+                 destinations: Sequence[str], max_attempts: int,
+                 critical: AbstractContextManager[Any] | None = None) -> None:
         self.conn = conn
         self.spool = spool
         self.processor = processor
         self.destinations = list(destinations)
         self.max_attempts = max_attempts
+        self.critical = critical or contextlib.nullcontext()
 
     def run_once(self) -> JobReport | None:
         """Claim and run one job; None when the queue is empty."""
-        job = claim_job(self.conn, time.time())
+        with self.critical:
+            job = claim_job(self.conn, time.time())
         if job is None:
             return None
         paths = study_paths(self.conn, self.spool.root, job.study_instance_uid)
@@ -181,7 +185,7 @@ class Worker:
 
     def _finish(self, job: Job, processed: ProcessedStudy, outputs: list[Path]) -> JobReport:
         now = time.time()
-        with db.transaction(self.conn) as conn:
+        with self.critical, db.transaction(self.conn) as conn:
             current = conn.execute("SELECT generation FROM studies WHERE study_instance_uid = ?",
                                    (job.study_instance_uid,)).fetchone()
             if current is not None and int(current[0]) > job.generation:
@@ -211,7 +215,7 @@ class Worker:
         return JobReport(job, state, outputs)
 
     def _fail(self, job: Job, error: str) -> JobReport:
-        with db.transaction(self.conn) as conn:
+        with self.critical, db.transaction(self.conn) as conn:
             state = "failed" if job.attempts >= self.max_attempts else "queued"
             conn.execute("UPDATE jobs SET state = ?, last_error = ?, finished_at = ? "
                          "WHERE id = ?", (state, error, time.time(), job.id))
@@ -248,18 +252,13 @@ def pipeline_processor(settings: Settings) -> Processor:
 
 def worker_main(settings: Settings, stop: EventType, parent_pid: int,
                 processor_factory: Callable[[Settings], Processor] = pipeline_processor,
-                reception: SharedClock | None = None) -> None:
+                critical: AbstractContextManager[Any] | None = None) -> None:
     """Entry point of the worker process: load models once, then run jobs until ``stop``.
 
-    ``reception`` is the listener's C-STORE clock: with ``worker.reception_pause_s`` > 0 every
-    network layer waits while instances are arriving (:mod:`dicom_ai.service.gate`).
+    ``critical`` is held around every index transaction: the service pauses this process while
+    instances arrive, but never inside one (:mod:`dicom_ai.service.pacing`).
     """
     child_setup(settings, parent_pid, "worker")
-    if reception is not None and settings.worker.reception_pause_s > 0:
-        import torch
-
-        torch.nn.modules.module.register_module_forward_pre_hook(
-            ReceptionGate(reception, settings.worker.reception_pause_s))
     # Inference yields the CPU to the listener's threads: receiving must keep pace.
     os.nice(10)
     if settings.inference.num_threads == 0:
@@ -270,7 +269,7 @@ def worker_main(settings: Settings, stop: EventType, parent_pid: int,
     conn = db.connect(spool.db_path)
     worker = Worker(conn, spool, processor_factory(settings),
                     destinations=[d.name for d in settings.export.destinations],
-                    max_attempts=settings.worker.max_attempts)
+                    max_attempts=settings.worker.max_attempts, critical=critical)
     while not stop.is_set():
         if worker.run_once() is None:
             stop.wait(settings.worker.poll_interval_s)
