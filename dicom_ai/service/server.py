@@ -2,7 +2,8 @@
 
 Process layout::
 
-    dicom-ai serve            listener (a thread per association) + assembler thread + supervisor
+    dicom-ai serve            listener (a thread per association), assembler, retention sweeper,
+                              pacer (pauses the worker while instances arrive), supervisor
       ├─ worker process       models loaded once; runs jobs (nice 10)
       └─ exporter process     C-STORE SCU / STOW-RS deliveries
 
