@@ -39,6 +39,7 @@ from pydicom.uid import UID
 
 from dicom_ai import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from dicom_ai.dicom.errors import MissingAttributeError, UnreadableFileError
+from dicom_ai.dicom.scan import ScanError, top_level_values
 from dicom_ai.service import db, studies
 
 log = logging.getLogger(__name__)
@@ -90,8 +91,8 @@ def parse_keys(data: bytes) -> InstanceKeys:
     MissingAttributeError
         A UID needed to file the instance is absent.
     """
-    return _keys(lambda: read_partial(BytesIO(data), stop_when=_after_keys,
-                                      specific_tags=_KEY_TAG_NUMBERS))
+    return _keys(_dataset_values(lambda: read_partial(BytesIO(data), stop_when=_after_keys,
+                                                      specific_tags=_KEY_TAG_NUMBERS)))
 
 
 def parse_dataset_keys(data: bytes, transfer_syntax: str) -> InstanceKeys:
@@ -107,20 +108,34 @@ def parse_dataset_keys(data: bytes, transfer_syntax: str) -> InstanceKeys:
     syntax = UID(transfer_syntax)
     if syntax.is_deflated:
         # A leading part of a deflate stream inflates to a leading part of the data set.
-        data = zlib.decompressobj(-zlib.MAX_WBITS).decompress(data)
-    return _keys(lambda: read_dataset(BytesIO(data), syntax.is_implicit_VR,
-                                      syntax.is_little_endian, stop_when=_after_keys,
-                                      specific_tags=_KEY_TAG_NUMBERS))
+        try:
+            data = zlib.decompressobj(-zlib.MAX_WBITS).decompress(data)
+        except zlib.error as exc:
+            raise UnreadableFileError("deflated data set cannot be inflated") from exc
+    try:
+        raw = top_level_values(data, _KEY_TAG_NUMBERS, implicit_vr=syntax.is_implicit_VR,
+                               little_endian=syntax.is_little_endian)
+    except ScanError:
+        # pydicom reads what the walk leaves alone, or names the problem.
+        return _keys(_dataset_values(lambda: read_dataset(
+            BytesIO(data), syntax.is_implicit_VR, syntax.is_little_endian,
+            stop_when=_after_keys, specific_tags=_KEY_TAG_NUMBERS)))
+    return _keys({keyword: raw.get(tag, b"").decode("latin-1").rstrip("\0").strip()
+                  for keyword, tag in zip(_KEY_TAGS, _KEY_TAG_NUMBERS, strict=True)})
 
 
-def _keys(read: Callable[[], Dataset]) -> InstanceKeys:
+def _dataset_values(read: Callable[[], Dataset]) -> dict[str, str]:
+    """The key attributes' values as text from a pydicom read."""
     try:
         ds = read()
-        values = {k: str(ds.get(k, "") or "").strip() for k in _KEY_TAGS}
+        return {k: str(ds.get(k, "") or "").strip() for k in _KEY_TAGS}
     except (InvalidDicomError, ValueError, TypeError, EOFError, OSError, KeyError,
-            NotImplementedError, AttributeError, zlib.error) as exc:
+            NotImplementedError, AttributeError) as exc:
         # The exception text can quote element values; only its kind leaves this function.
         raise UnreadableFileError(f"data set cannot be parsed ({type(exc).__name__})") from exc
+
+
+def _keys(values: dict[str, str]) -> InstanceKeys:
     if not any(values.values()):
         raise UnreadableFileError("not a DICOM data set")
     for key in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):

@@ -1,0 +1,130 @@
+"""Walking the top-level elements of an encoded data set without building it (PS3.5 §7).
+
+The receiver needs five attributes from the start of every instance it acknowledges. pydicom
+builds a ``DataElement`` per element on the way there, about 0.3 ms per CT header; this walk
+reads only element headers and the wanted values, an order of magnitude less. Anything it does
+not handle raises :class:`ScanError`, and the caller falls back to pydicom, which does.
+
+Sequences of undefined length are skipped item by item, nested to any depth. An explicit-VR
+``UN`` of undefined length (its content is Implicit VR, PS3.5 §6.2.2) is not walked.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Collection
+
+#: Item, Item Delimitation and Sequence Delimitation tags (PS3.5 §7.5).
+ITEM = 0xFFFEE000
+ITEM_END = 0xFFFEE00D
+SEQUENCE_END = 0xFFFEE0DD
+UNDEFINED_LENGTH = 0xFFFFFFFF
+#: Explicit VRs with a 2-byte reserved field and a 4-byte length (PS3.5 Table 7.1-1).
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
+                       b"UR", b"UT", b"UV"})
+#: Every VR of PS3.5 Table 6.2-1; anything else means the bytes are not what the transfer syntax
+#: says (a sender writing Implicit VR under an Explicit VR syntax, which pydicom detects).
+_VRS = _LONG_VRS | frozenset({b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL",
+                              b"IS", b"LO", b"LT", b"PN", b"SH", b"SL", b"SS", b"ST", b"TM",
+                              b"UI", b"UL", b"US"})
+
+
+class ScanError(ValueError):
+    """The bytes are truncated, malformed, or use an encoding this walk leaves to pydicom."""
+
+
+class _Walk:
+    def __init__(self, data: bytes, *, implicit_vr: bool, little_endian: bool) -> None:
+        self.data = data
+        self.pos = 0
+        self.implicit_vr = implicit_vr
+        order = "<" if little_endian else ">"
+        self.tag = struct.Struct(f"{order}HH")
+        self.u16 = struct.Struct(f"{order}H")
+        self.u32 = struct.Struct(f"{order}L")
+
+    def header(self) -> tuple[int, bytes | None, int]:
+        """Tag, VR (explicit VR only) and value length of the element at the position."""
+        data, pos = self.data, self.pos
+        if pos + 8 > len(data):
+            raise ScanError("data set ends inside an element header")
+        group, element = self.tag.unpack_from(data, pos)
+        if group == 0xFFFE or self.implicit_vr:
+            # Item tags have no VR in either encoding.
+            self.pos = pos + 8
+            return (group << 16) | element, None, self.u32.unpack_from(data, pos + 4)[0]
+        vr = data[pos + 4:pos + 6]
+        if vr not in _VRS:
+            raise ScanError("not an explicit VR")
+        if vr in _LONG_VRS:
+            if pos + 12 > len(data):
+                raise ScanError("data set ends inside an element header")
+            self.pos = pos + 12
+            return (group << 16) | element, vr, self.u32.unpack_from(data, pos + 8)[0]
+        self.pos = pos + 8
+        return (group << 16) | element, vr, self.u16.unpack_from(data, pos + 6)[0]
+
+    def skip(self, length: int) -> None:
+        if self.pos + length > len(self.data):
+            raise ScanError("data set ends inside a value")
+        self.pos += length
+
+    def skip_undefined(self, vr: bytes | None) -> None:
+        """Skip a sequence of undefined length: items up to the Sequence Delimitation Item."""
+        if vr not in (None, b"SQ"):
+            raise ScanError("undefined length outside a sequence")
+        while True:
+            tag, _, length = self.header()
+            if tag == SEQUENCE_END:
+                return
+            if tag != ITEM:
+                raise ScanError("a sequence holds something other than items")
+            if length != UNDEFINED_LENGTH:
+                self.skip(length)
+                continue
+            while True:
+                tag, inner_vr, length = self.header()
+                if tag == ITEM_END:
+                    break
+                if length == UNDEFINED_LENGTH:
+                    self.skip_undefined(inner_vr)
+                else:
+                    self.skip(length)
+
+
+def top_level_values(data: bytes, tags: Collection[int], *, implicit_vr: bool,
+                     little_endian: bool) -> dict[int, bytes]:
+    """Raw values of ``tags`` among the top-level elements of ``data``.
+
+    The walk stops after the largest wanted tag (data sets are in ascending tag order) or at the
+    end of ``data``; a tag absent from the result was not found before either.
+
+    Parameters
+    ----------
+    data:
+        An encoded data set (no preamble or file meta), or a leading part of one.
+    tags:
+        Wanted tags as ``0xggggeeee``.
+    implicit_vr, little_endian:
+        The transfer syntax's encoding.
+
+    Raises
+    ------
+    ScanError
+        See the class.
+    """
+    walk = _Walk(data, implicit_vr=implicit_vr, little_endian=little_endian)
+    last = max(tags)
+    found: dict[int, bytes] = {}
+    while walk.pos < len(data):
+        tag, vr, length = walk.header()
+        if tag > last:
+            break
+        if length == UNDEFINED_LENGTH:
+            walk.skip_undefined(vr)
+            continue
+        start = walk.pos
+        walk.skip(length)
+        if tag in tags:
+            found[tag] = data[start:walk.pos]
+    return found
