@@ -114,7 +114,9 @@ def read_pdu(sock: socket.socket, max_length: int) -> PDU:
     if length > max_length:
         raise ProtocolError(f"PDU of {length} bytes exceeds the {max_length} agreed",
                             AbortReason.INVALID_PDU_PARAMETER_VALUE)
-    raw = header + bytearray(length)
+    # One allocation per PDU, filled in place: P-DATA PDUs are the bulk of every C-STORE.
+    raw = bytearray(_HEADER.size + length)
+    raw[:_HEADER.size] = header
     recv_exact(sock, memoryview(raw)[_HEADER.size:])
     return PDU(pdu_type, raw)
 

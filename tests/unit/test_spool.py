@@ -84,6 +84,14 @@ def test_durable_write_leaves_only_the_target(tmp_path: Path) -> None:
     assert list(tmp.iterdir()) == []
 
 
+def test_durable_write_of_more_fragments_than_one_writev_takes(tmp_path: Path) -> None:
+    # 16 KiB PDUs bring a 100 MB instance in thousands of fragments, some of them empty.
+    chunks = [bytes([i % 251]) * (i % 7) for i in range(5000)]
+    target = tmp_path / "many.bin"
+    assert durable_write(target, chunks, tmp_dir=tmp_path) == sum(map(len, chunks))
+    assert target.read_bytes() == b"".join(chunks)
+
+
 def test_store_writes_file_and_row_and_counts_new_instances(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
     data = encoded("1.2.3.7")
