@@ -21,7 +21,6 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
@@ -37,7 +36,7 @@ from dicom_ai import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from dicom_ai.service.dimse import (
     C_ECHO_RQ,
     C_STORE_RQ,
-    NO_DATASET,
+    Command,
     Response,
     command_pdus,
     decode_command,
@@ -149,7 +148,7 @@ class _Message:
     """A DIMSE request being received: its command set, then its data set fragments."""
 
     context_id: int
-    command: Dataset
+    command: Command
     dataset: list[memoryview] = field(default_factory=list)
 
 
@@ -311,7 +310,7 @@ class Association:
                     if pdv.is_last:
                         message = _Message(pdv.context_id, decode_command(pending))
                         pending = []
-                        if message.command.get("CommandDataSetType", NO_DATASET) == NO_DATASET:
+                        if not message.command.has_dataset:
                             self._dispatch(message)
                             message = None
                 elif message is None:
@@ -325,36 +324,33 @@ class Association:
 
     def _dispatch(self, message: _Message) -> None:
         command = message.command
-        field_ = command.get("CommandField")
         context = self.contexts[message.context_id]
-        if field_ == C_ECHO_RQ:
-            rsp = Response(C_ECHO_RQ, command.MessageID, str(context.abstract_syntax), 0x0000)
-        elif field_ == C_STORE_RQ:
+        if command.command_field == C_ECHO_RQ:
+            rsp = Response(C_ECHO_RQ, command.message_id, str(context.abstract_syntax), 0x0000)
+        elif command.command_field == C_STORE_RQ:
             outcome = self._store(message, context)
             if outcome.status == 0x0000:
                 self.stored += 1
             else:
                 self.refused += 1
-            rsp = Response(C_STORE_RQ, command.MessageID,
-                           str(command.get("AffectedSOPClassUID", "")), outcome.status,
-                           sop_instance_uid=str(command.get("AffectedSOPInstanceUID", "")),
+            rsp = Response(C_STORE_RQ, command.message_id, command.affected_sop_class_uid,
+                           outcome.status, sop_instance_uid=command.affected_sop_instance_uid,
                            error_comment=outcome.comment)
         else:
             # Only Storage and Verification contexts are ever accepted.
-            raise ProtocolError(f"DIMSE command 0x{field_ or 0:04x} is not served here",
-                                AbortReason.UNEXPECTED_PDU_PARAMETER)
+            raise ProtocolError(f"DIMSE command 0x{command.command_field:04x} is not served "
+                                "here", AbortReason.UNEXPECTED_PDU_PARAMETER)
         for pdu in command_pdus(message.context_id, rsp.encode(), self.peer_max_pdu):
             self.sock.sendall(pdu)
 
     def _store(self, message: _Message, context: PresentationContext) -> StoreStatus:
         command = message.command
-        sop_class = str(command.get("AffectedSOPClassUID", ""))
-        if sop_class != context.abstract_syntax:
+        if command.affected_sop_class_uid != context.abstract_syntax:
             return StoreStatus(SOP_CLASS_NOT_SUPPORTED,
                                "SOP Class differs from the presentation context")
         return self.store(StoreRequest(
-            calling_aet=self.calling_aet, sop_class_uid=sop_class,
-            sop_instance_uid=str(command.get("AffectedSOPInstanceUID", "")),
+            calling_aet=self.calling_aet, sop_class_uid=command.affected_sop_class_uid,
+            sop_instance_uid=command.affected_sop_instance_uid,
             transfer_syntax=str(context.transfer_syntax[0]), dataset=message.dataset))
 
     def _send_quietly(self, data: bytes) -> None:

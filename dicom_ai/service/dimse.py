@@ -1,9 +1,10 @@
 """DIMSE command sets of the listener (PS3.7 §9.3, Annex E): decoding requests, encoding responses.
 
-A command set is always Implicit VR Little Endian. Requests are decoded with pynetdicom's decoder;
-the two responses the listener sends (C-ECHO-RSP, C-STORE-RSP) are encoded here directly: five or
-six fixed elements whose generic encoding through pydicom cost more per C-STORE than the rest of
-the protocol handling together. Tests decode what this module encodes with pynetdicom.
+A command set is always Implicit VR Little Endian, a handful of elements in group 0000. Both
+directions are coded here directly — requests read with the element walk of
+:mod:`dicom_ai.dicom.scan`, the two responses the listener sends (C-ECHO-RSP, C-STORE-RSP)
+written element by element — because the generic pydicom route cost more per C-STORE than the
+rest of the protocol handling together. Tests check both against pynetdicom's own codec.
 """
 
 from __future__ import annotations
@@ -11,11 +12,8 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
-from io import BytesIO
 
-from pydicom.dataset import Dataset
-from pynetdicom.dsutils import decode
-
+from dicom_ai.dicom.scan import ScanError, top_level_values
 from dicom_ai.service.ul import AbortReason, ProtocolError
 
 C_STORE_RQ = 0x0001
@@ -111,18 +109,45 @@ def command_pdus(context_id: int, command: bytes, peer_max_pdu: int) -> Iterator
         yield _PDU_HEADER.pack(0x04, len(item)) + item
 
 
-def decode_command(fragments: list[memoryview]) -> Dataset:
+@dataclass(frozen=True)
+class Command:
+    """The parts of a request's command set the listener acts on (PS3.7 §9.3)."""
+
+    command_field: int
+    message_id: int
+    affected_sop_class_uid: str
+    affected_sop_instance_uid: str
+    has_dataset: bool
+
+
+_COMMAND_FIELD, _MESSAGE_ID, _DATASET_TYPE = 0x00000100, 0x00000110, 0x00000800
+_AFFECTED_CLASS, _AFFECTED_INSTANCE = 0x00000002, 0x00001000
+
+
+def decode_command(fragments: list[memoryview]) -> Command:
     """A request's command set from its PDV fragments.
 
     Raises
     ------
     ProtocolError
-        The bytes are not a command set with a Command Field.
+        The bytes are not a command set with a Command Field and a Message ID.
     """
+    data = b"".join(fragments)
     try:
-        command = decode(BytesIO(b"".join(fragments)), True, True)
-        command.CommandField  # noqa: B018 - a command without one is not a DIMSE message
-    except Exception as exc:  # pydicom raises anything on a malformed command set
+        values = top_level_values(
+            data, (_AFFECTED_CLASS, _COMMAND_FIELD, _MESSAGE_ID, _DATASET_TYPE,
+                   _AFFECTED_INSTANCE), implicit_vr=True, little_endian=True)
+        return Command(
+            command_field=_US.unpack(values[_COMMAND_FIELD])[0],
+            message_id=_US.unpack(values[_MESSAGE_ID])[0],
+            affected_sop_class_uid=_uid(values.get(_AFFECTED_CLASS, b"")),
+            affected_sop_instance_uid=_uid(values.get(_AFFECTED_INSTANCE, b"")),
+            has_dataset=_US.unpack(values.get(_DATASET_TYPE, _US.pack(NO_DATASET)))[0]
+            != NO_DATASET)
+    except (ScanError, KeyError, struct.error) as exc:
         raise ProtocolError(f"malformed DIMSE command set ({type(exc).__name__})",
                             AbortReason.INVALID_PDU_PARAMETER_VALUE) from exc
-    return command
+
+
+def _uid(raw: bytes) -> str:
+    return raw.decode("ascii", errors="replace").rstrip("\0 ")

@@ -17,11 +17,20 @@ from pydicom.uid import (
     ExplicitVRBigEndian,
     ImplicitVRLittleEndian,
 )
+from pynetdicom.dimse_messages import C_ECHO_RQ as C_ECHO_RQ_MESSAGE
+from pynetdicom.dimse_messages import C_STORE_RQ as C_STORE_RQ_MESSAGE
+from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.dsutils import decode
 
 from dicom_ai import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from dicom_ai.dicom.errors import MissingAttributeError
-from dicom_ai.service.dimse import C_STORE_RQ, Response, command_pdus, decode_command
+from dicom_ai.service.dimse import (
+    C_STORE_RQ,
+    Command,
+    Response,
+    command_pdus,
+    decode_command,
+)
 from dicom_ai.service.spool import parse_dataset_keys, part10_header
 from dicom_ai.service.ul import (
     RELEASE_RP,
@@ -117,9 +126,37 @@ def test_response_is_fragmented_to_the_peer_maximum() -> None:
     assert all(f.is_command and f.context_id == 5 for f in fragments)
 
 
-def test_decode_command_refuses_garbage() -> None:
+def pynetdicom_command(primitive: C_STORE | C_ECHO) -> bytes:
+    """The command set pynetdicom sends for ``primitive``."""
+    message = C_STORE_RQ_MESSAGE() if isinstance(primitive, C_STORE) else C_ECHO_RQ_MESSAGE()
+    message.primitive_to_message(primitive)
+    parts = [pdv[1:] for pdata in message.encode_msg(1, 0)
+             for _, pdv in pdata.presentation_data_value_list if pdv[0] & 0x01]
+    return b"".join(parts)
+
+
+def test_requests_as_pynetdicom_encodes_them() -> None:
+    store = C_STORE()
+    store.MessageID = 7
+    store.AffectedSOPClassUID = CTImageStorage
+    store.AffectedSOPInstanceUID = "1.2.345"
+    store.Priority = 2
+    store.DataSet = BytesIO(b"\x00" * 8)
+    command = decode_command([memoryview(pynetdicom_command(store))])
+    assert command == Command(C_STORE_RQ, 7, CTImageStorage, "1.2.345", has_dataset=True)
+    echo = C_ECHO()
+    echo.MessageID = 9
+    echo.AffectedSOPClassUID = "1.2.840.10008.1.1"
+    command = decode_command([memoryview(pynetdicom_command(echo))])
+    assert command == Command(0x0030, 9, "1.2.840.10008.1.1", "", has_dataset=False)
+
+
+@pytest.mark.parametrize("garbage", [b"\x01\x02\x03",
+                                     # a group 0000 element, but no Command Field
+                                     struct.pack("<HHL", 0, 0x0110, 2) + b"\x01\x00"])
+def test_decode_command_refuses_garbage(garbage: bytes) -> None:
     with pytest.raises(ProtocolError):
-        decode_command([memoryview(b"\x01\x02\x03")])
+        decode_command([memoryview(garbage)])
 
 
 def test_part10_header_is_read_back_by_pydicom() -> None:
