@@ -398,15 +398,19 @@ class Spool:
 
     def _index(self, keys: InstanceKeys, path: Path, size: int, calling_aet: str,
                now: float) -> bool:
+        row = (keys.study_instance_uid, keys.series_instance_uid, keys.sop_class_uid,
+               str(path.relative_to(self.root)), size, calling_aet, now, keys.sop_instance_uid)
         with self._lock, db.transaction(self._conn) as conn:
-            new = conn.execute("SELECT 1 FROM instances WHERE sop_instance_uid = ?",
-                               (keys.sop_instance_uid,)).fetchone() is None
-            conn.execute(
-                "INSERT OR REPLACE INTO instances (sop_instance_uid, study_instance_uid, "
-                "series_instance_uid, sop_class_uid, path, size, calling_aet, received_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (keys.sop_instance_uid, keys.study_instance_uid, keys.series_instance_uid,
-                 keys.sop_class_uid, str(path.relative_to(self.root)), size, calling_aet, now))
+            # One statement for a new instance, the common case; a second for one sent again.
+            new = conn.execute(
+                "INSERT OR IGNORE INTO instances (study_instance_uid, series_instance_uid, "
+                "sop_class_uid, path, size, calling_aet, received_at, sop_instance_uid) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row).rowcount == 1
+            if not new:
+                conn.execute(
+                    "UPDATE instances SET study_instance_uid = ?, series_instance_uid = ?, "
+                    "sop_class_uid = ?, path = ?, size = ?, calling_aet = ?, received_at = ? "
+                    "WHERE sop_instance_uid = ?", row)
             studies.record_arrival(conn, keys.study_instance_uid, now, new_instance=new)
         return new
 

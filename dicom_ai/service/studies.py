@@ -44,7 +44,7 @@ def record_arrival(conn: sqlite3.Connection, study_instance_uid: str, now: float
         quiet period of a study still receiving but does not re-open a completed one.
     """
     added = 1 if new_instance else 0
-    conn.execute(
+    (generation,) = conn.execute(
         "INSERT INTO studies (study_instance_uid, state, generation, instance_count, "
         "first_received, last_received) VALUES (?, 'receiving', 1, ?, ?, ?) "
         "ON CONFLICT (study_instance_uid) DO UPDATE SET "
@@ -52,9 +52,11 @@ def record_arrival(conn: sqlite3.Connection, study_instance_uid: str, now: float
         "  instance_count = instance_count + excluded.instance_count, "
         "  generation = generation + (state = 'complete' AND excluded.instance_count > 0), "
         "  state = CASE WHEN excluded.instance_count > 0 THEN 'receiving' ELSE state END, "
-        "  completed_at = CASE WHEN excluded.instance_count > 0 THEN NULL ELSE completed_at END",
-        (study_instance_uid, added, now, now))
-    if new_instance:
+        "  completed_at = CASE WHEN excluded.instance_count > 0 THEN NULL ELSE completed_at END "
+        "RETURNING generation",
+        (study_instance_uid, added, now, now)).fetchone()
+    # Only a study that has been re-opened (generation > 1) can hold a job of an older one.
+    if new_instance and generation > 1:
         conn.execute(
             "UPDATE jobs SET state = 'superseded', finished_at = ? "
             "WHERE study_instance_uid = ? AND state = 'queued' AND generation < "
