@@ -123,6 +123,9 @@ def disk_free_bytes(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
+#: Seconds between two free-space queries to the file system (see ``StoreHandler.reserve``).
+FREE_SPACE_REFRESH_S = 1.0
+
 #: The filing keys sit in the first few kilobytes of a data set; this much is parsed first.
 KEYS_PREFIX = 64 * 1024
 
@@ -169,13 +172,15 @@ class StoreHandler:
         self.own_manufacturer = own_manufacturer
         self.free_bytes = free_bytes
         self.reception = reception
+        self._free_lock = threading.Lock()
+        self._free = 0
+        self._free_measured_at = -FREE_SPACE_REFRESH_S
 
     def __call__(self, request: StoreRequest) -> StoreStatus:
         """Store ``request`` (file fsync'ed, renamed, indexed) or say why not."""
         if self.reception is not None:
             stamp(self.reception)
-        size = sum(len(f) for f in request.dataset)
-        if self.free_bytes(self.spool.root) - size < self.minimum_free:
+        if not self.reserve(sum(len(f) for f in request.dataset)):
             log.warning("C-STORE refused: free disk below storage.minimum_free_mb")
             return StoreStatus(OUT_OF_RESOURCES, "out of resources: disk almost full")
         try:
@@ -206,6 +211,23 @@ class StoreHandler:
             return StoreStatus(PROCESSING_FAILURE, "local index error")
         log.debug("stored %s (%s)", keys.sop_instance_uid, "new" if stored.new else "again")
         return StoreStatus(SUCCESS)
+
+
+    def reserve(self, size: int) -> bool:
+        """Whether ``size`` more bytes leave ``storage.minimum_free_mb`` free.
+
+        The file system is asked at most every :data:`FREE_SPACE_REFRESH_S`; in between, what
+        we store is subtracted from its last answer, so the estimate only errs low.
+        """
+        with self._free_lock:
+            now = time.monotonic()
+            if now - self._free_measured_at >= FREE_SPACE_REFRESH_S:
+                self._free = self.free_bytes(self.spool.root)
+                self._free_measured_at = now
+            if self._free - size < self.minimum_free:
+                return False
+            self._free -= size
+            return True
 
 
 def supported_contexts() -> list[PresentationContext]:

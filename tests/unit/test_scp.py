@@ -411,3 +411,19 @@ def test_stop_cuts_off_an_association_left_open(scp_factory: StartSCP) -> None:
         # The connection is closed under the idle requestor; nothing else arrives.
         with pytest.raises(PeerClosed):
             read_pdu(sock, 64)
+
+
+def test_free_space_is_asked_once_a_second_and_counted_down_between(tmp_path: Path) -> None:
+    calls: list[Path] = []
+
+    def free(path: Path) -> int:
+        calls.append(path)
+        return 10 * 1024 * 1024
+
+    handler = StoreHandler(Spool(tmp_path), minimum_free_mb=8, own_manufacturer="dicom-ai",
+                           free_bytes=free)
+    mib = 1024 * 1024
+    assert handler.reserve(mib)       # 10 MiB free, 9 left after
+    assert not handler.reserve(2 * mib)  # 7 would be left: under the 8 MiB minimum
+    assert handler.reserve(mib)       # 8 left
+    assert len(calls) == 1
