@@ -15,13 +15,13 @@ renamed), so a crash leaves either nothing or a whole instance. The start-up sca
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import re
 import shutil
 import sqlite3
 import struct
-import tempfile
 import threading
 import time
 import zlib
@@ -194,6 +194,7 @@ def part10_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: st
             + body)
 
 
+_part_numbers = itertools.count()
 #: Most buffers one ``writev`` takes (a sender with small PDUs gives many fragments).
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
@@ -227,7 +228,9 @@ def durable_write(target: Path, chunks: Sequence[bytes | memoryview], *, tmp_dir
     int
         The number of bytes written.
     """
-    fd, tmp_name = tempfile.mkstemp(dir=tmp_dir, suffix=".part")
+    # Unique without mkstemp's random names: process, thread and a per-process counter.
+    tmp_name = str(tmp_dir / f"{os.getpid()}-{threading.get_ident()}-{next(_part_numbers)}.part")
+    fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     size = 0
     try:
         try:
