@@ -38,7 +38,6 @@ from dicom_ai.service.dimse import (
     C_STORE_RQ,
     Command,
     Response,
-    command_pdus,
     decode_command,
 )
 from dicom_ai.service.ul import (
@@ -48,6 +47,7 @@ from dicom_ai.service.ul import (
     PeerClosed,
     ProtocolError,
     abort_pdu,
+    command_pdus,
     read_pdu,
     split_pdata,
 )

@@ -2,7 +2,7 @@
 
 A command set is always Implicit VR Little Endian, a handful of elements in group 0000. Both
 directions are coded here directly — requests read with the element walk of
-:mod:`dicom_ai.dicom.scan`, the two responses the listener sends (C-ECHO-RSP, C-STORE-RSP)
+:mod:`dicom_ai.dicom.elements`, the two responses the listener sends (C-ECHO-RSP, C-STORE-RSP)
 written element by element — because the generic pydicom route cost more per C-STORE than the
 rest of the protocol handling together. Tests check both against pynetdicom's own codec.
 """
@@ -10,10 +10,9 @@ rest of the protocol handling together. Tests check both against pynetdicom's ow
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass
 
-from dicom_ai.dicom.scan import ScanError, top_level_values
+from dicom_ai.dicom.elements import ScanError, encode_element, even_text, top_level_values
 from dicom_ai.service.ul import AbortReason, ProtocolError
 
 C_STORE_RQ = 0x0001
@@ -23,14 +22,8 @@ RESPONSE_BIT = 0x8000
 #: CommandDataSetType value meaning "no data set follows".
 NO_DATASET = 0x0101
 
-_TAG_LENGTH = struct.Struct("<HHL")
 _US = struct.Struct("<H")
 _UL = struct.Struct("<L")
-_PDU_HEADER = struct.Struct(">BxL")
-_PDV_HEADER = struct.Struct(">LBB")
-#: PDV message control header: command, last fragment.
-_COMMAND_LAST = 0x03
-_COMMAND_MORE = 0x01
 
 
 @dataclass(frozen=True)
@@ -63,50 +56,18 @@ class Response:
     def encode(self) -> bytes:
         """The command set, Command Group Length first, elements in tag order."""
         elements = [
-            _element(0x0002, _text(self.sop_class_uid, b"\x00")),
-            _element(0x0100, _US.pack(self.command_field | RESPONSE_BIT)),
-            _element(0x0120, _US.pack(self.message_id)),
-            _element(0x0800, _US.pack(NO_DATASET)),
-            _element(0x0900, _US.pack(self.status)),
+            encode_element(0x00000002, even_text(self.sop_class_uid, b"\x00")),
+            encode_element(0x00000100, _US.pack(self.command_field | RESPONSE_BIT)),
+            encode_element(0x00000120, _US.pack(self.message_id)),
+            encode_element(0x00000800, _US.pack(NO_DATASET)),
+            encode_element(0x00000900, _US.pack(self.status)),
         ]
         if self.error_comment:
-            elements.append(_element(0x0902, _text(self.error_comment[:64], b" ")))
+            elements.append(encode_element(0x00000902, even_text(self.error_comment[:64], b" ")))
         if self.sop_instance_uid:
-            elements.append(_element(0x1000, _text(self.sop_instance_uid, b"\x00")))
+            elements.append(encode_element(0x00001000, even_text(self.sop_instance_uid, b"\x00")))
         body = b"".join(elements)
-        return _element(0x0000, _UL.pack(len(body))) + body
-
-
-def _element(element: int, value: bytes) -> bytes:
-    """An Implicit VR Little Endian element of group 0000."""
-    return _TAG_LENGTH.pack(0x0000, element, len(value)) + value
-
-
-def _text(value: str, pad: bytes) -> bytes:
-    """A string value padded to even length (UI with NUL, other text with a space)."""
-    raw = value.encode("ascii")
-    return raw + pad if len(raw) % 2 else raw
-
-
-def command_pdus(context_id: int, command: bytes, peer_max_pdu: int) -> Iterator[bytes]:
-    """P-DATA-TF PDUs carrying a command set, fragmented to the peer's maximum PDU length.
-
-    Parameters
-    ----------
-    context_id:
-        The presentation context of the request.
-    command:
-        The encoded command set.
-    peer_max_pdu:
-        The peer's Maximum Length Received (0: unlimited).
-    """
-    # The PDV item header (4-byte length, context ID, control byte) counts against the maximum.
-    room = max(peer_max_pdu - 6, 1) if peer_max_pdu else len(command)
-    for start in range(0, len(command), room):
-        fragment = command[start:start + room]
-        control = _COMMAND_LAST if start + room >= len(command) else _COMMAND_MORE
-        item = _PDV_HEADER.pack(len(fragment) + 2, context_id, control) + fragment
-        yield _PDU_HEADER.pack(0x04, len(item)) + item
+        return encode_element(0x00000000, _UL.pack(len(body))) + body
 
 
 @dataclass(frozen=True)

@@ -38,8 +38,8 @@ from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID
 
 from dicom_ai import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from dicom_ai.dicom.elements import ScanError, encode_element, even_text, top_level_values
 from dicom_ai.dicom.errors import MissingAttributeError, UnreadableFileError
-from dicom_ai.dicom.scan import ScanError, top_level_values
 from dicom_ai.service import db, studies
 
 log = logging.getLogger(__name__)
@@ -147,22 +147,6 @@ def _keys(values: dict[str, str]) -> InstanceKeys:
                         values["SOPInstanceUID"], values["SOPClassUID"], values["Manufacturer"])
 
 
-_META_SHORT = struct.Struct("<HH2sH")
-_META_LONG = struct.Struct("<HH2s2xL")
-
-
-def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
-    """An Explicit VR Little Endian element of group 0002 (PS3.5 §7.1.2)."""
-    if vr == b"OB":
-        return _META_LONG.pack(0x0002, element, vr, len(value)) + value
-    return _META_SHORT.pack(0x0002, element, vr, len(value)) + value
-
-
-def _even(value: str, pad: bytes) -> bytes:
-    raw = value.encode("ascii")
-    return raw + pad if len(raw) % 2 else raw
-
-
 def part10_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str,
                   source_aet: str) -> bytes:
     """Preamble, ``DICM`` and File Meta Information (PS3.10 §7.1) for a received data set.
@@ -180,17 +164,17 @@ def part10_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: st
         The calling AE title (Source Application Entity Title); omitted when empty.
     """
     elements = [
-        _meta_element(0x0001, b"OB", b"\x00\x01"),
-        _meta_element(0x0002, b"UI", _even(sop_class_uid, b"\x00")),
-        _meta_element(0x0003, b"UI", _even(sop_instance_uid, b"\x00")),
-        _meta_element(0x0010, b"UI", _even(transfer_syntax, b"\x00")),
-        _meta_element(0x0012, b"UI", _even(IMPLEMENTATION_CLASS_UID, b"\x00")),
-        _meta_element(0x0013, b"SH", _even(IMPLEMENTATION_VERSION_NAME, b" ")),
+        encode_element(0x00020001, b"\x00\x01", b"OB"),
+        encode_element(0x00020002, even_text(sop_class_uid, b"\x00"), b"UI"),
+        encode_element(0x00020003, even_text(sop_instance_uid, b"\x00"), b"UI"),
+        encode_element(0x00020010, even_text(transfer_syntax, b"\x00"), b"UI"),
+        encode_element(0x00020012, even_text(IMPLEMENTATION_CLASS_UID, b"\x00"), b"UI"),
+        encode_element(0x00020013, even_text(IMPLEMENTATION_VERSION_NAME, b" "), b"SH"),
     ]
     if source_aet:
-        elements.append(_meta_element(0x0016, b"AE", _even(source_aet, b" ")))
+        elements.append(encode_element(0x00020016, even_text(source_aet, b" "), b"AE"))
     body = b"".join(elements)
-    return (bytes(128) + b"DICM" + _meta_element(0x0000, b"UL", struct.pack("<L", len(body)))
+    return (bytes(128) + b"DICM" + encode_element(0x00020000, struct.pack("<L", len(body)), b"UL")
             + body)
 
 

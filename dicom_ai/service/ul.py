@@ -1,5 +1,5 @@
 """DICOM Upper Layer framing for the listener (PS3.8 §9.3): PDUs off the wire, P-DATA values, and
-the fixed-form PDUs an acceptor sends.
+the PDUs an acceptor sends besides A-ASSOCIATE-AC/RJ (release, abort, responses in P-DATA-TF).
 
 pynetdicom's PDU classes encode and decode the variable association PDUs (A-ASSOCIATE-RQ/AC/RJ).
 This module only frames the byte stream and splits P-DATA-TF PDUs into presentation data values —
@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import socket
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 
 #: PDU header: type (1), reserved (1), length of what follows (4, big endian).
 _HEADER = struct.Struct(">BxL")
-#: PDV item header: length of what follows (4, big endian), presentation context ID (1).
-_PDV = struct.Struct(">LB")
+#: PDV item header: length of what follows (4, big endian), presentation context ID (1), and
+#: the message control header (1): bit 0 command, bit 1 last fragment.
+_PDV = struct.Struct(">LBB")
+_COMMAND_LAST, _COMMAND_MORE = 0x03, 0x01
 
 
 class PDUType(IntEnum):
@@ -142,17 +145,37 @@ def split_pdata(body: memoryview) -> list[PDV]:
     values: list[PDV] = []
     offset = 0
     while offset < len(body):
-        if len(body) - offset < _PDV.size + 1:
+        if len(body) - offset < _PDV.size:
             raise ProtocolError("truncated PDV item", AbortReason.INVALID_PDU_PARAMETER_VALUE)
-        length, context_id = _PDV.unpack_from(body, offset)
+        length, context_id, control = _PDV.unpack_from(body, offset)
         end = offset + 4 + length
         if length < 2 or end > len(body):
             raise ProtocolError("PDV item length does not fit the PDU",
                                 AbortReason.INVALID_PDU_PARAMETER_VALUE)
-        control = body[offset + _PDV.size]
         values.append(PDV(context_id, bool(control & 0x01), bool(control & 0x02),
-                          body[offset + _PDV.size + 1:end]))
+                          body[offset + _PDV.size:end]))
         offset = end
     if not values:
         raise ProtocolError("P-DATA-TF without a PDV", AbortReason.INVALID_PDU_PARAMETER_VALUE)
     return values
+
+
+def command_pdus(context_id: int, command: bytes, peer_max_pdu: int) -> Iterator[bytes]:
+    """P-DATA-TF PDUs carrying a command set, fragmented to the peer's maximum PDU length.
+
+    Parameters
+    ----------
+    context_id:
+        The presentation context of the request.
+    command:
+        The encoded command set.
+    peer_max_pdu:
+        The peer's Maximum Length Received (0: unlimited).
+    """
+    # The PDV item header (4-byte length, context ID, control byte) counts against the maximum.
+    room = max(peer_max_pdu - _PDV.size, 1) if peer_max_pdu else len(command)
+    for start in range(0, len(command), room):
+        fragment = command[start:start + room]
+        control = _COMMAND_LAST if start + room >= len(command) else _COMMAND_MORE
+        item = _PDV.pack(len(fragment) + 2, context_id, control) + fragment
+        yield _HEADER.pack(PDUType.P_DATA_TF, len(item)) + item

@@ -28,7 +28,6 @@ from dicom_ai.service.dimse import (
     C_STORE_RQ,
     Command,
     Response,
-    command_pdus,
     decode_command,
 )
 from dicom_ai.service.spool import parse_dataset_keys, part10_header
@@ -39,6 +38,7 @@ from dicom_ai.service.ul import (
     PeerClosed,
     ProtocolError,
     abort_pdu,
+    command_pdus,
     read_pdu,
     split_pdata,
 )

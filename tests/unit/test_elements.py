@@ -19,7 +19,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from dicom_ai.dicom.scan import ScanError, top_level_values
+from dicom_ai.dicom.elements import ScanError, encode_element, even_text, top_level_values
 
 STUDY, SERIES, SOP = 0x0020000D, 0x0020000E, 0x00080018
 CORPUS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "dicom"
@@ -131,3 +131,18 @@ def test_implicit_bytes_under_an_explicit_syntax_are_left_to_pydicom() -> None:
     data = encode(with_nested_sequences(), ImplicitVRLittleEndian)
     with pytest.raises(ScanError):
         top_level_values(data, {STUDY}, implicit_vr=False, little_endian=True)
+
+
+def test_encode_element_in_each_form() -> None:
+    # Implicit VR: tag, 4-byte length. Explicit short: tag, VR, 2-byte length. Explicit long
+    # (OB): tag, VR, 2 reserved bytes, 4-byte length (PS3.5 §7.1).
+    assert encode_element(0x00000100, b"\x01\x80") == bytes.fromhex("0000 0001 02000000 0180")
+    assert encode_element(0x00020010, b"1.2\x00", b"UI") == (
+        bytes.fromhex("0200 1000") + b"UI" + bytes.fromhex("0400") + b"1.2\x00")
+    assert encode_element(0x00020001, b"\x00\x01", b"OB") == (
+        bytes.fromhex("0200 0100") + b"OB" + bytes.fromhex("0000 02000000 0001"))
+    assert even_text("1.2", b"\x00") == b"1.2\x00" and even_text("AB", b" ") == b"AB"
+    data = (encode_element(STUDY, even_text("1.2.3", b"\x00"), b"UI")
+            + encode_element(SERIES, even_text("1.2.3.4", b"\x00"), b"UI"))
+    assert top_level_values(data, {STUDY, SERIES}, implicit_vr=False, little_endian=True) == {
+        STUDY: b"1.2.3\x00", SERIES: b"1.2.3.4\x00"}
