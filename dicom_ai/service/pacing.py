@@ -122,13 +122,15 @@ class Pacer(threading.Thread):
     def step(self, now: float) -> None:
         """One look at the clock: pause, continue or leave the worker as it is."""
         receiving = now - self.clock.value < RECENT_S
-        pid = self.worker_pid()
         if self._paused is not None:
-            if (self._paused != pid or not receiving
-                    or now - self._paused_at >= self.max_pause_s):
+            if (not receiving or now - self._paused_at >= self.max_pause_s
+                    or self._paused != self.worker_pid()):
                 self._resume(now)
-        elif pid is not None and receiving and now >= self._run_until:
-            self._pause(pid, now)
+        elif receiving and now >= self._run_until:
+            # Only now is the worker looked up: the poll runs 100 times a second.
+            pid = self.worker_pid()
+            if pid is not None:
+                self._pause(pid, now)
 
     def _pause(self, pid: int, now: float) -> None:
         if not self.critical.acquire(False):

@@ -212,7 +212,6 @@ class StoreHandler:
         log.debug("stored %s (%s)", keys.sop_instance_uid, "new" if stored.new else "again")
         return StoreStatus(SUCCESS)
 
-
     def reserve(self, size: int) -> bool:
         """Whether ``size`` more bytes leave ``storage.minimum_free_mb`` free.
 
