@@ -1,15 +1,20 @@
 """Process-wide logging set-up that keeps patient identity out of log output.
 
 Our own messages name files, UIDs and reasons, never patient name, ID or birth date. Third-party
-libraries are less careful: pydicom's validation warnings quote the offending element value and
-highdicom warns about "unlikely person names" quoting the name. Their records are therefore
-raised to ERROR, and Python warnings (which print the message verbatim to stderr) are routed
-through logging and dropped below that level.
+libraries are less careful: pydicom's validation warnings quote the offending element value
+(``Invalid value for VR PN: 'Doe^Jane'``) and highdicom warns about "unlikely person names"
+quoting the name. Lowering their loggers' levels is not enough on its own: importing pydicom
+resets its logger to WARNING, whenever that import happens. The guarantee is therefore
+structural: :class:`IdentityFilter` sits on the root handler, which every record reaches
+whatever the logger's level and whenever a library was imported, and takes quoted, bracketed and
+hex-dumped values out of every record that is not ours (and out of every traceback, ours
+included). Python warnings are routed through logging, so they pass the same filter.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import traceback
 import warnings
@@ -20,10 +25,68 @@ VALUE_QUOTING_LOGGERS = ("pydicom", "highdicom", "pynetdicom.dsutils")
 #: Libraries that narrate routine work at INFO (pynetdicom: several lines per association of the
 #: exporter); our own lines say what matters, so theirs start at WARNING.
 CHATTY_LOGGERS = ("pynetdicom",)
+#: Our own loggers: their messages are identity-free by contract and are kept as written.
+OWN_LOGGER = "dicom_ai"
+#: What stands in for a value taken out of a message.
+REDACTED = "…"
+
+# A quoted value ('x', "x", b'x', with escapes), a bracketed value as pynetdicom and pydicom's
+# dataset dumps print them, and a line of a hex dump (pydicom's debug reader: offset, then bytes,
+# then the same bytes as ASCII). An apostrophe inside a word ("can't") opens no quote.
+_QUOTED = re.compile(r"""(?<!\w)b?'(?:[^'\\\n]|\\.)*'|(?<!\w)b?"(?:[^"\\\n]|\\.)*"|\[[^\]\n]*\]""")
+_HEX_DUMP = re.compile(r"^.*(?:\b[0-9a-fA-F]{2} ){4,}.*$", re.MULTILINE)
+
+
+def redact_values(text: str) -> str:
+    """``text`` with every quoted, bracketed or hex-dumped value replaced by ``…``.
+
+    Libraries quote the values they complain about (pydicom, highdicom, Python's own
+    ``int()``/``float()``/``strptime`` messages); what remains says what went wrong and where
+    (VRs, tags, lengths, offsets), not what the data holds.
+
+    Parameters
+    ----------
+    text:
+        A log message or an exception's text.
+
+    Returns
+    -------
+    str
+        The text with the values taken out.
+    """
+    return _QUOTED.sub(lambda m: f"'{REDACTED}'", _HEX_DUMP.sub(REDACTED, text))
+
+
+class IdentityFilter(logging.Filter):
+    """Takes element values out of log records before any handler writes them.
+
+    Records from loggers outside :data:`OWN_LOGGER` get their message redacted by
+    :func:`redact_values`; debug records of :data:`VALUE_QUOTING_LOGGERS` (element-by-element
+    dumps) are dropped. Every record's traceback is redacted, since an exception raised in a
+    library may quote a value even when our message does not.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        own = record.name == OWN_LOGGER or record.name.startswith(OWN_LOGGER + ".")
+        if not own:
+            if record.levelno <= logging.DEBUG and _quotes_values(record.name):
+                return False
+            record.msg = redact_values(record.getMessage())
+            record.args = None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact_values(record.exc_text)
+        return True
+
+
+def _quotes_values(name: str) -> bool:
+    return any(name == n or name.startswith(n + ".") for n in VALUE_QUOTING_LOGGERS)
 
 
 def configure_logging(level: str = "INFO", *, process: str = "") -> None:
-    """Configure the root logger on stderr and silence value-quoting third-party warnings.
+    """Configure the root logger on stderr, filtered by :class:`IdentityFilter`, and silence
+    value-quoting third-party warnings.
 
     Parameters
     ----------
@@ -35,6 +98,8 @@ def configure_logging(level: str = "INFO", *, process: str = "") -> None:
     prefix = f"{process}[%(process)d] " if process else ""
     logging.basicConfig(level=level.upper(), stream=sys.stderr, force=True,
                         format=f"%(asctime)s %(levelname)s {prefix}%(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(IdentityFilter())
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
         for name in CHATTY_LOGGERS:
             logging.getLogger(name).setLevel(logging.WARNING)

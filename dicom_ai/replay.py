@@ -23,6 +23,7 @@ from tqdm import tqdm
 from dicom_ai import DISCLAIMER
 from dicom_ai.config import Settings
 from dicom_ai.dicom.collect import Collection, collect
+from dicom_ai.dicom.uid import require_uid
 from dicom_ai.inference.bundle import Bundle
 from dicom_ai.inference.findings import ModelResult
 from dicom_ai.logs import log_failure, safe_error_text
@@ -53,12 +54,29 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _inside(folder: Path, name: str) -> Path:
+    """``folder / name``, refusing any name that would leave ``folder``."""
+    path = folder / name
+    if Path(name).name != name or not path.resolve().is_relative_to(folder.resolve()):
+        raise ValueError("an output name would leave the output folder")
+    return path
+
+
 def write_outcome(outcome: StudyOutcome, out_dir: Path) -> Path:
-    """Write a study's DICOM results and findings.json under ``out_dir/<study UID>/``."""
-    study_dir = out_dir / outcome.study_instance_uid
+    """Write a study's DICOM results and findings.json under ``out_dir/<study UID>/``.
+
+    Raises
+    ------
+    InvalidUIDError
+        When the Study Instance UID is not a UID (it names the folder).
+    ValueError
+        When an output name would leave ``out_dir``.
+    """
+    study_uid = require_uid(outcome.study_instance_uid, "Study Instance UID (0020,000D)")
+    study_dir = _inside(out_dir, study_uid)
     study_dir.mkdir(parents=True, exist_ok=True)
     for ds in outcome.datasets:
-        ds.save_as(study_dir / output_filename(ds), enforce_file_format=True)
+        ds.save_as(_inside(study_dir, output_filename(ds)), enforce_file_format=True)
     document = json.dumps(outcome.findings_document(), indent=2).encode()
     _write_atomic(study_dir / "findings.json", document + b"\n")
     return study_dir
@@ -138,11 +156,11 @@ def replay(folder: Path, out_dir: Path, models: Sequence[Bundle], settings: Sett
     for study in studies:
         try:
             outcome = run_study(study, models, settings)
+            write_outcome(outcome, out_dir)
         except Exception as exc:  # one bad study must not stop the replay
             log_failure(log, f"study {study.study_instance_uid} failed", exc)
             crashed[study.study_instance_uid] = f"internal error: {safe_error_text(exc)}"
             continue
-        write_outcome(outcome, out_dir)
         outcomes.append(outcome)
     entries = _file_entries(collection, outcomes, crashed)
     summary = json.dumps(entries, indent=2).encode() + b"\n"

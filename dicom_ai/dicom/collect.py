@@ -7,6 +7,7 @@ waveforms, presentation states): which series a model analyses is the pipeline's
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -16,6 +17,10 @@ from typing import Any, Literal
 from dicom_ai.dicom.errors import UnreadableFileError
 from dicom_ai.dicom.io import is_dicomdir, read_header
 from dicom_ai.dicom.model import Instance, Series, Study
+from dicom_ai.dicom.uid import is_valid_uid
+from dicom_ai.logs import log_failure, safe_error_text
+
+log = logging.getLogger(__name__)
 
 #: What became of a file. "processed" is set by the pipeline once a model has analysed it.
 Status = Literal["ok", "skipped", "failed", "processed"]
@@ -129,7 +134,9 @@ def collect(source: Path | Iterable[Path]) -> Collection:
         Studies with their series in order of first appearance, and one :class:`FileEntry`
         per non-hidden input file: non-DICOM files, DICOMDIRs and repeated SOP Instance UIDs
         are ``"skipped"``; missing or unreadable files and files lacking a Study, Series or
-        SOP Instance UID are ``"failed"``.
+        SOP Instance UID, or with one that is not a valid UID, are ``"failed"``. Of several
+        copies of one SOP Instance UID the first complete one is kept: a copy cut short (in
+        its header or its pixel data) is ``"failed"`` as truncated.
     """
     if isinstance(source, Path):
         paths = _walk(source) if source.is_dir() else [source]
@@ -140,7 +147,12 @@ def collect(source: Path | Iterable[Path]) -> Collection:
     series_by_uid: dict[str, Series] = {}
     seen: set[str] = set()
     for path in paths:
-        entry, instance = _classify(path, seen)
+        try:
+            entry, instance = _classify(path, seen)
+        except Exception as exc:  # one file's surprise must not end the collection
+            log_failure(log, f"{path.name}: reading the header failed", exc)
+            entry, instance = FileEntry(path, "failed",
+                                        f"internal error: {safe_error_text(exc)}"), None
         collection.entries.append(entry)
         if instance is None:
             continue
@@ -169,10 +181,12 @@ def _classify(path: Path, seen: set[str]) -> tuple[FileEntry, Instance | None]:
     except UnreadableFileError as exc:
         return FileEntry(path, "failed", exc.reason), None
     uids = {keyword: str(header.get(keyword, "") or "").strip() for keyword, _ in _REQUIRED_UIDS}
+    # Only valid UIDs are reported: an invalid one may be patient text in the wrong element.
     known = {
-        "study_instance_uid": uids["StudyInstanceUID"] or None,
-        "series_instance_uid": uids["SeriesInstanceUID"] or None,
-        "sop_instance_uid": uids["SOPInstanceUID"] or None,
+        field: value if is_valid_uid(value) else None
+        for field, value in (("study_instance_uid", uids["StudyInstanceUID"]),
+                             ("series_instance_uid", uids["SeriesInstanceUID"]),
+                             ("sop_instance_uid", uids["SOPInstanceUID"]))
     }
     if is_dicomdir(header):
         return FileEntry(path, "skipped", "DICOMDIR: a media directory, not an image",
@@ -180,6 +194,13 @@ def _classify(path: Path, seen: set[str]) -> tuple[FileEntry, Instance | None]:
     missing = [f"{keyword} {tag}" for keyword, tag in _REQUIRED_UIDS if not uids[keyword]]
     if missing:
         return FileEntry(path, "failed", "missing " + ", ".join(missing), **known), None
+    invalid = [f"{keyword} {tag}" for keyword, tag in _REQUIRED_UIDS
+               if not is_valid_uid(uids[keyword])]
+    if invalid:
+        # These UIDs name folders and files downstream: "../../x" or "/etc" must never get
+        # that far.
+        return FileEntry(path, "failed", "not a valid UID (PS3.5 9.1): " + ", ".join(invalid),
+                         **known), None
     if uids["SOPInstanceUID"] in seen:
         return FileEntry(path, "skipped", "duplicate SOP Instance UID", **known), None
     return FileEntry(path, "ok", None, **known), Instance(path, header)

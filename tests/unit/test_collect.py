@@ -5,8 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
+from pydicom.dataset import Dataset
 from pydicom.uid import ComprehensiveSRStorage
 
+from dicom_ai.dicom import collect as collect_module
 from dicom_ai.dicom.collect import FileEntry, collect, discover, looks_like_dicom
 from dicom_ai.dicom.io import MEDIA_STORAGE_DIRECTORY
 from tests.conftest import SERIES_UID, STUDY_UID, MakeDicom
@@ -100,3 +103,51 @@ def test_to_json() -> None:
     entry = FileEntry(Path("in/x.dcm"), "failed", "not a DICOM file", None, None, None)
     assert entry.to_json() == {"path": "in/x.dcm", "status": "failed",
                                "reason": "not a DICOM file", "study_instance_uid": None}
+
+
+@pytest.mark.parametrize("uid", ["../../x", "/tmp/x", "1.2.3/../../4", "1.02.3", "PID-8675309.1961",
+                                 "1." + "2" * 63])
+@pytest.mark.parametrize("keyword", ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"])
+def test_an_invalid_uid_fails_the_file_without_quoting_it(make_dicom: MakeDicom, tmp_path: Path,
+                                                         keyword: str, uid: str) -> None:
+    path = make_dicom("a.dcm", PIXELS, **{keyword: uid})
+    (entry,) = collect(tmp_path).entries
+    assert entry.status == "failed"
+    assert entry.reason is not None and uid not in entry.reason
+    assert entry.reason.endswith(("(0020,000D)", "(0020,000E)", "(0008,0018)"))
+    assert uid not in str(entry.to_json())
+    assert entry.path == path
+
+
+def test_truncated_copy_beside_the_intact_one_keeps_the_intact(make_dicom: MakeDicom,
+                                                               tmp_path: Path) -> None:
+    intact = make_dicom("b.dcm", np.arange(64, dtype=np.uint16).reshape(8, 8))
+    cut = tmp_path / "a.dcm"  # sorts first
+    cut.write_bytes(intact.read_bytes()[:-40])
+    result = collect(tmp_path)
+    by_name = {e.path.name: e for e in result.entries}
+    assert by_name["a.dcm"].status == "failed"
+    assert by_name["a.dcm"].reason == "truncated: (7FE0,0010) holds 88 of 128 bytes"
+    assert by_name["b.dcm"].status == "ok"
+    assert [i.path for i in result.studies[0].instances] == [intact]
+
+
+def test_an_unexpected_error_fails_one_file_only(make_dicom: MakeDicom, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    good = make_dicom("b.dcm", PIXELS)
+    make_dicom("a.dcm", PIXELS)
+    real = collect_module.is_dicomdir
+
+    def explode(ds: Dataset) -> bool:
+        if Path(ds.filename).name == "a.dcm":
+            raise RuntimeError("value 'Doe^Jane'")
+        return real(ds)
+
+    monkeypatch.setattr(collect_module, "is_dicomdir", explode)
+    result = collect(tmp_path)
+    by_name = {e.path.name: e for e in result.entries}
+    assert by_name["a.dcm"].status == "failed"
+    assert by_name["a.dcm"].reason is not None
+    assert by_name["a.dcm"].reason.startswith("internal error: RuntimeError at ")
+    assert "Doe" not in by_name["a.dcm"].reason
+    assert [i.path for i in result.studies[0].instances] == [good]

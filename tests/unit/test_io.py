@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import struct
 import warnings
 from pathlib import Path
 
@@ -11,11 +12,13 @@ import pydicom
 import pytest
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence
+from pydicom.uid import DeflatedExplicitVRLittleEndian, RLELossless
 
 from dicom_ai.dicom.errors import UnreadableFileError
 from dicom_ai.dicom.io import MEDIA_STORAGE_DIRECTORY, is_dicomdir, read_dataset, read_header
-from tests.conftest import MakeDicom
+from tests.conftest import MakeDicom, image_dataset
 
 PIXELS = np.arange(16, dtype=np.uint16).reshape(4, 4)
 
@@ -92,15 +95,92 @@ def test_cut_inside_an_undefined_length_sequence(make_dicom: MakeDicom,
     assert info.value.reason.startswith("truncated or corrupt: ")
 
 
-def test_truncated_pixel_data_passes_header_fails_dataset(make_dicom: MakeDicom,
-                                                          tmp_path: Path) -> None:
+def test_truncated_pixel_data_fails_header_and_dataset(make_dicom: MakeDicom,
+                                                       tmp_path: Path) -> None:
+    # The header read stops before the pixel data, yet a copy cut inside it is not complete.
     path = make_dicom("a.dcm", PIXELS)
     cut = tmp_path / "cut.dcm"
     cut.write_bytes(path.read_bytes()[:-2])
-    assert read_header(cut).Rows == 4
+    for read in (read_header, read_dataset):
+        with pytest.raises(UnreadableFileError) as info:
+            read(cut)
+        assert info.value.reason == "truncated: (7FE0,0010) holds 30 of 32 bytes"
+
+
+def _encapsulated(tmp_path: Path) -> Path:
+    ds = image_dataset(PIXELS.astype(np.uint8))
+    ds.file_meta.TransferSyntaxUID = RLELossless
+    ds.PixelData = encapsulate([b"\x00" * 64, b"\x01" * 64])
+    ds["PixelData"].VR = "OB"
+    path = tmp_path / "rle.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.parametrize(("cut", "reason"), [
+    (-8, "truncated: (7FE0,0010) ends before its sequence delimiter"),
+    (-20, "truncated: a fragment of (7FE0,0010) runs 12 bytes past the end of the file"),
+])
+def test_truncated_encapsulated_pixel_data_fails_header(tmp_path: Path, cut: int,
+                                                        reason: str) -> None:
+    path = _encapsulated(tmp_path)
+    assert read_header(path).Rows == 4
+    short = tmp_path / "short.dcm"
+    short.write_bytes(path.read_bytes()[:cut])
     with pytest.raises(UnreadableFileError) as info:
-        read_dataset(cut)
-    assert info.value.reason == "truncated: (7FE0,0010) holds 30 of 32 bytes"
+        read_header(short)
+    assert info.value.reason == reason
+
+
+def test_top_level_item_tag_is_a_reason(make_dicom: MakeDicom, tmp_path: Path) -> None:
+    # A zero-length (FFFE,E000) among the top-level elements made pydicom raise
+    # NotImplementedError("Unknown Value Representation 'NONE'") out of the whole replay.
+    path = make_dicom("a.dcm", PIXELS)
+    data = path.read_bytes()
+    name_tag = b"\x10\x00\x10\x00PN"
+    at = data.index(name_tag)
+    bad = tmp_path / "item.dcm"
+    bad.write_bytes(data[:at] + b"\xfe\xff\x00\xe0\x00\x00\x00\x00" + data[at:])
+    for read in (read_header, read_dataset):
+        with pytest.raises(UnreadableFileError) as info:
+            read(bad)
+        assert info.value.reason == "(FFFE,E000) item tag outside a sequence"
+
+
+def test_deflated_file_is_complete(make_dicom: MakeDicom, tmp_path: Path) -> None:
+    # Offsets of a deflated data set are those of its inflated copy, larger than the file.
+    ds = read_dataset(make_dicom("a.dcm", PIXELS, ImageComments="x" * 4000))
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    path = tmp_path / "deflated.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    assert path.stat().st_size < 1000
+    assert read_header(path).ImageComments == "x" * 4000
+    assert np.array_equal(read_dataset(path).pixel_array, PIXELS)
+
+
+@pytest.mark.parametrize("error", [
+    NotImplementedError("Unknown Value Representation 'Doe^Jane' in tag (0010,0010)"),
+    ValueError("invalid literal for int() with base 10: '19700101'"),
+    KeyError("Doe^Jane"), TypeError("can't concat 'Doe^Jane'"), RecursionError(),
+    MemoryError(), IndexError("list index out of range"),
+    UnicodeDecodeError("ascii", b"Doe", 0, 1, "bad"),
+    struct.error("unpack requires a buffer of 4 bytes"), AttributeError("'Doe^Jane'"),
+])
+def test_any_reader_exception_is_the_files_reason(make_dicom: MakeDicom,
+                                                  monkeypatch: pytest.MonkeyPatch,
+                                                  error: Exception) -> None:
+    path = make_dicom("a.dcm", PIXELS)
+
+    def fail(*args: object, **kwargs: object) -> Dataset:
+        raise error
+
+    monkeypatch.setattr(pydicom, "dcmread", fail)
+    for read in (read_header, read_dataset):
+        with pytest.raises(UnreadableFileError) as info:
+            read(path)
+        reason = info.value.reason
+        assert reason and "\n" not in reason
+        assert "Doe" not in reason and "19700101" not in reason, reason
 
 
 def _with_patched_bytes(path: Path, old: bytes, new: bytes) -> Path:

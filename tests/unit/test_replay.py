@@ -143,3 +143,76 @@ def test_one_sr_per_study_and_model(cxr_folder: Path, models_dir: Path, tmp_path
                   for series in item.ReferencedSeriesSequence
                   for ref in series.ReferencedSOPSequence}
     assert lateral.SOPInstanceUID in referenced
+
+
+def _files_under(folder: Path) -> set[Path]:
+    return {p for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("study_uid", ["../../x", "/tmp/dicom-ai-escape", "..", "1.2/../../3"])
+def test_identifiers_never_name_a_path_outside_out(cxr_folder: Path, models_dir: Path,
+                                                   tmp_path: Path, study_uid: str) -> None:
+    ds = pydicom.dcmread(cxr_folder / "cxr.dcm")
+    ds.StudyInstanceUID = study_uid
+    ds.SOPInstanceUID = "1.2.826.0.1.3680043.8.498.55"
+    ds.save_as(cxr_folder / "escape.dcm")
+    before = _files_under(tmp_path)
+    bundle = load_bundle(models_dir / "tiny-cxr", device=torch.device("cpu"))
+    out = tmp_path / "deep" / "er" / "out"
+    report = replay(cxr_folder, out, [bundle], Settings(), progress=False)
+    entries = {Path(e["path"]).name: e for e in report.entries}
+    assert entries["escape.dcm"]["status"] == "failed"
+    assert entries["escape.dcm"]["reason"] == \
+        "not a valid UID (PS3.5 9.1): StudyInstanceUID (0020,000D)"
+    assert entries["escape.dcm"]["study_instance_uid"] is None
+    assert entries["cxr.dcm"]["status"] == "processed"
+    assert report.exit_status == EXIT_SOME_FAILED
+    written = _files_under(tmp_path) - before
+    assert written and all(p.is_relative_to(out) for p in written), written
+    assert not Path("/tmp/dicom-ai-escape").exists()
+
+
+def test_write_outcome_refuses_a_study_folder_outside_out(tmp_path: Path) -> None:
+    from dicom_ai.dicom.uid import InvalidUIDError
+    from dicom_ai.pipeline import StudyOutcome
+    from dicom_ai.replay import write_outcome
+
+    for uid in ("../../x", str(tmp_path / "abs")):
+        with pytest.raises(InvalidUIDError, match="Study Instance UID"):
+            write_outcome(StudyOutcome(study_instance_uid=uid), tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "abs").exists()
+
+
+def test_a_top_level_item_tag_fails_its_file_not_the_run(cxr_folder: Path, models_dir: Path,
+                                                         tmp_path: Path) -> None:
+    other = pydicom.dcmread(cxr_folder / "cxr.dcm")
+    other.SOPInstanceUID = "1.2.826.0.1.3680043.8.498.56"
+    other.save_as(tmp_path / "x.dcm")
+    data = (tmp_path / "x.dcm").read_bytes()
+    at = data.index(b"\x10\x00\x10\x00PN")
+    (cxr_folder / "item.dcm").write_bytes(data[:at] + b"\xfe\xff\x00\xe0" + bytes(4) + data[at:])
+    out = tmp_path / "out"
+    status = main(["replay", str(cxr_folder), "--out", str(out), "--models", str(models_dir),
+                   "--quiet"])
+    assert status == EXIT_SOME_FAILED
+    entries = {Path(e["path"]).name: e for e in
+               json.loads((out / "replay-summary.json").read_text())}
+    assert entries["item.dcm"] == {"path": str(cxr_folder / "item.dcm"), "status": "failed",
+                                   "reason": "(FFFE,E000) item tag outside a sequence",
+                                   "study_instance_uid": None}
+    assert entries["cxr.dcm"]["status"] == "processed"
+
+
+def test_truncated_copy_is_failed_and_intact_copy_processed(cxr_folder: Path, models_dir: Path,
+                                                            tmp_path: Path) -> None:
+    intact = cxr_folder / "cxr.dcm"
+    (cxr_folder / "a-copy.dcm").write_bytes(intact.read_bytes()[:-1000])  # sorts first
+    bundle = load_bundle(models_dir / "tiny-cxr", device=torch.device("cpu"))
+    report = replay(cxr_folder, tmp_path / "out", [bundle], Settings(), progress=False)
+    entries = {Path(e["path"]).name: e for e in report.entries}
+    assert entries["a-copy.dcm"]["status"] == "failed"
+    assert entries["a-copy.dcm"]["reason"].startswith("truncated: (7FE0,0010) holds ")
+    assert entries["cxr.dcm"]["status"] == "processed"
+    (outcome,) = report.outcomes
+    (result,) = outcome.results
+    assert [i.path for i in result.series.instances] == [intact]
