@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dicom_ai.dicom.uid import is_valid_uid
+
 ENV_PREFIX = "DICOM_AI_"
 
 
@@ -152,6 +154,18 @@ class OutputSettings:
 
 
 @dataclass
+class LimitsSettings:
+    """Bounds on what one input may cost, checked before the work is done."""
+
+    #: Largest decoded pixel data one decode may produce, in MiB, from the declared Rows ×
+    #: Columns × frames × Samples per Pixel × Bits Allocated. A few kB of RLE, JPEG or JPEG 2000
+    #: can declare 65000 × 65000 pixels; refusing by the header stops such a file before any
+    #: decoder allocates. 1024 MiB holds a 2000-frame 512 × 512 16-bit enhanced CT; a site
+    #: with larger multi-frame objects (breast tomosynthesis) raises it.
+    max_decoded_mb: int = 1024
+
+
+@dataclass
 class Settings:
     """All settings of dicom-ai. See ``deploy/dicom-ai.example.toml`` for a commented file."""
 
@@ -163,6 +177,7 @@ class Settings:
     export: ExportSettings = field(default_factory=ExportSettings)
     inference: InferenceSettings = field(default_factory=InferenceSettings)
     output: OutputSettings = field(default_factory=OutputSettings)
+    limits: LimitsSettings = field(default_factory=LimitsSettings)
 
 
 def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
@@ -320,12 +335,13 @@ def validate(settings: Settings) -> list[str]:
                         f"got {settings.inference.device!r}")
     if settings.inference.batch_size < 1:
         problems.append("inference.batch_size: must be at least 1")
+    if settings.limits.max_decoded_mb < 1:
+        problems.append("limits.max_decoded_mb: must be at least 1")
     if settings.export.max_attempts < 1:
         problems.append("export.max_attempts: must be at least 1")
-    root_parts = settings.output.uid_root.split(".")
-    if settings.output.uid_root and not all(p.isdigit() for p in root_parts):
-        problems.append(f"output.uid_root: a UID root is dot-separated digits, "
-                        f"got {settings.output.uid_root!r}")
+    if settings.output.uid_root and not is_valid_uid(settings.output.uid_root):
+        problems.append(f"output.uid_root: a UID root is dot-separated numbers without leading "
+                        f"zeros (PS3.5 9.1), got {settings.output.uid_root!r}")
     if len(settings.output.uid_root) > 24:
         problems.append("output.uid_root: keep the root at most 24 characters so derived UIDs "
                         "fit in 64")

@@ -26,6 +26,7 @@ from pydicom.dataset import Dataset
 from dicom_ai.config import InferenceSettings, Settings
 from dicom_ai.dicom.errors import DicomInputError
 from dicom_ai.dicom.model import Series, Study
+from dicom_ai.dicom.pixels import decode_limit
 from dicom_ai.inference import routing
 from dicom_ai.inference.bundle import Bundle, BundleError, load_all, select_device
 from dicom_ai.inference.findings import ModelResult
@@ -124,8 +125,9 @@ def run_study(study: Study, models: Sequence[Bundle], settings: Settings, *,
 
     started = started or datetime.now().astimezone()
     outcome = StudyOutcome(study_instance_uid=study.study_instance_uid)
-    for series in study.series:
-        analyse_series(series, models, settings, started, outcome)
+    with decode_limit(settings.limits.max_decoded_mb):
+        for series in study.series:
+            analyse_series(series, models, settings, started, outcome)
     # One SR per study and model: the results of one model on the study's series together.
     for bundle in models:
         results = [r for r in outcome.results if r.model == bundle.info]

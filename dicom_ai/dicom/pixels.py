@@ -13,13 +13,19 @@ clear reason.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
+import struct
 import warnings
+from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
 import numpy.typing as npt
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_fragments
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.pixels.utils import as_pixel_options, get_expected_length
 from pydicom.uid import (
@@ -29,9 +35,11 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from dicom_ai.dicom.errors import PixelDecodeError, UnreadableFileError
+from dicom_ai.config import LimitsSettings
+from dicom_ai.dicom.errors import DicomInputError, PixelDecodeError, UnreadableFileError
 from dicom_ai.dicom.io import read_dataset
 from dicom_ai.dicom.model import Instance
+from dicom_ai.logs import redact_values
 
 # pydicom logs a full traceback for every plugin that fails on a frame, even when the next
 # plugin succeeds. Each plugin's message is already in PixelDecodeError's reason, so the
@@ -53,6 +61,19 @@ _REQUIRED_INTEGER = (
     ("BitsStored", "(0028,0101)"),
     ("PixelRepresentation", "(0028,0103)"),
 )
+
+_MIB = 1024 * 1024
+#: The decode limit in force (bytes); see :func:`decode_limit`.
+_MAX_DECODED_BYTES: ContextVar[int] = ContextVar(
+    "max_decoded_bytes", default=LimitsSettings().max_decoded_mb * _MIB)
+#: Fragments whose codestream header is checked (one per frame is usual).
+_MAX_FRAGMENTS_CHECKED = 100_000
+#: Segments walked to find a JPEG SOF marker (real files have fewer than 20 before it).
+_MAX_JPEG_SEGMENTS = 1000
+#: Start of Frame markers of JPEG (SOF0-SOF15 less DHT, JPG and DAC) and JPEG-LS (SOF55).
+_SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD,
+                          0xCE, 0xCF, 0xF7})
+_JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  "
 
 #: Transfer syntaxes newer than pydicom 3.0's UID dictionary, named for error messages.
 _TS_NAMES = {
@@ -96,13 +117,28 @@ def decode_pixels(instance: Instance, *, index: int | None = None) -> DecodedPix
     Raises
     ------
     PixelDecodeError
-        With a one-line reason: no pixel data, a missing Image Pixel attribute, an unsupported
-        transfer syntax or one without an installed decoder, short or corrupt pixel data.
+        With a one-line reason: no pixel data, a missing Image Pixel attribute, a declared size
+        over :func:`decode_limit` (checked before the file is read) or a codestream larger
+        than the header declares, an unsupported transfer syntax or one without an installed
+        decoder, short or corrupt pixel data, or whatever else a decoder raised.
     """
+    # Before the file is read: the header alone says how much memory decoding would take.
+    _check_declared_size(instance.header, instance, whole=index is None)
     try:
         ds = read_dataset(instance.path)
     except UnreadableFileError as exc:
         raise PixelDecodeError(exc.reason, path=instance.path) from exc
+    try:
+        return _decode(ds, instance, index)
+    except DicomInputError:
+        raise
+    except Exception as exc:
+        # Whatever a decoder (or pydicom preparing it) raises on values it did not expect is
+        # this file's reason, never the end of a study.
+        raise PixelDecodeError(f"cannot decode: {_one_line(exc)}", path=instance.path) from exc
+
+
+def _decode(ds: Dataset, instance: Instance, index: int | None) -> DecodedPixels:
     keyword = _pixel_keyword(ds, instance)
     ts = _transfer_syntax(ds, keyword, instance)
     name = transfer_syntax_name(ts)
@@ -114,6 +150,8 @@ def decode_pixels(instance: Instance, *, index: int | None = None) -> DecodedPix
         raise PixelDecodeError(f"no decoder plugin available for {name}", path=instance.path)
     if decoder.is_native and keyword == "PixelData":
         _check_length(ds, instance)
+    if not decoder.is_native:
+        _check_codestreams(ds, instance)
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
         try:
@@ -222,6 +260,113 @@ def _transfer_syntax(ds: Dataset, keyword: str, instance: Instance) -> str:
     return str(ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
 
 
+def _check_declared_size(header: Dataset, instance: Instance, *, whole: bool) -> None:
+    """Refuse pixel data whose declared decoded size exceeds :func:`decode_limit`."""
+    try:
+        rows, columns = int(header.get("Rows") or 0), int(header.get("Columns") or 0)
+        samples = int(header.get("SamplesPerPixel") or 1)
+        bits = int(header.get("BitsAllocated") or 8)
+    except (TypeError, ValueError):
+        return  # _pixel_keyword names what is missing or malformed
+    frames = _number_of_frames(header) if whole else 1
+    # Decoders return at least one byte per sample (1-bit data is unpacked).
+    declared = rows * columns * frames * samples * max(1, (bits + 7) // 8)
+    limit = _MAX_DECODED_BYTES.get()
+    if declared > limit:
+        raise PixelDecodeError(
+            f"declared image size {columns} x {rows} x {frames} frame(s) x {samples} "
+            f"sample(s) x {bits} bit(s) ({declared / _MIB:.0f} MiB) exceeds "
+            f"limits.max_decoded_mb ({limit // _MIB} MiB)", path=instance.path)
+
+
+def _check_codestreams(ds: Dataset, instance: Instance) -> None:
+    """Refuse a JPEG, JPEG-LS or JPEG 2000 codestream larger than the header declares.
+
+    A decoder allocates what the codestream says, not what Rows and Columns say: a header of
+    512 x 512 around a codestream of 65000 x 65000 would otherwise pass the declared-size check.
+    """
+    declared = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel") or 1)
+    # The first item is the Basic Offset Table, not a fragment.
+    items = generate_fragments(ds.PixelData)
+    for fragment in itertools.islice(items, 1, _MAX_FRAGMENTS_CHECKED):
+        size = codestream_size(fragment)
+        if size is not None and size[0] * size[1] * size[2] > declared:
+            raise PixelDecodeError(
+                f"a codestream declares {size[0]} x {size[1]} x {size[2]} samples, the header "
+                f"{ds.Columns} x {ds.Rows} x {ds.get('SamplesPerPixel') or 1}",
+                path=instance.path)
+
+
+def codestream_size(fragment: bytes) -> tuple[int, int, int] | None:
+    """Width, height and components a JPEG, JPEG-LS or JPEG 2000 codestream declares.
+
+    Parameters
+    ----------
+    fragment:
+        The start of a frame's codestream (its first fragment).
+
+    Returns
+    -------
+    tuple of int, or None
+        ``(width, height, components)`` from the SOF (JPEG, JPEG-LS) or SIZ (JPEG 2000, HTJ2K)
+        segment; None for a fragment that does not start a codestream (a continuation fragment)
+        or ends before that segment.
+    """
+    if fragment.startswith(_JP2_SIGNATURE):
+        fragment = _jp2_codestream(fragment)
+    if fragment.startswith(b"\xff\x4f\xff\x51") and len(fragment) >= 42:
+        # SIZ (ISO/IEC 15444-1 A.5.1): Lsiz Rsiz Xsiz Ysiz XOsiz YOsiz ... Csiz.
+        x, y, x0, y0 = struct.unpack_from(">LLLL", fragment, 8)
+        (components,) = struct.unpack_from(">H", fragment, 40)
+        return max(0, x - x0), max(0, y - y0), components
+    if not fragment.startswith(b"\xff\xd8"):
+        return None
+    offset = 2
+    for _ in range(_MAX_JPEG_SEGMENTS):
+        if offset + 4 > len(fragment) or fragment[offset] != 0xFF:
+            return None
+        marker = fragment[offset + 1]
+        if marker in _SOF_MARKERS:
+            if offset + 10 > len(fragment):
+                return None
+            height, width = struct.unpack_from(">HH", fragment, offset + 5)
+            return width, height, fragment[offset + 9]
+        (length,) = struct.unpack_from(">H", fragment, offset + 2)
+        offset += 2 + length
+    return None
+
+
+def _jp2_codestream(data: bytes) -> bytes:
+    """The contiguous codestream box (jp2c) of a JP2 file, or b"" when there is none."""
+    offset = 0
+    for _ in range(_MAX_JPEG_SEGMENTS):
+        if offset + 8 > len(data):
+            break
+        (length,) = struct.unpack_from(">L", data, offset)
+        if data[offset + 4:offset + 8] == b"jp2c":
+            return data[offset + 8:]
+        if length < 8:
+            break
+        offset += length
+    return b""
+
+
+@contextlib.contextmanager
+def decode_limit(max_decoded_mb: int) -> Iterator[None]:
+    """Within the block, refuse to decode pixel data declaring more than ``max_decoded_mb``.
+
+    Parameters
+    ----------
+    max_decoded_mb:
+        ``limits.max_decoded_mb`` of the settings; outside any block, its default applies.
+    """
+    token = _MAX_DECODED_BYTES.set(max_decoded_mb * _MIB)
+    try:
+        yield
+    finally:
+        _MAX_DECODED_BYTES.reset(token)
+
+
 def _check_length(ds: Dataset, instance: Instance) -> None:
     expected = int(get_expected_length(ds))
     actual = len(ds.PixelData)
@@ -238,11 +383,12 @@ def _number_of_frames(header: Dataset) -> int:
 
 
 def _one_line(exc: Exception) -> str:
-    # pydicom lists one failure per plugin on its own line; keep them all, on one line.
+    # pydicom lists one failure per plugin on its own line; keep them all, on one line, without
+    # any value a plugin quotes.
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     if len(lines) > 1 and lines[0].endswith(":"):
         lines = lines[1:]
-    return "; ".join(lines) or type(exc).__name__
+    return redact_values("; ".join(lines))[:500] or type(exc).__name__
 
 
 def _spaced(keyword: str) -> str:
@@ -250,4 +396,5 @@ def _spaced(keyword: str) -> str:
     return "".join(f" {c}" if c.isupper() and i else c for i, c in enumerate(keyword))
 
 
-__all__ = ["DecodedPixels", "decode", "decode_frame", "decode_pixels", "transfer_syntax_name"]
+__all__ = ["DecodedPixels", "codestream_size", "decode", "decode_frame", "decode_limit",
+           "decode_pixels", "transfer_syntax_name"]

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 
 from pydicom.uid import generate_uid
 
+from dicom_ai.dicom.uid import require_uid
 from dicom_ai.inference.findings import ModelInfo
 
 #: Namespace of the name-based UUIDs behind "2.25." UIDs (uuid5 of the project's name).
@@ -52,9 +53,6 @@ def derive_uid(source_sop_instance_uids: Iterable[str], model: ModelInfo, kind: 
                           model.device_uid, kind], separators=(",", ":"))
     if not root:
         return f"2.25.{uuid.uuid5(_NAMESPACE, payload).int}"
-    if not all(part.isdigit() and (part == "0" or not part.startswith("0"))
-               for part in root.split(".")):
-        raise ValueError(f"UID root must be dot-separated numbers without leading zeros, "
-                         f"got {root!r}")
+    require_uid(root, "the organization UID root")
     # pydicom hashes the payload with SHA-512 and keeps as many decimal digits as fit in 64.
     return str(generate_uid(prefix=f"{root}.", entropy_srcs=[payload]))

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.encaps import encapsulate
+from pydicom.encaps import encapsulate, generate_fragments
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
 
@@ -15,8 +15,10 @@ from dicom_ai.dicom.errors import PixelDecodeError
 from dicom_ai.dicom.io import read_header
 from dicom_ai.dicom.model import Instance
 from dicom_ai.dicom.pixels import (
+    codestream_size,
     decode,
     decode_frame,
+    decode_limit,
     decode_pixels,
     transfer_syntax_name,
 )
@@ -162,3 +164,93 @@ def test_no_plugin_installed(make_dicom: MakeDicom, monkeypatch: pytest.MonkeyPa
         decode(_instance(path))
     assert info.value.reason == ("no decoder plugin available for JPEG-LS Lossless Image "
                                  "Compression")
+
+
+def _declaring(path: Path, **attrs: int) -> Instance:
+    ds = pydicom.dcmread(path)
+    for keyword, value in attrs.items():
+        setattr(ds, keyword, value)
+    ds.save_as(path, enforce_file_format=True)
+    return _instance(path)
+
+
+@pytest.mark.parametrize("syntax", [RLELossless, JPEG2000Lossless, JPEGLSLossless])
+def test_a_small_file_declaring_a_huge_image_is_refused_before_decoding(
+        make_dicom: MakeDicom, monkeypatch: pytest.MonkeyPatch, syntax: str) -> None:
+    path = _compressed(make_dicom("a.dcm", RAMP), syntax)
+    instance = _declaring(path, Rows=65000, Columns=65000)
+    assert path.stat().st_size < 20_000
+
+    def no_decoding(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the decoder was reached")
+
+    monkeypatch.setattr("dicom_ai.dicom.pixels.read_dataset", no_decoding)
+    with pytest.raises(PixelDecodeError) as info:
+        decode(instance)
+    assert info.value.reason == ("declared image size 65000 x 65000 x 1 frame(s) x 1 sample(s) "
+                                 "x 16 bit(s) (8059 MiB) exceeds limits.max_decoded_mb "
+                                 "(1024 MiB)")
+
+
+def test_frames_count_towards_the_limit_unless_one_is_asked_for(make_dicom: MakeDicom) -> None:
+    frame = np.zeros((512, 512), dtype=np.uint16)  # 0.5 MiB
+    instance = _instance(make_dicom("a.dcm", np.stack([frame] * 4), NumberOfFrames=4))
+    with decode_limit(1):
+        with pytest.raises(PixelDecodeError, match=r"x 4 frame\(s\) .* \(2 MiB\) exceeds"):
+            decode(instance)
+        assert decode_frame(instance, 3).shape == frame.shape
+
+
+def test_decode_limit_is_the_setting_in_force(make_dicom: MakeDicom) -> None:
+    instance = _instance(make_dicom("a.dcm", RAMP))  # 8 KiB decoded
+    assert decode(instance).shape == RAMP.shape
+    with decode_limit(1):
+        assert decode(instance).shape == RAMP.shape
+    big = _instance(make_dicom("b.dcm", np.zeros((1024, 1024), dtype=np.uint16)))  # 2 MiB
+    with decode_limit(1), pytest.raises(PixelDecodeError, match=r"\(2 MiB\) exceeds"):
+        decode(big)
+    assert decode(big).shape == (1024, 1024)
+
+
+def _patch_codestream(path: Path, old: bytes, new: bytes) -> Instance:
+    data = path.read_bytes()
+    assert data.count(old) == 1
+    path.write_bytes(data.replace(old, new))
+    return _instance(path)
+
+
+def test_a_codestream_larger_than_the_header_is_refused(make_dicom: MakeDicom) -> None:
+    # The header says 64 x 64; the JPEG 2000 SIZ segment is made to say 65000 x 65000.
+    path = _compressed(make_dicom("a.dcm", RAMP), JPEG2000Lossless)
+    siz = b"\xff\x51" + pydicom.dcmread(path).PixelData.split(b"\xff\x51", 1)[1][:10]
+    assert codestream_size(b"\xff\x4f" + siz + bytes(40)) is not None
+    huge = siz[:6] + (65000).to_bytes(4, "big") + (65000).to_bytes(4, "big")
+    instance = _patch_codestream(path, siz, huge[:len(siz)])
+    with pytest.raises(PixelDecodeError, match=r"codestream declares 65000 x \d+ x 1 samples"):
+        decode(instance)
+
+
+def test_codestream_size_of_jpeg_ls_and_fragments_that_start_none(make_dicom: MakeDicom) -> None:
+    path = _compressed(make_dicom("a.dcm", RAMP), JPEGLSLossless)
+    _offset_table, fragment = generate_fragments(pydicom.dcmread(path).PixelData)
+    assert codestream_size(fragment) == (64, 64, 1)
+    assert codestream_size(b"\x12\x34" + fragment) is None
+    assert codestream_size(fragment[:8]) is None
+
+
+@pytest.mark.parametrize("error", [ValueError("could not convert 'Doe^Jane'"), MemoryError(),
+                                   KeyError("PatientName"), OverflowError("too big")])
+@pytest.mark.parametrize("step", ["get_decoder", "get_expected_length", "as_pixel_options"])
+def test_any_decoder_exception_is_the_files_reason(make_dicom: MakeDicom,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   error: Exception, step: str) -> None:
+    instance = _instance(make_dicom("a.dcm", GREY))
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise error
+
+    monkeypatch.setattr(f"dicom_ai.dicom.pixels.{step}", fail)
+    with pytest.raises(PixelDecodeError) as info:
+        decode(instance)
+    assert info.value.reason.startswith("cannot decode")
+    assert "Doe" not in info.value.reason and "\n" not in info.value.reason
