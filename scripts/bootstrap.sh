@@ -51,16 +51,24 @@ install_python() {
 }
 
 install_peers() {
-    # The integration tests talk to real peers: Orthanc (+ DICOMweb plugin), DCMTK, dicom3tools.
+    # The integration tests talk to real peers: Orthanc (+ DICOMweb plugin), DCMTK, dicom3tools,
+    # PixelMed's validators, and OHIF Viewer in Chromium (tests/integration/test_ohif.py installs
+    # OHIF and playwright-core from npm into ~/.cache/dicom-ai/ohif itself).
     local plugin=/usr/share/orthanc/plugins/libOrthancDicomWeb.so
-    if command -v Orthanc >/dev/null && command -v storescu >/dev/null \
-        && command -v dciodvfy >/dev/null && [ -e "$plugin" ]; then
-        return
+    local pixelmed=/usr/share/java/pixelmed.jar
+    if ! { command -v Orthanc >/dev/null && command -v storescu >/dev/null \
+        && command -v dciodvfy >/dev/null && [ -e "$plugin" ] && [ -e "$pixelmed" ] \
+        && [ -x /usr/bin/chromium ]; }; then
+        log "installing apt peers: orthanc dcmtk dicom3tools orthanc-dicomweb libpixelmed-java chromium"
+        as_root apt-get update -qq
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            orthanc dcmtk dicom3tools orthanc-dicomweb libpixelmed-java chromium
     fi
-    log "installing apt peers: orthanc dcmtk dicom3tools orthanc-dicomweb"
-    as_root apt-get update -qq
-    as_root env DEBIAN_FRONTEND=noninteractive \
-        apt-get install -y -qq --no-install-recommends orthanc dcmtk dicom3tools orthanc-dicomweb
+    # playwright-core needs node >= 20, newer than Debian 12's nodejs: use the one installed.
+    if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+        log "node and npm (node >= 20) are needed for the OHIF viewer test"
+        return 1
+    fi
 }
 
 run_demo() {

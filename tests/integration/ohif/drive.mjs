@@ -1,0 +1,246 @@
+// Opens studies in OHIF Viewer as a radiologist would and reports what the page showed.
+//
+//   node drive.mjs PLAN.json RESULT.json
+//
+// PLAN: {baseUrl, chromium, userDataDir, nodeModules, timeoutMs, studies: [{studyInstanceUID,
+//   seriesCount, images: [{seriesInstanceUID}], reports: [{seriesInstanceUID, screenshot?}]}]}
+// RESULT: one entry per study: the errors the page and its console reported, every thumbnail's
+// text, whether each image series rendered, and for each SR the measurements OHIF read from it
+// and the viewport's text at every step of its next/previous arrows. Judging is the test's job
+// (tests/integration/test_ohif.py); this script only looks, with every wait bounded by timeoutMs.
+import fs from 'node:fs';
+import { createRequire } from 'node:module';
+import path from 'node:path';
+
+const [planPath, resultPath] = process.argv.slice(2);
+const plan = JSON.parse(fs.readFileSync(planPath, 'utf8'));
+const { chromium } = createRequire(path.join(plan.nodeModules, 'x.js'))('playwright-core');
+const timeout = plan.timeoutMs;
+
+// Chromium as root needs --no-sandbox; the rest keep it from calling home or doing first-run work.
+const context = await chromium.launchPersistentContext(plan.userDataDir, {
+  executablePath: plan.chromium,
+  headless: true,
+  args: [
+    '--no-sandbox',
+    '--disable-gpu',
+    '--disable-background-networking',
+    '--disable-component-update',
+    '--disable-sync',
+    '--no-first-run',
+  ],
+  viewport: { width: 1400, height: 900 },
+  timeout,
+});
+// The onboarding tour covers the study panel on a first visit; a returning user has dismissed it.
+await context.addInitScript(() => {
+  localStorage.setItem('shownTours', JSON.stringify(['basicViewerTour']));
+});
+
+/** The default viewport's state: its image and the text drawn over it (SR labels are SVG text). */
+async function viewportState(page) {
+  return page.evaluate(() => {
+    const viewport = window.cornerstone?.getRenderingEngines?.()
+      .flatMap((engine) => engine.getViewports())
+      .find((v) => v.id === 'default');
+    const pane = document.querySelector('[data-cy="viewport-pane"]');
+    // Painted: the share of non-black pixels on the viewport's 2D canvas (cornerstone copies
+    // each rendered frame there). An image that failed to render leaves it black.
+    let painted = 0;
+    const canvas = pane?.querySelector('canvas.cornerstone-canvas');
+    const ctx = canvas?.width ? canvas.getContext('2d') : null;
+    if (ctx) {
+      const { data } = ctx.getImageData(0, 0, canvas.width, canvas.height);
+      let lit = 0;
+      let all = 0;
+      for (let i = 0; i < data.length; i += 4 * 97) {
+        all += 1;
+        lit += data[i] + data[i + 1] + data[i + 2] > 30 ? 1 : 0;
+      }
+      painted = lit / all;
+    }
+    return {
+      imageId: viewport?.getCurrentImageId?.() ?? null,
+      painted,
+      texts: pane ? [...pane.querySelectorAll('svg text')].map((t) => t.textContent) : [],
+    };
+  });
+}
+
+/** Polls `condition` (an async function) until it is true or `ms` have passed. */
+async function until(condition, ms) {
+  const deadline = Date.now() + ms;
+  for (;;) {
+    if (await condition()) {
+      return true;
+    }
+    if (Date.now() > deadline) {
+      return false;
+    }
+    await new Promise((resolve) => { setTimeout(resolve, 200); });
+  }
+}
+
+/** A viewport shows a picture once at least this share of its canvas is not black. */
+const PAINTED = 0.01;
+
+/** Display set instance UIDs by Series Instance UID, from OHIF's display set service. */
+async function displaySets(page) {
+  return page.evaluate(() => {
+    const out = {};
+    for (const ds of window.services.displaySetService.getActiveDisplaySets()) {
+      (out[ds.SeriesInstanceUID] ??= []).push(ds.displaySetInstanceUID);
+    }
+    return out;
+  });
+}
+
+async function openSeries(page, dsUids, seriesInstanceUID) {
+  const [dsUid] = dsUids[seriesInstanceUID] ?? [];
+  if (!dsUid) {
+    return false;
+  }
+  await page.locator(`[id="thumbnail-${dsUid}"]`).dblclick({ timeout });
+  return dsUid;
+}
+
+async function visitImageSeries(page, dsUids, image) {
+  const entry = { seriesInstanceUID: image.seriesInstanceUID, rendered: false };
+  if (!(await openSeries(page, dsUids, image.seriesInstanceUID))) {
+    entry.error = 'no thumbnail';
+    return entry;
+  }
+  entry.rendered = await until(async () => {
+    const state = await viewportState(page);
+    return state.imageId?.includes(`/series/${image.seriesInstanceUID}/`)
+      && state.painted >= PAINTED;
+  }, timeout);
+  entry.painted = (await viewportState(page)).painted;
+  return entry;
+}
+
+async function visitReport(page, dsUids, report, errors) {
+  const entry = { seriesInstanceUID: report.seriesInstanceUID, steps: [], measurements: null };
+  const dsUid = await openSeries(page, dsUids, report.seriesInstanceUID);
+  if (!dsUid) {
+    entry.error = 'no thumbnail';
+    return entry;
+  }
+  try {
+    // Loaded: OHIF has parsed the content tree into measurements (or failed, which the error
+    // listeners record). Then each measurement is drawn once its image is in the viewport.
+    await page.waitForFunction((uid) => {
+      const ds = window.services.displaySetService.getDisplaySetByUID(uid);
+      return ds?.isLoaded === true;
+    }, dsUid, { timeout });
+    entry.measurements = await page.evaluate((uid) => {
+      const ds = window.services.displaySetService.getDisplaySetByUID(uid);
+      return ds.measurements.map((m) => ({
+        trackingIdentifier: m.TrackingIdentifier ?? null,
+        labels: (m.labels ?? []).map((l) => [l.label, l.value]),
+        graphicType: m.coords?.[0]?.GraphicType ?? null,
+        valueType: m.coords?.[0]?.ValueType ?? null,
+        loaded: m.loaded === true,
+        imageId: m.imageId ?? null,
+      }));
+    }, dsUid);
+    // OHIF attaches measurements to images after `isLoaded` (and crashes there on content it
+    // cannot place): wait until every one is attached or an error has been reported.
+    const before = errors.length;
+    const loaded = () => page.evaluate((uid) => {
+      const ds = window.services.displaySetService.getDisplaySetByUID(uid);
+      return ds.measurements.map((m) => [m.loaded === true, m.imageId ?? null]);
+    }, dsUid);
+    await until(async () => errors.length > before
+      || (await loaded()).every(([isLoaded]) => isLoaded), timeout);
+    for (const [i, [isLoaded, imageId]] of (await loaded()).entries()) {
+      Object.assign(entry.measurements[i], { loaded: isLoaded, imageId });
+    }
+    const drawn = entry.measurements.filter((m) => m.loaded && m.imageId).length;
+    if (drawn > 0) {
+      await until(async () => (await viewportState(page)).texts.length > 0, timeout);
+    }
+    entry.steps.push(await viewportState(page));
+    if (report.screenshot) {
+      await page.screenshot({ path: report.screenshot });
+    }
+    // Step through every measurement with the viewport's "next" arrow, once round and back to
+    // the first. OHIF's SR viewport starts at measurement 0 and a step shows measurement
+    // i + 1's image (extension-cornerstone ViewportActionArrows → setViewReference).
+    const arrow = page.locator('[data-cy="viewport-action-arrows-right"]');
+    const all = entry.measurements;
+    if (drawn > 0) {
+      for (let i = 0; i < all.length; i += 1) {
+        await arrow.click({ timeout });
+        const want = all[(i + 1) % all.length].imageId;
+        const reached = await page.waitForFunction((imageId) => {
+          const v = window.cornerstone.getRenderingEngines().flatMap((e) => e.getViewports())
+            .find((vp) => vp.id === 'default');
+          return v?.getCurrentImageId?.() === imageId
+            && document.querySelectorAll('[data-cy="viewport-pane"] svg text').length > 0;
+        }, want, { timeout }).then(() => true, () => false);
+        entry.steps.push({ ...(await viewportState(page)), expectedImageId: want, reached });
+        if (!reached) {
+          break;
+        }
+      }
+    }
+  } catch (err) {
+    entry.error = String(err.message).split('\n')[0];
+    if (report.screenshot) {
+      await page.screenshot({ path: report.screenshot });
+    }
+  }
+  return entry;
+}
+
+async function visitStudy(study) {
+  const page = await context.newPage();
+  const result = { studyInstanceUID: study.studyInstanceUID, errors: [], http: [] };
+  page.on('pageerror', (err) => result.errors.push(`pageerror: ${err.stack ?? err}`));
+  page.on('console', (msg) => {
+    // OHIF's React error boundary logs what it caught at debug level.
+    if (msg.type() === 'error' || msg.text().includes('Error Boundary')) {
+      result.errors.push(`console.${msg.type()}: ${msg.text()}`);
+    }
+  });
+  page.on('response', (rsp) => {
+    if (rsp.status() >= 400) {
+      result.http.push(`${rsp.status()} ${rsp.url()}`);
+    }
+  });
+  try {
+    const url = `${plan.baseUrl}/viewer?StudyInstanceUIDs=${study.studyInstanceUID}`;
+    await page.goto(url, { timeout });
+    await page.waitForFunction((n) => document.querySelectorAll('[id^="thumbnail-"]').length >= n,
+      study.seriesCount, { timeout });
+    result.thumbnails = await page.$$eval('[id^="thumbnail-"]',
+      (els) => els.map((e) => e.innerText.replace(/\s*\n\s*/g, ' | ')));
+    const dsUids = await displaySets(page);
+    result.images = [];
+    for (const image of study.images) {
+      result.images.push(await visitImageSeries(page, dsUids, image));
+    }
+    result.reports = [];
+    for (const report of study.reports) {
+      result.reports.push(await visitReport(page, dsUids, report, result.errors));
+    }
+    // Error notifications OHIF showed the user (its toasts), in case no listener caught them.
+    result.toasts = await page.$$eval('[data-sonner-toast]', (els) => els.map((e) => e.innerText));
+  } catch (err) {
+    result.fatal = String(err.message).split('\n')[0];
+  } finally {
+    await page.close();
+  }
+  return result;
+}
+
+const results = [];
+try {
+  for (const study of plan.studies) {
+    results.push(await visitStudy(study));
+  }
+} finally {
+  fs.writeFileSync(resultPath, JSON.stringify(results, null, 1));
+  await context.close();
+}
