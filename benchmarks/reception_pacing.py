@@ -1,17 +1,20 @@
-"""What pausing the worker buys: C-STORE rate while a CT study is analysed, with and without it.
+"""Reception while a model runs, without stopping it: the worker's CPU priority, both sides.
 
 The listener of ``dicom-ai serve`` (in this process) receives the 200 CT instances of
-``cstore_receive.py`` from DCMTK ``storescu`` three ways, ``--runs`` sends each:
+``cstore_receive.py`` from DCMTK ``storescu``, sent again and again while a worker-like process
+runs the real pipeline over the sample CT study (torch on all cores but one, as ``serve`` sets it
+up). Three set-ups, ``--runs`` analyses each:
 
-1. nothing else running;
-2. a worker-like process (nice 10, torch on all cores but one, as ``serve`` sets it up) running
-   the real pipeline over the sample CT study in a loop;
-3. the same, paused by :class:`dicom_ai.service.pacing.Pacer` while instances arrive, as
-   ``dicom-ai serve`` does (``worker.reception_pause_s`` at its default).
+1. no analysis running: reception alone;
+2. the worker at normal priority;
+3. the worker at ``SCHED_IDLE`` (nice 19 where that is not available), as ``dicom-ai serve`` runs it
+   (:func:`dicom_ai.service.process.lowest_priority`).
 
-It prints the median instances/s of each and the ratios to the first. Usage::
+For 2 and 3 it prints the median reception rate during the analyses and its ratio to 1, and the
+median analysis time and its ratio to the same analysis with nothing being received (normal
+priority, measured first). Usage::
 
-    python benchmarks/reception_pacing.py [--models models] [--runs 4]
+    python benchmarks/reception_pacing.py [--models models] [--runs 3]
 """
 
 from __future__ import annotations
@@ -23,84 +26,120 @@ import statistics
 import sys
 import tempfile
 import time
+from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Event
 from pathlib import Path
 
 from cstore_receive import N_INSTANCES, REPO, copies, ct_slices, storescu
 
 from dicom_ai.config import Settings
-from dicom_ai.service import pacing
+from dicom_ai.service.process import lowest_priority
 from dicom_ai.service.scp import start_scp
 from dicom_ai.service.spool import Spool
 
 CT_STUDY = REPO / "sample_studies" / "ct-lung-pet-ct-dx-a0002"
+#: Bounds of the benchmark's loops: sends per analysis, seconds per analysis.
+MAX_SENDS, MAX_ANALYSIS_S = 500, 900.0
 
 
-def analyse_forever(models: Path, stop: Event) -> None:
-    """The worker's load: the real pipeline over the sample CT study until ``stop``."""
+def analyse_on_request(models: Path, idle: bool, go: Event, done: Queue[float]) -> None:
+    """The worker's load: one analysis of the sample CT study per ``go``, its seconds to ``done``.
+
+    The first analysis (models loaded, caches warm) is reported too, and not counted.
+    """
     from dicom_ai.service.worker import pipeline_processor
 
-    os.nice(10)
+    if idle:
+        lowest_priority()
     settings = Settings()
     settings.inference.models_dir = str(models)
     settings.inference.num_threads = max(1, (os.cpu_count() or 1) - 1)
     process = pipeline_processor(settings)
     files = sorted(CT_STUDY.rglob("*.dcm"))
-    while not stop.is_set():
+    while True:
+        started = time.monotonic()
         process(files)
+        done.put(time.monotonic() - started)
+        if not go.wait(MAX_ANALYSIS_S):
+            return
+        go.clear()
 
 
-def measure(scratch: Path, files: list[Path], models: Path, load: str, runs: int) -> list[float]:
+def measure(scratch: Path, files: list[Path], models: Path, setup: str,
+            runs: int) -> tuple[list[float], list[float]]:
+    """Reception rates (instances/s per send) and analysis seconds of one set-up."""
     ctx = multiprocessing.get_context("spawn")
-    clock = ctx.Value("d", 0.0, lock=False)
     settings = Settings()
     settings.scp.port = 0
     settings.storage.minimum_free_mb = 256
-    spool = Spool(scratch / f"spool-{load}")
-    listener = start_scp(settings, spool, reception=clock)
-    stop = ctx.Event()
-    worker = pacer = None
-    if load != "idle":
-        worker = ctx.Process(target=analyse_forever, args=(models, stop))
-        worker.start()
-        time.sleep(20)  # imports, model loading, into the first study
-        if load == "paced":
-            pacer = pacing.Pacer(clock, ctx.Lock(), lambda: worker.pid if worker else None,
-                                 Settings().worker.reception_pause_s)
-            pacer.start()
+    spool = Spool(scratch / f"spool-{setup}")
+    listener = start_scp(settings, spool)
+    port = int(listener.server_address[1])
+    rates: list[float] = []
+    analyses: list[float] = []
     try:
-        port = int(listener.server_address[1])
-        return [storescu(port, "DICOMAI", files) for _ in range(runs)]
+        if setup == "none":
+            return [N_INSTANCES / storescu(port, "DICOMAI", files) for _ in range(runs)], []
+        go, done = ctx.Event(), ctx.Queue()
+        worker = ctx.Process(target=analyse_on_request, args=(models, setup == "idle", go, done),
+                             daemon=True)
+        worker.start()
+        done.get(timeout=MAX_ANALYSIS_S)  # the warm-up analysis
+        for _ in range(runs):
+            go.set()
+            for _ in range(MAX_SENDS):
+                rates.append(N_INSTANCES / storescu(port, "DICOMAI", files))
+                if not done.empty():
+                    break
+            analyses.append(done.get(timeout=MAX_ANALYSIS_S))
+        worker.terminate()
+        worker.join()
+        return rates, analyses
     finally:
-        if pacer is not None:
-            pacer.stop()
-        stop.set()
-        if worker is not None:
-            worker.join()
         listener.stop()
         spool.close()
+
+
+def alone(models: Path, runs: int) -> list[float]:
+    """Analysis seconds with nothing being received (normal priority)."""
+    ctx = multiprocessing.get_context("spawn")
+    go, done = ctx.Event(), ctx.Queue()
+    worker = ctx.Process(target=analyse_on_request, args=(models, False, go, done), daemon=True)
+    worker.start()
+    done.get(timeout=MAX_ANALYSIS_S)
+    seconds = []
+    for _ in range(runs):
+        go.set()
+        seconds.append(done.get(timeout=MAX_ANALYSIS_S))
+    worker.terminate()
+    worker.join()
+    return seconds
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", type=Path, default=REPO / "models")
-    parser.add_argument("--runs", type=int, default=4)
+    parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args(argv)
-    if not pacing.supported():
-        print("pausing processes needs Linux", file=sys.stderr)
-        return 1
     with tempfile.TemporaryDirectory(prefix="pacing-bench-") as tmp:
         scratch = Path(tmp)
         files = copies(ct_slices(scratch), scratch / "bench", N_INSTANCES)
-        results = {load: measure(scratch, files, args.models, load, args.runs)
-                   for load in ("idle", "unpaced", "paced")}
-    rate = {load: N_INSTANCES / statistics.median(t) for load, t in results.items()}
-    print(f"{N_INSTANCES} CT instances, storescu → dicom-ai listener, median of {args.runs}")
-    for load, label in [("idle", "no analysis running"), ("unpaced", "CT analysis, not paused"),
-                        ("paced", "CT analysis, paused")]:
-        print(f"  {label:26s} {rate[load]:7.1f} instances/s  ratio to idle "
-              f"{rate[load] / rate['idle']:.2f}  runs: "
-              f"{', '.join(f'{t:.2f}s' for t in results[load])}")
+        base_analysis = statistics.median(alone(args.models, args.runs))
+        results = {setup: measure(scratch, files, args.models, setup, args.runs)
+                   for setup in ("none", "normal", "idle")}
+    base_rate = statistics.median(results["none"][0])
+    print(f"{N_INSTANCES} CT instances per send, storescu → dicom-ai listener, while the CT "
+          f"pipeline analyses the sample study; medians of {args.runs} analyses, "
+          f"{os.cpu_count()} CPUs")
+    print(f"  {'no analysis running':34s} {base_rate:7.1f} instances/s")
+    print(f"  {'analysis alone, nothing received':34s} {base_analysis:7.1f} s")
+    for setup, label in [("normal", "worker at normal priority"),
+                         ("idle", "worker at SCHED_IDLE (as serve)")]:
+        rates, analyses = results[setup]
+        rate, seconds = statistics.median(rates), statistics.median(analyses)
+        print(f"  {label:34s} {rate:7.1f} instances/s  ratio {rate / base_rate:.2f}   "
+              f"analysis {seconds:6.1f} s  ratio {seconds / base_analysis:.2f}  "
+              f"({len(rates)} sends)")
     return 0
 
 

@@ -53,13 +53,27 @@ class SCPSettings:
     #: Loopback by default: a hospital opens it to the PACS deliberately, not by accident.
     bind_address: str = "127.0.0.1"
     port: int = 11112
+    #: Associations served at once; a request beyond them is rejected (transient, local limit).
     maximum_associations: int = 8
+    #: Associations one calling AE title may hold at once, so that a peer that opens too many
+    #: (or leaves them idle) cannot lock the others out: the slots beyond it stay free for them.
+    maximum_associations_per_ae: int = 4
     #: 0 means unlimited; 16 KiB–1 MiB are usual. Larger PDUs mean fewer round-trips per instance.
     maximum_pdu_size: int = 262144
     #: Calling AE titles allowed to associate; empty means any caller is accepted.
     allowed_calling_aets: list[str] = field(default_factory=list)
     #: Seconds an idle association is kept before it is aborted.
     network_timeout: float = 60.0
+    #: Seconds a connection has to send its whole A-ASSOCIATE-RQ (a caller that has not asked
+    #: for an association holds no slot, but a thread).
+    request_timeout_s: float = 10.0
+    #: Longest an association may last, whatever it sends: a peer trickling bytes (each read
+    #: within ``network_timeout``) is aborted after this. One hour carries a 2000-image study
+    #: over a slow link many times over.
+    association_deadline_s: float = 3600.0
+    #: Largest data set one C-STORE may carry (MiB); a larger one is read to its end without
+    #: being kept and refused with 0xA700. Received data sets go to disk as they arrive.
+    maximum_message_mb: int = 4096
     tls: TLSSettings = field(default_factory=TLSSettings)
 
 
@@ -93,10 +107,6 @@ class WorkerSettings:
     #: Attempts before a job is marked failed for good.
     max_attempts: int = 3
     poll_interval_s: float = 1.0
-    #: While instances are arriving, the worker process is paused (SIGSTOP, Linux) for at most
-    #: this many seconds at a time, then runs at least 1 s: a study being analysed does not slow
-    #: reception, and a sender that never stops cannot starve the analysis. 0: never pause.
-    reception_pause_s: float = 5.0
 
 
 @dataclass
@@ -119,11 +129,15 @@ class ExportSettings:
     """The durable outbound queue."""
 
     destinations: list[DestinationSettings] = field(default_factory=list)
-    #: After this many failed attempts a delivery is dead-lettered (visible in ``dicom-ai status``).
-    max_attempts: int = 6
     #: Backoff before attempt n is ``initial_backoff_s * 2**(n-1)``, capped at ``max_backoff_s``.
     initial_backoff_s: float = 2.0
     max_backoff_s: float = 300.0
+    #: A delivery pending this long is logged at WARNING (once).
+    late_after_s: float = 900.0
+    #: A delivery that still fails this long after it was queued is dead-lettered (logged at
+    #: ERROR, shown by ``dicom-ai status``, re-queued by ``dicom-ai retry``). A PACS maintenance
+    #: window is hours: 24 h by default.
+    retry_horizon_s: float = 86400.0
 
 
 @dataclass
@@ -322,10 +336,15 @@ def validate(settings: Settings) -> list[str]:
         problems.append(f"scp.port: must be 1–65535, got {settings.scp.port}")
     if settings.scp.maximum_associations < 1:
         problems.append("scp.maximum_associations: must be at least 1")
+    if settings.scp.maximum_associations_per_ae < 1:
+        problems.append("scp.maximum_associations_per_ae: must be at least 1")
+    for key in ("network_timeout", "request_timeout_s", "association_deadline_s"):
+        if getattr(settings.scp, key) <= 0:
+            problems.append(f"scp.{key}: must be positive")
+    if settings.scp.maximum_message_mb < 1:
+        problems.append("scp.maximum_message_mb: must be at least 1")
     if settings.scp.maximum_pdu_size < 0:
         problems.append("scp.maximum_pdu_size: must be 0 (unlimited) or positive")
-    if settings.worker.reception_pause_s < 0:
-        problems.append("worker.reception_pause_s: must be 0 (never pause) or positive")
     if settings.storage.retention_days < 0:
         problems.append("storage.retention_days: must be 0 (keep everything) or positive")
     if settings.studies.quiet_period_s < 0:
@@ -337,8 +356,8 @@ def validate(settings: Settings) -> list[str]:
         problems.append("inference.batch_size: must be at least 1")
     if settings.limits.max_decoded_mb < 1:
         problems.append("limits.max_decoded_mb: must be at least 1")
-    if settings.export.max_attempts < 1:
-        problems.append("export.max_attempts: must be at least 1")
+    if settings.export.retry_horizon_s < 0 or settings.export.late_after_s < 0:
+        problems.append("export.retry_horizon_s, export.late_after_s: must not be negative")
     if settings.output.uid_root and not is_valid_uid(settings.output.uid_root):
         problems.append(f"output.uid_root: a UID root is dot-separated numbers without leading "
                         f"zeros (PS3.5 9.1), got {settings.output.uid_root!r}")

@@ -13,12 +13,16 @@ from dicom_ai.config import SettingsError, load_settings
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from dicom_ai.service.server import Service
+    from dicom_ai.service.server import Service, ServiceError
 
     settings = load_settings(args.config)
     if getattr(args, "log_level", None) is None:
         logging.getLogger().setLevel(settings.log_level.upper())
-    return Service(settings).run()
+    try:
+        return Service(settings).run()
+    except ServiceError as exc:
+        print(f"dicom-ai serve: {exc}", file=sys.stderr)
+        return 1
 
 
 def _cmd_status(args: argparse.Namespace) -> int:

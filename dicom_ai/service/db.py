@@ -13,10 +13,13 @@ the exporter read. The schema lives here so that every table is described in one
     a queued job of an older generation becomes ``superseded`` when the study re-opens.
 ``outbound``
     One row per result object and destination: ``pending`` → ``delivered`` / ``dead``.
+    ``pending_since`` (NULL: ``created_at``) starts the retry horizon; ``late`` is set once the
+    delivery was reported late.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -75,6 +78,8 @@ CREATE TABLE IF NOT EXISTS outbound (
     last_error         TEXT,
     created_at         REAL NOT NULL,
     delivered_at       REAL,
+    pending_since      REAL,
+    late               INTEGER NOT NULL DEFAULT 0,
     UNIQUE (sop_instance_uid, destination)
 );
 CREATE INDEX IF NOT EXISTS outbound_due ON outbound (state, next_attempt_at);
@@ -108,7 +113,22 @@ def connect(path: Path, *, synchronous: Synchronous = "FULL",
     conn.execute(f"PRAGMA synchronous={synchronous}")
     conn.execute("PRAGMA busy_timeout=30000")
     conn.executescript(SCHEMA)
+    _add_missing_columns(conn)
     return conn
+
+
+#: Columns added to a table after its first release: (table, column, declaration).
+_ADDED_COLUMNS = (("outbound", "pending_since", "REAL"),
+                  ("outbound", "late", "INTEGER NOT NULL DEFAULT 0"))
+
+
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    """Bring an index written by an earlier version up to :data:`SCHEMA`."""
+    for table, column, declaration in _ADDED_COLUMNS:
+        present = {str(r[1]) for r in conn.execute(f"PRAGMA table_info({table})")}
+        if column not in present:
+            with contextlib.suppress(sqlite3.OperationalError):  # another process was first
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
 
 
 @contextmanager

@@ -37,7 +37,7 @@ class Response:
     message_id:
         The request's Message ID (Message ID Being Responded To).
     sop_class_uid:
-        Affected SOP Class UID.
+        Affected SOP Class UID; omitted when empty.
     status:
         Status (PS3.7 Annex C).
     sop_instance_uid:
@@ -56,7 +56,8 @@ class Response:
     def encode(self) -> bytes:
         """The command set, Command Group Length first, elements in tag order."""
         elements = [
-            encode_element(0x00000002, even_text(self.sop_class_uid, b"\x00")),
+            *([encode_element(0x00000002, even_text(self.sop_class_uid, b"\x00"))]
+              if self.sop_class_uid else []),
             encode_element(0x00000100, _US.pack(self.command_field | RESPONSE_BIT)),
             encode_element(0x00000120, _US.pack(self.message_id)),
             encode_element(0x00000800, _US.pack(NO_DATASET)),

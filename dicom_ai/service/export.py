@@ -3,11 +3,13 @@
 The ``outbound`` table holds one row per result object and destination. The exporter process sends
 the rows that are due, one association (or one STOW-RS request) per destination and round, and
 marks a row ``delivered`` only after the destination confirmed it. A failed try schedules the next
-after an exponential backoff; after ``export.max_attempts`` tries the row is ``dead`` — visible in
-``dicom-ai status`` and never retried by itself, so a destination that keeps refusing us (calling AE
-title not recognized, wrong port) cannot cause an endless loop. A crash between a successful send
-and the mark re-sends the object on the next start; that is harmless because result UIDs are
-deterministic and a PACS keeps one instance per SOP Instance UID.
+after an exponential backoff (``export.initial_backoff_s`` doubling up to ``export.max_backoff_s``)
+for as long as ``export.retry_horizon_s`` (24 h by default: a PACS maintenance window is hours);
+a delivery still failing then is ``dead`` — logged at ERROR, visible in ``dicom-ai status`` and
+never retried by itself, so a destination that keeps refusing us cannot cause an endless loop. A
+delivery pending longer than ``export.late_after_s`` is logged once at WARNING. A crash between a
+successful send and the mark re-sends the object on the next start; that is harmless because
+result UIDs are deterministic and a PACS keeps one instance per SOP Instance UID.
 """
 
 from __future__ import annotations
@@ -28,11 +30,12 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.events import Event
+from pynetdicom.pdu import A_ASSOCIATE_RJ
 
 from dicom_ai.config import DestinationSettings, ExportSettings, Settings
 from dicom_ai.logs import log_failure
 from dicom_ai.service import db
-from dicom_ai.service.process import child_setup
+from dicom_ai.service.process import child_setup, orphaned
 from dicom_ai.service.tls import client_context
 
 log = logging.getLogger(__name__)
@@ -65,6 +68,10 @@ class Delivery:
     sop_class_uid: str
     destination: str
     attempts: int
+    #: When the row became pending (queued, or re-queued by ``dicom-ai retry``), epoch seconds.
+    pending_since: float = 0.0
+    #: Whether the row was already reported late.
+    late: bool = False
 
 
 class Sender(Protocol):
@@ -96,20 +103,28 @@ class DimseSender:
         ae = AE(ae_title=self.calling_aet)
         for sop_class in sorted({i.sop_class_uid for i in items}):
             ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-        # Filled by the ACSE handler: empty means the peer never answered (nothing listening).
-        heard: list[str] = []
+        # Filled from the reactor thread as PDUs arrive. pynetdicom's own verdict cannot be used: a
+        # peer that rejects and closes at once can make it report "failed to connect" (its ACSE
+        # thread looks at the socket after the reactor has already closed it), hiding the reason.
+        connected: list[bool] = []
+        rejection: list[str] = []
 
-        def on_acse(event: Event) -> None:
-            primitive = event.primitive  # type: ignore[attr-defined]
-            rejected = getattr(primitive, "result", None) in (0x01, 0x02)
-            heard.append(f"association rejected: {primitive.reason_str}" if rejected else "")
+        def on_pdu(event: Event) -> None:
+            pdu = event.pdu
+            if isinstance(pdu, A_ASSOCIATE_RJ):
+                try:
+                    reason = pdu.reason_str
+                except ValueError:  # a source/diagnostic pair PS3.8 does not define
+                    reason = f"source {pdu.source}, diagnostic {pdu.reason_diagnostic}"
+                rejection.append(f"association rejected: {reason}")
 
         tls_args = (client_context(dest.tls), dest.host) if dest.tls.enabled else None
         assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args,
-                             evt_handlers=[(evt.EVT_ACSE_RECV, on_acse)])
+                             evt_handlers=[(evt.EVT_PDU_RECV, on_pdu),
+                                           (evt.EVT_CONN_OPEN, lambda _: connected.append(True))])
         if not assoc.is_established:
-            why = next((h for h in heard if h), "association aborted" if heard else
-                       "cannot connect")
+            why = rejection[0] if rejection else ("association aborted" if connected
+                                                  else "cannot connect")
             return dict.fromkeys((i.id for i in items), why)
         results: dict[int, str | None] = {}
         try:
@@ -207,33 +222,52 @@ def due_deliveries(conn: sqlite3.Connection, root: Path, now: float,
                    limit: int = 200) -> list[Delivery]:
     """Pending rows whose next try is due, oldest first."""
     rows = conn.execute(
-        "SELECT id, path, sop_instance_uid, sop_class_uid, destination, attempts FROM outbound "
+        "SELECT id, path, sop_instance_uid, sop_class_uid, destination, attempts, "
+        "COALESCE(pending_since, created_at), late FROM outbound "
         "WHERE state = 'pending' AND next_attempt_at <= ? ORDER BY id LIMIT ?",
         (now, limit)).fetchall()
-    return [Delivery(int(r[0]), root / r[1], str(r[2]), str(r[3]), str(r[4]), int(r[5]))
-            for r in rows]
+    return [Delivery(int(r[0]), root / r[1], str(r[2]), str(r[3]), str(r[4]), int(r[5]),
+                     float(r[6]), bool(r[7])) for r in rows]
 
 
 def record_results(conn: sqlite3.Connection, items: Sequence[Delivery],
                    results: Mapping[int, str | None], settings: ExportSettings,
                    now: float) -> None:
-    """Mark delivered rows, and schedule a retry or dead-letter the others, in one transaction."""
+    """Mark delivered rows, and schedule a retry or dead-letter the others, in one transaction.
+
+    A failed try at or after ``export.retry_horizon_s`` since the row became pending makes it a
+    dead letter (logged at ERROR); the first failed try after ``export.late_after_s`` marks it
+    late (logged at WARNING, once).
+    """
     with db.transaction(conn):
         for item in items:
             error = results.get(item.id, "not attempted")
+            pending_for = now - item.pending_since
             if error is None:
                 conn.execute("UPDATE outbound SET state = 'delivered', delivered_at = ?, "
                              "attempts = attempts + 1, last_error = NULL WHERE id = ?",
                              (now, item.id))
+                if item.late:
+                    log.info("late delivery of %s to %s done after %.0f s", item.sop_instance_uid,
+                             item.destination, pending_for)
                 continue
             failures = item.attempts + 1
-            dead = failures >= settings.max_attempts
+            dead = pending_for >= settings.retry_horizon_s
+            late = item.late or pending_for >= settings.late_after_s
             conn.execute(
                 "UPDATE outbound SET state = ?, attempts = ?, last_error = ?, "
-                "next_attempt_at = ? WHERE id = ?",
+                "next_attempt_at = ?, late = ? WHERE id = ?",
                 ("dead" if dead else "pending", failures, error,
                  now + backoff_delay(failures, settings.initial_backoff_s,
-                                     settings.max_backoff_s), item.id))
+                                     settings.max_backoff_s), late, item.id))
+            if dead:
+                log.error("delivery of %s to %s is a dead letter after %d tries in %.0f s (%s); "
+                          "`dicom-ai retry` queues it again", item.sop_instance_uid,
+                          item.destination, failures, pending_for, error)
+            elif late and not item.late:
+                log.warning("delivery of %s to %s is late: pending for %.0f s, %d tries (%s); "
+                            "retried until %.0f s", item.sop_instance_uid, item.destination,
+                            pending_for, failures, error, settings.retry_horizon_s)
 
 
 class Exporter:
@@ -273,6 +307,8 @@ class Exporter:
                     self.conn.executemany(
                         "UPDATE outbound SET state = 'dead', last_error = ? WHERE id = ?",
                         [(results[i.id], i.id) for i in batch])
+                log.error("%d deliveries to %s are dead letters: destination no longer "
+                          "configured", len(batch), name)
                 continue
             try:
                 results = sender.send(batch)
@@ -308,9 +344,9 @@ def retry_dead(conn: sqlite3.Connection, now: float, destination: str | None = N
     """
     with db.transaction(conn):
         return conn.execute(
-            "UPDATE outbound SET state = 'pending', attempts = 0, next_attempt_at = ? "
-            "WHERE state = 'dead' AND (? IS NULL OR destination = ?)",
-            (now, destination, destination)).rowcount
+            "UPDATE outbound SET state = 'pending', attempts = 0, next_attempt_at = ?, "
+            "pending_since = ?, late = 0 WHERE state = 'dead' AND (? IS NULL OR destination = ?)",
+            (now, now, destination, destination)).rowcount
 
 
 def next_due_in(conn: sqlite3.Connection, now: float) -> float | None:
@@ -327,7 +363,7 @@ def exporter_main(settings: Settings, stop: EventType, parent_pid: int) -> None:
     conn = db.connect(root / "index.sqlite")
     exporter = Exporter(conn, root, make_senders(settings), settings.export)
     poll = settings.worker.poll_interval_s
-    while not stop.is_set():
+    while not stop.is_set() and not orphaned(parent_pid):
         exporter.run_once()
         wait = next_due_in(conn, time.time())
         stop.wait(poll if wait is None else min(poll, max(wait, 0.05)))

@@ -3,7 +3,12 @@
 The C-STORE handler runs in the association's thread (:mod:`dicom_ai.service.association`) and
 does the least it can: check free disk, parse the few filing attributes from the encoded bytes (no
 pixel decoding), write the bytes as received (fsync, rename, fsync dir), index them, and only then
-answer 0x0000. Models run in the worker process, never here.
+answer 0x0000. A data set is kept in memory up to :data:`SPOOL_AFTER` bytes and beyond that
+written to its temporary file as it arrives, so a large one costs no more memory than a small
+one; one over ``scp.maximum_message_mb`` is refused. Every storage SOP class is accepted (a PACS
+forwarding a study sends SR, KOS, presentation states, segmentations…) and stored; which series a
+model analyses is the pipeline's decision. Our own results coming back are acknowledged and
+dropped, never stored or analysed again. Models run in the worker process, never here.
 """
 
 from __future__ import annotations
@@ -25,11 +30,7 @@ from typing import Any
 from pydicom.uid import (
     HTJ2K,
     JPEG2000,
-    ComputedRadiographyImageStorage,
-    CTImageStorage,
     DeflatedExplicitVRLittleEndian,
-    DigitalXRayImageStorageForPresentation,
-    DigitalXRayImageStorageForProcessing,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     HTJ2KLossless,
@@ -42,41 +43,37 @@ from pydicom.uid import (
     JPEGLosslessSV1,
     JPEGLSLossless,
     JPEGLSNearLossless,
-    OphthalmicPhotography8BitImageStorage,
-    OphthalmicPhotography16BitImageStorage,
     RLELossless,
-    SecondaryCaptureImageStorage,
-    VLPhotographicImageStorage,
 )
+from pynetdicom import AllStoragePresentationContexts
 from pynetdicom.presentation import PresentationContext, build_context
 
 from dicom_ai.config import SCPSettings, Settings
 from dicom_ai.dicom.errors import DicomInputError
 from dicom_ai.service.association import (
     ARTIM_TIMEOUT,
+    PROCESSING_FAILURE,
     AcceptorPolicy,
     Association,
+    Slots,
     StoreFunction,
     StoreRequest,
     StoreStatus,
 )
-from dicom_ai.service.pacing import SharedClock, stamp
-from dicom_ai.service.spool import InstanceKeys, Spool, parse_dataset_keys, part10_header
+from dicom_ai.service.spool import (
+    InstanceKeys,
+    PartialInstance,
+    Spool,
+    parse_dataset_keys,
+    part10_header,
+)
 from dicom_ai.service.tls import server_context
 
 log = logging.getLogger(__name__)
 
-#: The image SOP classes our models read; any other storage context is rejected at negotiation.
-STORAGE_SOP_CLASSES: tuple[str, ...] = (
-    CTImageStorage,
-    ComputedRadiographyImageStorage,
-    DigitalXRayImageStorageForPresentation,
-    DigitalXRayImageStorageForProcessing,
-    OphthalmicPhotography8BitImageStorage,
-    OphthalmicPhotography16BitImageStorage,
-    VLPhotographicImageStorage,
-    SecondaryCaptureImageStorage,
-)
+#: Every storage SOP class pynetdicom knows (PS3.4 Annex B, GG, …): a study can hold any of them.
+STORAGE_SOP_CLASSES: tuple[str, ...] = tuple(
+    str(cx.abstract_syntax) for cx in AllStoragePresentationContexts)
 
 #: Transfer syntaxes the pixel decoders installed with dicom-ai can read (pydicom native,
 #: python-gdcm, pylibjpeg-openjpeg, pyjpegls). Accepting one we cannot decode would turn a clean
@@ -106,14 +103,15 @@ TRANSFER_SYNTAXES: tuple[str, ...] = (
 VERIFICATION = "1.2.840.10008.1.1"
 
 SUCCESS = 0x0000
-#: PS3.4 Table B.2-1: "Refused: Out of Resources".
+#: PS3.4 Table B.2-1: "Refused: Out of Resources" — disk full or almost, data set too large.
 OUT_OF_RESOURCES = 0xA700
 #: "Error: Data Set does not match SOP Class".
 SOP_CLASS_MISMATCH = 0xA900
 #: "Error: Cannot understand".
 CANNOT_UNDERSTAND = 0xC000
-#: PS3.7 C.4: "Processing failure" — an unexpected local error (e.g. the disk failed).
-PROCESSING_FAILURE = 0x0110
+
+#: SQLite's primary result code for "database or disk is full".
+_SQLITE_FULL = 13
 
 FreeBytes = Callable[[Path], int]
 
@@ -128,26 +126,33 @@ FREE_SPACE_REFRESH_S = 1.0
 
 #: The filing keys sit in the first few kilobytes of a data set; this much is parsed first.
 KEYS_PREFIX = 64 * 1024
+#: A data set is held in memory up to this size (one write of it all, the common case); past it,
+#: it goes to its temporary file as it arrives. Its filing keys must lie within this much.
+SPOOL_AFTER = 4 * 1024 * 1024
 
 
-def _parse_keys(request: StoreRequest) -> InstanceKeys:
-    """The filing keys of a received data set: from its first :data:`KEYS_PREFIX` bytes, or from
-    all of it when they do not lie there (a header longer than that)."""
+def _parse_keys(fragments: list[memoryview], transfer_syntax: str) -> InstanceKeys:
+    """The filing keys of a data set's first fragments: from their first :data:`KEYS_PREFIX`
+    bytes, or from all of them when the keys do not lie there (a header longer than that)."""
     head = bytearray()
-    for fragment in request.dataset:
+    for fragment in fragments:
         head += fragment[:KEYS_PREFIX - len(head)]
         if len(head) == KEYS_PREFIX:
             break
     try:
-        return parse_dataset_keys(bytes(head), request.transfer_syntax)
+        return parse_dataset_keys(bytes(head), transfer_syntax)
     except DicomInputError:
-        if len(head) == sum(len(f) for f in request.dataset):
+        if len(head) == sum(len(f) for f in fragments):
             raise
-    return parse_dataset_keys(b"".join(request.dataset), request.transfer_syntax)
+    return parse_dataset_keys(b"".join(fragments), transfer_syntax)
+
+
+def _is_disk_full(exc: sqlite3.Error) -> bool:
+    return (getattr(exc, "sqlite_errorcode", 0) & 0xFF) == _SQLITE_FULL
 
 
 class StoreHandler:
-    """Stores one C-STORE durably and says what to answer.
+    """Receives C-STOREs: one :class:`IncomingInstance` per data set, stored durably at its end.
 
     Parameters
     ----------
@@ -156,61 +161,29 @@ class StoreHandler:
     minimum_free_mb:
         Below this much free disk (after the instance), C-STORE answers 0xA700.
     own_manufacturer:
-        ``output.manufacturer``: Secondary Captures carrying it are our own results, routed back
-        by a PACS; they are acknowledged and discarded so that a routing rule cannot loop.
+        ``output.manufacturer``: objects carrying it are our own results, routed back by a PACS;
+        they are acknowledged and dropped, so that a routing rule cannot loop.
+    maximum_message_mb:
+        ``scp.maximum_message_mb``: a larger data set is refused with 0xA700.
     free_bytes:
         Free-space probe, replaceable in tests.
-    reception:
-        Stamped at every C-STORE, so that the worker is paused (:mod:`.pacing`).
     """
 
     def __init__(self, spool: Spool, *, minimum_free_mb: int, own_manufacturer: str,
-                 free_bytes: FreeBytes = disk_free_bytes,
-                 reception: SharedClock | None = None) -> None:
+                 maximum_message_mb: int = SCPSettings.maximum_message_mb,
+                 free_bytes: FreeBytes = disk_free_bytes) -> None:
         self.spool = spool
         self.minimum_free = minimum_free_mb * 1024 * 1024
         self.own_manufacturer = own_manufacturer
+        self.maximum_message = maximum_message_mb * 1024 * 1024
         self.free_bytes = free_bytes
-        self.reception = reception
         self._free_lock = threading.Lock()
         self._free = 0
         self._free_measured_at = -FREE_SPACE_REFRESH_S
 
-    def __call__(self, request: StoreRequest) -> StoreStatus:
-        """Store ``request`` (file fsync'ed, renamed, indexed) or say why not."""
-        if self.reception is not None:
-            stamp(self.reception)
-        if not self.reserve(sum(len(f) for f in request.dataset)):
-            log.warning("C-STORE refused: free disk below storage.minimum_free_mb")
-            return StoreStatus(OUT_OF_RESOURCES, "out of resources: disk almost full")
-        try:
-            keys = _parse_keys(request)
-        except DicomInputError as exc:
-            log.warning("C-STORE from %s refused: %s", request.calling_aet, exc.reason)
-            return StoreStatus(CANNOT_UNDERSTAND, exc.reason)
-        if keys.sop_class_uid != request.sop_class_uid:
-            return StoreStatus(SOP_CLASS_MISMATCH, "SOP Class UID differs from the request")
-        if (keys.sop_class_uid == SecondaryCaptureImageStorage
-                and keys.manufacturer == self.own_manufacturer):
-            log.info("C-STORE of our own result %s acknowledged and discarded",
-                     keys.sop_instance_uid)
-            return StoreStatus(SUCCESS)
-        # The file meta names the instance the data set holds (the request should agree).
-        header = part10_header(keys.sop_class_uid, keys.sop_instance_uid,
-                               request.transfer_syntax, request.calling_aet)
-        try:
-            stored = self.spool.store([header, *request.dataset], keys,
-                                      calling_aet=request.calling_aet)
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                return StoreStatus(OUT_OF_RESOURCES, "out of resources: disk full")
-            log.error("C-STORE %s not stored: %s", keys.sop_instance_uid, exc.strerror)
-            return StoreStatus(PROCESSING_FAILURE, "local storage error")
-        except sqlite3.Error as exc:
-            log.error("C-STORE %s not indexed: %s", keys.sop_instance_uid, exc)
-            return StoreStatus(PROCESSING_FAILURE, "local index error")
-        log.debug("stored %s (%s)", keys.sop_instance_uid, "new" if stored.new else "again")
-        return StoreStatus(SUCCESS)
+    def __call__(self, request: StoreRequest) -> IncomingInstance:
+        """Receive the data set of ``request``."""
+        return IncomingInstance(self, request)
 
     def reserve(self, size: int) -> bool:
         """Whether ``size`` more bytes leave ``storage.minimum_free_mb`` free.
@@ -229,8 +202,152 @@ class StoreHandler:
             return True
 
 
+#: Answers of :class:`IncomingInstance`.
+_LOW_DISK = StoreStatus(OUT_OF_RESOURCES, "out of resources: disk almost full")
+_DISK_FULL = StoreStatus(OUT_OF_RESOURCES, "out of resources: disk full")
+_TOO_LARGE = StoreStatus(OUT_OF_RESOURCES, "out of resources: data set too large")
+
+
+class IncomingInstance:
+    """The data set of one C-STORE while it arrives (an ``IncomingData``), then its storage.
+
+    Fragments are kept until :data:`SPOOL_AFTER` bytes have arrived; then the filing keys are read,
+    the file is opened in ``tmp/`` and everything that follows is appended as it comes. A refusal
+    decided early (too large, disk low, keys unreadable) drops the rest of the data set as it
+    arrives and is answered at its end.
+    """
+
+    def __init__(self, handler: StoreHandler, request: StoreRequest) -> None:
+        self.handler = handler
+        self.request = request
+        self.size = 0
+        self._fragments: list[memoryview] = []
+        self._part: PartialInstance | None = None
+        self._refusal: StoreStatus | None = None
+
+    def add(self, fragment: memoryview) -> None:
+        """Take the next fragment of the data set."""
+        if self._refusal is not None:
+            return
+        self.size += len(fragment)
+        if self.size > self.handler.maximum_message:
+            log.warning("C-STORE from %s refused: data set over scp.maximum_message_mb",
+                        self.request.calling_aet)
+            self._refuse(_TOO_LARGE)
+        elif self._part is not None:
+            self._append([fragment])
+        else:
+            self._fragments.append(fragment)
+            if self.size >= SPOOL_AFTER:
+                self._spool()
+
+    def finish(self) -> StoreStatus:
+        """Store the whole data set (durable and indexed) or say why not."""
+        if self._refusal is not None:
+            return self._refusal
+        if self._part is None:
+            if not self.handler.reserve(self.size):
+                log.warning("C-STORE refused: free disk below storage.minimum_free_mb")
+                return _LOW_DISK
+            keys_or_status = self._keys()
+            if isinstance(keys_or_status, StoreStatus):
+                return keys_or_status
+            return self._store(lambda: self.handler.spool.store(
+                [self._header(keys_or_status), *self._fragments], keys_or_status,
+                calling_aet=self.request.calling_aet), keys_or_status)
+        part = self._part
+        self._part = None
+        return self._store(part.commit, part.keys)
+
+    def discard(self) -> None:
+        """The association ended mid-data-set: remove what was written."""
+        self._fragments = []
+        if self._part is not None:
+            self._part.discard()
+            self._part = None
+
+    def _keys(self) -> InstanceKeys | StoreStatus:
+        """The filing keys, or the status refusing the instance (which is then not stored)."""
+        request = self.request
+        try:
+            keys = _parse_keys(self._fragments, request.transfer_syntax)
+        except DicomInputError as exc:
+            log.warning("C-STORE from %s refused: %s", request.calling_aet, exc.reason)
+            return StoreStatus(CANNOT_UNDERSTAND, exc.reason)
+        if keys.sop_class_uid != request.sop_class_uid:
+            return StoreStatus(SOP_CLASS_MISMATCH, "SOP Class UID differs from the request")
+        if keys.manufacturer == self.handler.own_manufacturer:
+            log.info("C-STORE of our own result %s acknowledged and discarded",
+                     keys.sop_instance_uid)
+            return StoreStatus(SUCCESS)
+        return keys
+
+    def _header(self, keys: InstanceKeys) -> bytes:
+        # The file meta names the instance the data set holds (the request should agree).
+        return part10_header(keys.sop_class_uid, keys.sop_instance_uid,
+                             self.request.transfer_syntax, self.request.calling_aet)
+
+    def _spool(self) -> None:
+        """Past :data:`SPOOL_AFTER`: open the file, write what came so far, keep appending."""
+        keys_or_status = self._keys()
+        if isinstance(keys_or_status, StoreStatus):
+            self._refuse(keys_or_status)
+            return
+        try:
+            part = self.handler.spool.begin(keys_or_status, calling_aet=self.request.calling_aet)
+        except OSError as exc:
+            self._refuse(self._storage_error(exc, keys_or_status))
+            return
+        self._part = part
+        fragments, self._fragments = self._fragments, []
+        self._append([self._header(keys_or_status), *fragments])
+
+    def _append(self, chunks: list[bytes | memoryview]) -> None:
+        part = self._part
+        if part is None:  # pragma: no cover - only called with a part open
+            return
+        if not self.handler.reserve(sum(len(c) for c in chunks)):
+            log.warning("C-STORE refused: free disk below storage.minimum_free_mb")
+            self._refuse(_LOW_DISK)
+            return
+        try:
+            part.write(chunks)
+        except OSError as exc:
+            self._refuse(self._storage_error(exc, part.keys))
+
+    def _refuse(self, status: StoreStatus) -> None:
+        self.discard()
+        self._refusal = status
+
+    def _store(self, store: Callable[[], object], keys: InstanceKeys) -> StoreStatus:
+        try:
+            store()
+        except OSError as exc:
+            return self._storage_error(exc, keys)
+        except sqlite3.Error as exc:
+            if _is_disk_full(exc):
+                log.error("C-STORE %s not indexed: disk full", keys.sop_instance_uid)
+                return _DISK_FULL
+            log.error("C-STORE %s not indexed: %s", keys.sop_instance_uid, type(exc).__name__)
+            return StoreStatus(PROCESSING_FAILURE, "local index error")
+        log.debug("stored %s", keys.sop_instance_uid)
+        return StoreStatus(SUCCESS)
+
+    @staticmethod
+    def _storage_error(exc: OSError, keys: InstanceKeys) -> StoreStatus:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            log.error("C-STORE %s not stored: disk full", keys.sop_instance_uid)
+            return _DISK_FULL
+        log.error("C-STORE %s not stored: %s", keys.sop_instance_uid, exc.strerror)
+        return StoreStatus(PROCESSING_FAILURE, "local storage error")
+
+
 def supported_contexts() -> list[PresentationContext]:
-    """Our presentation contexts: each storage class with every syntax we decode, plus C-ECHO."""
+    """Our presentation contexts: each storage class with every syntax we decode, plus C-ECHO.
+
+    Storage classes no model reads are accepted with the same syntaxes: they are stored as sent,
+    and a syntax we could not decode does not matter for them.
+    """
     contexts = [build_context(sop_class, list(TRANSFER_SYNTAXES))
                 for sop_class in STORAGE_SOP_CLASSES]
     contexts.append(build_context(VERIFICATION, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]))
@@ -243,11 +360,18 @@ def acceptor_policy(scp: SCPSettings) -> AcceptorPolicy:
         ae_title=scp.ae_title, contexts=supported_contexts(),
         allowed_calling_aets=frozenset(a.strip() for a in scp.allowed_calling_aets),
         maximum_pdu_size=scp.maximum_pdu_size, network_timeout=scp.network_timeout,
-        slots=threading.BoundedSemaphore(scp.maximum_associations))
+        request_timeout=scp.request_timeout_s, association_deadline=scp.association_deadline_s,
+        slots=Slots(scp.maximum_associations, scp.maximum_associations_per_ae))
 
 
 #: Seconds a stopping service lets open associations finish before cutting them off.
 SHUTDOWN_GRACE_S = 10.0
+#: Open connections (each a thread) per association slot: those beyond are closed at once, so a
+#: flood of connections that never associate cannot exhaust threads or memory. Each waits at
+#: most ``scp.request_timeout_s`` for its A-ASSOCIATE-RQ.
+CONNECTIONS_PER_SLOT = 4
+#: Seconds between two log lines about connections closed for the limit above.
+_REFUSAL_LOG_INTERVAL_S = 10.0
 
 
 class Listener(socketserver.ThreadingTCPServer):
@@ -279,13 +403,42 @@ class Listener(socketserver.ThreadingTCPServer):
         self._thread: threading.Thread | None = None
         self._active: dict[threading.Thread, socket.socket] = {}
         self._active_lock = threading.Lock()
+        self._connections = threading.BoundedSemaphore(
+            CONNECTIONS_PER_SLOT * policy.slots.total)
+        self._closed_for_limit = 0
+        self._limit_logged_at = -_REFUSAL_LOG_INTERVAL_S
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._connections.acquire(blocking=False):
+            self._closed_for_limit += 1
+            now = time.monotonic()
+            if now - self._limit_logged_at >= _REFUSAL_LOG_INTERVAL_S:
+                self._limit_logged_at = now
+                log.warning("connection from %s closed: %d connections open (%d closed so far)",
+                            client_address[0], CONNECTIONS_PER_SLOT * self.policy.slots.total,
+                            self._closed_for_limit)
+            with contextlib.suppress(OSError):
+                request.close()
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._connections.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._connections.release()
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         sock: socket.socket = request
         # Each C-STORE-RSP is one small segment the sender waits for; Nagle would delay it.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.tls is not None:
-            sock.settimeout(self.policy.network_timeout)
+            # The handshake comes before the A-ASSOCIATE-RQ and shares its time.
+            sock.settimeout(min(self.policy.network_timeout, self.policy.request_timeout))
             try:
                 sock = self.tls.wrap_socket(sock, server_side=True)
             except (ssl.SSLError, OSError) as exc:
@@ -338,8 +491,7 @@ class Listener(socketserver.ThreadingTCPServer):
 
 
 def start_scp(settings: Settings, spool: Spool, *,
-              free_bytes: FreeBytes = disk_free_bytes,
-              reception: SharedClock | None = None) -> Listener:
+              free_bytes: FreeBytes = disk_free_bytes) -> Listener:
     """Start listening in background threads.
 
     Parameters
@@ -350,8 +502,6 @@ def start_scp(settings: Settings, spool: Spool, *,
         Where received instances go.
     free_bytes:
         Free-space probe, replaceable in tests.
-    reception:
-        Stamped at every C-STORE (see :class:`StoreHandler`).
 
     Returns
     -------
@@ -360,7 +510,8 @@ def start_scp(settings: Settings, spool: Spool, *,
     """
     handler = StoreHandler(spool, minimum_free_mb=settings.storage.minimum_free_mb,
                            own_manufacturer=settings.output.manufacturer,
-                           free_bytes=free_bytes, reception=reception)
+                           maximum_message_mb=settings.scp.maximum_message_mb,
+                           free_bytes=free_bytes)
     tls = settings.scp.tls
     listener = Listener((settings.scp.bind_address, settings.scp.port),
                         acceptor_policy(settings.scp), handler,

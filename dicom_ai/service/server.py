@@ -2,19 +2,24 @@
 
 Process layout::
 
-    dicom-ai serve            listener (a thread per association), assembler, retention sweeper,
-                              pacer (pauses the worker while instances arrive), supervisor
-      ├─ worker process       models loaded once; runs jobs (nice 10)
+    dicom-ai serve            listener (a thread per association), assembler, retention sweeper;
+                              its main thread supervises the children
+      ├─ worker process       models loaded once; runs jobs (SCHED_IDLE: reception comes first)
       └─ exporter process     C-STORE SCU / STOW-RS deliveries
 
-On start, before the listener opens, everything unfinished is resumed: whole instances on disk
+On start, the storage directory is locked (one service per directory: a second one exits with one
+line), then everything unfinished is resumed before the listener opens: whole instances on disk
 without an index row are indexed, jobs a dead worker left ``running`` are re-queued, complete
-studies without a job get one, and pending deliveries simply stay due. A child process that dies is
-restarted by the supervisor (its interrupted job re-queued first).
+studies without a job get one, and pending deliveries simply stay due. Only then do the listener,
+the worker and the exporter start. A child process that dies is restarted (its interrupted job
+re-queued first); a child never outlives the service, even one killed with SIGKILL
+(:mod:`dicom_ai.service.process`).
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
 import multiprocessing
 import os
@@ -27,11 +32,10 @@ from pathlib import Path
 from types import FrameType
 
 from dicom_ai.config import Settings
-from dicom_ai.service import db, pacing, studies
+from dicom_ai.service import db, studies
 from dicom_ai.service.export import exporter_main
-from dicom_ai.service.pacing import Pacer
 from dicom_ai.service.retention import Sweeper
-from dicom_ai.service.scp import FreeBytes, disk_free_bytes, start_scp
+from dicom_ai.service.scp import FreeBytes, Listener, disk_free_bytes, start_scp
 from dicom_ai.service.spool import Spool
 from dicom_ai.service.worker import Processor, pipeline_processor, requeue_interrupted, worker_main
 
@@ -40,6 +44,44 @@ log = logging.getLogger(__name__)
 #: A child that dies is restarted, but not more often than this, so a crash loop stays visible in
 #: the log instead of spinning the CPU.
 RESTART_INTERVAL_S = 5.0
+
+#: The lock file in ``storage.directory`` held by the running service.
+LOCK_NAME = "serve.lock"
+
+
+class ServiceError(Exception):
+    """The service cannot start; the message is one line for the operator."""
+
+
+def lock_storage(root: Path) -> int:
+    """Take the exclusive lock on a storage directory; returns the open lock file descriptor.
+
+    ``flock`` on ``serve.lock``: the kernel drops it when the holder dies, however it dies, so a
+    killed service never blocks the next one. The holder's PID is written into the file for the
+    message a second service prints.
+
+    Raises
+    ------
+    ServiceError
+        Another process holds the lock, or the directory cannot be used.
+    """
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(root / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise ServiceError(f"storage directory {root}: {exc.strerror}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise ServiceError(f"storage directory {root} is in use by another dicom-ai serve "
+                               f"(pid {holder})") from exc
+        raise ServiceError(f"storage directory {root}: cannot lock ({exc.strerror})") from exc
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 class Service:
@@ -65,10 +107,6 @@ class Service:
         self.root = Path(settings.storage.directory)
         self._ctx = multiprocessing.get_context("spawn")
         self._stop_children = self._ctx.Event()
-        # The listener stamps it at every C-STORE; the pacer pauses the worker while it is recent,
-        # never while the worker holds `critical` (an index transaction).
-        self._reception = self._ctx.Value("d", 0.0, lock=False)
-        self._critical = self._ctx.Lock()
         self._stopping = threading.Event()
         self._children: dict[str, SpawnProcess] = {}
         self._started_at: dict[str, float] = {}
@@ -93,8 +131,7 @@ class Service:
         parent = os.getpid()
         if name == "worker":
             proc = self._ctx.Process(target=worker_main, name="dicom-ai-worker", args=(
-                self.settings, self._stop_children, parent, self.processor_factory,
-                self._critical))
+                self.settings, self._stop_children, parent, self.processor_factory))
         else:
             proc = self._ctx.Process(target=exporter_main, name="dicom-ai-exporter",
                                      args=(self.settings, self._stop_children, parent))
@@ -103,30 +140,59 @@ class Service:
         self._started_at[name] = time.monotonic()
         log.info("%s process started (pid %s)", name, proc.pid)
 
-    def _worker_pid(self) -> int | None:
-        worker = self._children.get("worker")
-        return worker.pid if worker is not None and worker.is_alive() else None
-
     def _supervise(self) -> None:
-        while not self._stopping.wait(1.0):
-            for name, proc in list(self._children.items()):
-                if proc.is_alive() or self._stopping.is_set():
-                    continue
-                if time.monotonic() - self._started_at[name] < RESTART_INTERVAL_S:
-                    continue
-                log.error("%s process exited with code %s; restarting", name, proc.exitcode)
-                if name == "worker":
-                    conn = db.connect(self.root / "index.sqlite")
-                    try:
-                        requeue_interrupted(conn, self.settings.worker.max_attempts, time.time())
-                    finally:
-                        conn.close()
-                self._start_child(name)
+        """Restart a child that died (called from the main thread only: see
+        :func:`~dicom_ai.service.process.die_with_parent`)."""
+        for name, proc in list(self._children.items()):
+            if proc.is_alive() or self._stopping.is_set():
+                continue
+            if time.monotonic() - self._started_at[name] < RESTART_INTERVAL_S:
+                continue
+            log.error("%s process exited with code %s; restarting", name, proc.exitcode)
+            if name == "worker":
+                conn = db.connect(self.root / "index.sqlite")
+                try:
+                    requeue_interrupted(conn, self.settings.worker.max_attempts, time.time())
+                finally:
+                    conn.close()
+            self._start_child(name)
 
     def run(self) -> int:
-        """Recover, start everything, and serve until SIGTERM or SIGINT; returns the exit code."""
+        """Lock, recover, start everything, and serve until SIGTERM or SIGINT.
+
+        Returns
+        -------
+        int
+            The exit code.
+
+        Raises
+        ------
+        ServiceError
+            The storage directory is in use or the port cannot be opened; nothing was started.
+        """
+        lock = lock_storage(self.root)
+        try:
+            return self._run()
+        finally:
+            os.close(lock)
+
+    def _run(self) -> int:
         spool = Spool(self.root)
-        self.recover(spool)
+        try:
+            self.recover(spool)
+            try:
+                listener = start_scp(self.settings, spool, free_bytes=self.free_bytes)
+            except OSError as exc:
+                scp = self.settings.scp
+                raise ServiceError(f"cannot listen on {scp.bind_address}:{scp.port}: "
+                                   f"{exc.strerror or exc}") from exc
+            self._serve(spool, listener)
+        finally:
+            spool.close()
+        log.info("stopped")
+        return 0
+
+    def _serve(self, spool: Spool, listener: Listener) -> None:
         for name in ("worker", "exporter"):
             self._start_child(name)
         assembler = studies.Assembler(spool.db_path, self.settings.studies.quiet_period_s)
@@ -135,15 +201,6 @@ class Service:
         if self.settings.storage.retention_days > 0:
             sweeper = Sweeper(spool, self.settings.storage.retention_days)
             sweeper.start()
-        listener = start_scp(self.settings, spool, free_bytes=self.free_bytes,
-                             reception=self._reception)
-        pacer = None
-        if self.settings.worker.reception_pause_s > 0 and pacing.supported():
-            pacer = Pacer(self._reception, self._critical, self._worker_pid,
-                          self.settings.worker.reception_pause_s)
-            pacer.start()
-        supervisor = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
-        supervisor.start()
 
         def request_stop(signum: int, _frame: FrameType | None) -> None:
             log.info("signal %d: stopping", signum)
@@ -152,10 +209,8 @@ class Service:
         signal.signal(signal.SIGTERM, request_stop)
         signal.signal(signal.SIGINT, request_stop)
         while not self._stopping.wait(1.0):
-            pass
+            self._supervise()
         listener.stop()
-        if pacer is not None:
-            pacer.stop()
         assembler.stop()
         if sweeper is not None:
             sweeper.stop()
@@ -176,6 +231,3 @@ class Service:
             finally:
                 conn.close()
         assembler.join(timeout=5)
-        spool.close()
-        log.info("stopped")
-        return 0

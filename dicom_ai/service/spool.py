@@ -8,17 +8,19 @@ Layout under ``storage.directory``::
     outputs/<study>/findings.json        the machine-readable twin of the latest SR(s)
     tmp/                                 partial files; removed on start
 
-A file appears under ``incoming/`` only complete and fsync'ed (it is written in ``tmp/`` and
-renamed), so a crash leaves either nothing or a whole instance. The start-up scan
-(:meth:`Spool.reindex`) indexes any whole instance whose row was lost between rename and insert.
+A file appears under ``incoming/`` only complete and fsync'ed (it is written in ``tmp/`` — as the
+data set arrives, for a large one — and renamed), so a crash leaves either nothing or a whole
+instance. An instance whose index row cannot be written (disk full) is removed again: the sender
+is told it failed, and nothing of it remains. The start-up scan (:meth:`Spool.reindex`) indexes any
+whole instance whose row was lost to a crash between rename and insert.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
-import re
 import shutil
 import sqlite3
 import struct
@@ -40,13 +42,10 @@ from pydicom.uid import UID
 from dicom_ai import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from dicom_ai.dicom.elements import ScanError, encode_element, even_text, top_level_values
 from dicom_ai.dicom.errors import MissingAttributeError, UnreadableFileError
+from dicom_ai.dicom.uid import is_valid_uid as is_uid
 from dicom_ai.service import db, studies
 
 log = logging.getLogger(__name__)
-
-#: A UID as PS3.5 §9.1 defines it: digits and dots, at most 64 characters. UIDs become path
-#: components, so anything else (``..``, ``/``) is refused before it reaches the file system.
-_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
 _KEY_TAGS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID",
              "Manufacturer")
@@ -58,11 +57,6 @@ def _after_keys(tag: BaseTag, _vr: str | None, _length: int) -> bool:
     # Data sets are in ascending tag order: past Series Instance UID nothing we need follows, and
     # the parse is over before the image module and its pixel data.
     return bool(tag > _LAST_KEY_TAG)
-
-
-def is_uid(value: str) -> bool:
-    """True if ``value`` is a well-formed DICOM UID (digits and dots, ≤ 64 characters)."""
-    return len(value) <= 64 and _UID.match(value) is not None
 
 
 @dataclass(frozen=True)
@@ -192,6 +186,34 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def write_all(fd: int, chunks: Sequence[bytes | memoryview]) -> int:
+    """Write ``chunks`` to ``fd`` in order with ``writev`` (as few calls as the kernel allows).
+
+    Unbuffered: the chunks are large and already in memory, and a buffered file would copy them.
+
+    Returns
+    -------
+    int
+        The number of bytes written.
+    """
+    size = 0
+    views = [memoryview(c) for c in chunks]
+    while views:
+        written = os.writev(fd, views[:_IOV_MAX])
+        size += written
+        while views and written >= len(views[0]):
+            written -= len(views.pop(0))
+        if views:
+            views[0] = views[0][written:]
+    return size
+
+
+def _open_part(tmp_dir: Path) -> tuple[str, int]:
+    # Unique without mkstemp's random names: process, thread and a per-process counter.
+    name = str(tmp_dir / f"{os.getpid()}-{threading.get_ident()}-{next(_part_numbers)}.part")
+    return name, os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+
+
 def durable_write(target: Path, chunks: Sequence[bytes | memoryview], *, tmp_dir: Path) -> int:
     """Write ``chunks`` to ``target`` so that after return the file survives a crash or power cut.
 
@@ -212,22 +234,10 @@ def durable_write(target: Path, chunks: Sequence[bytes | memoryview], *, tmp_dir
     int
         The number of bytes written.
     """
-    # Unique without mkstemp's random names: process, thread and a per-process counter.
-    tmp_name = str(tmp_dir / f"{os.getpid()}-{threading.get_ident()}-{next(_part_numbers)}.part")
-    fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    size = 0
+    tmp_name, fd = _open_part(tmp_dir)
     try:
         try:
-            # Unbuffered, one system call for all chunks when the kernel takes them at once: they
-            # are large and already in memory, and a buffered file would copy them.
-            views = [memoryview(c) for c in chunks]
-            while views:
-                written = os.writev(fd, views[:_IOV_MAX])
-                size += written
-                while views and written >= len(views[0]):
-                    written -= len(views.pop(0))
-                if views:
-                    views[0] = views[0][written:]
+            size = write_all(fd, chunks)
             # The data and the file size; the name is made durable by the directory fsync below.
             os.fdatasync(fd)
         finally:
@@ -308,8 +318,8 @@ class Spool:
               calling_aet: str, now: float | None = None) -> Stored:
         """Write an instance durably, then index it and note its arrival for study assembly.
 
-        On return the instance is safe to acknowledge. A SOP Instance UID received again replaces
-        the file but does not re-open a completed study: DICOM gives changed content a new UID.
+        On return the instance is safe to acknowledge; on an exception nothing of it is left
+        (see :meth:`PartialInstance.commit`).
 
         Parameters
         ----------
@@ -322,21 +332,36 @@ class Spool:
         now:
             Arrival time (epoch seconds); the current time by default.
         """
-        study = keys.study_instance_uid
+        part = self.begin(keys, calling_aet=calling_aet)
+        try:
+            part.write(chunks)
+        except BaseException:
+            part.discard()
+            raise
+        return part.commit(now)
+
+    def begin(self, keys: InstanceKeys, *, calling_aet: str) -> PartialInstance:
+        """Start writing an instance whose bytes arrive in parts (see :class:`PartialInstance`).
+
+        Parameters
+        ----------
+        keys:
+            Its filing keys.
+        calling_aet:
+            The sender.
+        """
+        return PartialInstance(self, keys, calling_aet)
+
+    def _storing_starts(self, study: str) -> None:
         with self._studies:
             self._studies.wait_for(lambda: study not in self._purging)
             self._storing[study] += 1
-        try:
-            path = self.instance_path(keys)
-            self.ensure_dir(path.parent)
-            size = durable_write(path, chunks, tmp_dir=self.tmp)
-            return Stored(path, self._index(keys, path, size, calling_aet,
-                                            time.time() if now is None else now))
-        finally:
-            with self._studies:
-                self._storing[study] -= 1
-                if not self._storing[study]:
-                    del self._storing[study]
+
+    def _storing_ends(self, study: str) -> None:
+        with self._studies:
+            self._storing[study] -= 1
+            if not self._storing[study]:
+                del self._storing[study]
 
     def purge_study(self, study_instance_uid: str, *, cutoff: float) -> int | None:
         """Remove a study finished before ``cutoff``: its files, then its index rows.
@@ -435,6 +460,104 @@ class Spool:
             uids.add(keys.sop_instance_uid)
             added += 1
         return added
+
+
+class PartialInstance:
+    """An instance being written: a temporary file in ``tmp/`` until :meth:`commit`.
+
+    While it is open its study is not purged. Exactly one of :meth:`commit` and
+    :meth:`discard` ends it (:meth:`discard` after either is harmless).
+
+    Parameters
+    ----------
+    spool:
+        Where it goes.
+    keys:
+        Its filing keys.
+    calling_aet:
+        The sender.
+    """
+
+    def __init__(self, spool: Spool, keys: InstanceKeys, calling_aet: str) -> None:
+        self.spool = spool
+        self.keys = keys
+        self.calling_aet = calling_aet
+        self.size = 0
+        spool._storing_starts(keys.study_instance_uid)
+        self._storing = True
+        try:
+            tmp, self._fd = _open_part(spool.tmp)
+        except BaseException:
+            self._end()
+            raise
+        self._tmp: str | None = tmp
+
+    def write(self, chunks: Sequence[bytes | memoryview]) -> None:
+        """Append ``chunks`` (the file's bytes in order: preamble and meta first)."""
+        self.size += write_all(self._fd, chunks)
+
+    def commit(self, now: float | None = None) -> Stored:
+        """Make the file durable, file it under ``incoming/`` and index it.
+
+        On return the instance is safe to acknowledge. If the index row cannot be written (disk
+        full, a broken database), the file is removed again unless it replaced an instance already
+        indexed under the same path, and the error is raised: the sender is told the store failed,
+        so nothing may remain that the start-up scan would index. A SOP Instance UID received
+        again replaces the file but does not re-open a completed study: DICOM gives changed
+        content a new UID.
+
+        Parameters
+        ----------
+        now:
+            Arrival time (epoch seconds); the current time by default.
+        """
+        keys, tmp = self.keys, self._tmp
+        if tmp is None:
+            raise RuntimeError("instance already committed or discarded")
+        path = self.spool.instance_path(keys)
+        try:
+            try:
+                # The data and the file size; the name is made durable by the directory fsync.
+                os.fdatasync(self._fd)
+            finally:
+                os.close(self._fd)
+                self._fd = -1
+            self.spool.ensure_dir(path.parent)
+            replaced = path.exists()
+            os.replace(tmp, path)
+            self._tmp = None
+        except BaseException:
+            self.discard()
+            raise
+        try:
+            fsync_dir(path.parent)
+            new = self.spool._index(keys, path, self.size, self.calling_aet,
+                                    time.time() if now is None else now)
+        except BaseException:
+            if not replaced:
+                path.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    fsync_dir(path.parent)
+            raise
+        finally:
+            self._end()
+        return Stored(path, new)
+
+    def discard(self) -> None:
+        """Remove the temporary file; nothing of the instance remains."""
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = -1
+        if self._tmp is not None:
+            Path(self._tmp).unlink(missing_ok=True)
+            self._tmp = None
+        self._end()
+
+    def _end(self) -> None:
+        if self._storing:
+            self._storing = False
+            self.spool._storing_ends(self.keys.study_instance_uid)
 
 
 def study_paths(conn: sqlite3.Connection, root: Path, study_instance_uid: str) -> list[Path]:

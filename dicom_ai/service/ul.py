@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import IntEnum
@@ -58,6 +59,14 @@ class PeerClosed(Exception):
     """The peer closed the TCP connection."""
 
 
+class DeadlineExceeded(TimeoutError):
+    """The association's overall time is up, however recently the peer sent something."""
+
+
+#: (seconds a read may wait for data, monotonic time by which the whole exchange must be over).
+Timeouts = tuple[float, float]
+
+
 #: A-RELEASE-RP: fixed form, 4 reserved bytes.
 RELEASE_RP = _HEADER.pack(PDUType.A_RELEASE_RP, 4) + bytes(4)
 
@@ -67,18 +76,41 @@ def abort_pdu(reason: AbortReason) -> bytes:
     return _HEADER.pack(PDUType.A_ABORT, 4) + bytes((0, 0, 2, reason))
 
 
-def recv_exact(sock: socket.socket, buffer: memoryview) -> None:
+def recv_exact(sock: socket.socket, buffer: memoryview, timeouts: Timeouts) -> None:
     """Fill ``buffer`` from ``sock``.
+
+    Parameters
+    ----------
+    sock:
+        The connection.
+    buffer:
+        Where the bytes go.
+    timeouts:
+        Each read waits at most the first for data; all reads end by the second (monotonic), so
+        a peer sending a byte at a time cannot hold the connection past it.
 
     Raises
     ------
     PeerClosed
         The connection ended first.
+    DeadlineExceeded
+        The deadline passed.
     TimeoutError
-        The socket's timeout passed without data.
+        A read waited its whole timeout without data.
     """
+    idle, deadline = timeouts
     while buffer:
-        n = sock.recv_into(buffer)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceeded("association deadline (scp.association_deadline_s or "
+                                   "scp.request_timeout_s) passed")
+        sock.settimeout(min(idle, left))
+        try:
+            n = sock.recv_into(buffer)
+        except TimeoutError:
+            if time.monotonic() >= deadline:
+                continue  # reported as the deadline above
+            raise
         if n == 0:
             raise PeerClosed("connection closed by the peer")
         buffer = buffer[n:]
@@ -97,7 +129,7 @@ class PDU:
         return memoryview(self.raw)[_HEADER.size:]
 
 
-def read_pdu(sock: socket.socket, max_length: int) -> PDU:
+def read_pdu(sock: socket.socket, max_length: int, timeouts: Timeouts) -> PDU:
     """Read one whole PDU.
 
     Parameters
@@ -107,9 +139,11 @@ def read_pdu(sock: socket.socket, max_length: int) -> PDU:
     max_length:
         Largest variable field accepted; a longer PDU is a protocol error, so a peer cannot make
         us allocate what it likes.
+    timeouts:
+        See :func:`recv_exact`.
     """
     header = bytearray(_HEADER.size)
-    recv_exact(sock, memoryview(header))
+    recv_exact(sock, memoryview(header), timeouts)
     pdu_type, length = _HEADER.unpack(header)
     if pdu_type not in PDUType.__members__.values():
         raise ProtocolError(f"unrecognised PDU type 0x{pdu_type:02x}",
@@ -120,7 +154,7 @@ def read_pdu(sock: socket.socket, max_length: int) -> PDU:
     # One allocation per PDU, filled in place: P-DATA PDUs are the bulk of every C-STORE.
     raw = bytearray(_HEADER.size + length)
     raw[:_HEADER.size] = header
-    recv_exact(sock, memoryview(raw)[_HEADER.size:])
+    recv_exact(sock, memoryview(raw)[_HEADER.size:], timeouts)
     return PDU(pdu_type, raw)
 
 

@@ -12,7 +12,6 @@ UIDs) again. A job that keeps crashing its process fails for good after ``worker
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -20,7 +19,6 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from io import BytesIO
 from multiprocessing.synchronize import Event as EventType
@@ -32,10 +30,11 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_ai.config import Settings
+from dicom_ai.dicom.uid import is_valid_uid
 from dicom_ai.logs import log_failure, safe_error_text
 from dicom_ai.service import db
-from dicom_ai.service.process import child_setup
-from dicom_ai.service.spool import Spool, durable_write, is_uid, study_paths
+from dicom_ai.service.process import child_setup, lowest_priority, orphaned
+from dicom_ai.service.spool import Spool, durable_write, study_paths
 
 log = logging.getLogger(__name__)
 
@@ -141,19 +140,16 @@ class Worker:
     """
 
     def __init__(self, conn: sqlite3.Connection, spool: Spool, processor: Processor, *,
-                 destinations: Sequence[str], max_attempts: int,
-                 critical: AbstractContextManager[Any] | None = None) -> None:
+                 destinations: Sequence[str], max_attempts: int) -> None:
         self.conn = conn
         self.spool = spool
         self.processor = processor
         self.destinations = list(destinations)
         self.max_attempts = max_attempts
-        self.critical = critical or contextlib.nullcontext()
 
     def run_once(self) -> JobReport | None:
         """Claim and run one job; None when the queue is empty."""
-        with self.critical:
-            job = claim_job(self.conn, time.time())
+        job = claim_job(self.conn, time.time())
         if job is None:
             return None
         paths = study_paths(self.conn, self.spool.root, job.study_instance_uid)
@@ -173,7 +169,7 @@ class Worker:
         paths = []
         for ds in processed.datasets:
             uid = str(ds.SOPInstanceUID)
-            if not is_uid(uid):
+            if not is_valid_uid(uid):
                 raise ValueError("a result object has an invalid SOP Instance UID")
             path = out_dir / f"{uid}.dcm"
             durable_write(path, [encode(ds)], tmp_dir=self.spool.tmp)
@@ -185,7 +181,7 @@ class Worker:
 
     def _finish(self, job: Job, processed: ProcessedStudy, outputs: list[Path]) -> JobReport:
         now = time.time()
-        with self.critical, db.transaction(self.conn) as conn:
+        with db.transaction(self.conn) as conn:
             current = conn.execute("SELECT generation FROM studies WHERE study_instance_uid = ?",
                                    (job.study_instance_uid,)).fetchone()
             if current is not None and int(current[0]) > job.generation:
@@ -206,7 +202,8 @@ class Worker:
                             "created_at) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?) "
                             "ON CONFLICT (sop_instance_uid, destination) DO UPDATE SET "
                             "state = 'pending', attempts = 0, next_attempt_at = excluded."
-                            "next_attempt_at, job_id = excluded.job_id WHERE state = 'dead'",
+                            "next_attempt_at, pending_since = excluded.created_at, late = 0, "
+                            "job_id = excluded.job_id WHERE state = 'dead'",
                             (job.id, str(ds.StudyInstanceUID), str(ds.SOPInstanceUID),
                              str(ds.SOPClassUID), str(path.relative_to(self.spool.root)), dest,
                              now, now))
@@ -215,7 +212,7 @@ class Worker:
         return JobReport(job, state, outputs)
 
     def _fail(self, job: Job, error: str) -> JobReport:
-        with self.critical, db.transaction(self.conn) as conn:
+        with db.transaction(self.conn) as conn:
             state = "failed" if job.attempts >= self.max_attempts else "queued"
             conn.execute("UPDATE jobs SET state = ?, last_error = ?, finished_at = ? "
                          "WHERE id = ?", (state, error, time.time(), job.id))
@@ -251,16 +248,15 @@ def pipeline_processor(settings: Settings) -> Processor:
 
 
 def worker_main(settings: Settings, stop: EventType, parent_pid: int,
-                processor_factory: Callable[[Settings], Processor] = pipeline_processor,
-                critical: AbstractContextManager[Any] | None = None) -> None:
+                processor_factory: Callable[[Settings], Processor] = pipeline_processor) -> None:
     """Entry point of the worker process: load models once, then run jobs until ``stop``.
 
-    ``critical`` is held around every index transaction: the service pauses this process while
-    instances arrive, but never inside one (:mod:`dicom_ai.service.pacing`).
+    The process runs at the lowest CPU priority (:func:`~dicom_ai.service.process.lowest_priority`):
+    reception never waits for a model, and the model is never paused. It exits by itself when
+    the service that started it is gone.
     """
     child_setup(settings, parent_pid, "worker")
-    # Inference yields the CPU to the listener's threads: receiving must keep pace.
-    os.nice(10)
+    log.info("worker at %s", lowest_priority())
     if settings.inference.num_threads == 0:
         # torch would take every core; leave one to the listener and the exporter.
         settings = dataclasses.replace(settings, inference=dataclasses.replace(
@@ -269,7 +265,7 @@ def worker_main(settings: Settings, stop: EventType, parent_pid: int,
     conn = db.connect(spool.db_path)
     worker = Worker(conn, spool, processor_factory(settings),
                     destinations=[d.name for d in settings.export.destinations],
-                    max_attempts=settings.worker.max_attempts, critical=critical)
-    while not stop.is_set():
+                    max_attempts=settings.worker.max_attempts)
+    while not stop.is_set() and not orphaned(parent_pid):
         if worker.run_once() is None:
             stop.wait(settings.worker.poll_interval_s)

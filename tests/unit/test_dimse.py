@@ -3,8 +3,11 @@ out from PS3.5/PS3.7/PS3.8 and against pynetdicom's and pydicom's decoders."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
+import threading
+import time
 import zlib
 from io import BytesIO
 
@@ -34,6 +37,7 @@ from dicom_ai.service.spool import parse_dataset_keys, part10_header
 from dicom_ai.service.ul import (
     RELEASE_RP,
     AbortReason,
+    DeadlineExceeded,
     PDUType,
     PeerClosed,
     ProtocolError,
@@ -66,26 +70,56 @@ def test_split_pdata_refuses_malformed_items(body: bytes) -> None:
     assert exc.value.reason == AbortReason.INVALID_PDU_PARAMETER_VALUE
 
 
+def soon() -> tuple[float, float]:
+    """Read timeouts for tests: 5 s per read, 10 s in all."""
+    return 5.0, time.monotonic() + 10.0
+
+
 def test_read_pdu_frames_and_bounds_the_stream() -> None:
     a, b = socket.socketpair()
     with a, b:
         b.sendall(bytes((0x04, 0)) + struct.pack(">L", 5) + b"hello")
-        pdu = read_pdu(a, 100)
+        pdu = read_pdu(a, 100, soon())
         assert pdu.type == PDUType.P_DATA_TF and bytes(pdu.body) == b"hello"
         b.sendall(bytes((0x04, 0)) + struct.pack(">L", 101))
         with pytest.raises(ProtocolError) as exc:
-            read_pdu(a, 100)
+            read_pdu(a, 100, soon())
         assert exc.value.reason == AbortReason.INVALID_PDU_PARAMETER_VALUE
     c, d = socket.socketpair()
     with c, d:
         d.sendall(bytes((0x09, 0)) + struct.pack(">L", 0))
         with pytest.raises(ProtocolError) as exc:
-            read_pdu(c, 100)
+            read_pdu(c, 100, soon())
         assert exc.value.reason == AbortReason.UNRECOGNIZED_PDU
         d.sendall(bytes((0x04, 0)) + struct.pack(">L", 4) + b"ab")
         d.close()
         with pytest.raises(PeerClosed):
-            read_pdu(c, 100)
+            read_pdu(c, 100, soon())
+
+
+def test_read_pdu_stops_a_trickling_peer_at_the_deadline() -> None:
+    """Each byte arrives well within the per-read timeout; the overall deadline still ends it."""
+    a, b = socket.socketpair()
+    with a, b:
+        b.sendall(bytes((0x04, 0)) + struct.pack(">L", 1000))
+
+        def trickle() -> None:
+            with contextlib.suppress(OSError):
+                for _ in range(40):
+                    b.sendall(b"x")
+                    time.sleep(0.05)
+
+        sender = threading.Thread(target=trickle)
+        sender.start()
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceeded):
+            read_pdu(a, 2000, (1.0, started + 0.5))
+        assert time.monotonic() - started < 1.0
+        sender.join()
+    c, d = socket.socketpair()
+    with c, d, pytest.raises(TimeoutError) as idle:
+        read_pdu(c, 100, (0.2, time.monotonic() + 10))
+    assert not isinstance(idle.value, DeadlineExceeded)
 
 
 def test_fixed_form_pdus() -> None:

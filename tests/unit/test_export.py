@@ -3,6 +3,7 @@ restart, and the C-STORE SCU against a real pynetdicom SCP."""
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -64,7 +65,10 @@ def conn(tmp_path: Path) -> Iterator[sqlite3.Connection]:
     connection.close()
 
 
-SETTINGS = ExportSettings(max_attempts=3, initial_backoff_s=2.0, max_backoff_s=300.0)
+SETTINGS = ExportSettings(initial_backoff_s=2.0, max_backoff_s=300.0)
+#: A horizon of 6 s: tries at 0, 2 and 6 s, the third makes the dead letter.
+SHORT = ExportSettings(initial_backoff_s=2.0, max_backoff_s=300.0, late_after_s=2.0,
+                       retry_horizon_s=6.0)
 
 
 def test_delivered_only_after_success_and_retried_with_backoff(conn: sqlite3.Connection,
@@ -83,19 +87,47 @@ def test_delivered_only_after_success_and_retried_with_backoff(conn: sqlite3.Con
     assert sender.sent == ["1.1", "1.2", "1.2"]
 
 
-def test_dead_letter_after_max_attempts_and_never_again(conn: sqlite3.Connection,
-                                                        tmp_path: Path) -> None:
+def test_late_then_dead_letter_at_the_horizon_and_never_again(
+        conn: sqlite3.Connection, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="dicom_ai.service.export")
     queue(conn, "2.1")
     reason = "association rejected: Calling AE title not recognised"
     sender = Flaky({"2.1": reason})
-    exporter = Exporter(conn, tmp_path, {"pacs": sender}, SETTINGS)
+    exporter = Exporter(conn, tmp_path, {"pacs": sender}, SHORT)
+    levels = []
     for now in (0.0, 2.0, 6.0):
+        caplog.clear()
         assert exporter.run_once(now=now) == 1
+        levels.append(sorted({r.levelname for r in caplog.records
+                              if r.name == "dicom_ai.service.export"}))
+    # First try: a plain failure; at 2 s it becomes late (WARNING, once); at 6 s dead (ERROR).
+    assert levels == [["INFO"], ["INFO", "WARNING"], ["ERROR", "INFO"]]
     assert rows(conn)[0][1:3] == ("dead", 3)
     assert rows(conn)[0][4] == reason
     assert exporter.run_once(now=10**9) == 0
     assert next_due_in(conn, 10**9) is None
     assert sender.sent == ["2.1"] * 3
+
+
+def test_default_horizon_retries_through_a_day_of_downtime(conn: sqlite3.Connection,
+                                                          tmp_path: Path) -> None:
+    """A PACS down for 23 hours: still pending, tried every max_backoff_s; then delivered."""
+    queue(conn, "2.2")
+    sender = Flaky({"2.2": "cannot connect"})
+    exporter = Exporter(conn, tmp_path, {"pacs": sender}, ExportSettings())
+    now = 0.0
+    for _ in range(400):
+        exporter.run_once(now=now)
+        due = next_due_in(conn, now)
+        assert due is not None
+        now += due
+        if now > 23 * 3600:
+            break
+    assert rows(conn)[0][1] == "pending"
+    assert 23 * 3600 / 300 < len(sender.sent) < 400
+    sender.answers["2.2"] = None
+    exporter.run_once(now=now)
+    assert rows(conn)[0][1] == "delivered"
 
 
 def test_destination_removed_from_config_is_dead_lettered(conn: sqlite3.Connection,
@@ -181,6 +213,50 @@ def test_retry_dead_revives_only_the_chosen_destination(conn: sqlite3.Connection
     queue(conn, "8.2", destination="archive")
     conn.execute("UPDATE outbound SET state = 'dead', attempts = 6")
     assert retry_dead(conn, 50.0, "pacs") == 1
+    # The horizon starts again from the re-queue.
+    assert conn.execute("SELECT pending_since FROM outbound WHERE sop_instance_uid = '8.1'"
+                        ).fetchone()[0] == 50.0
     assert rows(conn)[0][:4] == ("8.1", "pending", 0, 50.0)
     assert rows(conn)[1][1] == "dead"
     assert retry_dead(conn, 60.0) == 1
+
+
+def test_a_rejection_is_reported_even_when_the_peer_closes_at_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A PACS that rejects and closes at once. pynetdicom's ACSE thread may look at the socket
+    only after its reactor has closed it, and then reports a failed connection (the race behind
+    a flaky integration test): the ACSE thread is delayed here so that it always loses."""
+    import socket
+    import threading
+    import time
+
+    from pynetdicom.acse import ACSE
+
+    rejection = bytes((0x03, 0, 0, 0, 0, 4, 0, 1, 1, 3))  # permanent, user, calling AE title
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def reject_once() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.settimeout(5)
+            conn.recv(65536)
+            conn.sendall(rejection)
+
+    thread = threading.Thread(target=reject_once)
+    thread.start()
+    send_request = ACSE.send_request
+
+    def slow_send_request(self: ACSE) -> None:
+        send_request(self)
+        time.sleep(0.5)
+
+    monkeypatch.setattr(ACSE, "send_request", slow_send_request)
+    dest = DestinationSettings(name="pacs", ae_title="PACS", host="127.0.0.1",
+                               port=server.getsockname()[1])
+    item = Delivery(1, tmp_path / "x.dcm", "7.2", CTImageStorage, "pacs", 0)
+    try:
+        assert DimseSender(dest, "DICOMAI").send([item]) == {
+            1: "association rejected: Calling AE title not recognised"}
+    finally:
+        thread.join(5)
+        server.close()

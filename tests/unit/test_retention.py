@@ -98,14 +98,14 @@ def test_no_purge_while_an_instance_of_the_study_is_being_stored(
     conn = db.connect(spool.db_path)
     processed(conn, STUDY)
     writing, release = threading.Event(), threading.Event()
-    real_write = spool_module.durable_write
+    real_write = spool_module.write_all
 
     def slow_write(*args: object, **kwargs: object) -> int:
         writing.set()
         release.wait(10)
         return real_write(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(spool_module, "durable_write", slow_write)
+    monkeypatch.setattr(spool_module, "write_all", slow_write)
     store = threading.Thread(target=received, args=(spool, "1.2.3.2", 1000.0 + 0.5))
     store.start()
     assert writing.wait(10)

@@ -20,10 +20,14 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import (
+    ComprehensiveSRStorage,
     CTImageStorage,
     ExplicitVRLittleEndian,
+    GrayscaleSoftcopyPresentationStateStorage,
+    KeyObjectSelectionDocumentStorage,
     MRImageStorage,
     SecondaryCaptureImageStorage,
+    SegmentationStorage,
 )
 from pynetdicom import AE
 from pynetdicom.association import Association
@@ -96,6 +100,20 @@ def ct(sop: str, **attrs: Any) -> Dataset:
     return pydicom.dcmread(BytesIO(encoded(sop, **attrs)))
 
 
+def soon() -> tuple[float, float]:
+    """Read timeouts for the test's side: 5 s per read, 10 s in all."""
+    return 5.0, time.monotonic() + 10.0
+
+
+def receive(handler: StoreHandler, request: StoreRequest,
+            fragments: list[memoryview] | list[bytes]) -> int:
+    """Hand ``fragments`` to the handler as an association does; the status it answers."""
+    incoming = handler(request)
+    for fragment in fragments:
+        incoming.add(memoryview(fragment))
+    return incoming.finish().status
+
+
 def test_store_is_on_disk_and_indexed_when_acknowledged(
         scp_factory: StartSCP, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="dicom_ai.service")
@@ -125,10 +143,9 @@ def test_handler_stores_before_it_returns(tmp_path: Path) -> None:
     offset = 132 + 12 + meta.FileMetaInformationGroupLength
     dataset = memoryview(data)[offset:]
     # Fragments as a sender might cut them, the first one ending inside the header.
-    request = StoreRequest("CT1", CTImageStorage, "1.2.3.101", meta.TransferSyntaxUID,
-                           [dataset[:100], dataset[100:]])
+    request = StoreRequest("CT1", CTImageStorage, "1.2.3.101", meta.TransferSyntaxUID)
     handler = StoreHandler(spool, minimum_free_mb=0, own_manufacturer="dicom-ai")
-    assert handler(request).status == 0x0000
+    assert receive(handler, request, [dataset[:100], dataset[100:]]) == 0x0000
     conn = sqlite3.connect(spool.db_path)
     (rel,) = conn.execute("SELECT path FROM instances").fetchone()
     stored = (tmp_path / rel).read_bytes()
@@ -137,10 +154,8 @@ def test_handler_stores_before_it_returns(tmp_path: Path) -> None:
     assert written.file_meta.SourceApplicationEntityTitle == "CT1"
     assert written.SOPInstanceUID == "1.2.3.101"
 
-    garbage = StoreRequest("CT1", CTImageStorage, "1.2.3.999", ExplicitVRLittleEndian,
-                           [b"\x01" * 64])
-    outcome = handler(garbage)
-    assert 0xC000 <= outcome.status <= 0xCFFF
+    garbage = StoreRequest("CT1", CTImageStorage, "1.2.3.999", ExplicitVRLittleEndian)
+    assert 0xC000 <= receive(handler, garbage, [b"\x01" * 64]) <= 0xCFFF
     assert conn.execute("SELECT COUNT(*) FROM instances").fetchone() == (1,)
 
 
@@ -157,10 +172,9 @@ def test_keys_beyond_the_parsed_prefix_are_found(tmp_path: Path) -> None:
     ds.save_as(buffer, enforce_file_format=True)
     data = buffer.getvalue()
     offset = 132 + 12 + ds.file_meta.FileMetaInformationGroupLength
-    request = StoreRequest("CT1", CTImageStorage, "1.2.3.109", ExplicitVRLittleEndian,
-                           [memoryview(data)[offset:]])
+    request = StoreRequest("CT1", CTImageStorage, "1.2.3.109", ExplicitVRLittleEndian)
     handler = StoreHandler(Spool(tmp_path), minimum_free_mb=0, own_manufacturer="dicom-ai")
-    assert handler(request).status == 0x0000
+    assert receive(handler, request, [memoryview(data)[offset:]]) == 0x0000
 
 
 def test_low_disk_answers_out_of_resources(scp_factory: StartSCP) -> None:
@@ -184,24 +198,38 @@ def test_unusable_dataset_answers_cannot_understand(scp_factory: StartSCP) -> No
     assoc.release()
 
 
-def test_own_secondary_capture_is_acknowledged_and_discarded(
-        scp_factory: StartSCP) -> None:
+def test_own_results_are_acknowledged_and_discarded(scp_factory: StartSCP) -> None:
+    """Our SC and SR forwarded back by a PACS: acknowledged (so the PACS is content), never
+    stored, so never analysed again."""
     running = scp_factory()
-    assoc = associate(running.port, contexts=(SecondaryCaptureImageStorage,))
-    ours = ct("1.2.3.105", SOPClassUID=SecondaryCaptureImageStorage, Manufacturer="dicom-ai")
-    ours.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    assert assoc.send_c_store(ours).Status == 0x0000
+    classes = (SecondaryCaptureImageStorage, ComprehensiveSRStorage)
+    assoc = associate(running.port, contexts=classes)
+    for n, sop_class in enumerate(classes):
+        ours = ct(f"1.2.3.105{n}", SOPClassUID=sop_class, Manufacturer="dicom-ai")
+        ours.file_meta.MediaStorageSOPClassUID = sop_class
+        assert assoc.send_c_store(ours).Status == 0x0000
     assert not any(running.spool.incoming.iterdir())
     assoc.release()
 
 
-def test_unsupported_sop_class_is_refused_at_negotiation(scp_factory: StartSCP) -> None:
+def test_every_storage_class_a_study_holds_is_stored(scp_factory: StartSCP) -> None:
+    """A PACS forwarding a whole study sends SR, KOS, presentation states, SEG and other
+    modalities besides the images: all are stored; a class that is not storage is refused."""
     running = scp_factory()
-    assoc = associate(running.port, contexts=(CTImageStorage, MRImageStorage))
+    study_find = "1.2.840.10008.5.1.4.1.2.2.1"
+    others = (ComprehensiveSRStorage, KeyObjectSelectionDocumentStorage,
+              GrayscaleSoftcopyPresentationStateStorage, SegmentationStorage, MRImageStorage)
+    assoc = associate(running.port, contexts=(*others, study_find))
     assert assoc.is_established
-    assert [cx.abstract_syntax for cx in assoc.accepted_contexts] == [CTImageStorage]
-    assert [cx.abstract_syntax for cx in assoc.rejected_contexts] == [MRImageStorage]
+    assert {cx.abstract_syntax for cx in assoc.accepted_contexts} == set(others)
+    assert [cx.abstract_syntax for cx in assoc.rejected_contexts] == [study_find]
+    for n, sop_class in enumerate(others):
+        ds = ct(f"1.2.3.106{n}", SOPClassUID=sop_class)
+        ds.file_meta.MediaStorageSOPClassUID = sop_class
+        assert assoc.send_c_store(ds).Status == 0x0000, sop_class
     assoc.release()
+    conn = sqlite3.connect(running.spool.db_path)
+    assert {r[0] for r in conn.execute("SELECT sop_class_uid FROM instances")} == set(others)
 
 
 def test_wrong_called_ae_title_is_rejected(scp_factory: StartSCP) -> None:
@@ -337,7 +365,7 @@ def associate_rq(calling: str = "MODALITY", called: str = "DICOMAI") -> bytes:
 def raw_association(port: int) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=5)
     sock.sendall(associate_rq())
-    assert read_pdu(sock, 1 << 16).type == PDUType.A_ASSOCIATE_AC
+    assert read_pdu(sock, 1 << 16, soon()).type == PDUType.A_ASSOCIATE_AC
     return sock
 
 
@@ -347,19 +375,19 @@ def test_protocol_violations_are_aborted_and_the_listener_carries_on(
     # Not DICOM at all.
     with socket.create_connection(("127.0.0.1", running.port), timeout=5) as sock:
         sock.sendall(b"GET / HTTP/1.1\r\n\r\n")
-        assert read_pdu(sock, 64).raw == abort_pdu(AbortReason.UNRECOGNIZED_PDU)
+        assert read_pdu(sock, 64, soon()).raw == abort_pdu(AbortReason.UNRECOGNIZED_PDU)
     # Data on a presentation context that was never accepted.
     with raw_association(running.port) as sock:
         sock.sendall(b"\x04\x00" + struct.pack(">L", 8) + struct.pack(">LBB", 4, 99, 3) + b"xx")
-        assert read_pdu(sock, 64).raw == abort_pdu(AbortReason.UNEXPECTED_PDU_PARAMETER)
+        assert read_pdu(sock, 64, soon()).raw == abort_pdu(AbortReason.UNEXPECTED_PDU_PARAMETER)
     # A second A-ASSOCIATE-RQ inside an association.
     with raw_association(running.port) as sock:
         sock.sendall(associate_rq())
-        assert read_pdu(sock, 64).raw == abort_pdu(AbortReason.UNEXPECTED_PDU)
+        assert read_pdu(sock, 64, soon()).raw == abort_pdu(AbortReason.UNEXPECTED_PDU)
     # A release is answered.
     with raw_association(running.port) as sock:
         sock.sendall(b"\x05\x00" + struct.pack(">L", 4) + bytes(4))
-        assert read_pdu(sock, 64).raw == RELEASE_RP
+        assert read_pdu(sock, 64, soon()).raw == RELEASE_RP
     assoc = associate(running.port)
     assert assoc.send_c_store(ct("1.2.3.110")).Status == 0x0000
     assoc.release()
@@ -373,7 +401,7 @@ def test_associations_beyond_the_limit_are_rejected_transiently(
     with raw_association(running.port):
         with socket.create_connection(("127.0.0.1", running.port), timeout=5) as second:
             second.sendall(associate_rq())
-            rj = read_pdu(second, 64)
+            rj = read_pdu(second, 64, soon())
         # A-ASSOCIATE-RJ: result 2 (transient), source 3 (presentation), reason 2 (local limit).
         assert rj.type == PDUType.A_ASSOCIATE_RJ and bytes(rj.body)[1:] == bytes((2, 3, 2))
     deadline = time.monotonic() + 5
@@ -389,7 +417,7 @@ def test_rejections_name_the_reason(scp_factory: StartSCP) -> None:
     for calling, called, reason in [("INTRUDER", "DICOMAI", 3), ("PACS", "ELSEWHERE", 7)]:
         with socket.create_connection(("127.0.0.1", running.port), timeout=5) as sock:
             sock.sendall(associate_rq(calling, called))
-            rj = read_pdu(sock, 64)
+            rj = read_pdu(sock, 64, soon())
         # Permanent (1), service user (1), calling (3) or called (7) AE title not recognised.
         assert rj.type == PDUType.A_ASSOCIATE_RJ and bytes(rj.body)[1:] == bytes((1, 1, reason))
 
@@ -399,7 +427,7 @@ def test_idle_association_is_aborted(scp_factory: StartSCP) -> None:
     settings.scp.network_timeout = 0.5
     running = scp_factory(settings)
     with raw_association(running.port) as sock:
-        assert read_pdu(sock, 64).raw == abort_pdu(AbortReason.NOT_SPECIFIED)
+        assert read_pdu(sock, 64, soon()).raw == abort_pdu(AbortReason.NOT_SPECIFIED)
 
 
 def test_stop_cuts_off_an_association_left_open(scp_factory: StartSCP) -> None:
@@ -410,7 +438,7 @@ def test_stop_cuts_off_an_association_left_open(scp_factory: StartSCP) -> None:
         assert time.monotonic() - started < 5
         # The connection is closed under the idle requestor; nothing else arrives.
         with pytest.raises(PeerClosed):
-            read_pdu(sock, 64)
+            read_pdu(sock, 64, soon())
 
 
 def test_free_space_is_asked_once_a_second_and_counted_down_between(tmp_path: Path) -> None:
@@ -427,3 +455,96 @@ def test_free_space_is_asked_once_a_second_and_counted_down_between(tmp_path: Pa
     assert not handler.reserve(2 * mib)  # 7 would be left: under the 8 MiB minimum
     assert handler.reserve(mib)       # 8 left
     assert len(calls) == 1
+
+
+def test_one_calling_ae_cannot_take_every_slot(scp_factory: StartSCP) -> None:
+    """A peer holding its share of slots idle is rejected beyond it; a modality still stores."""
+    settings = Settings()
+    settings.scp.maximum_associations = 3
+    settings.scp.maximum_associations_per_ae = 2
+    running = scp_factory(settings)
+    with raw_association(running.port), raw_association(running.port):
+        with socket.create_connection(("127.0.0.1", running.port), timeout=5) as third:
+            third.sendall(associate_rq())
+            rj = read_pdu(third, 64, soon())
+        assert rj.type == PDUType.A_ASSOCIATE_RJ and bytes(rj.body)[1:] == bytes((2, 3, 2))
+        assoc = associate(running.port, calling="CT1")
+        assert assoc.is_established
+        assert assoc.send_c_store(ct("1.2.3.120")).Status == 0x0000
+        assoc.release()
+
+
+def large_ct(sop: str, pixel_bytes: int) -> Dataset:
+    ds = ct(sop)
+    side = int((pixel_bytes // 2) ** 0.5)
+    ds.Rows = ds.Columns = side
+    ds.PixelData = bytes(range(256)) * (side * side * 2 // 256) + bytes(side * side * 2 % 256)
+    return ds
+
+
+def test_large_data_set_is_streamed_to_disk_and_stored_whole(scp_factory: StartSCP) -> None:
+    from dicom_ai.service.scp import SPOOL_AFTER
+
+    running = scp_factory()
+    ds = large_ct("1.2.3.121", 3 * SPOOL_AFTER)
+    assoc = associate(running.port)
+    assert assoc.send_c_store(ds).Status == 0x0000
+    assoc.release()
+    stored = pydicom.dcmread(running.spool.incoming / STUDY / ds.SeriesInstanceUID
+                             / "1.2.3.121.dcm")
+    assert stored.PixelData == ds.PixelData
+    assert not any(running.spool.tmp.iterdir())
+
+
+def test_data_set_over_the_maximum_is_refused_and_leaves_nothing(scp_factory: StartSCP) -> None:
+    settings = Settings()
+    settings.scp.maximum_message_mb = 5
+    running = scp_factory(settings)
+    assoc = associate(running.port)
+    rsp = assoc.send_c_store(large_ct("1.2.3.122", 6 * 1024 * 1024))
+    assert rsp.Status == 0xA700 and "too large" in rsp.ErrorComment
+    # The association goes on: the next instance is stored.
+    assert assoc.send_c_store(ct("1.2.3.123")).Status == 0x0000
+    assoc.release()
+    conn = sqlite3.connect(running.spool.db_path)
+    assert [r[0] for r in conn.execute("SELECT sop_instance_uid FROM instances")] == ["1.2.3.123"]
+    assert not any(running.spool.tmp.iterdir())
+
+
+def test_index_full_answers_out_of_resources_and_leaves_no_file(
+        scp_factory: StartSCP, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file is written but its index row cannot be: nothing may remain that a restart would
+    index, because the sender was told the store failed."""
+    running = scp_factory()
+
+    def full(*_args: object, **_kwargs: object) -> bool:
+        exc = sqlite3.OperationalError("database or disk is full")
+        exc.sqlite_errorcode = 13  # type: ignore[attr-defined]
+        raise exc
+
+    monkeypatch.setattr(running.spool, "_index", full)
+    assoc = associate(running.port)
+    rsp = assoc.send_c_store(ct("1.2.3.124"))
+    assert rsp.Status == 0xA700 and "disk full" in rsp.ErrorComment
+    assoc.release()
+    assert not list(running.spool.incoming.rglob("*.dcm"))
+    monkeypatch.undo()
+    assert running.spool.reindex() == 0
+
+
+def test_internal_error_answers_a_failure_without_its_text(
+        scp_factory: StartSCP, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    running = scp_factory()
+
+    def broken(*_args: object, **_kwargs: object) -> None:
+        raise ValueError("Doe^Jane 19610704")
+
+    monkeypatch.setattr(running.spool, "store", broken)
+    assoc = associate(running.port)
+    assert assoc.send_c_store(ct("1.2.3.125")).Status == 0x0110
+    monkeypatch.undo()
+    assert assoc.send_c_store(ct("1.2.3.126")).Status == 0x0000
+    assoc.release()
+    assert "internal error: ValueError at test_scp.py" in caplog.text
+    assert "Doe" not in caplog.text and "Traceback" not in caplog.text
