@@ -385,16 +385,20 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+@pytest.mark.parametrize("probe", ["statfs", "stale"])
 def test_disk_full_answers_out_of_resources_and_leaves_nothing(
-        small_disk: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """minimum_free_mb = 0, so the file system itself runs out: while writing a file, or the
-    index. Every answer is success or 0xA7xx; what was refused leaves nothing behind."""
+        small_disk: Path, caplog: pytest.LogCaptureFixture, probe: str) -> None:
+    """minimum_free_mb = 0, so the file system itself runs out. With the free-space probe the
+    listener refuses before writing; with a stale probe (another process filled the disk since
+    it last looked) the write of a file or of the index fails. Every answer is success or
+    0xA7xx; what was refused leaves nothing behind."""
     caplog.set_level(logging.DEBUG)
     settings = Settings()
     settings.scp.port = 0
     settings.storage.minimum_free_mb = 0
     spool = Spool(small_disk / "storage")
-    listener = start_scp(settings, spool)
+    listener = start_scp(settings, spool, **({} if probe == "statfs" else {
+        "free_bytes": lambda _path: 1 << 40}))
     port = int(listener.server_address[1])
     statuses: dict[str, int] = {}
     try:
