@@ -67,25 +67,29 @@ def palette_to_rgb(indices: npt.NDArray[np.generic], red: npt.NDArray[np.generic
     return to_uint8(rgb, bits)
 
 
-def field_of_view(rgb: UInt8Array, *, threshold: float = 0.1) -> tuple[int, int, int, int]:
-    """Bounding box (row0, col0, row1, col1), end-exclusive, of the camera's field of view.
-
-    The FOV is the largest connected region brighter than ``threshold`` × the image's 99th
-    percentile of the red channel (the fundus is red-dominant; the mask background is near
-    black). When nothing stands out, the whole image is returned.
-    """
+def fov_mask(rgb: UInt8Array, *, threshold: float = 0.1) -> npt.NDArray[np.bool_]:
+    """The camera's field of view: the largest connected region brighter than ``threshold`` ×
+    the image's 99th percentile of the red channel (the fundus is red-dominant; the mask
+    background is near black). When nothing stands out, the whole image."""
     red = rgb[..., 0].astype(np.float64) if rgb.ndim == 3 else rgb.astype(np.float64)
     ref = float(np.percentile(red, 99))
+    whole = np.ones(red.shape, dtype=bool)
     if ref <= 0:
-        return 0, 0, red.shape[0], red.shape[1]
+        return whole
     mask = red > threshold * ref
     mask = ndimage.binary_opening(mask, iterations=1) if min(mask.shape) > 32 else mask
     labels, n = ndimage.label(mask)
     if n == 0:
-        return 0, 0, red.shape[0], red.shape[1]
+        return whole
     sizes = ndimage.sum_labels(mask, labels, index=np.arange(1, n + 1))
-    biggest = int(np.argmax(sizes)) + 1
-    rows, cols = np.nonzero(labels == biggest)
+    biggest: npt.NDArray[np.bool_] = labels == int(np.argmax(sizes)) + 1
+    return biggest
+
+
+def field_of_view(rgb: UInt8Array, *, threshold: float = 0.1) -> tuple[int, int, int, int]:
+    """Bounding box (row0, col0, row1, col1), end-exclusive, of the camera's field of view
+    (:func:`fov_mask`)."""
+    rows, cols = np.nonzero(fov_mask(rgb, threshold=threshold))
     return int(rows.min()), int(cols.min()), int(rows.max()) + 1, int(cols.max()) + 1
 
 

@@ -20,6 +20,15 @@ The recipe (thresholds from the quantitative-CT literature, e.g. Hu, Hoffman & R
 6. per side: a small in-plane closing and per-slice filling of holes up to 20 cm², so vessels and
    nodules inside the lung count as lung (as in the standard lung volume and mean lung density)
    while the stomach or heart ringed by lung does not.
+
+Where a nodule detector may report a candidate (:func:`search_region`, :func:`below_lung_bases`)
+is a wider question than lung volume: a juxtapleural nodule or a hilar mass is soft tissue in
+a notch of the air-based mask, so each lung is closed per slice with a 15 mm disk (notches up
+to about 3 cm wide close; the heart's indentation, wider, stays out). The dome of the liver
+is the opposite case: its cap shows as a round soft-tissue island ringed by lung on axial
+slices, is filled into the lung mask as a hole, and looks like a nodule slice by slice. What
+sets it apart is that no aerated lung lies beneath it: that is what :func:`below_lung_bases`
+marks.
 """
 
 from __future__ import annotations
@@ -57,6 +66,8 @@ MIN_COMPONENT_SHARE = 0.05
 STRADDLE_SHARE = 0.2
 #: Radius (mm) of the in-plane closing that smooths the lung border at juxtapleural vessels.
 CLOSING_RADIUS_MM = 2.0
+#: Radius (mm) of the in-plane closing of each lung that gives the candidate search region.
+SEARCH_CLOSING_MM = 15.0
 
 
 @dataclass(frozen=True)
@@ -83,29 +94,37 @@ class LungMeasurements:
     laa950_percent: float
 
 
-def left_right_axis(direction: npt.ArrayLike) -> tuple[int, int]:
-    """Array axis of a (z, y, x) volume that runs along the patient's left-right direction.
+def patient_axis(direction: npt.ArrayLike, lps: int) -> tuple[int, int]:
+    """Array axis of a (z, y, x) volume that runs closest to one patient (LPS) axis.
 
     Parameters
     ----------
     direction
         3×3 matrix whose columns are the unit vectors, in LPS, of the column (x), row (y) and
         slice (z) axes of the volume.
+    lps
+        0 for the patient's left (LPS +x), 1 for posterior (+y), 2 for superior (+z).
 
     Returns
     -------
     axis, sign
         ``axis`` is 0, 1 or 2 in (z, y, x) array order; ``sign`` is +1 when increasing the index
-        along it moves towards the patient's left (LPS +x), −1 otherwise.
+        along it moves towards the LPS axis' positive direction, −1 otherwise.
     """
     d = np.asarray(direction, dtype=np.float64)
     if d.shape != (3, 3):
         raise ValueError(f"direction must be 3×3, got {d.shape}")
-    # Row 0 of the matrix is the LPS x (patient left) component of each array axis' unit vector.
-    x_components = d[0]
-    col = int(np.argmax(np.abs(x_components)))
+    # Row ``lps`` of the matrix is that LPS component of each array axis' unit vector.
+    components = d[lps]
+    col = int(np.argmax(np.abs(components)))
     axis = 2 - col  # direction columns are (x, y, z); array axes are (z, y, x)
-    return axis, 1 if x_components[col] > 0 else -1
+    return axis, 1 if components[col] > 0 else -1
+
+
+def left_right_axis(direction: npt.ArrayLike) -> tuple[int, int]:
+    """Array axis (and sign) along the patient's left-right direction: sign +1 when increasing
+    the index moves towards the patient's left (:func:`patient_axis` of LPS x)."""
+    return patient_axis(direction, 0)
 
 
 def _disk(radius_px: int) -> BoolArray:
@@ -313,6 +332,74 @@ def measure_lungs(hu: FloatArray, masks: LungMasks,
                             mean_density_hu=mean, laa950_percent=laa)
 
 
+def close_in_plane(mask: BoolArray, radius_mm: float,
+                   spacing: tuple[float, float, float]) -> BoolArray:
+    """Closing of each axial slice of ``mask`` with a disk of ``radius_mm``, holes then filled.
+
+    Done with two Euclidean distance transforms in mm (dilate: within ``radius_mm`` of the
+    mask; erode: farther than ``radius_mm`` from outside the dilation), which costs the same
+    whatever the radius, unlike a morphological closing with a large disk. The slice is padded
+    by the radius so the erosion does not eat a mask that touches its border.
+    """
+    pad = int(np.ceil(radius_mm / min(spacing[1], spacing[2]))) + 1
+    out = np.zeros_like(mask)
+    for k in range(mask.shape[0]):
+        if not mask[k].any():
+            continue
+        padded = np.pad(mask[k], pad)
+        dilated = ndimage.distance_transform_edt(~padded, sampling=spacing[1:]) <= radius_mm
+        closed = ndimage.distance_transform_edt(dilated, sampling=spacing[1:]) > radius_mm
+        out[k] = ndimage.binary_fill_holes(closed[pad:-pad, pad:-pad] | mask[k])
+    return out
+
+
+def search_region(masks: LungMasks, spacing: tuple[float, float, float],
+                  radius_mm: float = SEARCH_CLOSING_MM) -> BoolArray:
+    """Where a lung nodule or mass may lie: each lung closed per slice (:func:`close_in_plane`).
+
+    Closing each side on its own keeps the mediastinum between the lungs out; the closing takes
+    in the juxtapleural and hilar notches that the air-based mask leaves open.
+    """
+    region: BoolArray = close_in_plane(masks.left, radius_mm, spacing) | close_in_plane(
+        masks.right, radius_mm, spacing)
+    return region
+
+
+def below_lung_bases(hu: FloatArray, masks: LungMasks, direction: npt.ArrayLike) -> BoolArray:
+    """Soft tissue (above :data:`BODY_THRESHOLD_HU`) with no aerated lung beneath it.
+
+    A voxel is marked when, along the array axis closest to the patient's craniocaudal axis,
+    no voxel of its column caudal to it is aerated lung (inside the lung masks and below
+    :data:`LUNG_THRESHOLD_HU`): the diaphragm, the liver dome and the abdomen below the lung
+    bases, and also the heart where it rests on the diaphragm. Vessels and nodules inside a
+    lobe have aerated lung beneath them.
+
+    Parameters
+    ----------
+    hu
+        (z, y, x) volume in Hounsfield units.
+    masks
+        Result of :func:`segment_lungs`.
+    direction
+        3×3 direction cosines; decide which way is caudal.
+
+    Returns
+    -------
+    numpy.ndarray
+        Boolean mask, the shape of ``hu``.
+    """
+    hu = np.asarray(hu)
+    axis, sign = patient_axis(direction, 2)
+    aerated = masks.lungs & (hu < LUNG_THRESHOLD_HU)
+    # Caudal is towards lower index when the index runs to the head (sign +1): accumulate the
+    # "aerated lung seen so far" from the caudal end of each column.
+    ordered = aerated if sign > 0 else np.flip(aerated, axis=axis)
+    seen = np.logical_or.accumulate(ordered, axis=axis)
+    beneath = seen if sign > 0 else np.flip(seen, axis=axis)
+    below: BoolArray = masks.body & (hu > BODY_THRESHOLD_HU) & ~beneath
+    return below
+
+
 def lung_fraction(masks: LungMasks) -> float:
     """Share of the body volume that is segmented lung (0 when there is no body).
 
@@ -334,10 +421,14 @@ def lung_window(hu: FloatArray, center: float = -600.0, width: float = 1500.0
 __all__ = [
     "LungMasks",
     "LungMeasurements",
+    "below_lung_bases",
     "body_mask",
+    "close_in_plane",
     "left_right_axis",
     "lung_fraction",
     "lung_window",
     "measure_lungs",
+    "patient_axis",
+    "search_region",
     "segment_lungs",
 ]

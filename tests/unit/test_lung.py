@@ -10,11 +10,15 @@ import pytest
 
 from dicom_ai.imaging.lung import (
     LungMasks,
+    below_lung_bases,
     body_mask,
+    close_in_plane,
     left_right_axis,
     lung_fraction,
     lung_window,
     measure_lungs,
+    patient_axis,
+    search_region,
     segment_lungs,
 )
 
@@ -172,6 +176,55 @@ def test_body_mask_drops_a_separate_table() -> None:
 ])
 def test_left_right_axis(direction: npt.NDArray[np.float64], expected: tuple[int, int]) -> None:
     assert left_right_axis(direction) == expected
+
+
+def test_superior_axis_follows_the_slice_direction() -> None:
+    assert patient_axis(np.eye(3), 2) == (0, 1)
+    # Slices stored from head to foot: the index runs towards the feet.
+    assert patient_axis(np.diag([1.0, 1.0, -1.0]), 2) == (0, -1)
+
+
+def test_in_plane_closing_fills_a_notch_but_not_a_wide_bay() -> None:
+    spacing = (2.5, 1.0, 1.0)
+    mask = np.zeros((1, 120, 120), dtype=bool)
+    mask[0, 20:100, 20:100] = True
+    mask[0, 20:40, 55:65] = False  # a 10 mm wide notch from the top edge
+    mask[0, 60:100, 20:80] = False  # a 60 mm wide bay from the bottom-left corner
+    closed = close_in_plane(mask, 15.0, spacing)
+    assert closed[0, 22:40, 55:65].all()  # all but the rim, where the disk just touches
+    assert not closed[0, 70:100, 20:70].any()
+    assert closed[mask].all()
+
+
+def test_search_region_takes_in_a_juxtapleural_nodule() -> None:
+    hu = _phantom()
+    zz, yy, xx = _grid()
+    # A 16 mm soft-tissue nodule on the lateral border of the patient-left lung.
+    nodule = (zz - 20) ** 2 * 2.5**2 + ((yy - 64) ** 2 + (xx - 108) ** 2) * 2.0**2 <= 8.0**2
+    hu[nodule] = 40.0
+    masks = segment_lungs(hu, SPACING, IDENTITY)
+    region = search_region(masks, SPACING)
+    assert masks.lungs[nodule].mean() < 0.6
+    assert region[nodule & (xx <= 108)].all()  # its lung side, the notch, is closed
+    assert not (region & ~masks.body).any()  # the region never leaves the body
+    assert not region[:, 64, 60:68].any()  # nor bridges the mediastinum
+
+
+def test_below_lung_bases_marks_tissue_with_no_lung_beneath() -> None:
+    hu = _phantom()
+    zz, yy, xx = _grid()
+    dome = LOW_X & (zz < 14) & ((yy - 64) ** 2 + (xx - 36) ** 2 <= 6**2)  # a cap from below
+    hu[dome] = 40.0
+    vessel = LOW_X & (zz > 18) & (zz < 24) & ((yy - 64) ** 2 + (xx - 36) ** 2 <= 2**2)
+    hu[vessel] = 40.0
+    masks = segment_lungs(hu, SPACING, IDENTITY)
+    below = below_lung_bases(hu, masks, IDENTITY)
+    assert below[dome].all()
+    assert not below[vessel].any()  # aerated lung lies beneath the vessel
+    assert below[2, 64, 64] and not below[30, 64, 36]
+    flipped = below_lung_bases(hu[::-1], segment_lungs(hu[::-1], SPACING, np.diag(
+        [1.0, 1.0, -1.0])), np.diag([1.0, 1.0, -1.0]))
+    assert np.array_equal(flipped, below[::-1])
 
 
 def test_lung_window() -> None:
