@@ -32,8 +32,13 @@ REDACTED = "…"
 
 # A quoted value ('x', "x", b'x', with escapes), a bracketed value as pynetdicom and pydicom's
 # dataset dumps print them, and a line of a hex dump (pydicom's debug reader: offset, then bytes,
-# then the same bytes as ASCII). An apostrophe inside a word ("can't") opens no quote.
-_QUOTED = re.compile(r"""(?<!\w)b?'(?:[^'\\\n]|\\.)*'|(?<!\w)b?"(?:[^"\\\n]|\\.)*"|\[[^\]\n]*\]""")
+# then the same bytes as ASCII). An apostrophe inside a word ("can't") opens no quote, and a
+# traceback's File "path" is kept.
+_QUOTED = re.compile(r"""
+    (?<!\w) b?'(?:[^'\\\n]|\\.)*'              # 'value' or b'value'
+  | (?<!\w)(?<!File\ ) b?"(?:[^"\\\n]|\\.)*"   # "value", not a traceback's File "path"
+  | \[[^\]\n]*\]                              # [value]
+""", re.VERBOSE)
 _HEX_DUMP = re.compile(r"^.*(?:\b[0-9a-fA-F]{2} ){4,}.*$", re.MULTILINE)
 
 
