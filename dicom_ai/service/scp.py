@@ -21,6 +21,7 @@ import socket
 import socketserver
 import sqlite3
 import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -59,6 +60,7 @@ from dicom_ai.service.association import (
     StoreFunction,
     StoreRequest,
     StoreStatus,
+    error_site,
 )
 from dicom_ai.service.spool import (
     InstanceKeys,
@@ -453,6 +455,12 @@ class Listener(socketserver.ThreadingTCPServer):
         finally:
             with self._active_lock:
                 del self._active[threading.current_thread()]
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # socketserver would print a traceback to stderr; ours names the error's kind and place.
+        exc = sys.exception()
+        log.error("connection from %s failed: %s", client_address[0],
+                  error_site(exc) if exc is not None else "unknown error")
 
     def shutdown_request(self, request: Any) -> None:
         # Association.run() closes its (possibly TLS-wrapped) socket itself.
