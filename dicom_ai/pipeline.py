@@ -48,6 +48,9 @@ def _analyser(task: str) -> Analyser:
     if task == "detection":
         from dicom_ai.inference.detection import analyse_detection
         return analyse_detection
+    if task == "xr-fracture":
+        from dicom_ai.inference.fracture import analyse_fracture
+        return analyse_fracture
     raise BundleError(f"no analyser for task {task!r}")
 
 

@@ -260,17 +260,21 @@ def chest_xray(spec: ChestXRay, data: Path) -> Dataset:
     set_pixels(ds, to_stored_range(gray, spec.bits_stored, spec.photometric),
                photometric=spec.photometric, bits_stored=spec.bits_stored)
     if spec.window:
-        # Centre/width chosen so that the linear VOI maps the stored range exactly onto the
-        # display range: the model sees what it saw in training (the source JPEG).
-        top = 2**spec.bits_stored
-        ds.WindowCenter = top // 2
-        ds.WindowWidth = top
-        ds.VOILUTFunction = "LINEAR"
+        full_range_window(ds, spec.bits_stored)
     if spec.modality == "DX":
         add_dx_modules(ds, spec, nominal_spacing_mm(row))
     ds.file_meta = file_meta(sop_class, ds.SOPInstanceUID, ExplicitVRLittleEndian)
     encode(ds, spec.transfer_syntax)
     return ds
+
+
+def full_range_window(ds: Dataset, bits_stored: int) -> None:
+    """A LINEAR VOI window whose centre/width map the stored range exactly onto the display
+    range: the model sees what it saw in training (the source JPEG)."""
+    top = 2**bits_stored
+    ds.WindowCenter = top // 2
+    ds.WindowWidth = top
+    ds.VOILUTFunction = "LINEAR"
 
 
 def source_row(data: Path, spec: ChestXRay) -> dict[str, str]:
@@ -307,6 +311,82 @@ def add_dx_modules(ds: Dataset, spec: ChestXRay, spacing_mm: float) -> None:
     ds.PositionerType = ""
     ds.ImagerPixelSpacing = [spacing_mm, spacing_mm]
     ds.AcquisitionContextSequence = DicomSequence()
+
+
+@dataclass(frozen=True)
+class FractureXRay:
+    """One musculoskeletal radiograph from the FracAtlas train split (CC BY 4.0), written as
+    a CR image: the files carry no side marker or laterality, and a CR may leave Patient
+    Orientation empty (Type 2C) where a DX must fill it."""
+
+    key: str
+    source: str
+    #: DICOM Body Part Examined.
+    body_part: str
+    photometric: str
+    bits_stored: int
+    window: bool
+    transfer_syntax: UID
+
+
+FRACTURE_XRAYS: tuple[FractureXRay, ...] = (
+    # A hand, frontal view, one distal-radius fracture box.
+    FractureXRay("FRACTURE01", "train/IMG0000751.jpg", "HAND", "MONOCHROME2", 12, True,
+                 RLELossless),
+)
+
+
+def fracatlas_boxes_px(data: Path, source: str, rows: int, cols: int) -> list[str]:
+    """The radiologists' boxes of one FracAtlas image (normalized cx, cy, w, h in
+    ``boxes.csv``) as ``[col_min, row_min, col_max, row_max]`` in stored pixels."""
+    out = []
+    with open(data / "fracture" / "fracatlas" / "boxes.csv", newline="") as fh:
+        for b in csv.DictReader(fh):
+            if b["path"] == source:
+                cx, cy, w, h = (float(b[k]) for k in ("cx", "cy", "w", "h"))
+                out.append(f"[{(cx - w / 2) * cols:.1f}, {(cy - h / 2) * rows:.1f}, "
+                           f"{(cx + w / 2) * cols:.1f}, {(cy + h / 2) * rows:.1f}]")
+    return out
+
+
+def fracture_xray(spec: FractureXRay, data: Path) -> Dataset:
+    """Build one CR object from a FracAtlas JPEG; Image Comments name the source, its licence
+    and its fracture boxes in stored pixels."""
+    root = data / "fracture" / "fracatlas"
+    with open(root / "labels.csv", newline="") as fh:
+        row = next(r for r in csv.DictReader(fh) if r["path"] == spec.source)
+    if row["label"] != "fracture" or row["split"] != "train":
+        raise ValueError(f"{spec.key}: {spec.source} is {row['label']}/{row['split']}, "
+                         "expected a fractured train image")
+    path = root / spec.source
+    gray = np.asarray(Image.open(path).convert("L"), dtype=np.uint8)
+    boxes = fracatlas_boxes_px(data, spec.source, *gray.shape)
+    number = spec.key[-2:]
+    ds = base_dataset(
+        spec.key, sop_class=CR_STORAGE, modality="CR", patient_label=f"FRACTURE-{number}",
+        study_description=f"XR {spec.body_part} (dicom-ai sample)",
+        series_description=f"{spec.body_part.title()} CR", study_time=f"11{number}00",
+        provenance=(f"FracAtlas, Abedeen et al., Scientific Data 10, 521 (2023), CC BY 4.0, "
+                    f"{spec.source}; radiologists' fracture box(es) [col_min, row_min, "
+                    f"col_max, row_max] in stored pixels: {'; '.join(boxes)}; converted by "
+                    "scripts/build_sample_studies.py; sample study, not for diagnostic use"))
+    ds.BodyPartExamined = spec.body_part
+    # Unknown: FracAtlas records neither the side nor the projection's direction (Type 2:
+    # present and empty).
+    ds.Laterality = ""
+    ds.ViewPosition = ""
+    ds.PatientOrientation = ""
+    ds.ImageType = ["DERIVED", "PRIMARY"]
+    ds.DerivationDescription = "JPEG from a public dataset re-encoded as DICOM"
+    ds.BurnedInAnnotation = "YES"
+    lossy_source(ds, gray.size / path.stat().st_size)
+    set_pixels(ds, to_stored_range(gray, spec.bits_stored, spec.photometric),
+               photometric=spec.photometric, bits_stored=spec.bits_stored)
+    if spec.window:
+        full_range_window(ds, spec.bits_stored)
+    ds.file_meta = file_meta(CR_STORAGE, ds.SOPInstanceUID, ExplicitVRLittleEndian)
+    encode(ds, spec.transfer_syntax)
+    return ds
 
 
 def fundus_photo(spec: Fundus, images: npt.NDArray[np.uint8],
@@ -437,6 +517,8 @@ def build(data: Path, out: Path) -> list[Path]:
         labels = npz["val_labels"].ravel()
     written += [write(fundus_photo(spec, images, labels), out / spec.key.lower() / "1.dcm")
                 for spec in FUNDUS_PHOTOS]
+    written += [write(fracture_xray(spec, data), out / spec.key.lower() / "1.dcm")
+                for spec in FRACTURE_XRAYS]
     written += copy_ct_series(data, out)
     return written
 

@@ -23,7 +23,7 @@ from dicom_ai.inference.findings import ModelInfo
 log = logging.getLogger(__name__)
 
 #: Tasks the pipeline knows how to run; a bundle declaring anything else is refused at load.
-TASKS = ("classification", "ct-lung", "detection")
+TASKS = ("classification", "ct-lung", "detection", "xr-fracture")
 
 
 class BundleError(ValueError):
@@ -113,6 +113,10 @@ def _validate_block(name: str, block: dict[str, Any]) -> None:
         missing = [lab for lab in labels if lab not in block.get("codes", {})]
         if missing:
             raise BundleError(f"{name}: no finding code for label(s) {', '.join(missing)}")
+    if task == "xr-fracture":
+        from dicom_ai.inference.fracture import validate_block
+
+        validate_block(name, block)
 
 
 def device_uid(name: str, version: str, weights_sha256: str) -> str:

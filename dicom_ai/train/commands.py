@@ -13,6 +13,8 @@ from pathlib import Path
 CLASSIFIERS = ("cxr-pneumonia", "fundus-dr")
 #: The CT model, trained by :mod:`dicom_ai.train.ct_nodules`.
 CT_MODEL = "ct-lung"
+#: The fracture detector, trained by :mod:`dicom_ai.train.fracture`.
+FRACTURE_MODEL = "xr-fracture"
 
 #: Where the training data lives unless ``--data`` or ``DICOM_AI_TRAIN_DATA`` says otherwise.
 DEFAULT_DATA = Path("../shared/data")
@@ -38,7 +40,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
         "train", help="train a shipped model and write its MONAI bundle",
         description="Train a model from ../shared/data, calibrate it on validation and write "
                     "the bundle (weights, configs, input-fit statistics).")
-    train.add_argument("model", choices=[*CLASSIFIERS, CT_MODEL], help="which model")
+    train.add_argument("model", choices=[*CLASSIFIERS, CT_MODEL, FRACTURE_MODEL],
+                       help="which model")
     train.add_argument("--epochs", type=int, help="maximum epochs (default: the recipe's)")
     train.add_argument("--out", help="bundle directory (default: models/<model>)")
     train.add_argument("--data", help="data root (default: $DICOM_AI_TRAIN_DATA or "
@@ -66,6 +69,16 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
 
 def run_train(args: argparse.Namespace) -> int:
     """Train (unless ``--export-only``), then export the bundle."""
+    if args.model == FRACTURE_MODEL:
+        from dicom_ai.train import fracture
+
+        return fracture.main(["--data", str(_data_dir(args.data)),
+                              "--cache", str(_cache_dir(args.cache)),
+                              "--threads", str(args.threads),
+                              "export" if args.export_only else "train",
+                              "--out", str(args.out or Path("models") / FRACTURE_MODEL),
+                              *(["--epochs", str(args.epochs)]
+                                if args.epochs and not args.export_only else [])])
     if args.model == CT_MODEL:
         from dicom_ai.train import ct_nodules
 
@@ -101,6 +114,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
     bundle = Path(args.model_dir)
     meta = json.loads((bundle / "configs" / "metadata.json").read_text())
     name = meta.get("name")
+    if name == FRACTURE_MODEL:
+        from dicom_ai.train import fracture
+
+        return fracture.main(["--data", str(_data_dir(args.data)),
+                              "--cache", str(_cache_dir(args.cache)), "evaluate", str(bundle)])
     if name not in RECIPES:
         print(f"evaluate knows the validation data of {sorted(RECIPES)}, not {name!r}")
         return 2

@@ -38,6 +38,7 @@ EXPECTED = {
     "fundus01": ("1.2.840.10008.5.1.4.1.1.77.1.5.1", "RGB", 8, ExplicitVRLittleEndian),
     "fundus02": ("1.2.840.10008.5.1.4.1.1.77.1.5.1", "YBR_FULL_422", 8, JPEGBaseline8Bit),
     "fundus03": ("1.2.840.10008.5.1.4.1.1.77.1.5.1", "RGB", 8, RLELossless),
+    "fracture01": ("1.2.840.10008.5.1.4.1.1.1", "MONOCHROME2", 12, RLELossless),
 }
 CT_FOLDER = "ct-lung-pet-ct-dx-a0002"
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
@@ -120,6 +121,32 @@ def test_fundus_decodes_to_rgb() -> None:
         assert ds.ImageLaterality in {"R", "L"}
 
 
+def test_fracture_radiograph_names_its_box_and_body_part() -> None:
+    ds = read("fracture01")
+    assert ds.BodyPartExamined == "HAND" and ds.Modality == "CR"
+    assert "FracAtlas" in ds.ImageComments and "CC BY 4.0" in ds.ImageComments
+    # boxes.csv: cx 0.4518, cy 0.3453, w 0.1004, h 0.0602 on a 373 × 454 image.
+    assert "[149.8, 143.1, 187.2, 170.4]" in ds.ImageComments
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is not beside the repository")
+def test_dermoscopy_pixels_match_isic() -> None:
+    """One train image per class; lossless objects hold the decoded ISIC JPEG exactly."""
+    for folder, source, label, tolerance in (
+            ("derm01", "train/ISIC_0000002.jpg", "melanoma", 0),
+            ("derm02", "train/ISIC_0000000.jpg", "nevus", 40),
+            ("derm03", "train/ISIC_0012090.jpg", "seborrheic_keratosis", 0)):
+        ds = read(folder)
+        assert ds.Modality == "DMS" and ds.AnatomicRegionSequence[0].CodeValue == "39937001"
+        with Image.open(SHARED / "skin" / "isic2017" / source) as im:
+            rgb = np.asarray(im.convert("RGB"), dtype=np.int64)
+        decoded = ds.pixel_array.astype(np.int64)
+        assert np.abs(decoded - rgb).max() <= tolerance, folder
+        # Away from sharp edges the JPEG baseline copy is close on average.
+        assert np.abs(decoded - rgb).mean() <= 3.0, folder
+        assert f"{source}, {label};" in ds.ImageComments and "CC-0" in ds.ImageComments
+
+
 def test_identities_are_synthetic_and_unique() -> None:
     studies: Counter[str] = Counter()
     for folder in EXPECTED:
@@ -168,6 +195,7 @@ def test_build_script_reproduces_the_committed_files(tmp_path: Path) -> None:
         images, labels = npz["val_images"], npz["val_labels"].ravel()
     built = [(spec.key, build.chest_xray(spec, SHARED)) for spec in build.CHEST_XRAYS]
     built += [(spec.key, build.fundus_photo(spec, images, labels)) for spec in build.FUNDUS_PHOTOS]
+    built += [(spec.key, build.fracture_xray(spec, SHARED)) for spec in build.FRACTURE_XRAYS]
     for key, ds in built:
         written = build.write(ds, tmp_path / key.lower() / "1.dcm")
         committed = SAMPLES / key.lower() / "1.dcm"

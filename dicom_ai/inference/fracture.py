@@ -1,0 +1,262 @@
+"""The ``xr-fracture`` task: limb radiographs (CR/DX) → "any fracture" probability and boxes.
+
+Per image: decode → presentation values → aspect-padded model input (the same functions
+training used, :func:`dicom_ai.inference.classify.prepare`) → image-based input-fit check →
+:class:`~dicom_ai.inference.fracture_net.FractureNet` → calibrated image probability and
+boxes decoded from the centre heatmap, mapped back onto the stored pixel grid.
+
+Findings of the series (its most suspicious image speaks for it):
+
+* ``fracture`` with the image-level probability, ``positive`` at the bundle's operating point;
+* for a positive image, one ``fracture`` finding per box (``bbox_px`` in source pixels): the
+  top heatmap peak, plus further peaks at or above ``boxes.min_score``;
+* ``multiple_fractures`` when more than one box is reported.
+
+The finding site is the examined body part (Body Part Examined → SNOMED CT, CID 4031); the
+FracAtlas region it belongs to (hand, leg, hip, shoulder) is named in the caption. Every
+analysed image gets a Secondary Capture with the heatmap over it and the boxes drawn.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+import torch.nn.functional as F
+
+from dicom_ai.config import InferenceSettings
+from dicom_ai.dicom.errors import DicomInputError
+from dicom_ai.dicom.model import Series
+from dicom_ai.imaging.resize import resize_2d
+from dicom_ai.inference import input_fit
+from dicom_ai.inference.bundle import Bundle, BundleError
+from dicom_ai.inference.classify import PreparedImage, prepare
+from dicom_ai.inference.findings import Explanation, Finding, ModelResult
+from dicom_ai.inference.fracture_net import Box, decode_boxes, to_source
+from dicom_ai.inference.runner import batches
+
+FloatArray = npt.NDArray[np.float32]
+
+#: Body Part Examined → (FracAtlas region, SNOMED CT code, meaning), codes as CID 4031
+#: "Common Anatomic Regions" lists them (pydicom's code dictionary).
+BODY_PART_SITES: dict[str, tuple[str, str, str]] = {
+    "HAND": ("hand", "85562004", "Hand"),
+    "FINGER": ("hand", "7569003", "Finger"),
+    "THUMB": ("hand", "76505004", "Thumb"),
+    "WRIST": ("hand", "74670003", "Wrist joint"),
+    "FOREARM": ("hand", "14975008", "Forearm"),
+    "ELBOW": ("shoulder", "16953009", "Elbow joint"),
+    "HUMERUS": ("shoulder", "85050009", "Humerus"),
+    "UPPER ARM": ("shoulder", "40983000", "Upper arm"),
+    "ARM": ("shoulder", "53120007", "Upper limb"),
+    "UPPER EXTREMITY": ("shoulder", "53120007", "Upper limb"),
+    "SHOULDER": ("shoulder", "16982005", "Shoulder"),
+    "CLAVICLE": ("shoulder", "51299004", "Clavicle"),
+    "SCAPULA": ("shoulder", "79601000", "Scapula"),
+    "HIP": ("hip", "29836001", "Hip"),
+    "PELVIS": ("hip", "816092008", "Pelvis"),
+    "FEMUR": ("leg", "71341001", "Femur"),
+    "THIGH": ("leg", "68367000", "Thigh"),
+    "KNEE": ("leg", "72696002", "Knee"),
+    "PATELLA": ("leg", "64234005", "Patella"),
+    "LEG": ("leg", "61685007", "Lower limb"),
+    "LOWER EXTREMITY": ("leg", "61685007", "Lower limb"),
+    "LOWER LEG": ("leg", "30021000", "Lower leg"),
+    "TIBIA": ("leg", "12611008", "Tibia"),
+    "FIBULA": ("leg", "87342007", "Fibula"),
+    "ANKLE": ("leg", "70258002", "Ankle joint"),
+    "FOOT": ("leg", "56459004", "Foot"),
+    "TOE": ("leg", "29707007", "Toe"),
+    "HEEL": ("leg", "80144004", "Calcaneus"),
+    "CALCANEUS": ("leg", "80144004", "Calcaneus"),
+    "EXTREMITY": ("", "66019005", "Extremity"),
+}
+
+
+def validate_block(name: str, block: dict[str, Any]) -> None:
+    """Refuse an ``xr-fracture`` bundle that lacks what the task reads.
+
+    Raises
+    ------
+    BundleError
+        Naming the first missing or invalid key.
+    """
+    pre = block.get("preprocessing", {})
+    if not isinstance(pre.get("size"), list) or len(pre["size"]) != 2 or \
+            pre.get("aspect") != "pad" or not isinstance(pre.get("stride"), int):
+        raise BundleError(f"{name}: preprocessing needs size [H, W], aspect 'pad' and the "
+                          "heatmap stride")
+    decision = block.get("decision", {})
+    if decision.get("kind") != "threshold" or decision.get("label") != "fracture" or \
+            not isinstance(decision.get("threshold"), (int, float)):
+        raise BundleError(f"{name}: decision must be a threshold on 'fracture'")
+    if not isinstance(block.get("temperature"), (int, float)) or block["temperature"] <= 0:
+        raise BundleError(f"{name}: temperature must be a positive number")
+    boxes = block.get("boxes", {})
+    for key in ("max_boxes", "min_score", "iou_threshold"):
+        if not isinstance(boxes.get(key), (int, float)):
+            raise BundleError(f"{name}: boxes.{key} is missing")
+    if "fracture" not in block.get("codes", {}):
+        raise BundleError(f"{name}: no finding code for 'fracture'")
+
+
+def body_part_site(header: Any) -> tuple[str, tuple[str, str, str] | None]:
+    """FracAtlas region and SNOMED CT finding site of the examined body part ("" and None
+    when the header names none that is known)."""
+    part = str(header.get("BodyPartExamined", "") or "").strip().upper()
+    if part not in BODY_PART_SITES:
+        return "", None
+    region, value, meaning = BODY_PART_SITES[part]
+    return region, (value, "SCT", meaning)
+
+
+def forward(bundle: Bundle, inputs: Sequence[FloatArray], batch_size: int
+            ) -> tuple[npt.NDArray[np.float64], FloatArray, FloatArray]:
+    """Image logits (N), heatmap probabilities (N×h×w) and log box sizes (N×2×h×w)."""
+    logits, heats, sizes = [], [], []
+    with torch.inference_mode():
+        for batch in batches(inputs, batch_size):
+            logit, heat, size = bundle.network(torch.from_numpy(batch).to(bundle.device))
+            logits.append(logit[:, 0].double().cpu().numpy())
+            heats.append(torch.sigmoid(heat[:, 0]).float().cpu().numpy())
+            sizes.append(size.float().cpu().numpy())
+    return np.concatenate(logits), np.concatenate(heats), np.concatenate(sizes)
+
+
+def reported_boxes(boxes: Sequence[Box], positive: bool, cfg: dict[str, Any]) -> list[Box]:
+    """Boxes a positive image reports: the top peak, then further peaks with a score of at
+    least ``cfg["min_score"]``, at most ``cfg["max_boxes"]``; a negative image reports none."""
+    if not positive or not boxes:
+        return []
+    rest = [b for b in boxes[1:] if b.score >= float(cfg["min_score"])]
+    return [boxes[0], *rest][:int(cfg["max_boxes"])]
+
+
+def heatmap_on_display(heat: FloatArray, image: PreparedImage, size: tuple[int, int]
+                       ) -> FloatArray:
+    """The stride-``s`` heatmap → display pixels: upsampled to the model input, cropped to
+    where the source image lies, resized to the display, scaled so its peak is 1."""
+    full = F.interpolate(torch.from_numpy(heat)[None, None], size=size, mode="bilinear",
+                         align_corners=False)[0].numpy()
+    top, left, h, w = image.box
+    shown = resize_2d(np.ascontiguousarray(full[:, top:top + h, left:left + w]),
+                      image.display.shape[:2], aspect="stretch")[0]
+    peak = float(shown.max())
+    scaled: FloatArray = np.clip(shown / peak if peak > 0 else shown, 0.0, 1.0
+                                 ).astype(np.float32)
+    return scaled
+
+
+def display_marker(box: tuple[float, float, float, float], source_shape: tuple[int, int],
+                   display_shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+    """A source-pixel box (col_min, row_min, col_max, row_max) → an Explanation marker
+    (row0, col0, row1, col1) on the display image, whole pixels covering it."""
+    sy = display_shape[0] / source_shape[0]
+    sx = display_shape[1] / source_shape[1]
+    c0, r0, c1, r1 = box
+    return (int(np.floor(r0 * sy)), int(np.floor(c0 * sx)),
+            int(np.ceil(r1 * sy)), int(np.ceil(c1 * sx)))
+
+
+def image_findings(block: dict[str, Any], probability: float, boxes: Sequence[Box],
+                   image: PreparedImage
+                   ) -> tuple[list[Finding], list[tuple[float, float, float, float]]]:
+    """Findings of one image and its reported boxes in source pixels."""
+    threshold = float(block["decision"]["threshold"])
+    positive = probability >= threshold
+    uid = image.instance.SOPInstanceUID
+    _region, site = body_part_site(image.instance.header)
+    source_shape = (int(image.instance.header.Rows), int(image.instance.header.Columns))
+    findings = [Finding(label="fracture", probability=probability, positive=positive,
+                        operating_point=threshold, image_uid=uid, site=site)]
+    cfg = block["boxes"]
+    source_boxes: list[tuple[float, float, float, float]] = []
+    for box in reported_boxes(boxes, positive, cfg):
+        px = to_source(box, image.box, source_shape)
+        # A box of the padding only has no area left on the image.
+        if px[0] >= px[2] or px[1] >= px[3]:
+            continue
+        source_boxes.append(px)
+        # Reported because the image is positive (the top box) or its peak passed
+        # boxes.min_score: either way a localized positive finding.
+        findings.append(Finding(label="fracture", probability=box.score, positive=True,
+                                bbox_px=px, image_uid=uid, site=site))
+    if len(source_boxes) > 1:
+        findings.append(Finding(label="multiple_fractures", positive=True, image_uid=uid,
+                                site=site))
+    return findings, source_boxes
+
+
+def caption(probability: float, positive: bool, n_boxes: int, region: str) -> str:
+    """The text burned into the Secondary Capture."""
+    where = f" ({region})" if region else ""
+    text = f"fracture{where}: p={probability:.2f} {'POSITIVE' if positive else 'negative'}"
+    if n_boxes:
+        text += f"; {n_boxes} box{'es' if n_boxes > 1 else ''} drawn"
+    return text
+
+
+def analyse_fracture(bundle: Bundle, series: Series, started: datetime,
+                     settings: InferenceSettings) -> tuple[ModelResult, dict[str, str]]:
+    """Run the fracture bundle over every image of ``series``.
+
+    Returns the result and the instances that failed to decode (path → reason); a series all
+    of whose images fail or are unlike the training data is ``rejected`` with the reason.
+    """
+    block = bundle.dicom_ai
+    failed: dict[str, str] = {}
+    prepared: list[PreparedImage] = []
+    for instance in series.instances:
+        try:
+            prepared.append(prepare(bundle, instance))
+        except DicomInputError as exc:
+            failed[str(instance.path)] = exc.reason
+
+    def rejected(reason: str) -> tuple[ModelResult, dict[str, str]]:
+        return ModelResult(series=series, model=bundle.info, status="rejected", started=started,
+                           reason=reason), failed
+
+    if not prepared:
+        return rejected("no image of the series could be decoded: "
+                        + "; ".join(sorted(set(failed.values()))))
+    inputs = [p.model_input for p in prepared]
+    fit = block.get("input_fit")
+    if fit:
+        stats = input_fit.load_statistics(bundle.file(str(fit["stats"])))
+        with input_fit.FeatureTap(bundle.network, input_fit.layer_names(fit)) as tap:
+            logits, heats, sizes = forward(bundle, inputs, settings.batch_size)
+        scores = input_fit.mahalanobis(tap.features, stats)
+        keep = [i for i, s in enumerate(scores) if s <= float(fit["threshold"])]
+        if not keep:
+            return rejected(f"the image is unlike the model's training data (input-fit score "
+                            f"{float(min(scores)):.1f} > {float(fit['threshold']):.1f})")
+        prepared = [prepared[i] for i in keep]
+        logits, heats, sizes = logits[keep], heats[keep], sizes[keep]
+    else:
+        logits, heats, sizes = forward(bundle, inputs, settings.batch_size)
+    probabilities = 1.0 / (1.0 + np.exp(-logits / float(block["temperature"])))
+    cfg = block["boxes"]
+    stride = int(block["preprocessing"]["stride"])
+    size = (int(block["preprocessing"]["size"][0]), int(block["preprocessing"]["size"][1]))
+    per_image: list[list[Finding]] = []
+    explanations: list[Explanation] = []
+    for image, p, heat, log_size in zip(prepared, probabilities, heats, sizes, strict=True):
+        boxes = decode_boxes(heat, log_size, stride=stride, max_boxes=10,
+                             iou_threshold=float(cfg["iou_threshold"]))
+        findings, source_boxes = image_findings(block, float(p), boxes, image)
+        per_image.append(findings)
+        source_shape = (int(image.instance.header.Rows), int(image.instance.header.Columns))
+        region, _site = body_part_site(image.instance.header)
+        explanations.append(Explanation(
+            source=image.instance, image=image.display,
+            heatmap=heatmap_on_display(heat, image, size),
+            caption=caption(float(p), bool(findings[0].positive), len(source_boxes), region),
+            markers=tuple(display_marker(b, source_shape, image.display.shape)
+                          for b in source_boxes)))
+    best = int(np.argmax(probabilities))
+    return ModelResult(series=series, model=bundle.info, status="ok", started=started,
+                       findings=per_image[best], explanations=explanations), failed

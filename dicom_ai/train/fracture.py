@@ -1,0 +1,696 @@
+"""Train, evaluate and package ``xr-fracture`` on FracAtlas (../shared/data/fracture/fracatlas).
+
+Data: the FracAtlas train split (574 fractured, 505 region-matched normal radiographs of hand,
+leg, hip and shoulder) for training and its valid split (82 + 76) for model selection,
+calibration, the operating point and every reported figure; the test split is withheld. Each
+JPEG goes through :func:`dicom_ai.imaging.xray.presentation_from_8bit` and
+:func:`dicom_ai.imaging.xray.model_input` with ``aspect="pad"`` — the path an 8-bit
+MONOCHROME2 DX takes at inference — and its fracture boxes (normalized cx, cy, w, h) are
+mapped into the padded input with :func:`dicom_ai.imaging.resize.content_box`.
+
+Recipe: :class:`~dicom_ai.inference.fracture_net.FractureNet` from scratch; loss = binary
+cross-entropy of the image logit + CenterNet focal loss of the centre heatmap + L1 of the log
+box size at box centres; flips, rotation, zoom, shift, gamma/contrast/brightness (boxes follow
+the geometric transform); AdamW with warm-up and cosine decay over a wall-clock budget; the
+epoch with the best validation score (image AUC + top-box hit rate) is kept. A checkpoint
+after every epoch lets a cut-off run resume where it stopped (``train --resume``).
+
+Usage::
+
+    python -m dicom_ai.train.fracture train --out models/xr-fracture --minutes 65
+    python -m dicom_ai.train.fracture evaluate models/xr-fracture
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import dataclasses
+import hashlib
+import json
+import math
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from dicom_ai.imaging import xray
+from dicom_ai.imaging.resize import content_box
+from dicom_ai.inference.fracture_net import STRIDE, Box, decode_boxes, iou
+from dicom_ai.inference.input_fit import FeatureTap, fit_statistics, mahalanobis
+from dicom_ai.train.augment import AugmentConfig, affine_matrices, intensity
+from dicom_ai.train.calibrate import fit_temperature, threshold_for_sensitivity
+from dicom_ai.train.loop import device, learning_rate
+from dicom_ai.train.metrics import binary_auc, bootstrap_ci, expected_calibration_error
+from dicom_ai.train.run import build_network
+
+FloatArray = npt.NDArray[np.float32]
+
+NAME = "xr-fracture"
+DATA_SUBDIR = Path("fracture") / "fracatlas"
+SIZE = (256, 256)
+CACHE_VERSION = "1"
+NETWORK_DEF: dict[str, Any] = {
+    "_target_": "dicom_ai.inference.fracture_net.FractureNet", "in_channels": 1,
+    "widths": [24, 32, 64, 128, 192], "fpn_channels": 64, "dropout": 0.2}
+#: Limb radiographs arrive in any orientation and either side: flips are label-preserving.
+AUGMENT = AugmentConfig(rotate_deg=15.0, scale=(0.85, 1.15), translate=0.05, hflip=True,
+                        vflip=True, brightness=0.08, contrast=(0.8, 1.2), gamma=(0.75, 1.3))
+#: A top box hits when it overlaps a radiologist's box by this IoU, or its centre lies inside.
+HIT_IOU = 0.25
+#: Operating point of the image-level decision.
+MIN_SENSITIVITY = 0.90
+#: Further boxes (beyond the top one) are reported at or above this heatmap peak probability.
+BOX_SCORE = 0.3
+BOOTSTRAP_RESAMPLES = 2000
+#: Loss weights of the heatmap and the size regression next to the image-level BCE.
+HEAT_WEIGHT = 1.0
+SIZE_WEIGHT = 0.5
+#: Layers whose pooled features feed the input-fit check (shallow to deep), and the
+#: percentile of validation distances above which an image is not judged.
+FEATURE_LAYERS = ("stages.0", "stages.1", "stages.2", "stages.3")
+INPUT_FIT_PERCENTILE = 99.5
+#: SNOMED CT 125605004 "Fracture of bone" (the root of the fracture disorders).
+FRACTURE_CODE = {"value": "125605004", "scheme": "SCT", "meaning": "Fracture of bone"}
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """Optimisation of one run."""
+
+    minutes: float = 65.0
+    max_epochs: int = 200
+    batch_size: int = 16
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class FractureSet:
+    """Normalized images (N×1×H×W float16), labels (1 = fracture), boxes in input pixels
+    (x0, y0, x1, y1 per row), regions, file names, source shapes and content boxes."""
+
+    images: npt.NDArray[np.float16]
+    labels: npt.NDArray[np.int64]
+    boxes: tuple[FloatArray, ...]
+    regions: tuple[str, ...]
+    names: tuple[str, ...]
+
+
+def boxes_in_input(rows: Sequence[dict[str, str]], source_hw: tuple[int, int],
+                   size: tuple[int, int]) -> FloatArray:
+    """Normalized YOLO boxes (cx, cy, w, h of the source) → k×4 (x0, y0, x1, y1) in the
+    aspect-padded model input."""
+    top, left, nh, nw = content_box(source_hw, size, aspect="pad")
+    out = np.zeros((len(rows), 4), dtype=np.float32)
+    for i, r in enumerate(rows):
+        cx, cy, w, h = (float(r[k]) for k in ("cx", "cy", "w", "h"))
+        out[i] = (left + (cx - w / 2) * nw, top + (cy - h / 2) * nh,
+                  left + (cx + w / 2) * nw, top + (cy + h / 2) * nh)
+    return out
+
+
+def load_split(root: Path, split: str, size: tuple[int, int], cache_dir: Path) -> FractureSet:
+    """One FracAtlas split normalized to ``size`` (cached as float16 under ``cache_dir``)."""
+    with (root / "labels.csv").open(newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["split"] == split]
+    if not rows:
+        raise FileNotFoundError(f"no {split!r} rows in {root / 'labels.csv'}")
+    with (root / "boxes.csv").open(newline="") as fh:
+        by_path: dict[str, list[dict[str, str]]] = {}
+        for b in csv.DictReader(fh):
+            by_path.setdefault(b["path"], []).append(b)
+    rows.sort(key=lambda r: r["path"])
+    tag = hashlib.sha1(f"{CACHE_VERSION}|{root.resolve()}|{split}|{size}".encode()).hexdigest()
+    cache = cache_dir / f"fracatlas-{split}-{size[0]}x{size[1]}-{tag[:12]}.npy"
+    if cache.exists():
+        images = np.load(cache)
+    else:
+        stack = []
+        for r in rows:
+            with Image.open(root / r["path"]) as im:
+                gray = np.asarray(im.convert("L"), dtype=np.uint8)
+            stack.append(xray.model_input(xray.presentation_from_8bit(gray), size, aspect="pad"))
+        images = np.stack(stack).astype(np.float16)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        np.save(cache, images)
+    boxes = tuple(boxes_in_input(by_path.get(r["path"], []),
+                                 (int(r["height"]), int(r["width"])), size) for r in rows)
+    labels = np.array([1 if r["label"] == "fracture" else 0 for r in rows], dtype=np.int64)
+    return FractureSet(images, labels, boxes, tuple(r["region"] for r in rows),
+                       tuple(r["path"] for r in rows))
+
+
+def transform_boxes(boxes: FloatArray, theta: torch.Tensor, size: tuple[int, int]) -> FloatArray:
+    """Boxes through the augmentation: ``theta`` maps output to input grid coordinates
+    (:func:`torch.nn.functional.affine_grid`), so corners go through its inverse.
+
+    Returns the axis-aligned box around the four transformed corners, for boxes whose centre
+    stays inside the image (the others are dropped).
+    """
+    if len(boxes) == 0:
+        return boxes
+    h, w = size
+    a = theta[:, :2].double().numpy()
+    t = theta[:, 2].double().numpy()
+    inv = np.linalg.inv(a)
+    out = []
+    for x0, y0, x1, y1 in boxes.astype(np.float64):
+        corners = np.array([[x0, y0], [x1, y0], [x0, y1], [x1, y1]])
+        grid = np.stack([2 * corners[:, 0] / w - 1, 2 * corners[:, 1] / h - 1], axis=1)
+        moved = (grid - t) @ inv.T
+        px = (moved[:, 0] + 1) * w / 2
+        py = (moved[:, 1] + 1) * h / 2
+        cx, cy = px.mean(), py.mean()
+        if 0 <= cx < w and 0 <= cy < h:
+            out.append((px.min(), py.min(), px.max(), py.max()))
+    return np.array(out, dtype=np.float32).reshape(-1, 4)
+
+
+def targets(boxes: Sequence[FloatArray], size: tuple[int, int],
+            stride: int = STRIDE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CenterNet targets of a batch: heatmap (N×1×h×w, a Gaussian of σ = max(1, (w + h)/6)
+    cells at each box centre, element-wise max where they overlap), log sizes (N×2×h×w) and
+    the mask of centre cells (N×1×h×w) where the size is supervised."""
+    gh, gw = size[0] // stride, size[1] // stride
+    n = len(boxes)
+    heat = np.zeros((n, 1, gh, gw), dtype=np.float32)
+    log_size = np.zeros((n, 2, gh, gw), dtype=np.float32)
+    mask = np.zeros((n, 1, gh, gw), dtype=np.float32)
+    yy, xx = np.mgrid[0:gh, 0:gw]
+    for i, bs in enumerate(boxes):
+        for x0, y0, x1, y1 in bs:
+            bw, bh = max((x1 - x0) / stride, 0.5), max((y1 - y0) / stride, 0.5)
+            cx, cy = (x0 + x1) / 2 / stride - 0.5, (y0 + y1) / 2 / stride - 0.5
+            c, r = int(np.clip(round(cx), 0, gw - 1)), int(np.clip(round(cy), 0, gh - 1))
+            sigma = max(1.0, (bw + bh) / 6.0)
+            g = np.exp(-((xx - c) ** 2 + (yy - r) ** 2) / (2 * sigma**2))
+            heat[i, 0] = np.maximum(heat[i, 0], g)
+            log_size[i, :, r, c] = (math.log(bw), math.log(bh))
+            mask[i, 0, r, c] = 1.0
+    return torch.from_numpy(heat), torch.from_numpy(log_size), torch.from_numpy(mask)
+
+
+def focal_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """CenterNet's penalty-reduced focal loss (α = 2, β = 4), summed and divided by the
+    number of centres (at least 1)."""
+    p = torch.sigmoid(logits).clamp(1e-4, 1 - 1e-4)
+    pos = target.eq(1.0).float()
+    pos_loss = -torch.log(p) * (1 - p) ** 2 * pos
+    neg_loss = -torch.log(1 - p) * p**2 * (1 - target) ** 4 * (1 - pos)
+    return (pos_loss.sum() + neg_loss.sum()) / pos.sum().clamp(min=1.0)
+
+
+def loss_terms(outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor], labels: torch.Tensor,
+               heat_t: torch.Tensor, size_t: torch.Tensor,
+               mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The three losses of one batch."""
+    logit, heat, size = outputs
+    cls = F.binary_cross_entropy_with_logits(logit[:, 0], labels.float())
+    hm = focal_loss(heat, heat_t)
+    sz = (F.l1_loss(size, size_t, reduction="none") * mask).sum() / mask.sum().clamp(min=1.0)
+    return {"cls": cls, "heat": hm, "size": sz}
+
+
+def augmented_batch(data: FractureSet, idx: npt.NDArray[np.int64], aug: AugmentConfig,
+                    gen: torch.Generator) -> tuple[torch.Tensor, list[FloatArray]]:
+    """Augmented images of ``idx`` and their transformed boxes."""
+    x = torch.from_numpy(data.images[idx].astype(np.float32))
+    theta = affine_matrices(len(idx), aug, gen).to(x.dtype)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    warped = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    size = (x.shape[2], x.shape[3])
+    boxes = [transform_boxes(data.boxes[i], theta[k], size) for k, i in enumerate(idx)]
+    return intensity(warped, aug, gen), boxes
+
+
+@dataclass
+class Predictions:
+    """What the network says about a set: image logits, heatmaps and decoded boxes."""
+
+    logits: npt.NDArray[np.float64]
+    heat: FloatArray
+    boxes: list[list[Box]]
+
+
+@torch.no_grad()
+def predict(net: nn.Module, images: npt.NDArray[np.float16], batch_size: int = 32) -> Predictions:
+    """Un-augmented predictions; boxes are every heatmap peak (top 10), highest first."""
+    net.eval()
+    dev = next(net.parameters()).device
+    logits: list[npt.NDArray[np.float64]] = []
+    heats: list[FloatArray] = []
+    boxes: list[list[Box]] = []
+    for s in range(0, len(images), batch_size):
+        x = torch.from_numpy(images[s:s + batch_size].astype(np.float32)).to(dev)
+        logit, heat, size = net(x)
+        prob = torch.sigmoid(heat).cpu().numpy()
+        sz = size.cpu().numpy()
+        logits.append(logit[:, 0].double().cpu().numpy())
+        heats.append(prob[:, 0])
+        boxes.extend(decode_boxes(prob[k, 0], sz[k]) for k in range(len(x)))
+    return Predictions(np.concatenate(logits), np.concatenate(heats).astype(np.float32), boxes)
+
+
+def box_hit(box: Box, truth: FloatArray) -> bool:
+    """The box overlaps one of the ``truth`` boxes by IoU ≥ :data:`HIT_IOU` or its centre lies
+    inside one."""
+    cx, cy = box.center
+    for x0, y0, x1, y1 in truth:
+        if iou(box, Box(float(x0), float(y0), float(x1), float(y1), 1.0)) >= HIT_IOU or \
+                (x0 <= cx <= x1 and y0 <= cy <= y1):
+            return True
+    return False
+
+
+def heat_share_inside(heat: FloatArray, truth: FloatArray, stride: int = STRIDE) -> float:
+    """Share of heatmap mass in cells whose centre lies inside one of the ``truth`` boxes."""
+    gh, gw = heat.shape
+    cy = (np.arange(gh) + 0.5) * stride
+    cx = (np.arange(gw) + 0.5) * stride
+    inside = np.zeros((gh, gw), dtype=bool)
+    for x0, y0, x1, y1 in truth:
+        inside |= ((cy >= y0) & (cy <= y1))[:, None] & ((cx >= x0) & (cx <= x1))[None, :]
+    total = float(heat.sum())
+    return float(heat[inside].sum()) / total if total > 0 else 0.0
+
+
+def _proportion(values: npt.NDArray[np.float64], seed: int) -> dict[str, Any]:
+    ci = bootstrap_ci(lambda i: float(values[i].mean()), len(values),
+                      resamples=BOOTSTRAP_RESAMPLES, seed=seed)
+    return {"value": round(float(values.mean()), 4), "ci95": [round(v, 4) for v in ci],
+            "n": len(values)}
+
+
+def quality(data: FractureSet, pred: Predictions, *, temperature: float = 1.0,
+            threshold: float | None = None) -> dict[str, Any]:
+    """Image AUC, top-box hit rate and heatmap share inside the boxes, with 95 % bootstrap
+    CIs; with a ``threshold``, the operating point and the hit rate of boxes actually
+    reported (an image judged negative reports none)."""
+    y = data.labels
+    p = 1.0 / (1.0 + np.exp(-pred.logits / temperature))
+    auc_ci = bootstrap_ci(lambda i: binary_auc(y[i], p[i]), len(y),
+                          resamples=BOOTSTRAP_RESAMPLES)
+    frac = np.flatnonzero(y == 1)
+    hits = np.array([bool(pred.boxes[i]) and box_hit(pred.boxes[i][0], data.boxes[i])
+                     for i in frac], dtype=np.float64)
+    share = np.array([heat_share_inside(pred.heat[i], data.boxes[i]) for i in frac])
+    area = np.array([heat_share_inside(np.ones_like(pred.heat[i]), data.boxes[i])
+                     for i in frac])
+    out: dict[str, Any] = {
+        "split": "valid", "n": len(y), "fractured": int(y.sum()),
+        "auc": round(binary_auc(y, p), 4), "auc_ci95": [round(v, 4) for v in auc_ci],
+        "top_box_hit": _proportion(hits, 1),
+        "heat_share_in_boxes": _proportion(share, 2),
+        "box_area_share": round(float(area.mean()), 4),
+        "ece": round(expected_calibration_error(np.stack([1 - p, p], axis=1), y), 4),
+    }
+    if threshold is not None:
+        pos = p >= threshold
+        sens = pos[y == 1].astype(np.float64)
+        spec = (~pos[y == 0]).astype(np.float64)
+        out["operating_point"] = {
+            "threshold": round(threshold, 6), "sensitivity": _proportion(sens, 3),
+            "specificity": _proportion(spec, 4),
+            "accuracy": round(float((pos == (y == 1)).mean()), 4)}
+        out["reported_top_box_hit"] = _proportion(hits * pos[frac], 5)
+    return out
+
+
+def selection_score(data: FractureSet, pred: Predictions) -> tuple[float, float, float]:
+    """Validation AUC and top-box hit rate (model selection uses their sum), and for the
+    record the AUC of the highest heatmap peak as an image score."""
+    frac = np.flatnonzero(data.labels == 1)
+    hits = [bool(pred.boxes[i]) and box_hit(pred.boxes[i][0], data.boxes[i]) for i in frac]
+    peak = pred.heat.reshape(len(pred.heat), -1).max(axis=1)
+    return (binary_auc(data.labels, pred.logits), float(np.mean(hits)),
+            binary_auc(data.labels, peak))
+
+
+@dataclass
+class TrainState:
+    """Everything a resumed run needs (saved after every epoch)."""
+
+    epoch: int = 0
+    seconds: float = 0.0
+    best_score: float = float("-inf")
+    best_epoch: int = -1
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def save_checkpoint(path: Path, net: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator,
+                    state: TrainState, best: dict[str, torch.Tensor]) -> None:
+    """Write the resumable state atomically (a cut-off mid-write leaves the previous one)."""
+    tmp = path.with_suffix(".tmp")
+    torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
+                "torch_rng": torch.get_rng_state(), "state": dataclasses.asdict(state),
+                "best": best}, tmp)
+    tmp.replace(path)
+
+
+def load_checkpoint(path: Path, net: nn.Module, opt: torch.optim.Optimizer,
+                    gen: torch.Generator) -> tuple[TrainState, dict[str, torch.Tensor]]:
+    """Restore network, optimiser and generator from :func:`save_checkpoint`."""
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    net.load_state_dict(ck["net"])
+    opt.load_state_dict(ck["opt"])
+    gen.set_state(ck["gen"])
+    # Dropout draws from torch's global generator.
+    torch.set_rng_state(ck["torch_rng"])
+    return TrainState(**ck["state"]), ck["best"]
+
+
+def train(net: nn.Module, train_set: FractureSet, val_set: FractureSet, cfg: LoopSettings, *,
+          checkpoint: Path, resume: bool = False, aug: AugmentConfig = AUGMENT,
+          log: Callable[[str], None] = print) -> TrainState:
+    """Train ``net`` in place until ``cfg.minutes`` of training (summed over resumed runs) or
+    ``cfg.max_epochs`` are spent; on return it holds the best validation epoch's weights.
+
+    The learning-rate schedule runs on the larger of the fraction of epochs and the fraction
+    of the time budget done, so a slow machine still anneals.
+    """
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    dev = device()
+    net.to(dev)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    state, best = TrainState(), copy.deepcopy(net.state_dict())
+    if resume and checkpoint.exists():
+        state, best = load_checkpoint(checkpoint, net, opt, gen)
+        log(f"resumed after epoch {state.epoch} ({state.seconds / 60:.1f} min spent)")
+    budget = cfg.minutes * 60.0
+    steps = max(1, len(train_set.labels) // cfg.batch_size)
+    size = (train_set.images.shape[2], train_set.images.shape[3])
+    while state.epoch < cfg.max_epochs and state.seconds < budget:
+        t0 = time.monotonic()
+        net.train()
+        order = torch.randperm(len(train_set.labels), generator=gen).numpy()
+        sums = {"cls": 0.0, "heat": 0.0, "size": 0.0}
+        lr, done = cfg.lr, 0
+        for b in range(steps):
+            spent = state.seconds + time.monotonic() - t0
+            progress = max((state.epoch + b / steps) / cfg.max_epochs, spent / budget)
+            if progress >= 1.0:
+                break
+            lr = learning_rate(progress, cfg.lr, warmup=0.05)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+            x, boxes = augmented_batch(train_set, idx, aug, gen)
+            heat_t, size_t, mask = targets(boxes, size)
+            terms = loss_terms(net(x.to(dev)), torch.from_numpy(train_set.labels[idx]).to(dev),
+                               heat_t.to(dev), size_t.to(dev), mask.to(dev))
+            loss = terms["cls"] + HEAT_WEIGHT * terms["heat"] + SIZE_WEIGHT * terms["size"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[no-untyped-call]
+            opt.step()
+            for k, v in terms.items():
+                sums[k] += float(v.item())
+            done += 1
+        sums = {k: v / max(done, 1) for k, v in sums.items()}
+        auc, hit, peak_auc = selection_score(val_set, predict(net, val_set.images))
+        state.epoch += 1
+        state.seconds += time.monotonic() - t0
+        score = auc + hit
+        improved = score > state.best_score
+        if improved:
+            state.best_score, state.best_epoch = score, state.epoch
+            best = copy.deepcopy(net.state_dict())
+        state.history.append({"epoch": state.epoch, **{f"loss_{k}": round(v, 4)
+                                                       for k, v in sums.items()},
+                              "val_auc": round(auc, 4), "val_top_box_hit": round(hit, 4),
+                              "val_peak_auc": round(peak_auc, 4),
+                              "lr": lr, "minutes": round(state.seconds / 60, 2)})
+        save_checkpoint(checkpoint, net, opt, gen, state, best)
+        log(f"epoch {state.epoch:3d} cls {sums['cls']:.3f} heat {sums['heat']:.3f} "
+            f"size {sums['size']:.3f} val_auc {auc:.4f} top_box_hit {hit:.3f} "
+            f"peak_auc {peak_auc:.4f}"
+            f"{' *' if improved else ''} lr {lr:.2e} {time.monotonic() - t0:.0f}s "
+            f"({state.seconds / 60:.1f} min)")
+    net.load_state_dict(best)
+    log(f"best epoch {state.best_epoch} (score {state.best_score:.4f}) after "
+        f"{state.epoch} epochs, {state.seconds / 60:.1f} min")
+    return state
+
+
+#: Body Part Examined values (PS3.16 CID 4031 code meanings as DICOM writes them) of the
+#: extremities and joints FracAtlas covers and their neighbours.
+BODY_PARTS = ["EXTREMITY", "UPPER EXTREMITY", "LOWER EXTREMITY", "ARM", "LEG", "HAND", "FINGER",
+              "THUMB", "WRIST", "FOREARM", "ELBOW", "HUMERUS", "UPPER ARM", "SHOULDER",
+              "CLAVICLE", "SCAPULA", "HIP", "PELVIS", "FEMUR", "THIGH", "KNEE", "PATELLA",
+              "TIBIA", "FIBULA", "LOWER LEG", "ANKLE", "FOOT", "TOE", "HEEL", "CALCANEUS"]
+
+
+def dicom_ai_block(temperature: float, threshold: float,
+                   fit_threshold: float | None = None) -> dict[str, Any]:
+    """The ``dicom_ai`` block of ``configs/metadata.json`` (with the input-fit check when
+    ``fit_threshold`` is given)."""
+    block = {
+        "task": "xr-fracture",
+        "input": "xray",
+        "intended_input": "radiographs of hand, wrist, arm, shoulder, hip, leg, ankle or foot",
+        "accepts": {
+            "modality": ["CR", "DX"],
+            "sop_class_uid": ["1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1",
+                              "1.2.840.10008.5.1.4.1.1.1.1.1"],
+            "photometric_interpretation": ["MONOCHROME1", "MONOCHROME2"],
+            "body_part_examined": BODY_PARTS,
+            "reject_image_type": ["LOCALIZER"],
+        },
+        "preprocessing": {"size": list(SIZE), "aspect": "pad", "stride": STRIDE},
+        "labels": ["fracture"],
+        "temperature": round(temperature, 6),
+        "decision": {"kind": "threshold", "label": "fracture", "threshold": round(threshold, 6),
+                     "criterion": f"highest threshold with sensitivity >= {MIN_SENSITIVITY:g} "
+                                  "on the FracAtlas valid split"},
+        "boxes": {"max_boxes": 5, "min_score": BOX_SCORE, "iou_threshold": 0.3,
+                  "criterion": "the top heatmap peak of a positive image, plus further peaks "
+                               f"with probability >= {BOX_SCORE:g}"},
+        # "multiple_fractures" has no SNOMED CT code we could verify offline: the SR codes it
+        # in the private scheme (dicom_ai.results.codes.private_code).
+        "codes": {"fracture": FRACTURE_CODE},
+        "finding_site": {"value": "66019005", "scheme": "SCT", "meaning": "Extremity"},
+    }
+    if fit_threshold is not None:
+        block["input_fit"] = {"kind": "mahalanobis", "layer": list(FEATURE_LAYERS),
+                              "stats": "models/input_fit.pt",
+                              "threshold": round(fit_threshold, 4),
+                              "criterion": f"{INPUT_FIT_PERCENTILE:g}th percentile of "
+                                           "validation scores"}
+    return block
+
+
+def metadata(temperature: float, threshold: float, eval_metrics: dict[str, Any],
+             fit_threshold: float | None = None) -> dict[str, Any]:
+    """``configs/metadata.json`` of the bundle."""
+    import monai
+
+    import dicom_ai
+    from dicom_ai.train.package import META_SCHEMA
+
+    return {
+        "schema": META_SCHEMA,
+        "name": NAME,
+        "version": "1.0.0",
+        "changelog": {"1.0.0": "first release"},
+        "monai_version": monai.__version__,
+        "pytorch_version": torch.__version__.split("+")[0],
+        "numpy_version": np.__version__,
+        "required_packages_version": {"dicom-ai": dicom_ai.__version__},
+        "task": "Fracture detection (image-level probability and boxes) on musculoskeletal "
+                "radiographs (CR/DX)",
+        "description": f"Fracture detection on limb radiographs. {dicom_ai.DISCLAIMER}. "
+                       "Research use only.",
+        "authors": "dicom-ai contributors",
+        "copyright": "Copyright (c) dicom-ai contributors; weights trained on CC BY 4.0 data "
+                     "(FracAtlas)",
+        "data_source": "FracAtlas (Abedeen I. et al., Scientific Data 10, 521 (2023), "
+                       "doi:10.1038/s41597-023-02432-4; data doi:10.6084/m9.figshare.22363012), "
+                       "official fracture train/valid split with region-matched normals. "
+                       "CC BY 4.0.",
+        "data_type": "jpeg (musculoskeletal radiographs, three hospitals in Bangladesh)",
+        "image_classes": "magnitude",
+        "label_classes": "fracture",
+        "pred_classes": "fracture",
+        "eval_metrics": eval_metrics,
+        "intended_use": "Research and engineering tests of PACS integration only. "
+                        f"{dicom_ai.DISCLAIMER}; not for clinical use.",
+        "references": ["Abedeen I. et al. FracAtlas: A Dataset for Fracture Classification, "
+                       "Localization and Segmentation of Musculoskeletal Radiographs. "
+                       "Scientific Data 10, 521 (2023).",
+                       "Zhou X, Wang D, Krähenbühl P. Objects as Points. arXiv:1904.07850."],
+        "network_data_format": {
+            "inputs": {"image": {
+                "type": "image", "format": "magnitude", "modality": "CR/DX", "num_channels": 1,
+                "spatial_shape": list(SIZE), "dtype": "float32", "value_range": [0, 1],
+                "is_patch_data": False, "channel_def": {"0": "image"}}},
+            "outputs": {"pred": {
+                "type": "tuple", "format": "image logit, centre-heatmap logits, log box size",
+                "num_channels": 4, "spatial_shape": [SIZE[0] // STRIDE, SIZE[1] // STRIDE],
+                "dtype": "float32", "value_range": [], "is_patch_data": False,
+                "channel_def": {"0": "fracture (image)", "1": "fracture centre",
+                                "2": "log width", "3": "log height"}}},
+        },
+        "dicom_ai": dicom_ai_block(temperature, threshold, fit_threshold),
+    }
+
+
+def load_trained(bundle: Path) -> nn.Module:
+    """The bundle's network with its weights, in eval mode."""
+    net = build_network(NETWORK_DEF)
+    net.load_state_dict(torch.load(bundle / "models" / "model.pt", map_location="cpu",
+                                   weights_only=True))
+    return net.eval()
+
+
+def export(bundle: Path, train_set: FractureSet, val_set: FractureSet,
+           log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Calibrate (temperature on the image logit), choose the operating point on valid, fit
+    the input-fit statistics on the training images' features, measure, and write
+    ``models/input_fit.pt``, ``configs/metadata.json`` and ``configs/inference.json``."""
+    net = load_trained(bundle)
+    with FeatureTap(net, FEATURE_LAYERS) as tap:
+        pred = predict(net, val_set.images)
+    val_features = tap.features
+    with FeatureTap(net, FEATURE_LAYERS) as tap:
+        predict(net, train_set.images)
+    stats = fit_statistics(tap.features.double().numpy())
+    fit_threshold = float(np.percentile(mahalanobis(val_features, stats),
+                                        INPUT_FIT_PERCENTILE))
+    torch.save(stats, bundle / "models" / "input_fit.pt")
+    two = np.stack([np.zeros_like(pred.logits), pred.logits], axis=1)
+    temperature = fit_temperature(two, val_set.labels)
+    p = 1.0 / (1.0 + np.exp(-pred.logits / temperature))
+    threshold = threshold_for_sensitivity(val_set.labels, p, MIN_SENSITIVITY)
+    metrics = quality(val_set, pred, temperature=temperature, threshold=threshold)
+    (bundle / "configs").mkdir(parents=True, exist_ok=True)
+    (bundle / "configs" / "metadata.json").write_text(
+        json.dumps(metadata(temperature, threshold, metrics, fit_threshold), indent=2) + "\n")
+    (bundle / "configs" / "inference.json").write_text(json.dumps(
+        {"imports": ["$import dicom_ai.inference.fracture_net"], "network_def": NETWORK_DEF},
+        indent=2) + "\n")
+    log(f"{NAME}: temperature {temperature:.3f}, threshold {threshold:.4f}, input-fit "
+        f"threshold {fit_threshold:.2f}")
+    return metrics
+
+
+def format_quality(m: dict[str, Any]) -> str:
+    """The evaluation printout."""
+    def ci(d: dict[str, Any]) -> str:
+        return f"{d['value']:.3f} (95% CI {d['ci95'][0]:.3f}-{d['ci95'][1]:.3f}, n={d['n']})"
+
+    lines = [f"{NAME} on FracAtlas {m['split']}: {m['n']} images, {m['fractured']} fractured",
+             f"image-level AUC {m['auc']:.3f} (95% CI {m['auc_ci95'][0]:.3f}-"
+             f"{m['auc_ci95'][1]:.3f})",
+             f"top box hits a radiologist's box (IoU >= {HIT_IOU:g} or centre inside), "
+             f"fractured images: {ci(m['top_box_hit'])}",
+             f"heatmap mass inside the radiologists' boxes: {ci(m['heat_share_in_boxes'])} "
+             f"(the boxes cover {m['box_area_share']:.3f} of the image)",
+             f"ECE (calibrated) {m['ece']:.3f}"]
+    if "operating_point" in m:
+        op = m["operating_point"]
+        lines += [f"operating point p >= {op['threshold']:.4f}: sensitivity "
+                  f"{ci(op['sensitivity'])}, specificity {ci(op['specificity'])}, accuracy "
+                  f"{op['accuracy']:.3f}",
+                  f"top box reported and hitting (image judged positive), fractured images: "
+                  f"{ci(m['reported_top_box_hit'])}"]
+    return "\n".join(lines)
+
+
+def evaluate_bundle(bundle: Path, data_dir: Path, cache_dir: Path) -> dict[str, Any]:
+    """Recompute the validation figures of a bundle with its own calibration and threshold."""
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    block = meta["dicom_ai"]
+    val = load_split(data_dir / DATA_SUBDIR, "valid", SIZE, cache_dir)
+    pred = predict(load_trained(bundle), val.images)
+    return quality(val, pred, temperature=float(block["temperature"]),
+                   threshold=float(block["decision"]["threshold"]))
+
+
+def command_train(args: argparse.Namespace) -> int:
+    """``train``: fit (or resume), write the weights, then export the bundle."""
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    root = Path(args.data) / DATA_SUBDIR
+    cache = Path(args.cache)
+    train_set = load_split(root, "train", SIZE, cache)
+    val_set = load_split(root, "valid", SIZE, cache)
+    print(f"{NAME}: train {len(train_set.labels)} ({int(train_set.labels.sum())} fractured), "
+          f"valid {len(val_set.labels)} ({int(val_set.labels.sum())}); input {SIZE}",
+          flush=True)
+    cfg = LoopSettings(minutes=args.minutes, max_epochs=args.epochs)
+    net = build_network(NETWORK_DEF)
+    checkpoint = cache / f"{NAME}-checkpoint.pt"
+    state = train(net, train_set, val_set, cfg, checkpoint=checkpoint, resume=args.resume,
+                  log=lambda s: print(s, flush=True))
+    (out / "models").mkdir(parents=True, exist_ok=True)
+    (out / "docs").mkdir(parents=True, exist_ok=True)
+    torch.save(net.cpu().state_dict(), out / "models" / "model.pt")
+    (out / "docs" / "training.json").write_text(json.dumps({
+        "recipe": NAME, "loop": dataclasses.asdict(cfg), "augment": dataclasses.asdict(AUGMENT),
+        "size": list(SIZE), "network_def": NETWORK_DEF,
+        "train_images": len(train_set.labels), "val_images": len(val_set.labels),
+        "state": dataclasses.asdict(state),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": f"{platform.processor() or platform.machine()}, {args.threads} threads, "
+                   f"{'cuda' if torch.cuda.is_available() else 'cpu'}"}, indent=1) + "\n")
+    print(format_quality(export(out, train_set, val_set)), flush=True)
+    return 0
+
+
+def command_export(args: argparse.Namespace) -> int:
+    """``export``: recalibrate and rewrite the configs from the bundle's weights."""
+    torch.set_num_threads(args.threads)
+    root, cache = Path(args.data) / DATA_SUBDIR, Path(args.cache)
+    print(format_quality(export(Path(args.out), load_split(root, "train", SIZE, cache),
+                                load_split(root, "valid", SIZE, cache))))
+    return 0
+
+
+def command_evaluate(args: argparse.Namespace) -> int:
+    """``evaluate``: print the validation figures of a bundle."""
+    torch.set_num_threads(args.threads)
+    print(format_quality(evaluate_bundle(Path(args.bundle), Path(args.data), Path(args.cache))))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line of ``python -m dicom_ai.train.fracture``."""
+    from dicom_ai.train.commands import DEFAULT_CACHE, DEFAULT_DATA
+
+    parser = argparse.ArgumentParser(prog="fracture", description=__doc__.split("\n")[0])
+    parser.add_argument("--data", default=str(DEFAULT_DATA), help="data root")
+    parser.add_argument("--cache", default=str(DEFAULT_CACHE), help="scratch dir (image cache, "
+                                                                     "checkpoint)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    sub = parser.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train (or resume) and write the bundle")
+    t.add_argument("--out", default=f"models/{NAME}")
+    t.add_argument("--minutes", type=float, default=LoopSettings.minutes,
+                   help="training wall-clock budget, summed over resumed runs")
+    t.add_argument("--epochs", type=int, default=LoopSettings.max_epochs)
+    t.add_argument("--resume", action="store_true", help="continue from the checkpoint")
+    t.set_defaults(func=command_train)
+    x = sub.add_parser("export", help="recalibrate and rewrite the configs")
+    x.add_argument("--out", default=f"models/{NAME}")
+    x.set_defaults(func=command_export)
+    e = sub.add_parser("evaluate", help="validation figures of a bundle")
+    e.add_argument("bundle", nargs="?", default=f"models/{NAME}")
+    e.set_defaults(func=command_evaluate)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

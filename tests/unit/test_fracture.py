@@ -1,0 +1,259 @@
+"""xr-fracture: box decoding, mapping to the source grid, training targets and resume,
+routing, and the findings an analysed radiograph produces."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import astuple
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from pydicom.dataset import Dataset
+
+from dicom_ai.config import InferenceSettings
+from dicom_ai.dicom.model import Instance, Series
+from dicom_ai.inference import routing
+from dicom_ai.inference.bundle import BundleError, load_bundle
+from dicom_ai.inference.fracture import (
+    analyse_fracture,
+    body_part_site,
+    display_marker,
+    reported_boxes,
+    validate_block,
+)
+from dicom_ai.inference.fracture_net import Box, FractureNet, decode_boxes, iou, nms, to_source
+from dicom_ai.train import fracture as tf
+from dicom_ai.train.recipes import CXR_PNEUMONIA
+from tests.conftest import MakeDicom
+
+TINY_NET: dict[str, Any] = {"_target_": "dicom_ai.inference.fracture_net.FractureNet",
+                            "widths": [4, 4, 4, 4, 4], "fpn_channels": 4, "dropout": 0.5}
+
+
+def test_decode_boxes_by_hand() -> None:
+    heat = np.zeros((8, 8))
+    heat[2, 3] = 0.9
+    heat[5, 5] = 0.5
+    heat[5, 6] = 0.4  # next to a higher cell: not a peak
+    log_size = np.zeros((2, 8, 8))
+    log_size[:, 2, 3] = (math.log(2.0), math.log(3.0))
+    boxes = decode_boxes(heat, log_size, stride=4, min_score=0.1)
+    # Cell (2, 3) is centred at x = 3.5·4 = 14, y = 2.5·4 = 10; 2×3 cells = 8×12 px.
+    assert astuple(boxes[0]) == pytest.approx((10.0, 4.0, 18.0, 16.0, 0.9))
+    # Cell (5, 5): centre (22, 22), size e^0 = 1 cell = 4 px.
+    assert astuple(boxes[1]) == pytest.approx((20.0, 20.0, 24.0, 24.0, 0.5))
+    assert len(boxes) == 2
+    assert decode_boxes(heat, log_size, stride=4, min_score=0.6) == boxes[:1]
+
+
+def test_iou_and_nms_by_hand() -> None:
+    a, b = Box(0, 0, 10, 10, 0.9), Box(5, 0, 15, 10, 0.8)
+    assert iou(a, b) == pytest.approx(50 / 150)
+    c = Box(20, 20, 30, 30, 0.7)
+    assert nms([b, c, a], 0.4) == [a, b, c]
+    assert nms([b, c, a], 0.3) == [a, c]
+
+
+def test_box_to_source_undoes_the_aspect_pad() -> None:
+    # A 100-row × 200-column image in 256×256: scale 1.28, 128 rows at top = 64, left = 0.
+    content = (64, 0, 128, 256)
+    box = Box(32.0, 96.0, 64.0, 128.0, 1.0)
+    assert to_source(box, content, (100, 200)) == pytest.approx((25.0, 25.0, 50.0, 50.0))
+    # Whatever lies in the padding is clipped to the image.
+    assert to_source(Box(-8, 0, 300, 80, 1.0), content, (100, 200)) == \
+        pytest.approx((0.0, 0.0, 200.0, 12.5))
+
+
+def test_dataset_boxes_round_trip_to_source() -> None:
+    rows = [{"cx": "0.5", "cy": "0.5", "w": "0.1", "h": "0.2"}]
+    inside = tf.boxes_in_input(rows, (100, 200), (256, 256))
+    # x: 0.45·256 … 0.55·256; y: 64 + 0.4·128 … 64 + 0.6·128.
+    assert inside[0] == pytest.approx([115.2, 115.2, 140.8, 140.8])
+    back = to_source(Box(*map(float, inside[0]), 1.0), (64, 0, 128, 256), (100, 200))
+    assert back == pytest.approx((90.0, 40.0, 110.0, 60.0))
+
+
+def test_targets_peak_at_the_box_centre() -> None:
+    boxes = [np.array([[10.0, 4.0, 18.0, 16.0]], dtype=np.float32), np.zeros((0, 4), np.float32)]
+    heat, log_size, mask = tf.targets(boxes, (32, 32), stride=4)
+    assert heat.shape == (2, 1, 8, 8)
+    assert heat[0, 0, 2, 3] == 1.0 and int(mask[0].sum()) == 1 and mask[0, 0, 2, 3] == 1.0
+    assert log_size[0, :, 2, 3].tolist() == pytest.approx([math.log(2.0), math.log(3.0)])
+    assert float(heat[1].sum()) == 0.0
+    # Decoding the ideal outputs gives the box back.
+    decoded = decode_boxes(heat[0, 0].numpy(), log_size[0].numpy(), stride=4, min_score=0.5)
+    assert [astuple(b) for b in decoded] == [pytest.approx((10.0, 4.0, 18.0, 16.0, 1.0))]
+
+
+def test_boxes_follow_the_augmentation() -> None:
+    box = np.array([[10.0, 20.0, 30.0, 60.0]], dtype=np.float32)
+    identity = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    assert tf.transform_boxes(box, identity, (100, 100))[0] == pytest.approx(box[0], abs=1e-4)
+    hflip = torch.tensor([[-1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    assert tf.transform_boxes(box, hflip, (100, 100))[0] == pytest.approx([70, 20, 90, 60],
+                                                                          abs=1e-4)
+    # Zoom 2× about the centre (output → input coordinates halve): 40…60 becomes 30…70.
+    zoom = torch.tensor([[0.5, 0.0, 0.0], [0.0, 0.5, 0.0]])
+    centre = np.array([[40.0, 40.0, 60.0, 60.0]], dtype=np.float32)
+    assert tf.transform_boxes(centre, zoom, (100, 100))[0] == pytest.approx([30, 30, 70, 70],
+                                                                            abs=1e-4)
+    # A box whose centre leaves the image is dropped.
+    assert len(tf.transform_boxes(np.array([[1.0, 1.0, 5.0, 5.0]], np.float32), zoom,
+                                  (100, 100))) == 0
+
+
+def test_hit_and_heat_share_by_hand() -> None:
+    truth = np.array([[0.0, 0.0, 8.0, 8.0]], dtype=np.float32)
+    assert not tf.box_hit(Box(10, 10, 40, 40, 1.0), truth)
+    assert tf.box_hit(Box(1, 1, 7, 7, 1.0), truth)  # IoU 36/64
+    heat = np.zeros((4, 4), dtype=np.float32)
+    heat[0, 0], heat[0, 1], heat[3, 3] = 1.0, 2.0, 1.0
+    # Cells centred at (2, 2) and (6, 2) are inside the 8×8 box: 3 of 4 units of mass.
+    assert tf.heat_share_inside(heat, truth, stride=4) == pytest.approx(0.75)
+
+
+def test_box_hit_requires_overlap_or_centre() -> None:
+    truth = np.array([[0.0, 0.0, 8.0, 8.0]], dtype=np.float32)
+    # Centre (22, 22) lies outside and IoU = 16/1360 < 0.25: a miss.
+    assert not tf.box_hit(Box(4, 4, 40, 40, 1.0), truth)
+
+
+def test_resumed_training_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    images = rng.random((8, 1, 32, 32)).astype(np.float16)
+    boxes = tuple(np.array([[8.0, 8.0, 16.0, 16.0]], np.float32) if i % 2 else
+                  np.zeros((0, 4), np.float32) for i in range(8))
+    data = tf.FractureSet(images, np.array([i % 2 for i in range(8)]), boxes, ("hand",) * 8,
+                          tuple(f"{i}.jpg" for i in range(8)))
+    # A budget that never binds: the schedule then depends on steps only.
+    cfg = tf.LoopSettings(minutes=1e9, max_epochs=2, batch_size=4)
+
+    def net() -> torch.nn.Module:
+        torch.manual_seed(1)
+        return FractureNet(widths=(4, 4, 4, 4, 4), fpn_channels=4, dropout=0.5)
+
+    straight = net()
+    tf.train(straight, data, data, cfg, checkpoint=tmp_path / "a.pt", log=lambda _s: None)
+
+    def killed_after_first_epoch(line: str) -> None:
+        if line.startswith("epoch   1"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        tf.train(net(), data, data, cfg, checkpoint=tmp_path / "b.pt",
+                 log=killed_after_first_epoch)
+    assert torch.load(tmp_path / "b.pt", weights_only=True)["state"]["epoch"] == 1
+    resumed = net()
+    state = tf.train(resumed, data, data, cfg, checkpoint=tmp_path / "b.pt", resume=True,
+                     log=lambda _s: None)
+    assert state.epoch == 2 and len(state.history) == 2
+    # Same best epoch, same weights: the cut cost nothing.
+    ck_a = torch.load(tmp_path / "a.pt", weights_only=True)
+    ck_b = torch.load(tmp_path / "b.pt", weights_only=True)
+    for key, value in ck_a["net"].items():
+        assert torch.allclose(value.float(), ck_b["net"][key].float(), atol=1e-6), key
+
+
+def _series(**attrs: Any) -> Series:
+    ds = Dataset()
+    ds.Modality = "DX"
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    ds.SOPInstanceUID = "1.2.3.4"
+    ds.Rows, ds.Columns = 64, 48
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    for k, v in attrs.items():
+        setattr(ds, k, v)
+    return Series("1.2.3", [Instance(Path("x.dcm"), ds)])
+
+
+def test_routing_extremity_for_fracture_chest_for_pneumonia() -> None:
+    accepts = tf.dicom_ai_block(1.0, 0.5)["accepts"]
+    hand, chest = _series(BodyPartExamined="HAND"), _series(BodyPartExamined="CHEST")
+    assert routing.not_applicable(accepts, hand) is None and routing.unfit(accepts, hand) is None
+    reason = routing.unfit(accepts, chest)
+    assert reason is not None and reason.startswith("body part examined is CHEST")
+    skull = _series(BodyPartExamined="SKULL")
+    assert routing.unfit(accepts, skull) is not None
+    assert routing.not_applicable(accepts, _series(Modality="CT")) == "modality CT"
+    # The chest model keeps chest films only.
+    cxr = CXR_PNEUMONIA.dicom_ai["accepts"]
+    assert routing.unfit(cxr, hand) is not None and routing.unfit(cxr, chest) is None
+
+
+def test_body_part_site() -> None:
+    header = Dataset()
+    header.BodyPartExamined = "WRIST"
+    assert body_part_site(header) == ("hand", ("74670003", "SCT", "Wrist joint"))
+    header.BodyPartExamined = "CHEST"
+    assert body_part_site(header) == ("", None)
+
+
+def test_reported_boxes_and_markers() -> None:
+    boxes = [Box(0, 0, 1, 1, 0.2), Box(2, 2, 3, 3, 0.5), Box(4, 4, 5, 5, 0.1)]
+    cfg = {"min_score": 0.3, "max_boxes": 5}
+    assert reported_boxes(boxes, False, cfg) == []
+    assert reported_boxes(boxes, True, cfg) == boxes[:2]
+    # Source 100×200 shown at 50×100: half in both directions, whole pixels covering the box.
+    assert display_marker((10.0, 21.0, 31.0, 40.0), (100, 200), (50, 100)) == (10, 5, 20, 16)
+
+
+def test_validate_block_refuses_incomplete_bundles() -> None:
+    block = tf.dicom_ai_block(1.2, 0.4)
+    validate_block("x", block)
+    for broken in ({**block, "decision": {"kind": "threshold", "label": "fracture"}},
+                   {**block, "boxes": {}}, {**block, "codes": {}},
+                   {**block, "preprocessing": {"size": [256, 256], "aspect": "stretch",
+                                               "stride": 4}}):
+        with pytest.raises(BundleError):
+            validate_block("x", broken)
+
+
+def _tiny_bundle(root: Path, threshold: float) -> Path:
+    (root / "configs").mkdir(parents=True)
+    (root / "models").mkdir()
+    meta = tf.metadata(1.0, threshold, {})
+    meta["dicom_ai"]["preprocessing"]["size"] = [32, 32]
+    (root / "configs" / "metadata.json").write_text(json.dumps(meta))
+    (root / "configs" / "inference.json").write_text(json.dumps({"network_def": TINY_NET}))
+    torch.manual_seed(0)
+    net = FractureNet(widths=(4, 4, 4, 4, 4), fpn_channels=4)
+    torch.save(net.state_dict(), root / "models" / "model.pt")
+    return root
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1.01])
+def test_analysed_radiograph_findings_json(tmp_path: Path, make_dicom: MakeDicom,
+                                           threshold: float) -> None:
+    bundle = load_bundle(_tiny_bundle(tmp_path / "bundle", threshold), device=torch.device("cpu"))
+    pixels = (np.random.default_rng(0).random((60, 40)) * 255).astype(np.uint8)
+    path = make_dicom("dx.dcm", pixels, Modality="DX", BodyPartExamined="HAND",
+                      SOPClassUID="1.2.840.10008.5.1.4.1.1.1.1")
+    from pydicom import dcmread
+
+    instance = Instance(path, dcmread(path, stop_before_pixels=True))
+    series = Series(str(instance.header.SeriesInstanceUID), [instance])
+    result, failed = analyse_fracture(bundle, series, datetime(2025, 1, 1),
+                                      InferenceSettings())
+    assert failed == {} and result.status == "ok"
+    doc = result.to_json()["findings"]
+    image_level = doc[0]
+    assert image_level["label"] == "fracture" and 0.0 <= image_level["probability"] <= 1.0
+    assert image_level["positive"] is (threshold == 0.0)
+    assert image_level["site"] == {"value": "85562004", "scheme": "SCT", "meaning": "Hand"}
+    boxed = [f for f in doc if "bbox_px" in f]
+    if threshold > 1.0:
+        assert boxed == []
+        return
+    # A positive image reports at least its top box, inside the 40×60 stored grid.
+    assert boxed and all(f["label"] == "fracture" and "probability" in f for f in boxed)
+    for f in boxed:
+        c0, r0, c1, r1 = f["bbox_px"]
+        assert 0 <= c0 < c1 <= 40 and 0 <= r0 < r1 <= 60
+        assert f["image_uid"] == instance.SOPInstanceUID
+    assert ("multiple_fractures" in [f["label"] for f in doc]) == (len(boxed) > 1)
+    assert len(result.explanations) == 1 and len(result.explanations[0].markers) == len(boxed)
