@@ -21,6 +21,7 @@ from dicom_ai.dicom.errors import DicomInputError
 from dicom_ai.dicom.model import Instance, Series
 from dicom_ai.dicom.pixels import decode
 from dicom_ai.imaging import fundus, xray
+from dicom_ai.imaging.anatomy import RESTRICTED_NOTE, explained_anatomy, restrict
 from dicom_ai.imaging.resize import content_box, resize_2d
 from dicom_ai.inference import input_fit
 from dicom_ai.inference.bundle import Bundle
@@ -199,10 +200,17 @@ def analyse_images(bundle: Bundle, series: Series, started: datetime,
     layer = block.get("gradcam_layer")
     for image, probs, findings in zip(prepared, probabilities, per_image, strict=True):
         heat = None
+        text = caption(block, findings)
         if layer:
             cam = gradcam(bundle, image.model_input, explained_class(block, probs), layer)
+            # Shown only over the anatomy that matters; how much of the unrestricted map lies
+            # there is measured by scripts/explanation_anatomy.py and stated in the model card.
+            anatomy_mask = explained_anatomy(block["input"], image.model_input, image.box)
+            if anatomy_mask is not None:
+                cam = restrict(cam, anatomy_mask)
+                text = f"{text}; {RESTRICTED_NOTE[block['input']]}"
             heat = _heatmap_on_display(cam, image.box, image.display.shape)
         explanations.append(Explanation(source=image.instance, image=image.display,
-                                        heatmap=heat, caption=caption(block, findings)))
+                                        heatmap=heat, caption=text))
     return ModelResult(series=series, model=bundle.info, status="ok", started=started,
                        findings=per_image[best], explanations=explanations), failed
