@@ -154,6 +154,10 @@ class InferenceSettings:
     num_threads: int = 0
 
 
+#: Languages of the text in our results (``output.language``); the first is the default.
+OUTPUT_LANGUAGES = ("en", "zh")
+
+
 @dataclass
 class OutputSettings:
     """The DICOM objects we write."""
@@ -165,6 +169,9 @@ class OutputSettings:
     institution_name: str = ""
     #: Write Secondary Captures with heatmaps (one per analysed image / key slice).
     secondary_captures: bool = True
+    #: Language of the text we write (finding lines, Impression, SC caption): one of
+    #: :data:`OUTPUT_LANGUAGES`, "en" English or "zh" Simplified Chinese.
+    language: str = "en"
 
 
 @dataclass
@@ -364,6 +371,9 @@ def validate(settings: Settings) -> list[str]:
     if len(settings.output.uid_root) > 24:
         problems.append("output.uid_root: keep the root at most 24 characters so derived UIDs "
                         "fit in 64")
+    if settings.output.language not in OUTPUT_LANGUAGES:
+        problems.append(f"output.language: one of {', '.join(OUTPUT_LANGUAGES)}, "
+                        f"got {settings.output.language!r}")
 
     def check_tls(tls: TLSSettings, where: str, *, server: bool) -> None:
         if not tls.enabled:

@@ -7,7 +7,8 @@ whether the study came from disk or over the network.
 
     study ──▶ for each series: routing.not_applicable / routing.unfit  (skip or reject, with reason)
           ──▶ task analyser (classification, ct-lung, detection) ──▶ ModelResult
-          ──▶ results.build_outputs: Secondary Captures + TID 1500 SR (deterministic UIDs)
+          ──▶ results.build_outputs: Secondary Captures, CT candidate SEGs + TID 1500 SR
+              (deterministic UIDs; results.writer writes them for replay and the service)
           ──▶ StudyOutcome (results, datasets to store/send, per-file outcome)
 """
 
@@ -66,12 +67,15 @@ class StudyOutcome:
     skipped_series: dict[str, str] = field(default_factory=dict)
     #: Files that could not be used: path → reason.
     failed_files: dict[str, str] = field(default_factory=dict)
+    #: Language of the Impression (``output.language``).
+    language: str = "en"
 
     def findings_document(self) -> dict[str, Any]:
         """The ``findings.json`` document of this study."""
         from dicom_ai.results import findings_document
 
-        document = findings_document(self.study_instance_uid, self.results)
+        document = findings_document(self.study_instance_uid, self.results,
+                                     language=self.language, skipped=self.skipped_series)
         document["skipped_series"] = [{"series_instance_uid": uid, "reason": reason}
                                       for uid, reason in sorted(self.skipped_series.items())]
         return document
@@ -127,7 +131,8 @@ def run_study(study: Study, models: Sequence[Bundle], settings: Settings, *,
     from dicom_ai.results import build_outputs
 
     started = started or datetime.now().astimezone()
-    outcome = StudyOutcome(study_instance_uid=study.study_instance_uid)
+    outcome = StudyOutcome(study_instance_uid=study.study_instance_uid,
+                           language=settings.output.language)
     with decode_limit(settings.limits.max_decoded_mb):
         for series in study.series:
             analyse_series(series, models, settings, started, outcome)

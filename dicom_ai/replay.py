@@ -28,7 +28,7 @@ from dicom_ai.inference.bundle import Bundle
 from dicom_ai.inference.findings import ModelResult
 from dicom_ai.logs import log_failure, safe_error_text
 from dicom_ai.pipeline import StudyOutcome, run_study
-from dicom_ai.results import output_filename
+from dicom_ai.results.writer import write_results
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +74,7 @@ def write_outcome(outcome: StudyOutcome, out_dir: Path) -> Path:
     """
     study_uid = require_uid(outcome.study_instance_uid, "Study Instance UID (0020,000D)")
     study_dir = _inside(out_dir, study_uid)
-    study_dir.mkdir(parents=True, exist_ok=True)
-    for ds in outcome.datasets:
-        ds.save_as(_inside(study_dir, output_filename(ds)), enforce_file_format=True)
-    document = json.dumps(outcome.findings_document(), indent=2).encode()
-    _write_atomic(study_dir / "findings.json", document + b"\n")
+    write_results(study_dir, outcome.datasets, outcome.findings_document())
     return study_dir
 
 

@@ -18,7 +18,13 @@ import pytest
 from dicom_ai.config import OutputSettings
 from dicom_ai.dicom.model import Instance, Series
 from dicom_ai.imaging.xray import presentation_from_dataset
-from dicom_ai.inference.findings import Explanation, Finding, ModelInfo, ModelResult
+from dicom_ai.inference.findings import (
+    CandidateMask,
+    Explanation,
+    Finding,
+    ModelInfo,
+    ModelResult,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "dicom"
@@ -33,7 +39,9 @@ NODULE = {"value": "27925004", "scheme": "SCT", "meaning": "Nodule"}
 REFERABLE_DR = {"value": "4855003", "scheme": "SCT", "meaning": "Diabetic retinopathy"}
 LUNG = {"value": "39607008", "scheme": "SCT", "meaning": "Lung"}
 RETINA = {"value": "5665001", "scheme": "SCT", "meaning": "Retina"}
-CODES = {"pneumonia": PNEUMONIA, "nodule": NODULE, "referable_dr": REFERABLE_DR}
+FRACTURE = {"value": "125605004", "scheme": "SCT", "meaning": "Fracture of bone"}
+CODES = {"pneumonia": PNEUMONIA, "nodule": NODULE, "referable_dr": REFERABLE_DR,
+         "fracture": FRACTURE}
 
 
 def data_path(relative: str, root: Path = DATA) -> Path:
@@ -98,12 +106,41 @@ def classification_result(path: Path, info: ModelInfo, findings: list[Finding],
 
 
 def dx_result(version: str = "1.0.0", path: Path | None = None) -> ModelResult:
-    """A chest radiograph classified as pneumonia, with one heatmap."""
+    """A chest radiograph classified as pneumonia (operating point 0.54), with one heatmap."""
+    path = path or data_path(DX_FILE)
+    uid = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
     return classification_result(
-        path or data_path(DX_FILE), model(version=version),
-        [Finding("pneumonia", probability=0.8734567891, positive=True),
-         Finding("normal", probability=0.1265432109, positive=False)],
+        path, model(version=version),
+        [Finding("pneumonia", probability=0.8734567891, positive=True, operating_point=0.54,
+                 image_uid=uid),
+         Finding("normal", probability=0.1265432109, positive=False, image_uid=uid)],
         "pneumonia p=0.873 (positive)")
+
+
+def fracture_result(path: Path | None = None) -> ModelResult:
+    """A radiograph with an image-level fracture score and two boxes, one of them below its
+    operating point (the shape of the ``xr-fracture`` model's findings)."""
+    path = path or data_path(DX_FILE)
+    header = pydicom.dcmread(path, stop_before_pixels=True)
+    uid = str(header.SOPInstanceUID)
+    rows, cols = int(header.Rows), int(header.Columns)
+    box = (cols * 0.25, rows * 0.30, cols * 0.45, rows * 0.55)
+    faint = (cols * 0.6, rows * 0.6, cols * 0.7, rows * 0.7)
+    result = classification_result(
+        path, model("xr-fracture", "0.1.0", "2.25.777"),
+        [Finding("fracture", probability=0.91, positive=True, operating_point=0.5,
+                 image_uid=uid),
+         Finding("fracture", probability=0.83, positive=True, operating_point=0.3,
+                 image_uid=uid, bbox_px=box),
+         Finding("fracture", probability=0.12, positive=False, operating_point=0.3,
+                 image_uid=uid, bbox_px=faint)],
+        "fracture p=0.91 (positive)")
+    shown = result.explanations[0]
+    scale = shown.image.shape[0] / rows
+    result.explanations[0] = Explanation(
+        source=shown.source, image=shown.image, heatmap=shown.heatmap, caption=shown.caption,
+        markers=(tuple(round(v * scale) for v in (box[1], box[0], box[3], box[2])),))  # type: ignore[arg-type]
+    return result
 
 
 def ct_result(paths: list[Path] | None = None) -> ModelResult:
@@ -113,7 +150,12 @@ def ct_result(paths: list[Path] | None = None) -> ModelResult:
     image = display(key.path)
     heat = gaussian_heatmap(image.shape[:2], (200.0, 300.0), 25)
     k = series.instances.index(key)
-    slices = tuple(i.SOPInstanceUID for i in series.instances[k - 1:k + 2])
+    near = series.instances[k - 1:k + 2]
+    slices = tuple(i.SOPInstanceUID for i in near)
+    rows, cols = int(key.header.Rows), int(key.header.Columns)
+    pixels = np.zeros((len(near), rows, cols), dtype=bool)
+    pixels[:, 190:212, 288:312] = True
+    pixels[0, 190:195] = pixels[2, 207:212] = False
     return ModelResult(
         series=series, model=model("ct-lung", "0.3.1", "2.25.987654321"), status="ok",
         started=STARTED,
@@ -121,9 +163,15 @@ def ct_result(paths: list[Path] | None = None) -> ModelResult:
             Finding("lung_volume_left_ml", value=2345.678912, unit="mL"),
             Finding("mean_lung_density_hu", value=-845.12345, unit="[hnsf'U]"),
             Finding("laa950_percent", value=7.25, unit="%"),
-            Finding("nodule", probability=0.712345678, positive=True,
+            Finding("nodule", probability=0.712345678, positive=True, operating_point=0.6,
                     center_mm=(12.3456, -40.5, 100.25), extent_mm=(8.0, 6.5, 9.25),
-                    slices=slices),
+                    slices=slices, image_uid=key.SOPInstanceUID,
+                    bbox_px=(280.0, 180.0, 320.0, 220.0),
+                    mask=CandidateMask(slices=slices, pixels=pixels)),
+            Finding("nodule", probability=0.45, positive=False, operating_point=0.6,
+                    center_mm=(-60.0, 10.0, 100.25), extent_mm=(5.0, 5.0, 4.0),
+                    slices=slices[1:2], image_uid=slices[1],
+                    bbox_px=(100.0, 300.0, 112.0, 312.0)),
         ],
         explanations=[Explanation(source=key, image=image, heatmap=heat,
                                   caption="nodule candidate p=0.712",

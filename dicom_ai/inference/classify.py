@@ -9,7 +9,7 @@ what a reader must see); every analysed image gets its own Explanation and so it
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -98,12 +98,21 @@ def decide(block: dict[str, Any], probabilities: npt.NDArray[np.float32]) -> lis
     else:
         top = int(np.argmax(probabilities))
         positive = [i == top for i in range(len(labels))]
-    findings = [Finding(label=lab, probability=float(p), positive=pos)
-                for lab, p, pos in zip(labels, probabilities, positive, strict=True)]
+    # The operating point of each class that has one: the threshold of the decision label, and
+    # for a two-class model its complement for the other class (positive exactly when the
+    # decision label is not).
+    points: list[float | None] = [None] * len(labels)
+    if decision["kind"] == "threshold":
+        t = float(decision["threshold"])
+        points = [t if i == target else 1.0 - t if len(labels) == 2 else None
+                  for i in range(len(labels))]
+    findings = [Finding(label=lab, probability=float(p), positive=pos, operating_point=at)
+                for lab, p, pos, at in zip(labels, probabilities, positive, points, strict=True)]
     for derived in block.get("derived_findings", []):
         p = float(sum(probabilities[labels.index(lab)] for lab in derived["sum_of"]))
         findings.append(Finding(label=derived["label"], probability=p,
-                                positive=p >= float(derived["threshold"])))
+                                positive=p >= float(derived["threshold"]),
+                                operating_point=float(derived["threshold"])))
     return findings
 
 
@@ -212,5 +221,8 @@ def analyse_images(bundle: Bundle, series: Series, started: datetime,
             heat = _heatmap_on_display(cam, image.box, image.display.shape)
         explanations.append(Explanation(source=image.instance, image=image.display,
                                         heatmap=heat, caption=text))
+    # The image that speaks for the series is where its findings are shown.
+    shown_on = prepared[best].instance.SOPInstanceUID
     return ModelResult(series=series, model=bundle.info, status="ok", started=started,
-                       findings=per_image[best], explanations=explanations), failed
+                       findings=[replace(f, image_uid=shown_on) for f in per_image[best]],
+                       explanations=explanations), failed

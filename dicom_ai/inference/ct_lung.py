@@ -16,7 +16,7 @@ that it sees exactly what inference sees.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -39,6 +39,7 @@ from dicom_ai.imaging.lung import (
 )
 from dicom_ai.inference.bundle import Bundle
 from dicom_ai.inference.findings import Explanation, Finding, ModelResult
+from dicom_ai.inference.placement import candidate_masks, in_plane_box
 
 FloatArray = npt.NDArray[np.float32]
 BoolArray = npt.NDArray[np.bool_]
@@ -305,11 +306,13 @@ def candidate_finding(candidate: Candidate, grid: CTVolume, threshold: float) ->
         uid = grid.instance_at(z).SOPInstanceUID
         if uid not in uids:
             uids.append(uid)
+    key = grid.instance_at(candidate.centre[0])
     return Finding(label=lesion_label(in_plane_diameter_mm(candidate, grid.spacing)),
                     probability=candidate.probability,
-                   positive=candidate.probability >= threshold,
+                   positive=candidate.probability >= threshold, operating_point=threshold,
                    center_mm=(float(centre[0]), float(centre[1]), float(centre[2])),
-                   extent_mm=extent, slices=tuple(uids))
+                   extent_mm=extent, slices=tuple(uids), image_uid=key.SOPInstanceUID,
+                   bbox_px=in_plane_box(candidate.lo, candidate.hi, grid.spacing, key.header))
 
 
 def key_slice_explanation(candidate: Candidate, finding: Finding, volume: CTVolume,
@@ -365,6 +368,9 @@ def analyse_volume(bundle: Bundle, volume: CTVolume, settings: InferenceSettings
     candidates = candidates[:int(thresholds.get("max_candidates", 10))]
     positive_at = float(thresholds["positive"])
     pairs = [(c, candidate_finding(c, grid, positive_at)) for c in candidates]
+    masks_of = candidate_masks(prob, float(thresholds["candidate"]),
+                               [(c.lo, c.hi) for c in candidates], volume, grid)
+    pairs = [(c, replace(f, mask=m)) for (c, f), m in zip(pairs, masks_of, strict=True)]
     findings.extend(f for _, f in pairs)
     explanations = [key_slice_explanation(c, f, volume, grid, prob)
                     for c, f in shown_candidates(pairs)]

@@ -32,13 +32,46 @@ class ModelInfo:
     manufacturer: str = "dicom-ai"
 
 
+#: A finding site as ``(code value, coding scheme designator, code meaning)``.
+SiteCode = tuple[str, str, str]
+#: A box ``(col_min, row_min, col_max, row_max)`` in an image's stored pixel grid.
+BoxPx = tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class CandidateMask:
+    """Where a localized CT candidate lies, per source slice, for the DICOM Segmentation.
+
+    ``pixels[k]`` is the candidate's mask on the source slice whose SOP Instance UID is
+    ``slices[k]``, in that slice's stored pixel grid (Rows × Columns).
+    """
+
+    slices: tuple[str, ...]
+    pixels: npt.NDArray[np.bool_]
+
+    def __post_init__(self) -> None:
+        if self.pixels.ndim != 3 or self.pixels.shape[0] != len(self.slices):
+            raise ValueError(f"a mask needs one Rows × Columns plane per slice, got shape "
+                             f"{self.pixels.shape} for {len(self.slices)} slices")
+
+
 @dataclass(frozen=True)
 class Finding:
     """One entry of ``findings`` in ``findings.json`` and one measurement group in the SR.
 
-    Classification findings carry ``probability`` and ``positive``; quantitative measurements
-    carry ``value`` and ``unit`` (UCUM); localized candidates add ``center_mm`` / ``extent_mm``
-    (patient coordinates, LPS, millimetres) and the SOP Instance UIDs of the ``slices`` they lie on.
+    Classification findings carry ``probability`` and ``positive``, and ``operating_point``,
+    the threshold ``positive`` was decided at (``probability >= operating_point``);
+    quantitative measurements carry ``value`` and ``unit`` (UCUM); localized CT candidates add
+    ``center_mm`` / ``extent_mm`` (patient coordinates, LPS, millimetres) and the SOP Instance
+    UIDs of the ``slices`` they lie on.
+
+    ``image_uid`` names the image the finding was found on (the image that spoke for an
+    image-level score, the image a box lies on, a CT candidate's key slice); ``bbox_px`` is a
+    box ``(col_min, row_min, col_max, row_max)`` on that image in its stored pixel grid, in
+    continuous coordinates as DICOM SCOORD uses them: (0, 0) is the top-left corner of the first
+    pixel, so a box over whole pixels c0..c1, r0..r1 is ``(c0, r0, c1 + 1, r1 + 1)``. ``site``
+    overrides the bundle's finding site for this finding; ``mask`` (CT candidates) is what the
+    DICOM Segmentation is made of and is not part of ``findings.json``.
     """
 
     label: str
@@ -49,6 +82,31 @@ class Finding:
     center_mm: tuple[float, float, float] | None = None
     extent_mm: tuple[float, float, float] | None = None
     slices: tuple[str, ...] = ()
+    operating_point: float | None = None
+    image_uid: str | None = None
+    bbox_px: BoxPx | None = None
+    site: SiteCode | None = None
+    mask: CandidateMask | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.bbox_px is not None:
+            c0, r0, c1, r1 = self.bbox_px
+            if not (c0 < c1 and r0 < r1):
+                raise ValueError(f"bbox_px must be (col_min, row_min, col_max, row_max) with "
+                                 f"min < max, got {self.bbox_px}")
+            if self.image_uid is None:
+                raise ValueError("a finding with bbox_px must name its image (image_uid)")
+
+    @property
+    def localized(self) -> bool:
+        """Whether the finding has a place of its own (a box or a 3D position)."""
+        return self.bbox_px is not None or self.center_mm is not None
+
+    @property
+    def below_operating_point(self) -> bool:
+        """A localized candidate the model scored below its operating point: reported as such,
+        never as an "absent" finding."""
+        return self.localized and self.positive is False
 
     def to_json(self) -> dict[str, Any]:
         """The ``findings.json`` form: only the keys that apply to this kind of finding."""
@@ -65,6 +123,14 @@ class Finding:
             out["center_mm"] = [round(float(v), 2) for v in self.center_mm]
         if self.extent_mm is not None:
             out["extent_mm"] = [round(float(v), 2) for v in self.extent_mm]
+        if self.operating_point is not None:
+            out["operating_point"] = round(float(self.operating_point), 6)
+        if self.image_uid is not None:
+            out["image_uid"] = self.image_uid
+        if self.bbox_px is not None:
+            out["bbox_px"] = [round(float(v), 1) for v in self.bbox_px]
+        if self.site is not None:
+            out["site"] = dict(zip(("value", "scheme", "meaning"), self.site, strict=True))
         if self.slices:
             out["slices"] = list(self.slices)
         return out

@@ -50,6 +50,11 @@ def private_code(label: str) -> CodedConcept:
     return CodedConcept(value=label, scheme_designator=PRIVATE_SCHEME, meaning=label)
 
 
+def finding_concept(label: str, codes: Mapping[str, CodeSpec]) -> CodedConcept:
+    """The bundle's code for ``label``, or a private code naming the label when it has none."""
+    return concept(codes[label]) if label in codes else private_code(label)
+
+
 def _c(value: str, scheme: str, meaning: str) -> CodedConcept:
     return CodedConcept(value=value, scheme_designator=scheme, meaning=meaning)
 
@@ -66,6 +71,16 @@ ANATOMICAL_STRUCTURE = _c("91723000", "SCT", "Anatomical Structure")
 BEST_ILLUSTRATION = _c("121080", "DCM", "Best illustration of finding")
 #: TID 1500 row 12: the report-level container for free-text and coded evaluations.
 QUALITATIVE_EVALUATIONS = _c("C0034375", "UMLS", "Qualitative Evaluations")
+IMPRESSION = _c("121073", "DCM", "Impression")
+#: CID 42 Numeric Value Qualifiers: a NUM whose value could not be given says why.
+NOT_A_NUMBER = _c("114000", "DCM", "Not a number")
+MEASUREMENT_NOT_ATTEMPTED = _c("114007", "DCM", "Measurement not attempted")
+
+# --- language of content (TID 1204; RFC 5646 tags) -----------------------------------------
+LANGUAGE_CODES = {
+    "en": _c("en-US", "RFC5646", "English (United States)"),
+    "zh": _c("zh-CN", "RFC5646", "Chinese (China)"),
+}
 
 # --- contributing equipment -----------------------------------------------------------------
 #: IHE Radiology AI Results (AIR) Rev 1.1, 6.5.3.1: Purpose of Reference of the algorithm's
@@ -128,25 +143,21 @@ DEFAULT_QUANTITY_CODES: dict[str, QuantityCode] = {
 }
 
 # --- procedure reported ----------------------------------------------------------------------
-CT_CHEST = _c("24627-2", "LN", "CT Chest")
-XR_CHEST_SINGLE_VIEW = _c("36554-4", "LN", "XR Chest Single view")
-#: CID 100 "Quantitative Diagnostic Imaging Procedures" fallbacks by modality.
+#: CID 100 "Quantitative Diagnostic Imaging Procedures", the context group of TID 1500
+#: "Procedure reported". Body-region codes such as LOINC 24627-2 "CT Chest" would say more, but
+#: CID 100 lists none for CT chest or any radiograph, and PixelMed's SR validator reports a code
+#: outside the group as an error; the body region is in the finding sites instead.
 CT_UNSPECIFIED = _c("25045-6", "LN", "CT unspecified body region")
-XR_UNSPECIFIED = _c("43468-8", "LN", "XR unspecified body region")
 MR_UNSPECIFIED = _c("25056-3", "LN", "MRI unspecified body region")
 IMAGING_PROCEDURE = _c("363679005", "SCT", "Imaging procedure")
 
-_CHEST_BODY_PARTS = {"CHEST", "LUNG", "THORAX"}
-_CHEST_SITES = {(c.value, c.scheme_designator) for c in (LUNG, LEFT_LUNG, RIGHT_LUNG, BOTH_LUNGS)}
 
-
-def procedure_reported(header: Dataset, finding_site: CodedConcept | None) -> CodedConcept:
+def procedure_reported(header: Dataset) -> CodedConcept:
     """The imaging procedure that was analysed, for TID 1500 "Procedure reported".
 
-    The source's own Procedure Code Sequence wins. Otherwise the modality and the body region
-    (Body Part Examined, or a lung finding site when the header leaves the body part empty,
-    as converted radiographs often do) select a LOINC code; unknown combinations fall back to
-    the CID 100 code for the modality, then to SCT "Imaging procedure".
+    The source's own Procedure Code Sequence wins (the site's code for what was done).
+    Otherwise the CID 100 code of the modality: CT and MR have one, anything else (radiographs,
+    photographs) is SCT "Imaging procedure".
     """
     seq = header.get("ProcedureCodeSequence")
     if seq:
@@ -156,18 +167,7 @@ def procedure_reported(header: Dataset, finding_site: CodedConcept | None) -> Co
             return _c(str(item.CodeValue), str(item.CodingSchemeDesignator),
                       str(item.CodeMeaning))
     modality = str(header.get("Modality", "")).upper()
-    body_part = str(header.get("BodyPartExamined", "")).upper()
-    chest = body_part in _CHEST_BODY_PARTS or (
-        not body_part and finding_site is not None
-        and (finding_site.value, finding_site.scheme_designator) in _CHEST_SITES)
-    if modality == "CT":
-        return CT_CHEST if chest else CT_UNSPECIFIED
-    if modality in {"CR", "DX"}:
-        return XR_CHEST_SINGLE_VIEW if chest else XR_UNSPECIFIED
-    if modality == "MR":
-        return MR_UNSPECIFIED
-    return IMAGING_PROCEDURE
-
+    return {"CT": CT_UNSPECIFIED, "MR": MR_UNSPECIFIED}.get(modality, IMAGING_PROCEDURE)
 
 
 def coding_schemes(datasets: Sequence[Dataset]) -> list[CodingSchemeIdentificationItem]:

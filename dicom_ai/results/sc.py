@@ -7,6 +7,8 @@ BurnedInAnnotation YES and a Source Image Sequence pointing to the analysed inst
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +17,7 @@ import highdicom as hd
 import matplotlib
 import numpy as np
 import numpy.typing as npt
+from matplotlib.ft2font import FT2Font
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
@@ -23,8 +26,9 @@ from dicom_ai.config import OutputSettings
 from dicom_ai.inference.findings import Explanation, ModelResult
 from dicom_ai.results.codes import coding_schemes
 from dicom_ai.results.equipment import AlgorithmEquipment
+from dicom_ai.results.impression import impression
 from dicom_ai.results.reference import reference_header
-from dicom_ai.results.uids import derive_uid
+from dicom_ai.results.uids import content_key, derive_uid
 
 UInt8Array = npt.NDArray[np.uint8]
 Box = tuple[int, int, int, int]
@@ -87,6 +91,26 @@ FONT_FILE = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans-Bol
 
 def _font(size: int) -> ImageFont.FreeTypeFont:
     return ImageFont.truetype(str(FONT_FILE), size=size)
+
+
+@functools.cache
+def _font_characters() -> frozenset[int]:
+    return frozenset(FT2Font(str(FONT_FILE)).get_charmap())
+
+
+def renderable(text: str) -> bool:
+    """Whether the burned-in font has a glyph for every character of ``text`` (DejaVu has no
+    CJK glyphs: a Chinese caption would burn in as boxes)."""
+    return all(ord(ch) in _font_characters() for ch in text if not ch.isspace())
+
+
+def caption_text(explanation: Explanation, result: ModelResult, language: str) -> str:
+    """The burned-in caption: the picture's own line, then the Impression of its result — in
+    ``language`` when the font can draw it, else in English."""
+    text = impression([result], language)
+    if not renderable(text):
+        text = impression([result], "en")
+    return f"{explanation.caption}. {text}" if explanation.caption else text
 
 
 def _text_strip(text: str, width: int, font: ImageFont.FreeTypeFont,
@@ -218,9 +242,13 @@ def build_secondary_capture(explanation: Explanation, result: ModelResult,
     """
     model = result.model
     source = reference_header(explanation.source.header)
+    caption = caption_text(explanation, result, settings.language)
     pixels = render(explanation.image, explanation.heatmap,
                     banner=banner_text(model.name, model.version),
-                    caption=explanation.caption, markers=explanation.markers)
+                    caption=caption, markers=explanation.markers)
+    picture = hashlib.sha256(explanation.image.tobytes())
+    if explanation.heatmap is not None:
+        picture.update(explanation.heatmap.tobytes())
     series_sources = [i.SOPInstanceUID for i in result.series.instances]
     orientation = patient_orientation(source)
     started = result.started
@@ -236,7 +264,12 @@ def build_secondary_capture(explanation: Explanation, result: ModelResult,
                                        root=settings.uid_root),
         series_number=SC_SERIES_NUMBER,
         sop_instance_uid=derive_uid([explanation.source.SOPInstanceUID], model,
-                                    f"sc:{index}", root=settings.uid_root),
+                                    f"sc:{index}", root=settings.uid_root,
+                                    content=content_key([result], caption,
+                                                        list(explanation.markers),
+                                                        picture.hexdigest(),
+                                                        settings.manufacturer,
+                                                        settings.institution_name)),
         instance_number=index + 1,
         manufacturer=settings.manufacturer,
         manufacturer_model_name=model.name,

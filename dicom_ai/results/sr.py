@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import highdicom as hd
 import numpy as np
+import numpy.typing as npt
 from highdicom.sr import (
     CodedConcept,
     ContainerContentItem,
@@ -36,21 +38,21 @@ from pydicom.uid import ExplicitVRLittleEndian
 from dicom_ai import DISCLAIMER
 from dicom_ai.config import OutputSettings
 from dicom_ai.dicom.model import Instance
-from dicom_ai.inference.findings import Finding, ModelResult
+from dicom_ai.inference.findings import BoxPx, Finding, ModelResult
 from dicom_ai.results import codes as c
 from dicom_ai.results.codes import CodeSpec
 from dicom_ai.results.equipment import AlgorithmEquipment
+from dicom_ai.results.impression import finding_line, impression, result_sentence
 from dicom_ai.results.reference import reference_header
 from dicom_ai.results.sc import series_description
-from dicom_ai.results.uids import derive_uid
+from dicom_ai.results.seg import Segmentation
+from dicom_ai.results.uids import content_key, derive_uid
 
 #: Series Number of our SR series (fixed, so a replay keeps it; the UID carries identity).
 SR_SERIES_NUMBER = 9900
 
 
-def finding_type(label: str, codes: Mapping[str, CodeSpec]) -> CodedConcept:
-    """The bundle's code for ``label``, or a private code naming the label when it has none."""
-    return c.concept(codes[label]) if label in codes else c.private_code(label)
+finding_type = c.finding_concept
 
 
 def quantity_code(label: str, codes: Mapping[str, CodeSpec],
@@ -67,12 +69,25 @@ def quantity_code(label: str, codes: Mapping[str, CodeSpec],
     return c.QuantityCode(name, default.site if default and default.site else site)
 
 
+def box_polyline(box: BoxPx) -> npt.NDArray[np.float64]:
+    """A box as a closed POLYLINE (5 points, the first repeated): the rectangle form that OHIF
+    draws and Cornerstone's RectangleROI reads (4 or 5 points)."""
+    c0, r0, c1, r1 = (float(v) for v in box)
+    return np.array([[c0, r0], [c1, r0], [c1, r1], [c0, r1], [c0, r0]], dtype=np.float64)
+
+
+def whole_image(instance: Instance) -> BoxPx:
+    """The box covering an image: (0, 0) to (Columns, Rows) in SCOORD pixel coordinates."""
+    return 0.0, 0.0, float(instance.header.Columns), float(instance.header.Rows)
+
+
 class _Context:
     """What every measurement group of one result shares."""
 
     def __init__(self, result: ModelResult, settings: OutputSettings,
                  codes: Mapping[str, CodeSpec], site: CodedConcept | None,
-                 secondary_captures: Sequence[Dataset]) -> None:
+                 secondary_captures: Sequence[Dataset],
+                 segments: Mapping[int, tuple[Dataset, int]]) -> None:
         self.result = result
         self.settings = settings
         self.codes = codes
@@ -80,6 +95,7 @@ class _Context:
         self.instances: dict[str, Instance] = {
             i.SOPInstanceUID: i for i in result.series.instances}
         self.secondary_captures = secondary_captures
+        self.segments = segments
         self.algorithm = hd.sr.AlgorithmIdentification(
             name=result.model.name, version=result.model.version,
             manufacturer=result.model.manufacturer)
@@ -96,6 +112,29 @@ class _Context:
         return [hd.sr.SourceImageForMeasurementGroup(self.instances[u].SOPClassUID, u)
                 for u in uids]
 
+    def anchor(self, finding: Finding | None) -> tuple[Instance, BoxPx]:
+        """The image a group's 2D coordinates are on, and the box on it.
+
+        The finding's own image and box; a finding without a box covers its image; without
+        an image (a measurement of the whole series, a rejection), the middle one of its
+        slices or of the series stands for it — viewers need one image to draw a group on.
+        """
+        if finding is not None and finding.image_uid in self.instances:
+            image = self.instances[str(finding.image_uid)]
+            return image, finding.bbox_px or whole_image(image)
+        slices = [self.instances[u] for u in (finding.slices if finding else ())
+                  if u in self.instances]
+        candidates = slices or self.result.series.instances
+        image = candidates[len(candidates) // 2]
+        return image, whole_image(image)
+
+    def region(self, finding: Finding | None) -> hd.sr.CoordinatesForMeasurement:
+        """The finding's 2D region (INFERRED FROM its first NUM), SELECTED FROM its image."""
+        image, box = self.anchor(finding)
+        return hd.sr.CoordinatesForMeasurement(
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=box_polyline(box),
+            source_image=hd.sr.SourceImageForRegion(image.SOPClassUID, image.SOPInstanceUID))
+
     def illustrations(self, sources: Sequence[hd.sr.SourceImageForMeasurementGroup]
                       ) -> list[ImageContentItem]:
         """References to our Secondary Captures made from any of ``sources``."""
@@ -109,23 +148,46 @@ class _Context:
             if sc.SourceImageSequence[0].ReferencedSOPInstanceUID in source_uids
         ]
 
+    def comment(self, text: str) -> TextContentItem:
+        return TextContentItem(name=c.COMMENT, value=text,
+                               relationship_type=RelationshipTypeValues.CONTAINS)
 
-def _append(group: hd.sr.MeasurementsAndQualitativeEvaluations,
-            items: Sequence[ImageContentItem | TextContentItem]) -> None:
+
+#: A TID 1501 group of a finding, or the TID 1410 group of a result that was not analysed.
+Group = (hd.sr.MeasurementsAndQualitativeEvaluations
+         | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations)
+
+
+def _append(group: Group, items: Sequence[ImageContentItem | TextContentItem]) -> None:
     """Add rows highdicom's constructor does not take: the IMAGE reference to our SC and TEXT
     comments (TID 1501 is extensible; highdicom's reader skips them)."""
     group[0].ContentSequence.extend(items)
 
 
+def _num(name: CodedConcept, value: float, unit: CodedConcept, *,
+         coordinates: Sequence[hd.sr.CoordinatesForMeasurement
+                               | hd.sr.CoordinatesForMeasurement3D] = ()) -> hd.sr.Measurement:
+    return hd.sr.Measurement(name=name, value=value, unit=unit,
+                             referenced_coordinates=list(coordinates) or None)
+
+
 def finding_group(finding: Finding, index: int,
                   ctx: _Context) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    """TID 1501 group for one finding: classification, quantity or localized candidate."""
+    """One measurement group for one finding: classification, quantity or localized candidate.
+
+    The first NUM is INFERRED FROM the finding's 2D region on its image (a box, a whole image,
+    a CT candidate's key slice): OHIF draws a group from the coordinates of its NUMs and needs
+    the first one to be 2D (``extension-cornerstone-dicom-sr`` reads ``coords[0]``
+    ``.ReferencedSOPSequence``); a CT candidate's 3D point is kept on its second NUM. A
+    candidate with a segment in our DICOM Segmentation is a TID 1411 group referencing it.
+    """
     js = finding.to_json()
-    sites = [ctx.site] if ctx.site is not None else []
+    sites = [c.concept(dict(zip(("value", "scheme", "meaning"), finding.site, strict=True)))
+             ] if finding.site else [ctx.site] if ctx.site is not None else []
     category: CodedConcept | None = None
-    measurements: list[hd.sr.Measurement] = []
-    notes: list[TextContentItem] = []
     kind = finding_type(finding.label, ctx.codes)
+    # (concept, value, unit, 3D point or none): in this order, the first carries the region.
+    rows: list[tuple[CodedConcept, float, CodedConcept, bool]] = []
     if finding.value is not None:
         quantity = quantity_code(finding.label, ctx.codes, ctx.site)
         if finding.probability is None:
@@ -135,77 +197,98 @@ def finding_group(finding: Finding, index: int,
             kind = quantity.site or quantity.name
             sites = [quantity.site] if quantity.site is not None else []
         if math.isfinite(finding.value):
-            measurements.append(hd.sr.Measurement(
-                name=quantity.name, value=js["value"], unit=c.ucum(finding.unit or "1")))
-        else:
-            # A DS value cannot be NaN; say so instead of inventing a number.
-            notes.append(TextContentItem(
-                name=c.COMMENT, value=f"{quantity.name.meaning}: not measurable",
-                relationship_type=RelationshipTypeValues.CONTAINS))
-    coordinates = []
+            rows.append((quantity.name, js["value"], c.ucum(finding.unit or "1"), False))
+    if finding.probability is not None:
+        rows.append((c.PROBABILITY, js["probability"], c.NO_UNITS, False))
+    if finding.extent_mm is not None:
+        rows.append((c.LONG_AXIS, max(js["extent_mm"]), c.MILLIMETER, True))
+    point: list[hd.sr.CoordinatesForMeasurement3D] = []
     if finding.center_mm is not None and ctx.frame_of_reference is not None:
-        coordinates = [hd.sr.CoordinatesForMeasurement3D(
+        point = [hd.sr.CoordinatesForMeasurement3D(
             graphic_type=hd.sr.GraphicTypeValues3D.POINT,
             graphic_data=np.array([js["center_mm"]], dtype=np.float64),
             frame_of_reference_uid=ctx.frame_of_reference)]
-    if finding.probability is not None:
-        measurements.append(hd.sr.Measurement(
-            name=c.PROBABILITY, value=js["probability"], unit=c.NO_UNITS,
-            referenced_coordinates=coordinates or None))
-    if finding.extent_mm is not None:
-        measurements.append(hd.sr.Measurement(
-            name=c.LONG_AXIS, value=max(js["extent_mm"]), unit=c.MILLIMETER,
-            referenced_coordinates=coordinates or None))
+    region = ctx.region(finding)
+    measurements = [
+        _num(name, value, unit,
+             coordinates=[region] if n == 0 else point if takes_point else [])
+        for n, (name, value, unit, takes_point) in enumerate(rows)]
     evaluations = []
-    if finding.positive is not None:
+    if finding.positive is not None and not finding.below_operating_point:
         evaluations.append(hd.sr.QualitativeEvaluation(
             name=kind, value=c.PRESENT if finding.positive else c.ABSENT))
-    sources = ctx.source_images(finding.slices)
-    group = hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
+    what = f"{finding.label} below operating point" if finding.below_operating_point \
+        else finding.label
+    common: dict[str, Any] = {
+        "tracking_identifier": hd.sr.TrackingIdentifier(
             uid=ctx.uid(f"tracking:{index}:{finding.label}"),
-            identifier=f"{ctx.result.model.name} {finding.label} #{index + 1}"[:64]),
-        finding_type=kind,
-        finding_category=category,
-        algorithm_id=ctx.algorithm,
-        finding_sites=[hd.sr.FindingSite(s) for s in sites] or None,
-        measurements=measurements or None,
-        qualitative_evaluations=evaluations or None,
-        source_images=sources,
-    )
-    _append(group, [*ctx.illustrations(sources), *notes])
+            identifier=f"{ctx.result.model.name} {what} #{index + 1}"[:64]),
+        "finding_type": kind,
+        "finding_category": category,
+        "algorithm_id": ctx.algorithm,
+        "finding_sites": [hd.sr.FindingSite(s) for s in sites] or None,
+        "measurements": measurements or None,
+        "qualitative_evaluations": evaluations or None,
+    }
+    sources = ctx.source_images(finding.slices or
+                                ([finding.image_uid] if finding.image_uid else []))
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(source_images=sources, **common)
+    segment = []
+    if index in ctx.segments:
+        seg, number = ctx.segments[index]
+        segment = [ImageContentItem(name=c.BEST_ILLUSTRATION,
+                                    referenced_sop_class_uid=seg.SOPClassUID,
+                                    referenced_sop_instance_uid=seg.SOPInstanceUID,
+                                    referenced_segment_numbers=number,
+                                    relationship_type=RelationshipTypeValues.CONTAINS)]
+    _append(group, [ctx.comment(finding_line(finding, ctx.settings.language)),
+                    *ctx.illustrations(sources), *segment])
     return group
 
 
-def statement_group(ctx: _Context, *, analysed: bool,
-                    text: str) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    """A group without any finding: "not analysed because …", or "analysed, nothing found"."""
-    evaluations = [] if analysed else [
-        hd.sr.QualitativeEvaluation(name=c.ANALYSIS_PERFORMED, value=c.NOT_PERFORMED)]
-    sources = ctx.source_images(())
-    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+def statement_group(ctx: _Context, text: str) -> Group:
+    """The group of a result that was not analysed: a TID 1410 group over the image(s)
+    concerned (no NUM can carry the region that viewers need to show a group: there is no
+    value), "Analysis Performed: Not performed", and the reason as a TEXT Comment."""
+    image, box = ctx.anchor(None)
+    group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=ctx.uid("tracking:statement"),
-            identifier=f"{ctx.result.model.name} {'no findings' if analysed else 'not analysed'}"),
+            identifier=f"{ctx.result.model.name} not analysed"),
+        referenced_region=hd.sr.ImageRegion(
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=box_polyline(box),
+            source_image=hd.sr.SourceImageForRegion(image.SOPClassUID, image.SOPInstanceUID)),
         algorithm_id=ctx.algorithm,
-        qualitative_evaluations=evaluations or None,
-        source_images=sources,
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=c.ANALYSIS_PERFORMED,
+                                                             value=c.NOT_PERFORMED)],
     )
-    _append(group, [TextContentItem(name=c.COMMENT, value=text,
-                                    relationship_type=RelationshipTypeValues.CONTAINS)])
+    _append(group, [ctx.comment(text)])
     return group
 
 
-def measurement_groups(ctx: _Context) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
-    """One group per finding; a rejected result (or one without findings) gets one statement."""
+def _reading_order(result: ModelResult) -> list[tuple[int, Finding]]:
+    """Findings with their indices (which the tracking UIDs derive from), those a reader must
+    see first: reported findings, then candidates below the operating point."""
+    indexed = list(enumerate(result.findings))
+    return [p for p in indexed if not p[1].below_operating_point] + \
+        [p for p in indexed if p[1].below_operating_point]
+
+
+def shown(finding: Finding) -> bool:
+    """Whether a finding gets a measurement group: anything with a number to show. A
+    measurement that came out NaN has none (a DS cannot hold it, and a NUM without a value
+    cannot carry the coordinates viewers need); the Impression says "not measurable"."""
+    return finding.probability is not None or (
+        finding.value is not None and math.isfinite(finding.value))
+
+
+def measurement_groups(ctx: _Context) -> list[Group]:
+    """One group per finding; a rejected result gets one "not analysed" group; an analysed
+    result without any finding gets none (the Impression says so)."""
     result = ctx.result
     if result.status == "rejected":
-        return [statement_group(ctx, analysed=False,
-                                text=f"Not analysed: {result.reason or 'input rejected'}")]
-    if not result.findings:
-        return [statement_group(ctx, analysed=True, text="Analysed; the model reported no "
-                                                         "findings")]
-    return [finding_group(f, i, ctx) for i, f in enumerate(result.findings)]
+        return [statement_group(ctx, result_sentence(result, ctx.settings.language))]
+    return [finding_group(f, i, ctx) for i, f in _reading_order(result) if shown(f)]
 
 
 def _complete_deidentification(sr: Dataset) -> None:
@@ -219,7 +302,8 @@ def _complete_deidentification(sr: Dataset) -> None:
 
 def build_sr(results: Sequence[ModelResult], settings: OutputSettings, *,
              codes: Mapping[str, CodeSpec], finding_site: CodeSpec | None,
-             secondary_captures: Sequence[Dataset] = ()) -> hd.sr.Comprehensive3DSR:
+             secondary_captures: Sequence[Dataset] = (),
+             segmentations: Sequence[Segmentation] = ()) -> hd.sr.Comprehensive3DSR:
     """Build the Comprehensive 3D SR of one model on one study.
 
     Parameters
@@ -236,6 +320,9 @@ def build_sr(results: Sequence[ModelResult], settings: OutputSettings, *,
         The bundle's finding site, or ``None``.
     secondary_captures:
         The SCs made for these results; groups reference those made from their source images.
+    segmentations:
+        The DICOM Segmentations made for these results (:mod:`dicom_ai.results.seg`): a
+        finding with a segment becomes a TID 1411 group that references it.
 
     Returns
     -------
@@ -245,7 +332,10 @@ def build_sr(results: Sequence[ModelResult], settings: OutputSettings, *,
     if not results:
         raise ValueError("an SR needs at least one model result")
     site = c.concept(finding_site) if finding_site else None
-    contexts = [_Context(r, settings, codes, site, secondary_captures) for r in results]
+    contexts = [_Context(r, settings, codes, site, secondary_captures,
+                         {i: (seg.dataset, n) for seg in segmentations if seg.result is r
+                          for i, n in seg.segments.items()})
+                for r in results]
     result = results[0]
     model = result.model
     sources = [uid for ctx in contexts for uid in ctx.instances]
@@ -255,28 +345,40 @@ def build_sr(results: Sequence[ModelResult], settings: OutputSettings, *,
             uid=model.device_uid, name=model.name, manufacturer_name=model.manufacturer,
             model_name=f"{model.name} {model.version}"[:64]))
     header = result.series.header
+    groups = [g for ctx in contexts for g in measurement_groups(ctx)]
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
-        procedure_reported=c.procedure_reported(header, site),
-        imaging_measurements=[g for ctx in contexts for g in measurement_groups(ctx)],
+        procedure_reported=c.procedure_reported(header),
+        imaging_measurements=groups or None,
+        language_of_content_item_and_descendants=hd.sr.LanguageOfContentItemAndDescendants(
+            c.LANGUAGE_CODES[settings.language]),
     )
-    disclaimer = ContainerContentItem(name=c.QUALITATIVE_EVALUATIONS,
-                                      relationship_type=RelationshipTypeValues.CONTAINS)
-    disclaimer.ContentSequence = ContentSequence([TextContentItem(
-        name=c.COMMENT, value=DISCLAIMER, relationship_type=RelationshipTypeValues.CONTAINS)])
-    report[0].ContentSequence.append(disclaimer)
+    evaluations = ContainerContentItem(name=c.QUALITATIVE_EVALUATIONS,
+                                       relationship_type=RelationshipTypeValues.CONTAINS)
+    evaluations.ContentSequence = ContentSequence([
+        TextContentItem(name=c.IMPRESSION,
+                        value=impression(results, settings.language),
+                        relationship_type=RelationshipTypeValues.CONTAINS),
+        TextContentItem(name=c.COMMENT, value=DISCLAIMER,
+                        relationship_type=RelationshipTypeValues.CONTAINS)])
+    report[0].ContentSequence.append(evaluations)
     started = result.started
     equipment = AlgorithmEquipment(model, institution_name=settings.institution_name,
                                    contribution_datetime=started)
     evidence = [reference_header(header), *(i.header for i in result.series.instances[1:]),
                 *(i.header for r in results[1:] for i in r.series.instances),
-                *secondary_captures]
+                *secondary_captures, *(seg.dataset for seg in segmentations)]
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=report,
         series_instance_uid=derive_uid(sources, model, "sr-series", root=settings.uid_root),
         series_number=SR_SERIES_NUMBER,
-        sop_instance_uid=derive_uid(sources, model, "sr", root=settings.uid_root),
+        sop_instance_uid=derive_uid(sources, model, "sr", root=settings.uid_root,
+                                    content=content_key(
+                                        results, settings.language, settings.manufacturer,
+                                        settings.institution_name,
+                                        [str(d.SOPInstanceUID) for d in secondary_captures],
+                                        [str(g.dataset.SOPInstanceUID) for g in segmentations])),
         instance_number=1,
         manufacturer=settings.manufacturer,
         is_complete=True,

@@ -13,28 +13,25 @@ UIDs) again. A job that keeps crashing its process fails for good after ``worker
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from io import BytesIO
 from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
 from typing import Any
 
-import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.dataset import Dataset
 
 from dicom_ai.config import Settings
-from dicom_ai.dicom.uid import is_valid_uid
 from dicom_ai.logs import log_failure, safe_error_text
+from dicom_ai.results.writer import encode as encode  # re-exported: tests encode with it
+from dicom_ai.results.writer import write_results
 from dicom_ai.service import db
 from dicom_ai.service.process import child_setup, lowest_priority, orphaned
-from dicom_ai.service.spool import Spool, durable_write, study_paths
+from dicom_ai.service.spool import Spool, study_paths
 
 log = logging.getLogger(__name__)
 
@@ -111,17 +108,6 @@ def requeue_interrupted(conn: sqlite3.Connection, max_attempts: int, now: float,
         return conn.execute("UPDATE jobs SET state = 'queued' WHERE state = 'running'").rowcount
 
 
-def encode(ds: Dataset) -> bytes:
-    """A dataset in the DICOM file format; Explicit VR Little Endian unless it names another."""
-    if getattr(ds, "file_meta", None) is None:
-        ds.file_meta = FileMetaDataset()
-    if "TransferSyntaxUID" not in ds.file_meta:
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    buf = BytesIO()
-    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
-    return buf.getvalue()
-
-
 class Worker:
     """Runs jobs one at a time.
 
@@ -166,18 +152,8 @@ class Worker:
     def _write_outputs(self, job: Job, processed: ProcessedStudy) -> list[Path]:
         out_dir = self.spool.outputs / job.study_instance_uid
         self.spool.ensure_dir(out_dir)
-        paths = []
-        for ds in processed.datasets:
-            uid = str(ds.SOPInstanceUID)
-            if not is_valid_uid(uid):
-                raise ValueError("a result object has an invalid SOP Instance UID")
-            path = out_dir / f"{uid}.dcm"
-            durable_write(path, [encode(ds)], tmp_dir=self.spool.tmp)
-            paths.append(path)
-        if processed.findings is not None:
-            document = json.dumps(processed.findings, indent=2).encode() + b"\n"
-            durable_write(out_dir / "findings.json", [document], tmp_dir=self.spool.tmp)
-        return paths
+        return write_results(out_dir, processed.datasets, processed.findings,
+                             tmp_dir=self.spool.tmp)
 
     def _finish(self, job: Job, processed: ProcessedStudy, outputs: list[Path]) -> JobReport:
         now = time.time()

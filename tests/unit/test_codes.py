@@ -31,27 +31,24 @@ def test_ucum_units() -> None:
     assert codes.ucum("kg") == CodedConcept("kg", "UCUM", "kg")
 
 
-@pytest.mark.parametrize(("attrs", "site", "expected"), [
-    ({"Modality": "CT", "BodyPartExamined": "CHEST"}, None, codes.CT_CHEST),
-    ({"Modality": "CT", "BodyPartExamined": "HEAD"}, codes.LUNG, codes.CT_UNSPECIFIED),
-    ({"Modality": "CT"}, codes.LUNG, codes.CT_CHEST),
-    ({"Modality": "CR"}, codes.LUNG, codes.XR_CHEST_SINGLE_VIEW),
-    ({"Modality": "DX", "BodyPartExamined": "THORAX"}, None, codes.XR_CHEST_SINGLE_VIEW),
-    ({"Modality": "DX", "BodyPartExamined": "HAND"}, None, codes.XR_UNSPECIFIED),
-    ({"Modality": "MR"}, None, codes.MR_UNSPECIFIED),
-    ({"Modality": "OP"}, CodedConcept("5665001", "SCT", "Retina"), codes.IMAGING_PROCEDURE),
+@pytest.mark.parametrize(("attrs", "expected"), [
+    ({"Modality": "CT", "BodyPartExamined": "CHEST"}, codes.CT_UNSPECIFIED),
+    ({"Modality": "CT"}, codes.CT_UNSPECIFIED),
+    ({"Modality": "CR"}, codes.IMAGING_PROCEDURE),
+    ({"Modality": "DX", "BodyPartExamined": "THORAX"}, codes.IMAGING_PROCEDURE),
+    ({"Modality": "MR"}, codes.MR_UNSPECIFIED),
+    ({"Modality": "OP"}, codes.IMAGING_PROCEDURE),
 ])
-def test_procedure_reported_by_modality_and_region(attrs: dict[str, str],
-                                                   site: CodedConcept | None,
-                                                   expected: CodedConcept) -> None:
-    assert codes.procedure_reported(header(**attrs), site) == expected
+def test_procedure_reported_is_a_cid100_code_of_the_modality(
+        attrs: dict[str, str], expected: CodedConcept) -> None:
+    assert codes.procedure_reported(header(**attrs)) == expected
 
 
 def test_procedure_code_of_the_source_wins() -> None:
     item = header(CodeValue="RPID16", CodingSchemeDesignator="RADLEX",
                   CodeMeaning="CT Chest wo IV Contrast")
     ds = header(Modality="CT", ProcedureCodeSequence=[item])
-    assert codes.procedure_reported(ds, None) == CodedConcept("RPID16", "RADLEX",
+    assert codes.procedure_reported(ds) == CodedConcept("RPID16", "RADLEX",
                                                               "CT Chest wo IV Contrast")
 
 

@@ -136,8 +136,10 @@ def test_one_sr_per_study_and_model(cxr_folder: Path, models_dir: Path, tmp_path
     sr_name = f"sr-{srs[0].SOPInstanceUID}.dcm"
     assert all(r.outputs[-1] == sr_name for r in outcome.results)
     sr = hd.sr.srread(tmp_path / "out" / outcome.study_instance_uid / sr_name)
-    groups = sr.content.get_image_measurement_groups()
-    assert len(groups) == 3  # normal, pneumonia, and "not analysed" for the lateral
+    assert len(sr.content.get_image_measurement_groups()) == 2  # normal, pneumonia
+    # "Not analysed" for the lateral: a TID 1410 group over the lateral film.
+    (statement,) = sr.content.get_planar_roi_measurement_groups()
+    assert statement.reference_type.meaning == "Image Region"
     referenced = {ref.ReferencedSOPInstanceUID
                   for item in srs[0].CurrentRequestedProcedureEvidenceSequence
                   for series in item.ReferencedSeriesSequence

@@ -141,3 +141,16 @@ def test_unknown_orientation_and_laterality_are_left_empty() -> None:
     assert sc.PatientOrientation in (None, "", [])
     assert "Laterality" in sc and not sc.Laterality
     assert min(sc.Rows, sc.Columns) >= 512
+
+
+def test_caption_carries_the_impression_in_a_language_the_font_can_draw() -> None:
+    from dicom_ai.results.sc import caption_text, renderable
+
+    result = fx.dx_result()
+    shown = result.explanations[0]
+    caption = caption_text(shown, result, "en")
+    assert caption.startswith(f"{shown.caption}. AI-drafted impression — not for diagnostic use.")
+    assert "pneumonia suggested" in caption
+    # DejaVu has no CJK glyphs: a Chinese caption would burn in as boxes, so it stays English.
+    assert not renderable("肺炎")
+    assert caption_text(shown, result, "zh") == caption

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import highdicom as hd
+import numpy as np
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes as dcm_codes
@@ -41,6 +42,27 @@ def label_of(group: hd.sr.MeasurementsAndQualitativeEvaluations) -> str:
     identifier = group.tracking_identifier
     assert identifier is not None
     return identifier.split()[1]
+
+
+def by_identifier(report: hd.sr.MeasurementReport
+                  ) -> dict[str, hd.sr.MeasurementsAndQualitativeEvaluations]:
+    return {str(g.tracking_identifier): g for g in report.get_image_measurement_groups()}
+
+
+def comments(group: Dataset) -> list[str]:
+    return [str(i.TextValue) for i in group[0].ContentSequence
+            if i.ValueType == "TEXT" and i.ConceptNameCodeSequence[0].CodeValue == "121106"]
+
+
+def region_of(measurement: hd.sr.Measurement) -> tuple[list[list[float]], str]:
+    """The 2D SCOORD a NUM is INFERRED FROM: its points and the image it is SELECTED FROM."""
+    (scoord,) = [c for c in measurement.referenced_coordinates or []
+                 if c.value_type == hd.sr.ValueTypeValues.SCOORD]
+    assert scoord.relationship_type == hd.sr.RelationshipTypeValues.INFERRED_FROM
+    (image,) = scoord.ContentSequence
+    assert image.RelationshipType == "SELECTED FROM" and image.ValueType == "IMAGE"
+    return np.asarray(scoord.value).tolist(), str(
+        image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
 
 
 def text_values(ds: Dataset) -> list[str]:
@@ -98,7 +120,7 @@ def test_sr_document_attributes(tmp_path: Path) -> None:
     assert device.uid == result.model.device_uid
     procedures = [item.value for item in report[0].ContentSequence
                   if item.name == dcm_codes.DCM.ProcedureReported]
-    assert procedures == [codes.XR_CHEST_SINGLE_VIEW]
+    assert procedures == [codes.IMAGING_PROCEDURE]
     # The SC is referenced from the group of its source image and listed as evidence.
     sc = datasets[0]
     assert sc.SOPClassUID == SecondaryCaptureImageStorage
@@ -129,55 +151,146 @@ def test_contributing_equipment_names_the_algorithm(tmp_path: Path) -> None:
 
 def test_quantities_and_localized_candidate(tmp_path: Path) -> None:
     result = fx.ct_result()
-    _, _, report = build(result, tmp_path)
+    datasets, _, report = build(result, tmp_path)
     expected = findings_by_label(result)
-    groups = {label_of(g): g
-              for g in report.get_image_measurement_groups()}
-    volume = groups["lung_volume_left_ml"]
+    groups = by_identifier(report)
+    volume = groups["ct-lung lung_volume_left_ml #1"]
     assert volume.finding_type == codes.LEFT_LUNG
     (measurement,) = volume.get_measurements(name=codes.VOLUME)
     assert measurement.value == expected["lung_volume_left_ml"]["value"]
     assert measurement.unit == codes.ucum("mL")
-    (density,) = groups["mean_lung_density_hu"].get_measurements()
+    (density,) = groups["ct-lung mean_lung_density_hu #2"].get_measurements()
     assert density.unit.value == "[hnsf'U]"
     assert len(volume.source_images) == len(result.series.instances)
+    # A whole-series measurement is drawn over the middle slice.
+    middle = result.series.instances[len(result.series.instances) // 2]
+    points, image = region_of(measurement)
+    assert image == middle.SOPInstanceUID
+    assert points[2] == [float(middle.header.Columns), float(middle.header.Rows)]
 
-    nodule = groups["nodule"]
+    nodule = groups["ct-lung nodule #4"]
+    finding = result.findings[3]
     assert nodule.finding_type == hd.sr.CodedConcept("27925004", "SCT", "Nodule")
     (probability,) = nodule.get_measurements(name=codes.PROBABILITY)
-    assert probability.value == expected["nodule"]["probability"]
+    assert probability.value == finding.to_json()["probability"]
+    # The first NUM carries the key slice's box, 2D; the 3D point is on the second.
+    points, image = region_of(probability)
+    assert image == finding.image_uid
+    assert points == [[280, 180], [320, 180], [320, 220], [280, 220], [280, 180]]
     (size,) = nodule.get_measurements(name=codes.LONG_AXIS)
-    assert size.value == max(expected["nodule"]["extent_mm"])
-    (point,) = probability.referenced_coordinates
+    assert size.value == max(finding.to_json()["extent_mm"])
+    (point,) = size.referenced_coordinates
     assert point.graphic_type == hd.sr.GraphicTypeValues3D.POINT
     assert point.frame_of_reference_uid == result.series.header.FrameOfReferenceUID
-    assert point.value[0] == pytest.approx(expected["nodule"]["center_mm"], abs=1e-4)
-    assert [s.referenced_sop_instance_uid for s in nodule.source_images] == list(
-        expected["nodule"]["slices"])
+    assert point.value[0] == pytest.approx(finding.to_json()["center_mm"], abs=1e-4)
+    assert [s.referenced_sop_instance_uid for s in nodule.source_images] == list(finding.slices)
+    (evaluation,) = nodule.get_qualitative_evaluations()
+    assert evaluation.value == codes.PRESENT
+    assert comments(nodule) == ["AI: nodule — probability 0.71 (operating point 0.60): "
+                                "present, about 9 mm"]
+    # The reported candidate is segmented; its group points to the segment.
+    (seg,) = [d for d in datasets if d.Modality == "SEG"]
+    (ref,) = [i for i in nodule[0].ContentSequence if i.ValueType == "IMAGE"
+              and i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == seg.SOPInstanceUID]
+    assert ref.ReferencedSOPSequence[0].ReferencedSegmentNumber == 1
+    assert seg.SegmentSequence[0].TrackingUID == nodule.tracking_uid
 
 
-def test_unmeasurable_quantity_is_stated_not_encoded(tmp_path: Path) -> None:
+def test_candidate_below_operating_point_is_never_absent(tmp_path: Path) -> None:
     result = fx.ct_result()
-    result.findings = [Finding("mean_lung_density_hu", value=float("nan"), unit="[hnsf'U]")]
+    _, _, report = build(result, tmp_path)
+    groups = report.get_image_measurement_groups()
+    below = groups[-1]  # reported findings first
+    assert below.tracking_identifier == "ct-lung nodule below operating point #5"
+    assert below.get_qualitative_evaluations() == []
+    assert comments(below) == ["AI: nodule — probability 0.45 (operating point 0.60): below "
+                               "operating point, not reported as a finding"]
+    assert all(item.value != codes.ABSENT for g in groups
+               for item in g.get_qualitative_evaluations()
+               if g.finding_type == codes.concept(fx.NODULE))
+
+
+def test_boxes_are_regions_on_their_image(tmp_path: Path) -> None:
+    result = fx.fracture_result()
+    _, _, report = build(result, tmp_path)
+    groups = report.get_image_measurement_groups()
+    assert [g.tracking_identifier for g in groups] == [
+        "xr-fracture fracture #1", "xr-fracture fracture #2",
+        "xr-fracture fracture below operating point #3"]
+    image = result.series.instances[0]
+    for group, finding in zip(groups, result.findings, strict=True):
+        (probability,) = group.get_measurements(name=codes.PROBABILITY)
+        points, uid = region_of(probability)
+        assert uid == image.SOPInstanceUID
+        c0, r0, c1, r1 = finding.bbox_px or (0, 0, image.header.Columns, image.header.Rows)
+        assert np.allclose(points, [[c0, r0], [c1, r0], [c1, r1], [c0, r1], [c0, r0]])
+    assert comments(groups[0]) == [
+        "AI: fracture — probability 0.91 (operating point 0.50): present"]
+
+
+def test_classification_lines_and_impression(tmp_path: Path) -> None:
+    result = fx.dx_result()
+    _, _, report = build(result, tmp_path)
+    groups = by_identifier(report)
+    assert comments(groups["cxr-pneumonia pneumonia #1"]) == [
+        "AI: pneumonia — probability 0.87 (operating point 0.54): present"]
+    (impression,) = [i for i in report[0].ContentSequence[-1].ContentSequence
+                     if i.ConceptNameCodeSequence[0].CodeValue == codes.IMPRESSION.value]
+    assert impression.TextValue.startswith("AI-drafted impression — not for diagnostic use.")
+    assert "pneumonia suggested (probability 0.87, operating point 0.54)" in impression.TextValue
+
+
+def test_chinese_text_and_language_of_content(tmp_path: Path) -> None:
+    result = fx.dx_result()
+    _, sr, report = build(result, tmp_path, language="zh")
+    language = report[0].ContentSequence[0]
+    assert language.ConceptCodeSequence[0].CodeValue == "zh-CN"
+    assert comments(by_identifier(report)["cxr-pneumonia pneumonia #1"]) == [
+        "AI：肺炎 — 概率 0.87 (工作点 0.54): 阳性"]
+    assert any(t.startswith("AI 起草的印象 — 不用于诊断") for t in text_values(sr))
+
+
+def test_unmeasurable_quantity_gets_no_group(tmp_path: Path) -> None:
+    result = fx.ct_result()
+    result.findings = [Finding("mean_lung_density_hu", value=float("nan"), unit="[hnsf'U]"),
+                       Finding("laa950_percent", value=7.25, unit="%")]
     _, sr, report = build(result, tmp_path)
     (group,) = report.get_image_measurement_groups()
-    assert group.get_measurements() == []
-    assert group.finding_type == codes.BOTH_LUNGS
-    assert "Mean Attenuation Coefficient: not measurable" in text_values(sr)
+    assert group.tracking_identifier == "ct-lung laa950_percent #2"
+    assert any("mean lung density hu not measurable" in t for t in text_values(sr))
 
 
 def test_rejected_result_states_why_and_has_no_finding(tmp_path: Path) -> None:
     result = fx.rejected_result()
     datasets, sr, report = build(result, tmp_path)
     assert len(datasets) == 1  # no Secondary Capture for an input that was not analysed
-    (group,) = report.get_image_measurement_groups()
+    assert report.get_image_measurement_groups() == []
+    (group,) = report.get_planar_roi_measurement_groups()
     assert group.finding_type is None
     assert group.get_measurements() == []
+    # A region over the image that was not analysed, so that viewers can show the group.
+    image = result.series.instances[0]
+    assert group.roi is not None
+    assert group.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID \
+        == image.SOPInstanceUID
     (evaluation,) = group.get_qualitative_evaluations()
     assert evaluation.name == codes.ANALYSIS_PERFORMED
     assert evaluation[0].ConceptCodeSequence[0].CodeValue == codes.NOT_PERFORMED.value
-    assert f"Not analysed: {result.reason}" in text_values(sr)
+    assert comments(group) == [f"cxr-pneumonia 1.0.0: not analysed — {result.reason}"]
     assert DISCLAIMER in text_values(sr)
+
+
+def test_different_content_never_shares_a_sop_instance_uid(tmp_path: Path) -> None:
+    first = build(fx.dx_result(), tmp_path)[1]
+    again = build(fx.dx_result(), tmp_path)[1]
+    assert again.SOPInstanceUID == first.SOPInstanceUID  # a replay: same UID
+    changed = fx.dx_result()
+    changed.findings[0] = Finding("pneumonia", probability=0.5, positive=False,
+                                  operating_point=0.54,
+                                  image_uid=changed.findings[0].image_uid)
+    other = build(changed, tmp_path)[1]
+    assert other.SOPInstanceUID != first.SOPInstanceUID
+    assert other.SeriesInstanceUID == first.SeriesInstanceUID
 
 
 def test_without_secondary_captures_only_the_sr_is_built(tmp_path: Path) -> None:

@@ -71,15 +71,16 @@ def test_job_writes_outputs_then_queues_each_for_each_destination(tmp_path: Path
     assert report is not None and report.state == "done"
     assert processor.calls == [[tmp_path / "incoming/x/1.2.3.dcm"]]
     out = tmp_path / "outputs" / STUDY
-    assert pydicom.dcmread(out / "1.2.9.2.dcm").SOPClassUID == Comprehensive3DSRStorage
+    # The names replay writes too (dicom_ai.results.writer), which findings.json lists.
+    assert pydicom.dcmread(out / "sr-1.2.9.2.dcm").SOPClassUID == Comprehensive3DSRStorage
     assert json.loads((out / "findings.json").read_text()) == {"study_instance_uid": STUDY}
     rows = conn.execute("SELECT sop_instance_uid, destination, state, path FROM outbound "
                         "ORDER BY sop_instance_uid, destination").fetchall()
     assert [tuple(r) for r in rows] == [
-        ("1.2.9.1", "pacs", "pending", f"outputs/{STUDY}/1.2.9.1.dcm"),
-        ("1.2.9.1", "web", "pending", f"outputs/{STUDY}/1.2.9.1.dcm"),
-        ("1.2.9.2", "pacs", "pending", f"outputs/{STUDY}/1.2.9.2.dcm"),
-        ("1.2.9.2", "web", "pending", f"outputs/{STUDY}/1.2.9.2.dcm")]
+        ("1.2.9.1", "pacs", "pending", f"outputs/{STUDY}/sc-1.2.9.1.dcm"),
+        ("1.2.9.1", "web", "pending", f"outputs/{STUDY}/sc-1.2.9.1.dcm"),
+        ("1.2.9.2", "pacs", "pending", f"outputs/{STUDY}/sr-1.2.9.2.dcm"),
+        ("1.2.9.2", "web", "pending", f"outputs/{STUDY}/sr-1.2.9.2.dcm")]
     assert one(conn, "SELECT state, attempts, outputs FROM jobs") == ("done", 1, 2)
     assert worker.run_once() is None
 
