@@ -113,6 +113,10 @@ def _validate_block(name: str, block: dict[str, Any]) -> None:
         missing = [lab for lab in labels if lab not in block.get("codes", {})]
         if missing:
             raise BundleError(f"{name}: no finding code for label(s) {', '.join(missing)}")
+    if task == "ct-lung":
+        from dicom_ai.inference.ct_lung import validate_block as validate_ct_lung
+
+        validate_ct_lung(name, block)
     if task == "xr-fracture":
         from dicom_ai.inference.fracture import validate_block
 

@@ -4,8 +4,11 @@ Per series: HU volume (:func:`dicom_ai.imaging.ct.build_volume`) → is it a usa
 (header rules of the bundle, then the image: enough lung-density air inside the body) → lung
 segmentation and measurements (:mod:`dicom_ai.imaging.lung`) → the bundle's 2.5D network over
 every axial slice of the volume resampled to the bundle's spacing → a probability map → 3D
-connected components inside the (dilated) lungs → candidates with a 3D centre and extent in
-patient coordinates, the source slices they lie on, and a key-slice picture for each.
+connected components that lie in the lungs (:class:`SearchArea`: the peak and most voxels in
+each lung closed per slice, their soft tissue not mostly below the lung bases) → each candidate's
+peak probability calibrated (:class:`Calibration`, fitted on the leave-one-patient-out
+validation candidates) → candidates with a 3D centre and extent in patient coordinates, the
+source slices they lie on, and a key-slice picture for each.
 
 The network reads ``channels`` neighbouring slices (centre slice in the middle) of the
 resampled volume, with HU clipped to a window and scaled to [0, 1]; training
@@ -31,13 +34,16 @@ from dicom_ai.dicom.errors import SeriesGeometryError
 from dicom_ai.dicom.model import Series
 from dicom_ai.imaging.ct import CTVolume, build_volume, resample
 from dicom_ai.imaging.lung import (
+    BODY_THRESHOLD_HU,
     LungMasks,
+    below_lung_bases,
     lung_fraction,
     lung_window,
     measure_lungs,
+    search_region,
     segment_lungs,
 )
-from dicom_ai.inference.bundle import Bundle
+from dicom_ai.inference.bundle import Bundle, BundleError
 from dicom_ai.inference.findings import Explanation, Finding, ModelResult
 from dicom_ai.inference.placement import candidate_masks, in_plane_box
 
@@ -50,9 +56,18 @@ MASS_DIAMETER_MM = 30.0
 #: Below this share of the body volume in lung a series is not a chest CT (a chest through the
 #: lungs has about 0.15–0.5; the head CT of the test corpus 0.01).
 MIN_LUNG_FRACTION = 0.05
-#: Candidates are looked for in the lungs dilated by this margin (mm), so juxtapleural and hilar
-#: lesions, which the air-based lung mask leaves out, are still inside.
-LUNG_MARGIN_MM = 15.0
+#: A candidate's peak and at least this share of its voxels must lie in the search region
+#: (:func:`dicom_ai.imaging.lung.search_region`): a juxtapleural mass may bulge into the chest
+#: wall by a little, a region over the diaphragm or the heart lies mostly outside.
+MIN_INSIDE_SHARE = 0.5
+#: A candidate with more than this share of its soft-tissue voxels (above −500 HU) having no
+#: aerated lung beneath (:func:`dicom_ai.imaging.lung.below_lung_bases`) is the diaphragm or
+#: liver dome. Only its soft tissue counts: on thick slices a region over the dome also takes
+#: in partial-volume lung above it, which would dilute an all-voxel share.
+MAX_BELOW_BASES_SHARE = 0.5
+#: Raw peak probabilities are clipped this far from 0 and 1 before the logit of
+#: :class:`Calibration`: float32 sigmoid outputs reach exactly 1.0.
+RAW_EPS = 1e-7
 #: Network input spatial sides must be multiples of this (four 2× poolings of a U-Net).
 SIZE_MULTIPLE = 16
 
@@ -85,6 +100,78 @@ class Preprocessing:
             raise ValueError("preprocessing needs spacing [z, y, x], hu_window [low, high] and "
                              "an odd number of channels")
         return cls((s[0], s[1], s[2]), (w[0], w[1]), channels)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Platt scaling of a candidate's peak probability: ``sigmoid(a · logit(p) + b)``.
+
+    The network's peak probabilities crowd at 1.0 (a segmentation network is trained per
+    voxel, not per candidate); the two parameters are fitted on the leave-one-patient-out
+    validation candidates (:mod:`dicom_ai.train.ct_nodules`) so that the reported probability
+    is the observed chance that such a candidate is a lesion.
+
+    Attributes
+    ----------
+    a, b:
+        Slope (> 0, so the order of candidates is kept) and intercept on the logit scale.
+    """
+
+    a: float
+    b: float
+
+    @classmethod
+    def from_block(cls, block: object) -> Calibration:
+        """Read the bundle's ``calibration`` block (``{"method": "platt", "a": …, "b": …}``).
+
+        Raises
+        ------
+        ValueError
+            The block is missing, of another method, or its parameters are not finite with
+            ``a > 0``.
+        """
+        if not isinstance(block, Mapping):
+            raise ValueError("a ct-lung bundle needs a 'calibration' block "
+                             "({\"method\": \"platt\", \"a\": ..., \"b\": ...})")
+        if block.get("method") != "platt":
+            raise ValueError(f"calibration.method must be 'platt', got {block.get('method')!r}")
+        try:
+            a, b = float(block["a"]), float(block["b"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError("calibration needs numbers 'a' and 'b'") from exc
+        if not (np.isfinite(a) and np.isfinite(b) and a > 0):
+            raise ValueError(f"calibration needs finite a > 0 and b, got a={a}, b={b}")
+        return cls(a, b)
+
+    def logit(self, raw: npt.ArrayLike) -> npt.NDArray[np.float64]:
+        """Calibrated logit of raw peak probabilities."""
+        p = np.clip(np.asarray(raw, dtype=np.float64), RAW_EPS, 1.0 - RAW_EPS)
+        out: npt.NDArray[np.float64] = self.a * np.log(p / (1.0 - p)) + self.b
+        return out
+
+    def __call__(self, raw: npt.ArrayLike) -> npt.NDArray[np.float64]:
+        """Calibrated probabilities of raw peak probabilities."""
+        out: npt.NDArray[np.float64] = 1.0 / (1.0 + np.exp(-self.logit(raw)))
+        return out
+
+
+@dataclass(frozen=True)
+class SearchArea:
+    """Where a candidate may lie, on the network's grid.
+
+    Attributes
+    ----------
+    inside:
+        Each lung closed per slice (:func:`dicom_ai.imaging.lung.search_region`).
+    below_bases:
+        Soft tissue with no aerated lung beneath (:func:`dicom_ai.imaging.lung.below_lung_bases`).
+    soft_tissue:
+        Voxels above :data:`dicom_ai.imaging.lung.BODY_THRESHOLD_HU`.
+    """
+
+    inside: BoolArray
+    below_bases: BoolArray
+    soft_tissue: BoolArray
 
 
 @dataclass(frozen=True)
@@ -174,8 +261,8 @@ def probability_map(network: torch.nn.Module, inputs: FloatArray, *, device: tor
 
 
 def find_candidates(prob: FloatArray, threshold: float, *,
-                    region: BoolArray | None = None, min_voxels: int = 1) -> list[Candidate]:
-    """Connected regions of ``prob >= threshold`` whose centroid lies in ``region``.
+                    region: SearchArea | None = None, min_voxels: int = 1) -> list[Candidate]:
+    """Connected regions of ``prob >= threshold`` that lie in ``region``.
 
     Parameters
     ----------
@@ -184,7 +271,9 @@ def find_candidates(prob: FloatArray, threshold: float, *,
     threshold
         Level at which regions are formed.
     region
-        Where a candidate's centroid must lie (e.g. the dilated lungs); everywhere if None.
+        A region is kept when its peak voxel and at least :data:`MIN_INSIDE_SHARE` of its voxels
+        are ``region.inside`` and at most :data:`MAX_BELOW_BASES_SHARE` of its
+        ``region.soft_tissue`` voxels are ``region.below_bases``; everywhere if None.
     min_voxels
         Smaller regions are dropped as noise.
 
@@ -198,17 +287,25 @@ def find_candidates(prob: FloatArray, threshold: float, *,
         return []
     index = np.arange(1, n + 1)
     peaks = ndimage.maximum(prob, labels, index)
+    peak_at = ndimage.maximum_position(prob, labels, index)
     centres = ndimage.center_of_mass(prob, labels, index)
     boxes = ndimage.find_objects(labels)
-    sizes = np.bincount(labels.ravel())[1:]
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    if region is not None:
+        inside = np.bincount(labels[region.inside], minlength=n + 1)[1:] / np.maximum(sizes, 1)
+        tissue = np.bincount(labels[region.soft_tissue], minlength=n + 1)[1:]
+        below = np.bincount(labels[region.below_bases & region.soft_tissue],
+                            minlength=n + 1)[1:] / np.maximum(tissue, 1)
     found: list[Candidate] = []
-    for peak, centre, box, size in zip(peaks, centres, boxes, sizes, strict=True):
+    for k, (peak, at, centre, box, size) in enumerate(
+            zip(peaks, peak_at, centres, boxes, sizes, strict=True)):
         if size < min_voxels or box is None:
             continue
-        c = tuple(float(v) for v in centre)
-        near = tuple(round(v) for v in c)
-        if region is not None and not region[near]:
+        if region is not None and not (region.inside[tuple(int(v) for v in at)]
+                                       and inside[k] >= MIN_INSIDE_SHARE
+                                       and below[k] <= MAX_BELOW_BASES_SHARE):
             continue
+        c = tuple(float(v) for v in centre)
         found.append(Candidate(
             probability=float(peak),
             lo=(box[0].start, box[1].start, box[2].start),
@@ -255,15 +352,41 @@ def nearest_on_grid(values: npt.NDArray[ScalarT], volume: CTVolume, grid: CTVolu
     return values[np.ix_(*idx)]
 
 
-def lung_region(masks: LungMasks, volume: CTVolume, grid: CTVolume) -> BoolArray:
-    """Where candidates are looked for: the lungs dilated by :data:`LUNG_MARGIN_MM`, on the
-    network's grid."""
-    lungs = nearest_on_grid(masks.lungs, volume, grid)
-    if not lungs.any():
-        return lungs
-    distance = ndimage.distance_transform_edt(~lungs, sampling=grid.spacing)
-    region: BoolArray = distance <= LUNG_MARGIN_MM
-    return region
+def search_area(masks: LungMasks, volume: CTVolume, grid: CTVolume) -> SearchArea:
+    """The :class:`SearchArea` of a segmented volume, on the network's grid (computed on the
+    source voxels, where the lung border is sharpest, then sampled)."""
+    inside = search_region(masks, volume.spacing)
+    below = below_lung_bases(volume.hu, masks, volume.direction)
+    return SearchArea(inside=nearest_on_grid(inside, volume, grid),
+                      below_bases=nearest_on_grid(below, volume, grid),
+                      soft_tissue=nearest_on_grid(volume.hu > BODY_THRESHOLD_HU, volume, grid))
+
+
+def calibrated(candidates: Sequence[Candidate], calibration: Calibration) -> list[Candidate]:
+    """``candidates`` with their peak probability replaced by the calibrated one."""
+    return [replace(c, probability=float(calibration(c.probability))) for c in candidates]
+
+
+def validate_block(name: str, block: Mapping[str, Any]) -> None:
+    """Refuse, when the bundle loads, a ct-lung block that analysis could not use.
+
+    Raises
+    ------
+    BundleError
+        The preprocessing, the thresholds (``candidate`` and ``positive`` in [0, 1]) or the
+        :class:`Calibration` is missing or invalid.
+    """
+    try:
+        Preprocessing.from_block(block["preprocessing"])
+        Calibration.from_block(block.get("calibration"))
+        thresholds = block["thresholds"]
+        for key in ("candidate", "positive"):
+            value = float(thresholds[key])
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"thresholds.{key} must lie in [0, 1], got {value}")
+    except (KeyError, TypeError, ValueError) as exc:
+        reason = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise BundleError(f"{name}: ct-lung block unusable: {reason}") from exc
 
 
 def not_chest_reason(masks: LungMasks) -> str | None:
@@ -363,9 +486,10 @@ def analyse_volume(bundle: Bundle, volume: CTVolume, settings: InferenceSettings
                            batch_size=settings.batch_size, amp=settings.amp)
     thresholds = block["thresholds"]
     candidates = find_candidates(prob, float(thresholds["candidate"]),
-                                 region=lung_region(masks, volume, grid),
+                                 region=search_area(masks, volume, grid),
                                  min_voxels=int(thresholds.get("min_voxels", 1)))
-    candidates = candidates[:int(thresholds.get("max_candidates", 10))]
+    candidates = calibrated(candidates[:int(thresholds.get("max_candidates", 10))],
+                            Calibration.from_block(block.get("calibration")))
     positive_at = float(thresholds["positive"])
     pairs = [(c, candidate_finding(c, grid, positive_at)) for c in candidates]
     masks_of = candidate_masks(prob, float(thresholds["candidate"]),
@@ -424,8 +548,9 @@ def analyse_ct(bundle: Bundle, series: Series, started: datetime,
                              lambda volume: analyse_volume(bundle, volume, settings))
 
 
-__all__ = ["Candidate", "Preprocessing", "VolumeAnalysis", "analyse_ct", "analyse_ct_series",
-           "analyse_volume", "candidate_finding", "extent_mm", "find_candidates", "hu_to_unit",
-           "in_plane_diameter_mm", "key_slice_explanation", "lesion_label", "lung_region",
-           "measurement_findings", "model_input", "nearest_on_grid", "not_chest_reason",
-           "probability_map", "shown_candidates"]
+__all__ = ["Calibration", "Candidate", "Preprocessing", "SearchArea", "VolumeAnalysis",
+           "analyse_ct", "analyse_ct_series", "analyse_volume", "calibrated", "candidate_finding",
+           "extent_mm", "find_candidates", "hu_to_unit", "in_plane_diameter_mm",
+           "key_slice_explanation", "lesion_label", "measurement_findings", "model_input",
+           "nearest_on_grid", "not_chest_reason", "probability_map", "search_area",
+           "shown_candidates", "validate_block"]

@@ -13,20 +13,29 @@ for a fixed wall-clock budget.
 
 Validation is leave-one-patient-out: each patient's volume is analysed by a network trained on
 the other three, with the inference code of the product (:func:`probability_map`,
-:func:`find_candidates` inside the dilated lungs). A lesion is detected when a candidate's
-centre lies in its bounding box grown by :data:`HIT_MARGIN_MM`; other candidates are false
-positives, except those at a reader's point mark of a nodule < 3 mm, which are not counted
-either way. The final network is then trained on all four patients.
+:func:`find_candidates` in the product's :class:`SearchArea`). A lesion is detected when a
+candidate's centre lies in its bounding box grown by :data:`HIT_MARGIN_MM`; other candidates
+are false positives, except those at a reader's point mark of a nodule < 3 mm, which are not
+counted either way. Platt scaling (:class:`Calibration`) is fitted on these candidates (hit =
+1, false positive = 0) and the operating point is chosen on the calibrated scale; the
+calibration is also checked leave-one-patient-out (fitted on three patients' candidates,
+applied to the fourth's). The final network is then trained on all four patients.
+
+``validate`` repeats the validation without training the final network; each fold's
+probability map is kept under ``--scratch`` (keyed by the recipe), so changing how candidates
+are found or calibrated does not retrain the folds.
 
 Usage::
 
     python -m dicom_ai.train.ct_nodules train --out models/ct-lung
+    python -m dicom_ai.train.ct_nodules validate --out models/ct-lung
     python -m dicom_ai.train.ct_nodules measure sample_studies/ct-lung-pet-ct-dx-a0002
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import resource
@@ -42,7 +51,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import torch
-from scipy import ndimage
+from scipy import ndimage, optimize
 from scipy.special import expit
 from torch import nn
 
@@ -50,17 +59,20 @@ from dicom_ai.config import InferenceSettings
 from dicom_ai.dicom.collect import collect
 from dicom_ai.dicom.model import Series
 from dicom_ai.imaging.ct import CTVolume, build_volume, resample
-from dicom_ai.imaging.lung import segment_lungs
+from dicom_ai.imaging.lung import LungMasks, segment_lungs
 from dicom_ai.inference.ct_lung import (
+    Calibration,
     Preprocessing,
+    SearchArea,
     find_candidates,
     hu_to_unit,
-    lung_region,
     model_input,
     nearest_on_grid,
     probability_map,
+    search_area,
 )
 from dicom_ai.train.lidc import agreement, read_lidc_xml, small_marks
+from dicom_ai.train.metrics import expected_calibration_error
 from dicom_ai.train.run import build_network
 
 BoolArray = npt.NDArray[np.bool_]
@@ -86,17 +98,27 @@ FP_LEVELS = (0.25, 0.5, 1.0, 2.0, 4.0)
 #: 2 per scan sits inside the 1–4 range CAD systems are usually run at; at 1 per scan the
 #: validation found no lesion (docs/README.md).
 TARGET_FP_PER_SCAN = 2.0
+#: Training patches "anywhere in the lungs" are centred within this margin (mm) of the lung
+#: mask, so the network also sees the chest wall, mediastinum and diaphragm next to the lungs.
+SAMPLING_MARGIN_MM = 15.0
+#: Calibration is judged with this many equal-width probability bins (few candidates).
+CALIBRATION_BINS = 10
 
 
 @dataclass
 class Case:
-    """One patient's series on the network's grid, with its lesions and where to look."""
+    """One patient's series on the network's grid, with its lesions and where to look.
+
+    ``region`` is where training patches are sampled (:func:`sampling_region`); ``search`` is
+    where the product looks for candidates, and so where validation does.
+    """
 
     name: str
     grid: CTVolume
     lesions: npt.NDArray[np.int32]
     lungs: BoolArray
     region: BoolArray
+    search: SearchArea
     marks: list[tuple[int, int, int]]
 
     @property
@@ -138,6 +160,17 @@ def _one_series(folder: Path) -> Series:
     return series[0]
 
 
+def sampling_region(masks: LungMasks, volume: CTVolume, grid: CTVolume) -> BoolArray:
+    """Where "anywhere" training patches are centred: the lungs dilated by
+    :data:`SAMPLING_MARGIN_MM`, on the network's grid."""
+    lungs = nearest_on_grid(masks.lungs, volume, grid)
+    if not lungs.any():
+        return lungs
+    distance = ndimage.distance_transform_edt(~lungs, sampling=grid.spacing)
+    region: BoolArray = distance <= SAMPLING_MARGIN_MM
+    return region
+
+
 def _on_grid(volume: CTVolume, lesions: npt.NDArray[np.int32], marks_zyx: list[tuple[int, int,
              int]], name: str, pre: Preprocessing) -> Case:
     grid = resample(volume, pre.spacing)
@@ -146,7 +179,8 @@ def _on_grid(volume: CTVolume, lesions: npt.NDArray[np.int32], marks_zyx: list[t
     marks = [tuple(round(float(v)) for v in np.asarray(m) * scale) for m in marks_zyx]
     return Case(name=name, grid=grid, lesions=nearest_on_grid(lesions, volume, grid),
                 lungs=nearest_on_grid(masks.lungs, volume, grid),
-                region=lung_region(masks, volume, grid),
+                region=sampling_region(masks, volume, grid),
+                search=search_area(masks, volume, grid),
                 marks=[(m[0], m[1], m[2]) for m in marks])
 
 
@@ -367,12 +401,11 @@ class Scored:
     ignored: bool
 
 
-def score_case(net: nn.Module, case: Case, pre: Preprocessing, threshold: float,
-               min_voxels: int) -> list[Scored]:
-    """Candidates of ``net`` on a whole validation scan, each matched to the lesions."""
-    device = next(net.parameters()).device
-    prob = probability_map(net, model_input(case.grid.hu, pre), device=device)
-    found = find_candidates(prob, threshold, region=case.region, min_voxels=min_voxels)
+def score_map(prob: FloatArray, case: Case, area: SearchArea, threshold: float,
+              min_voxels: int) -> list[Scored]:
+    """Candidates of a probability map of a whole validation scan, found in ``area`` and each
+    matched to the lesions; probabilities are the network's raw peaks."""
+    found = find_candidates(prob, threshold, region=area, min_voxels=min_voxels)
     spacing = np.asarray(case.grid.spacing)
     boxes = ndimage.find_objects(case.lesions)
     scored = []
@@ -391,6 +424,74 @@ def score_case(net: nn.Module, case: Case, pre: Preprocessing, threshold: float,
                         for m in case.marks)
         scored.append(Scored(case.name, cand.probability, hit, hit is None and near_mark))
     return scored
+
+
+def fit_platt(raw: npt.ArrayLike, hits: npt.ArrayLike) -> Calibration:
+    """Platt scaling fitted to candidates' raw peak probabilities and whether each hit a lesion.
+
+    Maximum likelihood of ``sigmoid(a · logit(p) + b)`` with Platt's (1999) smoothed targets
+    ``(N₊ + 1) / (N₊ + 2)`` and ``1 / (N₋ + 2)`` instead of 1 and 0, which keeps the fit finite
+    when few candidates are lesions; ``a`` is fitted on the log scale so it stays positive and
+    the candidates' order is kept.
+
+    Raises
+    ------
+    ValueError
+        When there are no hits or no false positives to fit to.
+    """
+    y = np.asarray(hits, dtype=bool)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(f"Platt scaling needs hits and false positives, got {n_pos} and {n_neg}")
+    target = np.where(y, (n_pos + 1.0) / (n_pos + 2.0), 1.0 / (n_neg + 2.0))
+    z = Calibration(1.0, 0.0).logit(raw)
+
+    def loss(theta: npt.NDArray[np.float64]) -> float:
+        logit = math.exp(theta[0]) * z + theta[1]
+        # log(1 + e^x) without overflow; cross-entropy against the smoothed targets.
+        return float(np.mean(np.logaddexp(0.0, logit) - target * logit))
+
+    fit = optimize.minimize(loss, np.zeros(2), method="Nelder-Mead",
+                            options={"xatol": 1e-6, "fatol": 1e-10, "maxiter": 4000})
+    return Calibration(a=math.exp(float(fit.x[0])), b=float(fit.x[1]))
+
+
+def calibration_report(probability: npt.ArrayLike, hits: npt.ArrayLike) -> dict[str, float]:
+    """How well candidate probabilities match how often candidates are lesions.
+
+    Returns
+    -------
+    dict
+        ``brier`` (mean squared error), ``log_loss``, ``ece`` (expected calibration error over
+        :data:`CALIBRATION_BINS` equal-width bins), ``mean_probability`` beside ``hit_rate``
+        (equal when calibrated on average), ``share_at_least_0.99`` (saturation) and ``n``.
+    """
+    p = np.asarray(probability, dtype=np.float64)
+    y = np.asarray(hits, dtype=bool)
+    q = np.clip(p, 1e-12, 1.0 - 1e-12)
+    return {"n": float(len(p)), "brier": float(np.mean((p - y) ** 2)),
+            "log_loss": float(-np.mean(np.where(y, np.log(q), np.log1p(-q)))),
+            "ece": expected_calibration_error(np.stack([1.0 - p, p], axis=1), y.astype(int),
+                                              n_bins=CALIBRATION_BINS),
+            "mean_probability": float(p.mean()), "hit_rate": float(y.mean()),
+            "share_at_least_0.99": float(np.mean(p >= 0.99))}
+
+
+def counted(scored: Sequence[Scored]) -> list[Scored]:
+    """Candidates that count for calibration: hits and false positives (not the ignored)."""
+    return [s for s in scored if s.lesion is not None or not s.ignored]
+
+
+def out_of_patient(scored: Sequence[Scored]) -> list[float]:
+    """Each counted candidate's probability under a calibration fitted on the other patients'
+    candidates (the honest check of a calibration fitted on so few patients)."""
+    kept = counted(scored)
+    out = []
+    for s in kept:
+        others = [o for o in kept if o.case != s.case]
+        cal = fit_platt([o.probability for o in others], [o.lesion is not None for o in others])
+        out.append(float(cal(s.probability)))
+    return out
 
 
 def froc(scored: Sequence[Scored], n_lesions: int, n_scans: int) -> list[dict[str, float]]:
@@ -442,49 +543,180 @@ def _read_bundle(out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return metadata, inference
 
 
-def command_train(args: argparse.Namespace) -> int:
-    """Leave-one-patient-out validation, then the final network on all patients."""
+def fold_maps(cases: Sequence[Case], network_def: dict[str, Any], pre: Preprocessing,
+              patch: int, cfg: TrainConfig, cache: Path
+              ) -> tuple[dict[str, tuple[FloatArray, int]], list[str]]:
+    """Each case's probability map from a network trained on the other cases, and that
+    network's iteration count; maps are kept in ``cache`` under a key of the recipe, so a
+    later run with the same recipe reuses them instead of retraining. Also returns the
+    names of the cases whose map came from the cache."""
+    cache.mkdir(parents=True, exist_ok=True)
+    maps = {}
+    reused = []
+    for held in cases:
+        train_cases = [c for c in cases if c is not held]
+        key = hashlib.sha256(json.dumps(
+            {"network_def": network_def, "pre": [pre.spacing, pre.hu_window, pre.channels],
+             "patch": patch, "cfg": vars(cfg), "train": [c.name for c in train_cases],
+             "shares": [REAL_SHARE, SYNTHETIC_SHARE, SYNTHETIC_CLEARANCE_MM]},
+            sort_keys=True).encode()).hexdigest()[:16]
+        path = cache / f"{held.name}-{key}.npz"
+        if path.exists():
+            with np.load(path) as stored:
+                maps[held.name] = (stored["prob"], int(stored["iterations"]))
+            print(f"fold {held.name}: probability map from {path}", flush=True)
+            reused.append(held.name)
+            continue
+        print(f"fold: validate on {held.name}, train on {[c.name for c in train_cases]}",
+              flush=True)
+        net, iters = train(train_cases, network_def, pre, patch, cfg,
+                           lambda m: print(m, flush=True))
+        device = next(net.parameters()).device
+        prob = probability_map(net, model_input(held.grid.hu, pre), device=device)
+        np.savez(path, prob=prob, iterations=iters)
+        maps[held.name] = (prob, iters)
+    return maps, reused
+
+
+def _candidates_json(scored: Sequence[Scored], calibration: Calibration) -> list[dict[str, Any]]:
+    # Unrounded: near 1 the calibrated value moves with the sixth decimal of the raw one.
+    return [{"raw_probability": s.probability,
+             "probability": round(float(calibration(s.probability)), 4),
+             "lesion": s.lesion, "ignored": s.ignored} for s in scored]
+
+
+def validate(cases: Sequence[Case], maps: dict[str, tuple[FloatArray, int]],
+             cand_t: float, min_vox: int) -> tuple[dict[str, Any], Calibration]:
+    """Score the fold maps, fit the calibration, and summarise before/after.
+
+    "Before" is the search of the bundle's first release (the lungs dilated by
+    :data:`SAMPLING_MARGIN_MM`, no lung-base rule) with raw peak probabilities, on the same
+    maps, so the two differ only in where candidates are looked for and how they are scored.
+    """
+    scored: list[Scored] = []
+    before: list[Scored] = []
+    folds: list[dict[str, Any]] = []
+    for case in cases:
+        prob, iters = maps[case.name]
+        result = score_map(prob, case, case.search, cand_t, min_vox)
+        dilated = SearchArea(inside=case.region, below_bases=np.zeros_like(case.region),
+                             soft_tissue=case.search.soft_tissue)
+        old = score_map(prob, case, dilated, cand_t, min_vox)
+        scored.extend(result)
+        before.extend(old)
+        folds.append({"validation": case.name, "lesions": case.n_lesions, "iterations": iters,
+                      "candidates_before": len(old), "scored": result})
+        print(f"  {case.name}: {len(result)} candidates ({len(old)} in the dilated lungs), "
+              f"lesions hit {sorted({s.lesion for s in result if s.lesion})}", flush=True)
+    kept = counted(scored)
+    hits = [s.lesion is not None for s in kept]
+    calibration = fit_platt([s.probability for s in kept], hits)
+    calibrated_scored = [Scored(s.case, float(calibration(s.probability)), s.lesion, s.ignored)
+                         for s in scored]
+    n_lesions = sum(c.n_lesions for c in cases)
+    points = froc(calibrated_scored, n_lesions, len(cases))
+    raw_points = froc(scored, n_lesions, len(cases))
+    old_points = froc(before, n_lesions, len(cases))
+    old_kept = counted(before)
+    summary: dict[str, Any] = {
+        "protocol": "leave-one-patient-out over 4 patients; lesion hit = candidate centre in "
+                    f"lesion bounding box + {HIT_MARGIN_MM:g} mm",
+        "search": "peak and >= 50 % of voxels in each lung closed per slice (15 mm); <= 50 % "
+                  "of its soft-tissue voxels (> -500 HU) with no aerated lung beneath",
+        "lesions": n_lesions, "scans": len(cases),
+        "sensitivity_at_fp_per_scan": {str(f): sensitivity_at(points, f) for f in FP_LEVELS},
+        "calibration": {"method": "platt", "a": calibration.a, "b": calibration.b,
+                        "fitted_on": f"{len(kept)} validation candidates ({sum(hits)} hits)"},
+        "calibration_check": {
+            "before_raw_dilated_search": calibration_report(
+                [s.probability for s in old_kept], [s.lesion is not None for s in old_kept]),
+            "raw": calibration_report([s.probability for s in kept], hits),
+            "platt_in_sample": calibration_report([float(calibration(s.probability))
+                                                   for s in kept], hits),
+            "platt_out_of_patient": calibration_report(out_of_patient(scored), hits)},
+        "before": {"search": "lungs dilated by 15 mm (peak and >= 50 % of voxels inside), no "
+                             "lung-base rule; raw probabilities",
+                   "candidates": len(before),
+                   "false_positives_per_scan_all": sum(1 for s in old_kept if s.lesion is None)
+                   / len(cases),
+                   "sensitivity_at_fp_per_scan": {str(f): sensitivity_at(old_points, f)
+                                                  for f in FP_LEVELS}},
+        "froc": points, "froc_raw": raw_points,
+        "folds": [{**{k: v for k, v in f.items() if k != "scored"},
+                   "candidates": _candidates_json(f["scored"], calibration)} for f in folds],
+    }
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("froc", "froc_raw",
+                                                                   "folds")}, indent=1),
+          flush=True)
+    return summary, calibration
+
+
+def _validation_setup(args: argparse.Namespace) -> tuple[Path, dict[str, Any], dict[str, Any],
+                                                          list[Case], Preprocessing, int]:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     metadata, inference = _read_bundle(out)
     block = metadata["dicom_ai"]
     pre = Preprocessing.from_block(block["preprocessing"])
     patch = int(block["preprocessing"]["patch_size"][0])
-    thresholds = block["thresholds"]
-    cand_t, min_vox = float(thresholds["candidate"]), int(thresholds["min_voxels"])
-    t0 = time.monotonic()
     cases = load_cases(Path(args.data), Path(args.scratch), pre)
     for c in cases:
         print(f"{c.name}: grid {c.grid.hu.shape} at {c.grid.spacing} mm, {c.n_lesions} lesion(s),"
               f" {int((c.lesions > 0).sum())} lesion voxels, {len(c.marks)} small marks",
               flush=True)
+    return out, metadata, inference, cases, pre, patch
+
+
+def _write_validation(out: Path, summary: dict[str, Any], calibration: Calibration) -> None:
+    (out / "docs").mkdir(parents=True, exist_ok=True)
+    (out / "docs" / "validation.json").write_text(json.dumps(summary, indent=2) + "\n",
+                                                  encoding="utf-8")
+    metadata, _ = _read_bundle(out)
+    metadata["dicom_ai"]["calibration"] = {"method": "platt", "a": round(calibration.a, 6),
+                                           "b": round(calibration.b, 6)}
+    (out / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n",
+                                                   encoding="utf-8")
+    set_operating_point(out, TARGET_FP_PER_SCAN)
+
+
+def _recipe(args: argparse.Namespace, cfg: TrainConfig, patch: int,
+            t0: float) -> dict[str, Any]:
+    return {"fold_minutes": args.fold_minutes, "threads": args.threads,
+            "batch_size": cfg.batch_size, "patch": patch, "lr": cfg.lr, "seed": args.seed,
+            "real_share": REAL_SHARE, "synthetic_share": SYNTHETIC_SHARE,
+            "synthetic_clearance_mm": SYNTHETIC_CLEARANCE_MM,
+            "wall_minutes": round((time.monotonic() - t0) / 60.0, 1),
+            "device": "cuda" if torch.cuda.is_available() else "cpu"}
+
+
+def command_validate(args: argparse.Namespace) -> tuple[dict[str, Any], Calibration]:
+    """Leave-one-patient-out validation and calibration; writes docs/validation.json, the
+    calibration and the operating point (the shipped network is not touched)."""
+    t0 = time.monotonic()
+    out, metadata, inference, cases, pre, patch = _validation_setup(args)
+    thresholds = metadata["dicom_ai"]["thresholds"]
     cfg = TrainConfig(minutes=args.fold_minutes, seed=args.seed)
-    scored: list[Scored] = []
-    folds = []
-    for held in cases:
-        train_cases = [c for c in cases if c is not held]
-        print(f"fold: validate on {held.name}, train on {[c.name for c in train_cases]}",
-              flush=True)
-        net, iters = train(train_cases, inference["network_def"], pre, patch, cfg,
-                           lambda m: print(m, flush=True))
-        result = score_case(net, held, pre, cand_t, min_vox)
-        scored.extend(result)
-        folds.append({"validation": held.name, "lesions": held.n_lesions, "iterations": iters,
-                      "candidates": [{"probability": round(s.probability, 4),
-                                      "lesion": s.lesion, "ignored": s.ignored} for s in result]})
-        print(f"  {held.name}: {len(result)} candidates, lesions hit "
-              f"{sorted({s.lesion for s in result if s.lesion})}", flush=True)
-    n_lesions = sum(c.n_lesions for c in cases)
-    points = froc(scored, n_lesions, len(cases))
-    summary = {
-        "protocol": "leave-one-patient-out over 4 patients; lesion hit = candidate centre in "
-                    f"lesion bounding box + {HIT_MARGIN_MM:g} mm",
-        "lesions": n_lesions, "scans": len(cases),
-        "sensitivity_at_fp_per_scan": {str(f): sensitivity_at(points, f) for f in FP_LEVELS},
-        "froc": points, "folds": folds,
-    }
-    print(json.dumps({k: v for k, v in summary.items() if k not in ("froc", "folds")}),
-          flush=True)
+    maps, reused = fold_maps(cases, inference["network_def"], pre, patch, cfg,
+                             Path(args.scratch) / "folds")
+    summary, calibration = validate(cases, maps, float(thresholds["candidate"]),
+                                    int(thresholds["min_voxels"]))
+    previous = out / "docs" / "validation.json"
+    earlier = json.loads(previous.read_text(encoding="utf-8")) if previous.exists() else {}
+    summary["recipe"] = _recipe(args, cfg, patch, t0)
+    if reused:
+        # Wall time of the run that trained the folds, not of this re-scoring.
+        summary["recipe"]["wall_minutes"] = earlier.get("recipe", {}).get("wall_minutes")
+        summary["recipe"]["fold_maps_reused"] = reused
+    summary["final"] = earlier.get("final")
+    _write_validation(out, summary, calibration)
+    return summary, calibration
+
+
+def command_train(args: argparse.Namespace) -> int:
+    """Leave-one-patient-out validation, then the final network on all patients."""
+    t0 = time.monotonic()
+    summary, calibration = command_validate(args)
+    out, _, inference, cases, pre, patch = _validation_setup(args)
     final_cfg = TrainConfig(minutes=args.final_minutes, seed=args.seed)
     print("final network on all patients", flush=True)
     net, iters = train(cases, inference["network_def"], pre, patch, final_cfg,
@@ -492,23 +724,14 @@ def command_train(args: argparse.Namespace) -> int:
     (out / "models").mkdir(parents=True, exist_ok=True)
     torch.save({k: v.cpu() for k, v in net.state_dict().items()}, out / "models" / "model.pt")
     summary["final"] = {"iterations": iters, "minutes": args.final_minutes}
-    summary["recipe"] = {"fold_minutes": args.fold_minutes, "threads": args.threads,
-                         "batch_size": cfg.batch_size, "patch": patch, "lr": cfg.lr,
-                         "seed": args.seed, "real_share": REAL_SHARE,
-                         "synthetic_share": SYNTHETIC_SHARE,
-                         "synthetic_clearance_mm": SYNTHETIC_CLEARANCE_MM,
-                         "wall_minutes": round((time.monotonic() - t0) / 60.0, 1),
-                         "device": "cuda" if torch.cuda.is_available() else "cpu"}
-    (out / "docs").mkdir(parents=True, exist_ok=True)
-    (out / "docs" / "validation.json").write_text(json.dumps(summary, indent=2) + "\n",
-                                                  encoding="utf-8")
-    set_operating_point(out, TARGET_FP_PER_SCAN)
+    summary["recipe"]["wall_minutes"] = round((time.monotonic() - t0) / 60.0, 1)
+    _write_validation(out, summary, calibration)
     return 0
 
 
 def set_operating_point(out: Path, fp_per_scan: float) -> float:
-    """Choose ``thresholds.positive`` from the validation FROC at ``fp_per_scan``; record it in
-    ``docs/validation.json`` and ``configs/metadata.json``."""
+    """Choose ``thresholds.positive`` from the validation FROC (on the calibrated scale) at
+    ``fp_per_scan``; record it in ``docs/validation.json`` and ``configs/metadata.json``."""
     validation_path = out / "docs" / "validation.json"
     summary = json.loads(validation_path.read_text(encoding="utf-8"))
     metadata, _ = _read_bundle(out)
@@ -552,12 +775,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="leave-one-patient-out validation, then the final model")
-    t.add_argument("--data", default="../shared/data/ct")
-    t.add_argument("--scratch", default="/tmp/dicom-ai-ct",
-                   help="where the archives are unpacked (outside the repository)")
-    t.add_argument("--fold-minutes", type=float, default=3.0)
-    t.add_argument("--final-minutes", type=float, default=5.0)
-    t.add_argument("--seed", type=int, default=0)
+    v = sub.add_parser("validate", help="leave-one-patient-out validation and calibration only")
+    for p in (t, v):
+        p.add_argument("--data", default="../shared/data/ct")
+        p.add_argument("--scratch", default="/tmp/dicom-ai-ct",
+                       help="where the archives are unpacked and the fold maps kept "
+                            "(outside the repository)")
+        p.add_argument("--fold-minutes", type=float, default=3.5)
+        p.add_argument("--seed", type=int, default=0)
+    t.add_argument("--final-minutes", type=float, default=6.0)
     m = sub.add_parser("measure", help="wall time and peak memory on one CT series")
     m.add_argument("series", help="folder holding one CT series")
     o = sub.add_parser("operating-point",
@@ -566,6 +792,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "operating-point":
         print(f"positive threshold: {set_operating_point(Path(args.out), args.fp_per_scan):.6g}")
+        return 0
+    if args.command == "validate":
+        command_validate(args)
         return 0
     return command_train(args) if args.command == "train" else command_measure(args)
 

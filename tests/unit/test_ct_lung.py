@@ -20,16 +20,21 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from dicom_ai.config import InferenceSettings, Settings
 from dicom_ai.dicom.model import Instance, Series
-from dicom_ai.inference.bundle import Bundle
+from dicom_ai.imaging.ct import build_volume
+from dicom_ai.imaging.lung import segment_lungs
+from dicom_ai.inference.bundle import Bundle, BundleError
 from dicom_ai.inference.ct_lung import (
+    Calibration,
     Candidate,
     Preprocessing,
+    SearchArea,
     extent_mm,
     find_candidates,
     in_plane_diameter_mm,
     lesion_label,
     model_input,
     probability_map,
+    validate_block,
 )
 from dicom_ai.inference.findings import ModelInfo, ModelResult
 from dicom_ai.pipeline import StudyOutcome, analyse_series
@@ -59,6 +64,7 @@ def _bundle(**accepts: object) -> Bundle:
         "preprocessing": {"spacing": [2.5, 2.0, 2.0], "hu_window": list(WINDOW), "channels": 3},
         "thresholds": {"candidate": 0.5, "positive": 0.5, "min_voxels": 1,
                        "max_candidates": 10},
+        "calibration": {"method": "platt", "a": 1.0, "b": 0.0},
     }
     return Bundle(root=Path("."), metadata={}, dicom_ai=block, network=DensityBand(),
                   device=torch.device("cpu"), info=ModelInfo("ct-lung", "0", "2.25.1"),
@@ -246,10 +252,105 @@ def test_find_candidates_orders_filters_and_boxes() -> None:
     assert [round(c.probability, 2) for c in found] == [0.9, 0.7]
     assert found[1].lo == (1, 1, 1) and found[1].hi == (2, 2, 3)
     assert len(find_candidates(prob, 0.5, min_voxels=2)) == 1
-    region = np.zeros(prob.shape, dtype=bool)
-    region[4, 8, 8] = True
-    assert [c.probability for c in find_candidates(prob, 0.5, region=region)] == \
+    inside = np.zeros(prob.shape, dtype=bool)
+    inside[4, 8, 8] = True
+    area = SearchArea(inside=inside, below_bases=np.zeros_like(inside),
+                      soft_tissue=np.ones_like(inside))
+    assert [c.probability for c in find_candidates(prob, 0.5, region=area)] == \
         pytest.approx([0.9])
+
+
+def test_a_candidate_needs_its_peak_and_most_voxels_inside() -> None:
+    prob = np.zeros((3, 10, 10), dtype=np.float32)
+    prob[1, 2:6, 2:6] = 0.6  # 16 voxels
+    prob[1, 3, 3] = 0.8  # the peak
+    inside = np.zeros(prob.shape, dtype=bool)
+    none = np.zeros_like(inside)
+    tissue = np.ones_like(inside)
+    inside[1, 2:6, 2:4] = True  # 8 of 16 voxels, the peak among them
+    assert len(find_candidates(prob, 0.5, region=SearchArea(inside, none, tissue))) == 1
+    inside[1, 2, 2] = False  # 7 of 16: most of the region lies outside
+    assert find_candidates(prob, 0.5, region=SearchArea(inside, none, tissue)) == []
+    inside[1, 2:6, 2:6] = True
+    inside[1, 3, 3] = False  # the peak outside
+    assert find_candidates(prob, 0.5, region=SearchArea(inside, none, tissue)) == []
+    inside[1, 3, 3] = True
+    below = np.zeros_like(inside)
+    below[1, 2:4, 2:6] = True  # 8 of 16 voxels over the diaphragm: not most
+    assert len(find_candidates(prob, 0.5, region=SearchArea(inside, below, tissue))) == 1
+    # ... but most of its soft tissue when the rest is partial-volume lung above the dome.
+    tissue[1, 4:6, 2:6] = False
+    assert find_candidates(prob, 0.5, region=SearchArea(inside, below, tissue)) == []
+
+
+def dome_phantom(lesions: list[tuple[tuple[float, float, float], float]]
+                 ) -> npt.NDArray[np.float32]:
+    """Lungs above slice 6 (the index runs to the head), abdomen below, and the liver dome
+    rising into the right lung's base as a soft-tissue cap that narrows slice by slice."""
+    hu = chest_phantom(lesions=[])
+    _, yy, xx = _grid()
+    hu[:6][hu[:6] < -500.0] = 40.0  # below the lung bases: soft tissue inside the body
+    for z in range(6, 11):
+        radius = 10 - 2 * (z - 6)  # 20 mm across at the base, 4 mm at the top
+        hu[z][(yy[z] - 48) ** 2 + (xx[z] - 26) ** 2 <= radius**2] = 40.0
+    for centre, r in lesions:
+        hu[_ball(centre, r)] = LESION_HU
+    return hu
+
+
+def test_no_candidate_over_the_liver_dome(tmp_path: Path) -> None:
+    dome_blob = ((7.0, 48.0, 26.0), 4.0)  # lesion density inside the dome cap
+    nodule = ((16.0, 48.0, 70.0), 6.0)  # a nodule in the left lung
+    hu = dome_phantom([dome_blob, nodule])
+    series = write_series(hu, tmp_path / "s")
+    # The dome cap is filled into the lung mask as a hole (as the real liver dome is), so a
+    # rule "centre in the lungs" would keep it; the lung-base rule must reject it.
+    volume = build_volume(series)
+    masks = segment_lungs(volume.hu, volume.spacing, volume.direction)
+    assert masks.lungs[7, 48, 26]
+    result, _ = _run(series)
+    cands = [f for f in result.findings if f.label in ("nodule", "mass")]
+    assert len(cands) == 1
+    assert cands[0].center_mm is not None
+    np.testing.assert_allclose(cands[0].center_mm, _lps(nodule[0]), atol=0.5)
+
+
+def test_juxtapleural_nodule_is_kept(tmp_path: Path) -> None:
+    # Against the lateral chest wall of the left lung (its border at column 86): the nodule's
+    # voxels make a notch in the air-based lung mask.
+    nodule = ((12.0, 48.0, 84.0), 6.0)
+    hu = chest_phantom([nodule])
+    series = write_series(hu, tmp_path / "s")
+    volume = build_volume(series)
+    masks = segment_lungs(volume.hu, volume.spacing, volume.direction)
+    assert not masks.lungs[_ball(*nodule)].all()
+    result, _ = _run(series)
+    cands = [f for f in result.findings if f.label in ("nodule", "mass")]
+    assert len(cands) == 1 and cands[0].center_mm is not None
+    np.testing.assert_allclose(cands[0].center_mm, _lps(nodule[0]), atol=1.0)
+
+
+def test_calibration_maps_and_validates() -> None:
+    cal = Calibration.from_block({"method": "platt", "a": 0.5, "b": -1.0})
+    assert float(cal(0.5)) == pytest.approx(1.0 / (1.0 + np.exp(1.0)))
+    assert float(cal(1.0)) < 1.0  # saturated raw peaks stay below 1 after calibration
+    assert np.all(np.diff(cal(np.array([0.5, 0.9, 0.99, 1.0]))) > 0)  # order kept
+    for bad in (None, {"method": "isotonic", "a": 1, "b": 0}, {"method": "platt", "a": 0,
+                                                               "b": 0},
+                {"method": "platt", "a": "x", "b": 0}):
+        with pytest.raises(ValueError):
+            Calibration.from_block(bad)
+
+
+def test_bundle_without_calibration_is_refused_at_load() -> None:
+    block = dict(_bundle().dicom_ai)
+    validate_block("ct-lung", block)
+    del block["calibration"]
+    with pytest.raises(BundleError, match="calibration"):
+        validate_block("ct-lung", block)
+    with pytest.raises(BundleError, match="positive"):
+        validate_block("ct-lung", {**_bundle().dicom_ai,
+                                   "thresholds": {"candidate": 0.5, "positive": 2.0}})
 
 
 def test_extent_follows_the_direction_cosines() -> None:

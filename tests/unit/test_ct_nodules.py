@@ -3,6 +3,7 @@ lesions and the FROC figures of the model card."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,16 +13,23 @@ from pydicom.dataset import Dataset
 
 from dicom_ai.dicom.model import Instance
 from dicom_ai.imaging.ct import CTVolume
+from dicom_ai.inference.ct_lung import Calibration
 from dicom_ai.train.ct_nodules import (
     Scored,
     box_lesion,
+    calibration_report,
+    counted,
     crop,
+    fit_platt,
     froc,
     insert_lesion,
     operating_threshold,
+    out_of_patient,
     read_voc_box,
     sensitivity_at,
 )
+
+BUNDLE = Path(__file__).resolve().parents[2] / "models" / "ct-lung"
 
 
 def _volume(hu: npt.NDArray[np.float64]) -> CTVolume:
@@ -91,3 +99,58 @@ def test_froc_and_operating_point() -> None:
     assert operating_threshold(points, 0.5, 0.3) == pytest.approx(0.5)
     assert operating_threshold(points, 1.0, 0.3) == pytest.approx(0.4)
     assert operating_threshold([], 1.0, 0.3) == 0.3
+
+
+def test_platt_fit_recovers_a_known_calibration() -> None:
+    rng = np.random.default_rng(0)
+    truth = Calibration(0.3, -2.0)
+    raw = 1.0 / (1.0 + np.exp(-rng.uniform(-5.0, 15.0, size=4000)))
+    hits = rng.random(4000) < truth(raw)
+    fitted = fit_platt(raw, hits)
+    assert fitted.a == pytest.approx(0.3, abs=0.05) and fitted.b == pytest.approx(-2.0, abs=0.3)
+    with pytest.raises(ValueError, match="hits and false positives"):
+        fit_platt([0.9, 0.8], [False, False])
+
+
+def test_calibration_report_and_out_of_patient_fit() -> None:
+    report = calibration_report([1.0, 1.0, 0.0, 0.0], [True, False, False, False])
+    assert report["brier"] == pytest.approx(0.25) and report["hit_rate"] == 0.25
+    assert report["mean_probability"] == 0.5 and report["share_at_least_0.99"] == 0.5
+    assert report["ece"] == pytest.approx(0.25)  # 2 of 4 at p = 1.0 (half hit), 2 at 0 (none)
+    scored = [Scored("a", 0.99, 1, False), Scored("a", 0.9, None, False),
+              Scored("b", 0.95, 1, False), Scored("b", 0.6, None, False),
+              Scored("c", 0.97, 1, False), Scored("c", 0.7, None, True),
+              Scored("c", 0.8, None, False)]
+    assert len(counted(scored)) == 6  # the candidate at a small-nodule mark is not counted
+    held_out = out_of_patient(scored)
+    assert len(held_out) == 6 and all(0.0 < p < 1.0 for p in held_out)
+
+
+def test_shipped_calibration_is_the_validated_one_and_not_saturated() -> None:
+    """The bundle's calibration is the one fitted on its validation candidates, and on those
+    candidates (leave-one-patient-out, so none was seen by the network that scored it) the
+    calibrated probabilities no longer crowd at 1.0 and fit the hit rate better than the raw
+    peaks do."""
+    validation = json.loads((BUNDLE / "docs" / "validation.json").read_text(encoding="utf-8"))
+    metadata = json.loads((BUNDLE / "configs" / "metadata.json").read_text(encoding="utf-8"))
+    block = metadata["dicom_ai"]
+    cal = Calibration.from_block(block["calibration"])
+    assert cal.a == pytest.approx(validation["calibration"]["a"], rel=1e-5)
+    assert cal.b == pytest.approx(validation["calibration"]["b"], rel=1e-5)
+    records = [c for f in validation["folds"] for c in f["candidates"]
+               if c["lesion"] is not None or not c["ignored"]]
+    raw = np.array([c["raw_probability"] for c in records])
+    hits = np.array([c["lesion"] is not None for c in records])
+    assert hits.any() and not hits.all()
+    calibrated = cal(raw)
+    np.testing.assert_allclose(calibrated, [c["probability"] for c in records], atol=1e-4)
+    before, after = calibration_report(raw, hits), calibration_report(calibrated, hits)
+    assert after["share_at_least_0.99"] == 0.0 < before["share_at_least_0.99"]
+    assert after["brier"] < before["brier"] and after["ece"] < before["ece"]
+    assert abs(after["mean_probability"] - after["hit_rate"]) < 0.05
+    # The operating point is stated on the calibrated scale, where validation chose it.
+    assert block["thresholds"]["positive"] == pytest.approx(
+        validation["operating_threshold"], abs=1e-6)
+    every = cal(np.array([c["raw_probability"] for f in validation["folds"]
+                          for c in f["candidates"]]))
+    assert np.min(np.abs(every - validation["operating_threshold"])) < 1e-6
