@@ -589,9 +589,11 @@ def validate(cases: Sequence[Case], maps: dict[str, tuple[FloatArray, int]],
              cand_t: float, min_vox: int) -> tuple[dict[str, Any], Calibration]:
     """Score the fold maps, fit the calibration, and summarise before/after.
 
-    "Before" is the search of the bundle's first release (the lungs dilated by
-    :data:`SAMPLING_MARGIN_MM`, no lung-base rule) with raw peak probabilities, on the same
-    maps, so the two differ only in where candidates are looked for and how they are scored.
+    "Before" is close to the search of the bundle's first release, which kept a region
+    whose centroid lay in the lungs dilated by :data:`SAMPLING_MARGIN_MM`: here its peak and
+    most voxels must lie there, with no lung-base rule, and probabilities are the raw peaks.
+    Both are scored on the same maps, so they differ only in where candidates are looked for
+    and how they are scored.
     """
     scored: list[Scored] = []
     before: list[Scored] = []
