@@ -330,8 +330,8 @@ class FractureXRay:
 
 
 FRACTURE_XRAYS: tuple[FractureXRay, ...] = (
-    # A hand, frontal view, one distal-radius fracture box.
-    FractureXRay("FRACTURE01", "train/IMG0000751.jpg", "HAND", "MONOCHROME2", 12, True,
+    # A hand and wrist in a cast, frontal view, one distal-radius fracture box.
+    FractureXRay("FRACTURE01", "train/IMG0003233.jpg", "HAND", "MONOCHROME2", 12, True,
                  RLELossless),
 )
 

@@ -24,7 +24,7 @@ from dicom_ai.cli import main
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = REPO / "sample_studies"
 CORPUS = REPO.parent / "shared" / "data" / "dicom"
-SHIPPED = ("cxr-pneumonia", "fundus-dr", "ct-lung")
+SHIPPED = ("cxr-pneumonia", "fundus-dr", "ct-lung", "xr-fracture")
 
 pytestmark = [
     pytest.mark.integration,
@@ -58,9 +58,11 @@ def results_by_model(out: Path) -> dict[str, list[dict[str, Any]]]:
 
 def test_every_cxr_and_fundus_study_gets_findings(replayed: Path) -> None:
     by_model = results_by_model(replayed)
-    assert len(by_model["cxr-pneumonia"]) == 4
+    # The hand radiograph (a CR too) is declined by the chest model: see the fracture test.
+    chest = [r for r in by_model["cxr-pneumonia"] if r["status"] == "ok"]
+    assert len(chest) == 4
     assert len(by_model["fundus-dr"]) == 3
-    for result in by_model["cxr-pneumonia"] + by_model["fundus-dr"]:
+    for result in chest + by_model["fundus-dr"]:
         assert result["status"] == "ok", result.get("reason")
         assert all(0.0 <= f["probability"] <= 1.0 for f in result["findings"])
     assert [f["label"] for f in by_model["cxr-pneumonia"][0]["findings"]] == \
@@ -71,6 +73,24 @@ def test_every_cxr_and_fundus_study_gets_findings(replayed: Path) -> None:
     labels = {f["label"] for f in ct["findings"]}
     assert {"lung_volume_left_ml", "lung_volume_right_ml", "mean_lung_density_hu",
             "laa950_percent"} <= labels
+
+
+def test_fracture_radiograph_gets_a_box_and_chest_films_do_not(replayed: Path) -> None:
+    by_model = results_by_model(replayed)
+    (fracture,) = [r for r in by_model["xr-fracture"] if r["status"] == "ok"]
+    image_level = fracture["findings"][0]
+    assert image_level["label"] == "fracture" and image_level["positive"] is True
+    boxes = [f for f in fracture["findings"] if "bbox_px" in f]
+    assert boxes and all(f["label"] == "fracture" and 0.0 <= f["probability"] <= 1.0
+                         for f in boxes)
+    # The radiologists' box of FracAtlas train/IMG0003233.jpg is [216.7, 177.4, 255.6, 198.6]
+    # (sample_studies/README.md): the top box's centre lies inside it.
+    c0, r0, c1, r1 = boxes[0]["bbox_px"]
+    assert 216.7 <= (c0 + c1) / 2 <= 255.6 and 177.4 <= (r0 + r1) / 2 <= 198.6
+    declined = [r for r in by_model["xr-fracture"] if r["status"] == "rejected"]
+    assert len(declined) == 4 and all("CHEST" in r["reason"] for r in declined)
+    (hand,) = [r for r in by_model["cxr-pneumonia"] if r["status"] == "rejected"]
+    assert "HAND" in hand["reason"]
 
 
 def test_summary_accounts_for_every_file(replayed: Path) -> None:

@@ -125,8 +125,8 @@ def test_fracture_radiograph_names_its_box_and_body_part() -> None:
     ds = read("fracture01")
     assert ds.BodyPartExamined == "HAND" and ds.Modality == "CR"
     assert "FracAtlas" in ds.ImageComments and "CC BY 4.0" in ds.ImageComments
-    # boxes.csv: cx 0.4518, cy 0.3453, w 0.1004, h 0.0602 on a 373 × 454 image.
-    assert "[149.8, 143.1, 187.2, 170.4]" in ds.ImageComments
+    # boxes.csv: cx 0.6331, cy 0.4141, w 0.1041, h 0.0469 on a 373 × 454 image.
+    assert "[216.7, 177.4, 255.6, 198.6]" in ds.ImageComments
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is not beside the repository")
