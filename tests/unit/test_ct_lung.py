@@ -363,3 +363,37 @@ def test_lesion_label_boundary() -> None:
     assert lesion_label(30.0) == "nodule" and lesion_label(30.1) == "mass"
     cand = Candidate(0.9, (0, 2, 3), (4, 5, 12), (2.0, 3.5, 7.5))
     assert in_plane_diameter_mm(cand, (8.0, 0.5, 0.5)) == 5.0  # z extent (40 mm) not counted
+
+
+@pytest.mark.slow
+def test_sample_ct_candidates_lie_in_the_lungs() -> None:
+    """The shipped bundle on the sample chest CT (TCIA A0002): every candidate's centre lies in
+    the closed lungs and has aerated lung beneath it (0.1.0 put three masses at p = 1.00 over
+    the diaphragm and liver dome), its probability is calibrated (below 1) and the tumour is
+    still the top, positive candidate."""
+    from dicom_ai.dicom.collect import collect
+    from dicom_ai.imaging.lung import below_lung_bases, search_region
+    from dicom_ai.inference.bundle import load_bundle
+    from dicom_ai.inference.ct_lung import analyse_ct
+
+    repo = Path(__file__).resolve().parents[2]
+    bundle = load_bundle(repo / "models" / "ct-lung", device=torch.device("cpu"))
+    (study,) = collect(repo / "sample_studies" / "ct-lung-pet-ct-dx-a0002").studies
+    (series,) = [s for s in study.series if s.modality == "CT"]
+    result, _ = analyse_ct(bundle, series, datetime(2026, 1, 1), InferenceSettings())
+    volume = build_volume(series)
+    masks = segment_lungs(volume.hu, volume.spacing, volume.direction)
+    inside = search_region(masks, volume.spacing)
+    below = below_lung_bases(volume.hu, masks, volume.direction)
+    to_index = np.linalg.inv(np.asarray(volume.direction) * np.asarray(volume.spacing)[::-1])
+    cands = [f for f in result.findings if f.label in ("nodule", "mass")]
+    assert cands
+    for c in cands:
+        assert c.center_mm is not None and c.probability is not None
+        x, y, z = np.rint(to_index @ (np.asarray(c.center_mm) - np.asarray(volume.origin)))
+        voxel = (int(z), int(y), int(x))
+        assert inside[voxel] and not below[voxel], c
+        assert c.probability < 0.99
+    top = max(cands, key=lambda f: f.probability or 0.0)
+    assert top.label == "mass" and top.positive
+    np.testing.assert_allclose(top.center_mm, (-63.65, -98.76, 187.15), atol=5.0)
