@@ -1,7 +1,8 @@
 """Build ``sample_studies/`` from the real data in ``../shared/data``.
 
 Chest X-rays (Kermany et al. 2018, CC BY 4.0) become CR and DX objects, RetinaMNIST fundus
-photographs (CC BY 4.0) become Ophthalmic Photography 8 Bit objects, and the TCIA
+photographs (CC BY 4.0) become Ophthalmic Photography 8 Bit objects, ISIC 2017 dermoscopic
+images (CC-0) become Dermoscopic Photography objects, and the TCIA
 Lung-PET-CT-Dx A0002 chest CT series (CC BY 4.0) is copied unchanged. The output is
 deterministic: UIDs are derived from fixed strings and dates are fixed, so re-running the
 script reproduces byte-identical files.
@@ -51,6 +52,7 @@ CR_STORAGE = UID("1.2.840.10008.5.1.4.1.1.1")
 DX_PRESENTATION_STORAGE = UID("1.2.840.10008.5.1.4.1.1.1.1")
 DX_PROCESSING_STORAGE = UID("1.2.840.10008.5.1.4.1.1.1.1.1")
 OP_8BIT_STORAGE = UID("1.2.840.10008.5.1.4.1.1.77.1.5.1")
+DERMOSCOPIC_STORAGE = UID("1.2.840.10008.5.1.4.1.1.77.1.7")
 
 #: Every sample study carries the same made-up date, so nothing depends on when it was built.
 STUDY_DATE = "20250101"
@@ -446,7 +448,8 @@ def fundus_photo(spec: Fundus, images: npt.NDArray[np.uint8],
     return ds
 
 
-def encode_jpeg_422(ds: Dataset, rgb: npt.NDArray[np.uint8]) -> None:
+def encode_jpeg_422(ds: Dataset, rgb: npt.NDArray[np.uint8],
+                    sop_class: UID = OP_8BIT_STORAGE) -> None:
     """Pixel data as JPEG baseline with 4:2:2 chroma (Pillow), photometric YBR_FULL_422.
 
     pydicom has no JPEG baseline encoder, so Pillow writes the JPEG and it is encapsulated.
@@ -467,7 +470,83 @@ def encode_jpeg_422(ds: Dataset, rgb: npt.NDArray[np.uint8]) -> None:
     ds.LossyImageCompressionMethod = "ISO_10918_1"
     ds.PixelData = encapsulate([jpeg])
     ds["PixelData"].VR = "OB"
-    ds.file_meta = file_meta(OP_8BIT_STORAGE, ds.SOPInstanceUID, JPEGBaseline8Bit)
+    ds.file_meta = file_meta(sop_class, ds.SOPInstanceUID, JPEGBaseline8Bit)
+
+
+@dataclass(frozen=True)
+class Dermoscopy:
+    """One dermoscopic image from the ISIC 2017 train split (CC-0), written as Dermoscopic
+    Photography; JPEG baseline is written as YBR_FULL_422, anything else as RGB."""
+
+    key: str
+    source: str
+    label: str
+    transfer_syntax: UID
+
+
+#: The first train image of each class by file name.
+DERMOSCOPY_IMAGES: tuple[Dermoscopy, ...] = (
+    Dermoscopy("DERM01", "train/ISIC_0000002.jpg", "melanoma", ExplicitVRLittleEndian),
+    Dermoscopy("DERM02", "train/ISIC_0000000.jpg", "nevus", JPEGBaseline8Bit),
+    Dermoscopy("DERM03", "train/ISIC_0012090.jpg", "seborrheic_keratosis", RLELossless),
+)
+
+
+def dermoscopy_image(spec: Dermoscopy, data: Path) -> Dataset:
+    """Build one Dermoscopic Photography object from an ISIC 2017 JPEG.
+
+    What ISIC 2017 does not record (light source polarization, contact method, optical
+    magnification, emitter colour temperature, the site on the body, the side) is present and
+    empty where the IOD makes it Type 2; the anatomic region is the generic "Skin".
+    """
+    root = data / "skin" / "isic2017"
+    with open(root / "labels.csv", newline="") as fh:
+        row = next(r for r in csv.DictReader(fh) if r["path"] == spec.source)
+    if (row["label"], row["split"]) != (spec.label, "train"):
+        raise ValueError(f"{spec.key}: {spec.source} is {row['label']}/{row['split']}, "
+                         f"expected {spec.label}/train")
+    path = root / spec.source
+    rgb = np.asarray(Image.open(path).convert("RGB"), dtype=np.uint8)
+    number = spec.key[-2:]
+    ds = base_dataset(
+        spec.key, sop_class=DERMOSCOPIC_STORAGE, modality="DMS",
+        patient_label=f"DERM-{number}", study_description="Dermoscopy (dicom-ai sample)",
+        series_description="Dermoscopy", study_time=f"12{number}00",
+        provenance=(f"ISIC 2017 (Codella et al. 2018, CC-0) {spec.source}, {spec.label}; "
+                    "256x256 copy, aspect ratio not kept; converted by "
+                    "scripts/build_sample_studies.py; sample study, not for diagnostic use"))
+    # Enhanced General Equipment (Type 1): the converter is what produced the object.
+    ds.Manufacturer = "dicom-ai"
+    ds.ManufacturerModelName = "scripts/build_sample_studies.py"
+    ds.DeviceSerialNumber = "0"
+    ds.SoftwareVersions = UID_SALT
+    ds.ImageType = ["DERIVED", "PRIMARY"]
+    ds.DerivationDescription = "JPEG from a public dataset re-encoded as DICOM"
+    ds.BurnedInAnnotation = "NO"
+    ds.RecognizableVisualFeatures = "NO"
+    ds.Laterality = ""
+    ds.PatientOrientation = ""
+    ds.FrameOfReferenceUID = derived_uid(spec.key, "frame of reference")
+    ds.PositionReferenceIndicator = ""
+    ds.AnatomicRegionSequence = DicomSequence([code_item("39937001", "SCT", "Skin")])
+    ds.AcquisitionContextSequence = DicomSequence()
+    ds.LightSourcePolarization = None
+    ds.EmitterColorTemperature = None
+    ds.ContactMethod = None
+    ds.OpticalMagnificationFactor = None
+    source_ratio = rgb.nbytes / path.stat().st_size
+    if spec.transfer_syntax == JPEGBaseline8Bit:
+        encode_jpeg_422(ds, rgb, DERMOSCOPIC_STORAGE)
+        # Compressed twice: the ISIC JPEG, then our JPEG baseline.
+        ds.LossyImageCompressionRatio = [f"{source_ratio:.2f}",
+                                         str(ds.LossyImageCompressionRatio)]
+        ds.LossyImageCompressionMethod = ["ISO_10918_1", "ISO_10918_1"]
+        return ds
+    lossy_source(ds, source_ratio)
+    set_pixels(ds, np.ascontiguousarray(rgb), photometric="RGB", bits_stored=8)
+    ds.file_meta = file_meta(DERMOSCOPIC_STORAGE, ds.SOPInstanceUID, ExplicitVRLittleEndian)
+    encode(ds, spec.transfer_syntax)
+    return ds
 
 
 def copy_ct_series(data: Path, out: Path) -> list[Path]:
@@ -519,6 +598,8 @@ def build(data: Path, out: Path) -> list[Path]:
                 for spec in FUNDUS_PHOTOS]
     written += [write(fracture_xray(spec, data), out / spec.key.lower() / "1.dcm")
                 for spec in FRACTURE_XRAYS]
+    written += [write(dermoscopy_image(spec, data), out / spec.key.lower() / "1.dcm")
+                for spec in DERMOSCOPY_IMAGES]
     written += copy_ct_series(data, out)
     return written
 

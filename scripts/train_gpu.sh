@@ -20,7 +20,7 @@ PY
 
 # The CPU only decodes the cached arrays and augments batches; a few threads keep the GPU fed.
 THREADS="${THREADS:-4}"
-for model in cxr-pneumonia fundus-dr; do
+for model in cxr-pneumonia fundus-dr derm-lesion; do
     start=$(date +%s)
     dicom-ai train "${model}" --data "${DATA}" --cache "${CACHE}" --threads "${THREADS}"
     echo "${model}: trained and exported in $(( $(date +%s) - start )) s"

@@ -1,4 +1,5 @@
-"""The ``classification`` task: 2D images (chest X-ray, fundus) → class probabilities.
+"""The ``classification`` task: 2D images (chest X-ray, fundus, dermoscopy) → class
+probabilities.
 
 Per image: decode → normalize (the same functions training used) → image-based input-fit
 check → calibrated probabilities → Grad-CAM. Per series: the image with the strongest
@@ -20,7 +21,7 @@ from dicom_ai.config import InferenceSettings
 from dicom_ai.dicom.errors import DicomInputError
 from dicom_ai.dicom.model import Instance, Series
 from dicom_ai.dicom.pixels import decode
-from dicom_ai.imaging import fundus, xray
+from dicom_ai.imaging import dermoscopy, fundus, xray
 from dicom_ai.imaging.anatomy import RESTRICTED_NOTE, explained_anatomy, restrict
 from dicom_ai.imaging.resize import content_box, resize_2d
 from dicom_ai.inference import input_fit
@@ -81,6 +82,13 @@ def prepare(bundle: Bundle, instance: Instance) -> PreparedImage:
             square = fundus.crop_to_fov(fundus.rgb_from_dataset(frame, instance.header))
             return PreparedImage(instance, fundus.input_from_fov(square, size),
                                  _display(square.astype(np.float32) / 255.0), (0, 0, *size))
+        if block["input"] == "dermoscopy":
+            rgb = fundus.rgb_from_dataset(frame, instance.header)
+            dermoscopy.require_colour(rgb)
+            # Shown as it was photographed; the stretched network input maps back onto the
+            # whole image.
+            return PreparedImage(instance, dermoscopy.model_input(rgb, size),
+                                 _display(rgb.astype(np.float32) / 255.0), (0, 0, *size))
     except ValueError as exc:
         raise DicomInputError(str(exc), path=instance.path) from exc
     raise DicomInputError(f"model {bundle.name} declares an unknown input {block['input']!r}")

@@ -4,7 +4,8 @@ Two different answers, on purpose:
 
 * **applies** — modality, SOP class and photometric interpretation. A series no model applies
   to is *skipped* with a reason ("no model accepts modality MR"); it is not an error.
-* **fit** — body part, view position, image type, slice count. A series a model applies to but
+* **fit** — body part, anatomic region, view position, image type, slice count. A series a
+  model applies to but
   should not judge (a lateral or hand radiograph for the chest X-ray model) is *rejected* by
   that model with a reason, and the SR says so. The image-based input-fit check of
   :mod:`dicom_ai.inference.input_fit` comes on top, at inference time.
@@ -14,8 +15,11 @@ Rules come from each bundle's ``dicom_ai.accepts`` block; a new bundle needs no 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
+
+from pydicom.sr.codedict import Collection
 
 from dicom_ai.dicom.model import Series
 
@@ -33,6 +37,70 @@ def _values(header_value: Any) -> list[str]:
         return [str(v) for v in header_value]
     except TypeError:
         return [str(header_value)]
+
+
+@functools.lru_cache(maxsize=64)
+def region_codes(entries: tuple[str, ...]) -> frozenset[tuple[str, str]]:
+    """(scheme, value) pairs named by an ``anatomic_region`` rule: each entry is a code
+    ``"SCT:39937001"`` or a DICOM context group ``"CID4029"`` (every concept of the group, from
+    pydicom's copy of PS3.16).
+
+    Raises
+    ------
+    ValueError
+        An entry is neither a known context group nor ``SCHEME:VALUE``.
+    """
+    codes: set[tuple[str, str]] = set()
+    for entry in entries:
+        if entry.upper().startswith("CID"):
+            try:
+                group = Collection(entry.upper())
+            except (KeyError, ValueError) as exc:
+                raise ValueError(f"unknown context group {entry!r} in an anatomic region rule") \
+                    from exc
+            codes.update((c.scheme_designator, str(c.value)) for c in group.concepts.values())
+            continue
+        scheme, sep, value = entry.partition(":")
+        if not sep or not scheme or not value:
+            raise ValueError(f"anatomic region {entry!r} is neither SCHEME:VALUE nor CIDnnnn")
+        codes.add((scheme, value))
+    return frozenset(codes)
+
+
+def _anatomic_regions(header: Any) -> list[tuple[str, str, str]]:
+    """(scheme, value, meaning) of each Anatomic Region Sequence item that has a code."""
+    regions = []
+    for item in header.get("AnatomicRegionSequence", None) or []:
+        value = str(item.get("CodeValue", "") or "")
+        if value:
+            regions.append((str(item.get("CodingSchemeDesignator", "")), value,
+                            str(item.get("CodeMeaning", "") or value)))
+    return regions
+
+
+def _anatomy_unfit(accepts: Mapping[str, Any], series: Series, body_part: str) -> str | None:
+    """The anatomic region rules of :func:`unfit`."""
+    regions = _anatomic_regions(series.header)
+    allowed = accepts.get("anatomic_region")
+    refused = accepts.get("reject_anatomic_region")
+    for scheme, value, meaning in regions:
+        if refused and (scheme, value) in region_codes(tuple(refused)):
+            return f"anatomic region {meaning} ({scheme} {value}) is not one the model reads"
+    if allowed and regions:
+        codes = region_codes(tuple(allowed))
+        if not any((scheme, value) in codes for scheme, value, _ in regions):
+            scheme, value, meaning = regions[0]
+            return f"anatomic region {meaning} ({scheme} {value}) is not one the model reads"
+    required = accepts.get("require_anatomy")
+    sop_class = str(series.header.get("SOPClassUID", ""))
+    if required and sop_class in set(required.get("sop_class_uid", [])):
+        parts = _upper_set(required.get("body_part_examined", []))
+        # The region rules above already refused a region that is not the model's.
+        if body_part not in parts and not (allowed and regions):
+            return (f"an image of SOP class {sop_class} is read only when Body Part Examined "
+                    f"({', '.join(sorted(parts))}) or the Anatomic Region Sequence says it "
+                    f"shows what the model reads")
+    return None
 
 
 def not_applicable(accepts: Mapping[str, Any], series: Series) -> str | None:
@@ -63,6 +131,9 @@ def unfit(accepts: Mapping[str, Any], series: Series) -> str | None:
     # input-fit check decides then.
     if body_parts and body_part and body_part not in _upper_set(body_parts):
         return f"body part examined is {body_part}, the model reads {', '.join(body_parts)}"
+    anatomy = _anatomy_unfit(accepts, series, body_part)
+    if anatomy:
+        return anatomy
     view = str(header.get("ViewPosition", "") or "").strip().upper()
     if view and view in _upper_set(accepts.get("reject_view_position", [])):
         return f"view position {view} is not a frontal (PA/AP) view"

@@ -8,6 +8,9 @@ Working on whole batches keeps augmentation cheap next to the network on a 2-cor
 - Fundus: horizontal and vertical flips and any rotation (left and right eyes mirror each other;
   the camera's circular field has no preferred orientation), brightness, contrast and
   saturation (camera colour balance differs).
+- Dermoscopy: flips and any rotation (a lesion seen through a dermatoscope has no up or down),
+  some zoom (lesions are framed more or less tightly), brightness, contrast, gamma and
+  saturation (dermatoscopes and their light sources differ).
 """
 
 from __future__ import annotations
@@ -39,6 +42,9 @@ CXR = AugmentConfig(rotate_deg=10.0, scale=(0.9, 1.1), translate=0.06, brightnes
 FUNDUS = AugmentConfig(rotate_deg=180.0, scale=(0.95, 1.05), translate=0.03, hflip=True,
                        vflip=True, brightness=0.08, contrast=(0.85, 1.15),
                        saturation=(0.8, 1.2))
+DERMOSCOPY = AugmentConfig(rotate_deg=180.0, scale=(0.9, 1.15), translate=0.05, hflip=True,
+                           vflip=True, brightness=0.08, contrast=(0.8, 1.2), gamma=(0.85, 1.2),
+                           saturation=(0.8, 1.2))
 
 
 def _uniform(n: int, bounds: tuple[float, float], gen: torch.Generator) -> torch.Tensor:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 #: Models trained by the classification recipes (:mod:`dicom_ai.train.recipes`), named here
 #: without importing torch.
-CLASSIFIERS = ("cxr-pneumonia", "fundus-dr")
+CLASSIFIERS = ("cxr-pneumonia", "fundus-dr", "derm-lesion")
 #: The CT model, trained by :mod:`dicom_ai.train.ct_nodules`.
 CT_MODEL = "ct-lung"
 #: The fracture detector, trained by :mod:`dicom_ai.train.fracture`.

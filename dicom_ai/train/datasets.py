@@ -7,6 +7,7 @@ an epoch only reads an in-memory array.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import re
 from collections.abc import Sequence
@@ -17,13 +18,15 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
-from dicom_ai.imaging import fundus, xray
+from dicom_ai.imaging import dermoscopy, fundus, xray
 
 #: Bumped whenever the caching code changes what lands in the array.
 CACHE_VERSION = "1"
 
 CXR_LABELS = ("normal", "pneumonia")
 FUNDUS_LABELS = tuple(f"dr_grade_{g}" for g in range(5))
+#: ISIC 2017 Part 3 diagnoses, in network output order.
+DERM_LABELS = ("melanoma", "nevus", "seborrheic_keratosis")
 
 _PERSON = re.compile(r"^(person\d+)_")
 # NORMAL files are ``IM-0115-0001.jpeg``, ``IM-0429-0001-0002.jpeg`` (second image of the same
@@ -157,4 +160,46 @@ def load_fundus(npz: Path, size: tuple[int, int],
         labels = raw[f"{k}_labels"].reshape(-1).astype(np.int64)
         names = tuple(f"{k}/{i}" for i in range(len(labels)))
         sets.append(ImageSet(arrays[k], labels, names, names))
+    return sets[0], sets[1]
+
+
+def dermoscopy_model_input(path: Path, size: tuple[int, int]) -> npt.NDArray[np.float32]:
+    """An ISIC JPEG → 3×H×W network input, through the same path as an RGB dermoscopic DICOM."""
+    with Image.open(path) as im:
+        rgb = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    return dermoscopy.model_input(rgb, size)
+
+
+def load_isic(root: Path, size: tuple[int, int], cache_dir: Path) -> tuple[ImageSet, ImageSet]:
+    """ISIC 2017 train and val splits from ``root/labels.csv``, normalized to ``size`` (cached).
+
+    Labels index :data:`DERM_LABELS`. The release has no patient or lesion identifiers, so each
+    image is its own patient key; its official splits are the challenge's.
+
+    Raises
+    ------
+    ValueError
+        If ``labels.csv`` names a label or split outside the release's.
+    """
+    with (root / "labels.csv").open(encoding="utf-8", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    sets = []
+    for split in ("train", "val"):
+        chosen = sorted((r for r in rows if r["split"] == split), key=lambda r: r["path"])
+        if not chosen:
+            raise ValueError(f"no {split!r} rows in {root / 'labels.csv'}")
+        unknown = {r["label"] for r in chosen} - set(DERM_LABELS)
+        if unknown:
+            raise ValueError(f"unknown label(s) {sorted(unknown)} in {root / 'labels.csv'}")
+        names = tuple(r["path"] for r in chosen)
+        labels = np.array([DERM_LABELS.index(r["label"]) for r in chosen], dtype=np.int64)
+        cache = _cache_path(cache_dir, f"isic-{split}", root, size)
+        if cache.exists():
+            images = np.load(cache)["images"]
+        else:
+            images = np.stack([dermoscopy_model_input(root / n, size) for n in names]) \
+                .astype(np.float16)
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            np.savez(cache, images=images)
+        sets.append(ImageSet(images, labels, names, names))
     return sets[0], sets[1]

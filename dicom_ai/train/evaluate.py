@@ -42,6 +42,15 @@ class BinaryReport:
 
 
 @dataclass
+class ClassAUC:
+    """One-vs-rest AUC of one class of a many-class model (or the mean of several)."""
+
+    label: str
+    auc: float
+    auc_ci: tuple[float, float]
+
+
+@dataclass
 class Report:
     """Everything ``dicom-ai evaluate`` prints for a model on its validation split."""
 
@@ -57,6 +66,10 @@ class Report:
     ece_raw: float
     ece_calibrated: float
     binary: list[BinaryReport] = field(default_factory=list)
+    #: One-vs-rest AUC per class, for models with more than two classes.
+    per_class: list[ClassAUC] = field(default_factory=list)
+    #: Mean of the one-vs-rest AUCs the bundle's ``mean_auc_of`` names, when it names any.
+    mean_auc: ClassAUC | None = None
 
     def metrics(self) -> dict[str, Any]:
         """The ``eval_metrics`` block of ``metadata.json``."""
@@ -68,6 +81,13 @@ class Report:
             "accuracy": round(self.accuracy, 4),
             "ece_calibrated": round(self.ece_calibrated, 4),
         }
+        if self.per_class:
+            out["one_vs_rest"] = {c.label: {"auc": round(c.auc, 4),
+                                            "auc_ci95": [round(v, 4) for v in c.auc_ci]}
+                                  for c in self.per_class}
+        if self.mean_auc is not None:
+            out["mean_auc"] = {"of": self.mean_auc.label, "auc": round(self.mean_auc.auc, 4),
+                               "auc_ci95": [round(v, 4) for v in self.mean_auc.auc_ci]}
         for b in self.binary:
             out[b.label] = {
                 "auc": round(b.auc, 4), "auc_ci95": [round(v, 4) for v in b.auc_ci],
@@ -95,6 +115,19 @@ def binary_report(label: str, y: npt.NDArray[np.int64], score: npt.NDArray[np.fl
         specificity=op.specificity, specificity_ci=_proportion_ci(~pred[y == 0], 2),
         accuracy=float((pred == (y == 1)).mean()),
         confusion=confusion_matrix(y, pred.astype(np.int64), 2).tolist(), criterion=criterion)
+
+
+def one_vs_rest(labels: npt.NDArray[np.int64], probs: npt.NDArray[np.float64],
+                classes: list[int], name: str) -> ClassAUC:
+    """Mean one-vs-rest AUC of ``classes`` (one class: its AUC) with a 95 % bootstrap CI; the
+    bootstrap resamples images, so the classes' AUCs move together as they do in a test set."""
+
+    def mean_auc(i: npt.NDArray[np.int64]) -> float:
+        return float(np.mean([binary_auc((labels[i] == k).astype(np.int64), probs[i, k])
+                              for k in classes]))
+
+    ci = bootstrap_ci(mean_auc, len(labels), resamples=BOOTSTRAP_RESAMPLES)
+    return ClassAUC(name, mean_auc(np.arange(len(labels))), ci)
 
 
 def build_report(meta: dict[str, Any], labels: npt.NDArray[np.int64],
@@ -127,6 +160,11 @@ def build_report(meta: dict[str, Any], labels: npt.NDArray[np.int64],
         confusion=confusion_matrix(labels, predicted, k).tolist(),
         ece_raw=expected_calibration_error(softmax(logits), labels),
         ece_calibrated=expected_calibration_error(probs, labels))
+    if k > 2:
+        report.per_class = [one_vs_rest(labels, probs, [i], n) for i, n in enumerate(names)]
+    if cfg.get("mean_auc_of"):
+        members = [names.index(n) for n in cfg["mean_auc_of"]]
+        report.mean_auc = one_vs_rest(labels, probs, members, " + ".join(cfg["mean_auc_of"]))
     if decision["kind"] == "threshold":
         pos = names.index(decision["label"])
         report.binary.append(binary_report(decision["label"], (labels == pos).astype(np.int64),
@@ -169,6 +207,11 @@ def format_report(report: Report) -> str:
         "confusion matrix:",
         *_matrix(report.confusion, report.labels),
     ]
+    for c in report.per_class:
+        lines.append(f"{c.label} vs rest: AUC {c.auc:.4f}  95% CI {_ci(c.auc_ci)}")
+    if report.mean_auc is not None:
+        lines.append(f"mean AUC of {report.mean_auc.label}: {report.mean_auc.auc:.4f}  "
+                     f"95% CI {_ci(report.mean_auc.auc_ci)}")
     for b in report.binary:
         lines += [
             f"{b.label}: AUC {b.auc:.4f}  95% CI {_ci(b.auc_ci)}",

@@ -1,13 +1,18 @@
 """The training loop: weighted cross-entropy, AdamW with cosine decay, batch augmentation,
-validation AUC after every epoch, early stopping, and a wall-clock budget."""
+validation AUC after every epoch, early stopping, a wall-clock budget, and a checkpoint after
+every epoch from which an interrupted run resumes."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -94,14 +99,53 @@ def predict_logits(net: nn.Module, images: npt.NDArray[np.float16], *,
     return np.concatenate(out)
 
 
+#: Version of the checkpoint layout; a checkpoint of another version is refused.
+CHECKPOINT_VERSION = 1
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint was written by a run with other settings or other training data."""
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    # Written next to its final name and renamed over it, so a run cut off mid-save leaves the
+    # previous epoch's checkpoint intact.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path: Path, cfg: LoopConfig, n_train: int) -> dict[str, Any]:
+    state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointMismatch(f"{path}: checkpoint version {state.get('version')!r}, "
+                                 f"expected {CHECKPOINT_VERSION}; delete it to start over")
+    if state["config"] != dataclasses.asdict(cfg) or state["n_train"] != n_train:
+        raise CheckpointMismatch(f"{path}: written by a run with other settings or another "
+                                 f"training set; delete it to start over")
+    return state
+
+
 def fit(net: nn.Module, train: ImageSet, val: ImageSet, n_classes: int, aug: AugmentConfig,
-        cfg: LoopConfig, log: Callable[[str], None] = print) -> History:
+        cfg: LoopConfig, log: Callable[[str], None] = print, *,
+        checkpoint: Path | None = None) -> History:
     """Train ``net`` in place; on return it holds the weights of the best validation epoch.
 
     Stops after ``cfg.epochs`` epochs, after ``cfg.patience`` epochs without a better
     validation AUC, or when ``cfg.max_minutes`` are spent. Progress through the learning-rate
     schedule is the larger of the fraction of steps and the fraction of the time budget done,
     so a run cut short by a busy machine still anneals instead of stopping at a high rate.
+
+    With ``checkpoint``, the network, optimizer, random generators, history and best weights
+    are saved there after every epoch, and a run that finds the file resumes after the last
+    saved epoch (a partial epoch is redone) with the time already spent counted against the
+    budget. A resumed run makes the same updates as an uninterrupted one.
+
+    Raises
+    ------
+    CheckpointMismatch
+        ``checkpoint`` exists but was written with another ``cfg`` or training-set size.
     """
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -114,8 +158,21 @@ def fit(net: nn.Module, train: ImageSet, val: ImageSet, n_classes: int, aug: Aug
     weights = class_weights(train.labels, n_classes, cfg.class_weight_power).to(dev)
     history = History()
     best_state = copy.deepcopy(net.state_dict())
-    start = time.monotonic()
-    for epoch in range(cfg.epochs):
+    first_epoch, spent = 0, 0.0
+    if checkpoint is not None and checkpoint.exists():
+        saved = _load_checkpoint(checkpoint, cfg, len(train.labels))
+        net.load_state_dict(saved["net"])
+        opt.load_state_dict(saved["optimizer"])
+        gen.set_state(saved["generator"])
+        torch.set_rng_state(saved["torch_rng"])
+        best_state = saved["best"]
+        history = History(**saved["history"])
+        first_epoch, spent = len(history.epochs), float(saved["spent"])
+        log(f"resumed from {checkpoint} after epoch {first_epoch} ({spent / 60:.1f} min spent)")
+    start = time.monotonic() - spent
+    for epoch in range(first_epoch, cfg.epochs):
+        if history.stopped:
+            break
         t0 = time.monotonic()
         net.train()
         order = torch.randperm(len(train.labels), generator=gen).numpy()
@@ -152,17 +209,22 @@ def fit(net: nn.Module, train: ImageSet, val: ImageSet, n_classes: int, aug: Aug
         if improved:
             history.best_auc, history.best_epoch = auc, epoch + 1
             best_state = copy.deepcopy(net.state_dict())
+        if epoch + 1 - history.best_epoch >= cfg.patience:
+            history.stopped = f"early stop: no better val AUC for {cfg.patience} epochs"
+        elif time.monotonic() - start >= budget:
+            history.stopped = f"time budget of {cfg.max_minutes:g} min reached"
+        elif epoch + 1 == cfg.epochs:
+            history.stopped = f"all {cfg.epochs} epochs"
+        if checkpoint is not None:
+            _save_checkpoint(checkpoint, {
+                "version": CHECKPOINT_VERSION, "config": dataclasses.asdict(cfg),
+                "n_train": len(train.labels), "spent": time.monotonic() - start,
+                "net": net.state_dict(), "optimizer": opt.state_dict(),
+                "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                "best": best_state, "history": dataclasses.asdict(history)})
         log(f"epoch {epoch + 1:3d}/{cfg.epochs} train_loss {history.epochs[-1]['train_loss']:.4f}"
             f" val_loss {val_loss:.4f} val_auc {auc:.4f}{' *' if improved else ''}"
             f" lr {lr:.2e} {elapsed:.0f}s")
-        if epoch + 1 - history.best_epoch >= cfg.patience:
-            history.stopped = f"early stop: no better val AUC for {cfg.patience} epochs"
-            break
-        if time.monotonic() - start >= budget:
-            history.stopped = f"time budget of {cfg.max_minutes:g} min reached"
-            break
-    else:
-        history.stopped = f"all {cfg.epochs} epochs"
     history.seconds = time.monotonic() - start
     net.load_state_dict(best_state)
     log(f"best epoch {history.best_epoch} val_auc {history.best_auc:.4f} "

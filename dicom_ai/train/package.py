@@ -57,7 +57,21 @@ _DATA = {
                        "Liu R et al. DeepDRiD: Diabetic Retinopathy - Grading and Image "
                        "Quality Estimation Challenge. Patterns 3(6):100512, 2022."],
     },
+    "dermoscopy": {
+        "source": "ISIC 2017 Challenge Part 3 (lesion classification), official training and "
+                  "validation splits, 256x256 copies (aspect ratio not kept). CC-0.",
+        "type": "jpeg (dermoscopic images)",
+        "licence": "CC-0",
+        "references": ["Codella NCF et al. Skin Lesion Analysis Toward Melanoma Detection: A "
+                       "Challenge at the 2017 International Symposium on Biomedical Imaging "
+                       "(ISBI), Hosted by the International Skin Imaging Collaboration (ISIC). "
+                       "ISBI 2018; arXiv:1710.05006."],
+    },
 }
+
+
+#: The modality of each input kind, for ``network_data_format``.
+_MODALITY = {"xray": "CR/DX", "fundus": "OP", "dermoscopy": "XC"}
 
 
 @dataclass(frozen=True)
@@ -108,7 +122,12 @@ def decision_and_derived(recipe: Recipe, labels: npt.NDArray[np.int64],
     for item in recipe.dicom_ai["derived_findings"]:
         members = [names.index(n) for n in item["sum_of"]]
         y = np.isin(labels, members).astype(np.int64)
-        derived.append({**item, "threshold": youden_threshold(y, probs[:, members].sum(axis=1))})
+        score = probs[:, members].sum(axis=1)
+        # A derived finding names its own minimum sensitivity (melanoma → malignant), else
+        # its threshold balances sensitivity and specificity.
+        threshold = (threshold_for_sensitivity(y, score, float(item["min_sensitivity"]))
+                     if "min_sensitivity" in item else youden_threshold(y, score))
+        derived.append({**item, "threshold": threshold})
     return decision, derived
 
 
@@ -119,7 +138,7 @@ def network_data_format(recipe: Recipe) -> dict[str, Any]:
     return {
         "inputs": {"image": {
             "type": "image", "format": "magnitude" if channels == 1 else "RGB",
-            "modality": "CR/DX" if channels == 1 else "OP",
+            "modality": _MODALITY[recipe.dicom_ai["input"]],
             "num_channels": channels, "spatial_shape": list(recipe.size), "dtype": "float32",
             "value_range": [0, 1], "is_patch_data": False, "channel_def": channel_def}},
         "outputs": {"pred": {
@@ -159,7 +178,8 @@ def metadata(recipe: Recipe, *, temperature: float, decision: dict[str, Any],
         "task": recipe.description,
         "description": f"{recipe.description}. {dicom_ai.DISCLAIMER}. Research use only.",
         "authors": "dicom-ai contributors",
-        "copyright": "Copyright (c) dicom-ai contributors; weights trained on CC BY 4.0 data",
+        "copyright": f"Copyright (c) dicom-ai contributors; weights trained on "
+                     f"{data.get('licence', 'CC BY 4.0')} data",
         "data_source": data["source"],
         "data_type": data["type"],
         "image_classes": network_data_format(recipe)["inputs"]["image"]["format"],

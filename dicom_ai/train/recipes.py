@@ -15,8 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from dicom_ai.train.augment import CXR, FUNDUS, AugmentConfig
-from dicom_ai.train.datasets import CXR_LABELS, FUNDUS_LABELS
+from dicom_ai.train.augment import CXR, DERMOSCOPY, FUNDUS, AugmentConfig
+from dicom_ai.train.datasets import CXR_LABELS, DERM_LABELS, FUNDUS_LABELS
 from dicom_ai.train.loop import LoopConfig
 
 
@@ -100,6 +100,10 @@ FUNDUS_DR = Recipe(
                               "1.2.840.10008.5.1.4.1.1.77.1.4",
                               "1.2.840.10008.5.1.4.1.1.7"],
             "photometric_interpretation": ["RGB", "YBR_FULL", "YBR_FULL_422", "PALETTE COLOR"],
+            # A VL Photographic image of the skin (dermoscopy) is not a fundus: the eye by
+            # body part, CID 4209 Ophthalmic Anatomic Structure Imaged by anatomic region.
+            "body_part_examined": ["EYE"],
+            "anatomic_region": ["CID4209"],
             "reject_image_type": ["LOCALIZER"],
         },
         "preprocessing": {"size": [28, 28], "aspect": "pad", "fov_crop": True},
@@ -129,4 +133,64 @@ FUNDUS_DR = Recipe(
     },
 )
 
-RECIPES = {r.name: r for r in (CXR_PNEUMONIA, FUNDUS_DR)}
+DERM_LESION = Recipe(
+    name="derm-lesion",
+    description="Melanoma, nevus or seborrheic keratosis on dermoscopic images",
+    network_def={"_target_": "monai.networks.nets.DenseNet", "spatial_dims": 2,
+                 "in_channels": 3, "out_channels": 3, "init_features": 32, "growth_rate": 16,
+                 "block_config": [4, 8, 12, 8], "dropout_prob": 0.0},
+    size=(128, 128),
+    labels=DERM_LABELS,
+    augment=DERMOSCOPY,
+    loop=LoopConfig(epochs=40, batch_size=32, lr=2e-3, weight_decay=1e-4,
+                    patience=10, max_minutes=52.0, label_smoothing=0.05),
+    gradcam_layer="class_layers.relu",
+    feature_layers=("features.transition1", "features.transition2", "features.transition3",
+                    "class_layers.relu"),
+    dicom_ai={
+        "task": "classification",
+        "input": "dermoscopy",
+        "intended_input": "dermoscopic images of a single skin lesion",
+        "accepts": {
+            # Dermoscopic Photography (modality DMS), and VL Photographic (XC) when its Body
+            # Part Examined or Anatomic Region says skin: a camera with a dermatoscope
+            # attached may export VL Photographic, and so may a fundus camera. Anatomic
+            # regions: CID 4029 Dermatology Anatomic Site, less the eye structures of CID 4209
+            # that it also lists (retina, cornea, iris, sclera).
+            "modality": ["DMS", "XC"],
+            "sop_class_uid": ["1.2.840.10008.5.1.4.1.1.77.1.7",
+                              "1.2.840.10008.5.1.4.1.1.77.1.4"],
+            "photometric_interpretation": ["RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT",
+                                           "YBR_RCT"],
+            "anatomic_region": ["CID4029"],
+            "reject_anatomic_region": ["CID4209"],
+            "require_anatomy": {"sop_class_uid": ["1.2.840.10008.5.1.4.1.1.77.1.4"],
+                                "body_part_examined": ["SKIN"]},
+            "reject_image_type": ["LOCALIZER"],
+        },
+        "preprocessing": {"size": [128, 128], "aspect": "stretch",
+                          "colour_constancy": "shades_of_gray_p6"},
+        # The most probable diagnosis, and malignant/benign from p(melanoma) at an operating
+        # point that keeps melanoma sensitivity >= 0.90 on validation.
+        "decision": {"kind": "argmax"},
+        "derived_findings": [{"label": "malignant", "sum_of": ["melanoma"],
+                              "min_sensitivity": 0.90,
+                              "criterion": "highest threshold with melanoma sensitivity >= 0.90 "
+                                           "on validation"}],
+        # The ISIC 2017 challenge's score: the mean of the melanoma and SK one-vs-rest AUCs.
+        "mean_auc_of": ["melanoma", "seborrheic_keratosis"],
+        # Melanoma and "Malignant" as DICOM PS3.16 lists them (pydicom's concept dictionary);
+        # melanocytic nevus from the SNOMED CT International browser. No SNOMED CT concept
+        # for seborrheic keratosis could be verified here, so it carries its ICD-10 code.
+        "codes": {
+            "melanoma": {"value": "1162635006", "scheme": "SCT", "meaning": "Malignant melanoma"},
+            "nevus": {"value": "400096001", "scheme": "SCT", "meaning": "Melanocytic nevus"},
+            "seborrheic_keratosis": {"value": "L82", "scheme": "I10",
+                                     "meaning": "Seborrheic keratosis"},
+            "malignant": {"value": "21594007", "scheme": "SCT", "meaning": "Malignant"},
+        },
+        "finding_site": {"value": "39937001", "scheme": "SCT", "meaning": "Skin structure"},
+    },
+)
+
+RECIPES = {r.name: r for r in (CXR_PNEUMONIA, FUNDUS_DR, DERM_LESION)}

@@ -24,7 +24,7 @@ from dicom_ai.cli import main
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = REPO / "sample_studies"
 CORPUS = REPO.parent / "shared" / "data" / "dicom"
-SHIPPED = ("cxr-pneumonia", "fundus-dr", "ct-lung", "xr-fracture")
+SHIPPED = ("cxr-pneumonia", "fundus-dr", "ct-lung", "derm-lesion", "xr-fracture")
 
 pytestmark = [
     pytest.mark.integration,
@@ -120,6 +120,19 @@ def test_each_study_is_consistent_with_its_sources(replayed: Path) -> None:
     for study_dir in sorted(p for p in replayed.iterdir() if p.is_dir()):
         outputs = sorted(study_dir.glob("*.dcm"))
         assert validator_errors("dcentvfy", *sources[study_dir.name], *outputs) == []
+
+
+def test_every_dermoscopy_study_gets_the_three_classes_and_a_decision(replayed: Path) -> None:
+    results = results_by_model(replayed)["derm-lesion"]
+    assert len(results) == 3 and all(r["status"] == "ok" for r in results)
+    for result in results:
+        by_label = {f["label"]: f for f in result["findings"]}
+        assert set(by_label) == {"melanoma", "nevus", "seborrheic_keratosis", "malignant"}
+        assert sum(by_label[k]["probability"]
+                   for k in ("melanoma", "nevus", "seborrheic_keratosis")) == pytest.approx(1.0)
+        assert by_label["malignant"]["probability"] == by_label["melanoma"]["probability"]
+        assert by_label["malignant"]["positive"] == (
+            by_label["malignant"]["probability"] >= by_label["malignant"]["operating_point"])
 
 
 def test_sr_probabilities_equal_findings_json(replayed: Path) -> None:

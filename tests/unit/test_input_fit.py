@@ -145,3 +145,67 @@ def test_shipped_fundus_model_rejects_other_photographs_and_passes_samples() -> 
     samples = sorted((REPO / "sample_studies").glob("fundus0*/1.dcm"))
     scores, threshold = _scores("fundus-dr", samples)
     assert len(scores) == 3 and all(s <= threshold for s in scores), scores
+
+
+def _vl_photograph(path: Path, rgb: np.ndarray) -> Path:
+    """``rgb`` written as an uncompressed VL Photographic image of the skin (as a camera or a
+    workstation exporting it would label it)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.77.1.4"
+    ds.SOPInstanceUID = generate_uid()
+    ds.Modality = "XC"
+    ds.BodyPartExamined = "SKIN"
+    ds.Rows, ds.Columns = rgb.shape[:2]
+    ds.SamplesPerPixel = 3
+    ds.PlanarConfiguration = 0
+    ds.PhotometricInterpretation = "RGB"
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    ds.PixelData = np.ascontiguousarray(rgb, dtype=np.uint8).tobytes()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.skipif(not CORPUS.is_dir(), reason="../shared/data/dicom is not present")
+def test_shipped_derm_model_rejects_other_photographs_and_grey_films(tmp_path: Path) -> None:
+    from dicom_ai.dicom.errors import DicomInputError
+
+    others = [CORPUS / f for f in (
+        "pydicom-data/SC_rgb.dcm",                             # colour test pattern
+        "pydicom-data/US1_UNCI.dcm",                           # colour ultrasound
+        "pydicom_test_files/examples_rgb_color.dcm")]          # ultrasound, RGB
+    scores, threshold = _scores("derm-lesion", others)
+    assert all(s > threshold for s in scores), scores
+    # Radiographs exported as colour VL photographs labelled as skin: the grey film in RGB is
+    # refused before the network sees it.
+    bundle = load_bundle(REPO / "models" / "derm-lesion", device=torch.device("cpu"))
+    for folder in ("cxr01", "cxr03", "fracture01"):
+        grey = presentation_grey(REPO / "sample_studies" / folder / "1.dcm")
+        path = _vl_photograph(tmp_path / f"{folder}.dcm", np.repeat(grey[..., None], 3, axis=-1))
+        with pytest.raises(DicomInputError, match="grey"):
+            prepare(bundle, Instance(path, read_header(path)))
+    # So is an ultrasound stored as YBR_FULL_422 whose frame is grey but for a colour bar.
+    path = CORPUS / "pydicom_test_files" / "examples_ybr_color.dcm"
+    with pytest.raises(DicomInputError, match="grey"):
+        prepare(bundle, Instance(path, read_header(path)))
+    samples = sorted((REPO / "sample_studies").glob("derm0*/1.dcm"))
+    scores, threshold = _scores("derm-lesion", samples)
+    assert len(scores) == 3 and all(s <= threshold for s in scores), scores
+
+
+def presentation_grey(path: Path) -> np.ndarray:
+    """A radiograph as the product displays it, 8-bit grey."""
+    from dicom_ai.dicom.pixels import decode
+    from dicom_ai.imaging.xray import presentation_from_dataset
+
+    instance = Instance(path, read_header(path))
+    shown = presentation_from_dataset(decode(instance), instance.header)
+    return np.clip(np.rint(shown * 255.0), 0, 255).astype(np.uint8)

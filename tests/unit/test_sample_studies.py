@@ -39,6 +39,9 @@ EXPECTED = {
     "fundus02": ("1.2.840.10008.5.1.4.1.1.77.1.5.1", "YBR_FULL_422", 8, JPEGBaseline8Bit),
     "fundus03": ("1.2.840.10008.5.1.4.1.1.77.1.5.1", "RGB", 8, RLELossless),
     "fracture01": ("1.2.840.10008.5.1.4.1.1.1", "MONOCHROME2", 12, RLELossless),
+    "derm01": ("1.2.840.10008.5.1.4.1.1.77.1.7", "RGB", 8, ExplicitVRLittleEndian),
+    "derm02": ("1.2.840.10008.5.1.4.1.1.77.1.7", "YBR_FULL_422", 8, JPEGBaseline8Bit),
+    "derm03": ("1.2.840.10008.5.1.4.1.1.77.1.7", "RGB", 8, RLELossless),
 }
 CT_FOLDER = "ct-lung-pet-ct-dx-a0002"
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
@@ -196,6 +199,8 @@ def test_build_script_reproduces_the_committed_files(tmp_path: Path) -> None:
     built = [(spec.key, build.chest_xray(spec, SHARED)) for spec in build.CHEST_XRAYS]
     built += [(spec.key, build.fundus_photo(spec, images, labels)) for spec in build.FUNDUS_PHOTOS]
     built += [(spec.key, build.fracture_xray(spec, SHARED)) for spec in build.FRACTURE_XRAYS]
+    built += [(spec.key, build.dermoscopy_image(spec, SHARED))
+              for spec in build.DERMOSCOPY_IMAGES]
     for key, ds in built:
         written = build.write(ds, tmp_path / key.lower() / "1.dcm")
         committed = SAMPLES / key.lower() / "1.dcm"

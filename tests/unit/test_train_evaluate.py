@@ -61,3 +61,26 @@ def test_multiclass_report_with_derived_finding(tmp_path: Path) -> None:
     paths = write_plots(report, labels, logits, meta, tmp_path)
     assert [p.name for p in paths] == ["roc.png", "calibration.png"]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)
+
+
+def test_one_vs_rest_and_mean_auc_by_hand() -> None:
+    # Class 0 is ranked perfectly (AUC 1); class 2's score puts one negative (image 1) above
+    # one of its two positives: 7 of 8 pairs in order → 0.875; their mean 0.9375.
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    probs = np.array([[0.8, 0.1, 0.1], [0.6, 0.1, 0.3], [0.1, 0.8, 0.1], [0.2, 0.7, 0.1],
+                      [0.1, 0.1, 0.8], [0.3, 0.5, 0.2]])
+    meta = {"name": "toy3", "dicom_ai": {
+        "labels": ["melanoma", "nevus", "seborrheic_keratosis"], "temperature": 1.0,
+        "decision": {"kind": "argmax"}, "derived_findings": [],
+        "mean_auc_of": ["melanoma", "seborrheic_keratosis"]}}
+    report = build_report(meta, labels, np.log(probs))
+    by = {c.label: c for c in report.per_class}
+    assert by["melanoma"].auc == 1.0
+    assert by["seborrheic_keratosis"].auc == pytest.approx(0.875)
+    assert report.mean_auc is not None
+    assert report.mean_auc.auc == pytest.approx(0.9375)
+    assert report.mean_auc.auc_ci[0] <= report.mean_auc.auc <= report.mean_auc.auc_ci[1]
+    text = format_report(report)
+    assert "seborrheic_keratosis vs rest: AUC 0.8750" in text
+    assert "mean AUC of melanoma + seborrheic_keratosis: 0.9375" in text
+    assert report.metrics()["mean_auc"]["auc"] == 0.9375

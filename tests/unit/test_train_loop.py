@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,14 @@ from torch import nn
 
 from dicom_ai.train.augment import AugmentConfig
 from dicom_ai.train.datasets import ImageSet
-from dicom_ai.train.loop import LoopConfig, class_weights, fit, learning_rate, predict_logits
+from dicom_ai.train.loop import (
+    CheckpointMismatch,
+    LoopConfig,
+    class_weights,
+    fit,
+    learning_rate,
+    predict_logits,
+)
 from dicom_ai.train.metrics import binary_auc
 
 
@@ -66,3 +75,58 @@ def test_learning_rate_schedule_by_hand() -> None:
     assert learning_rate(0.55, 1.0) == pytest.approx(0.5)      # cosine half-way: (1 + cos π/2)/2
     assert learning_rate(1.0, 1.0) == pytest.approx(0.0)
     assert learning_rate(1.5, 2.0) == pytest.approx(0.0)
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_fit_resumes_from_checkpoint_as_if_never_interrupted(tmp_path: Path) -> None:
+    train, val = _images(128, 5), _images(32, 6)
+    cfg = LoopConfig(epochs=4, batch_size=16, lr=1e-2, patience=10)
+    aug = AugmentConfig(rotate_deg=20.0, hflip=True, brightness=0.1)
+    torch.manual_seed(0)
+    whole = _net()
+    uninterrupted = fit(whole, train, val, 2, aug, cfg, lambda _line: None)
+
+    def cut_after_two(line: str) -> None:
+        if line.startswith("epoch   2/"):
+            raise _Interrupted
+
+    checkpoint = tmp_path / "ckpt" / "run.pt"
+    torch.manual_seed(0)
+    with pytest.raises(_Interrupted):
+        fit(_net(), train, val, 2, aug, cfg, cut_after_two, checkpoint=checkpoint)
+    assert checkpoint.exists()
+    # A fresh process: another initialisation, restored from the checkpoint.
+    torch.manual_seed(123)
+    resumed_net = _net()
+    lines: list[str] = []
+    resumed = fit(resumed_net, train, val, 2, aug, cfg, lines.append, checkpoint=checkpoint)
+    assert lines[0].startswith("resumed from") and "after epoch 2" in lines[0]
+    assert sum(line.startswith("epoch") for line in lines) == 2
+    # Same batches, augmentations and learning rates; multi-threaded CPU reductions may differ
+    # in the last bits between runs, a wrong resume (other batches or augmentations) by far more.
+    assert [e["val_auc"] for e in resumed.epochs] == \
+        pytest.approx([e["val_auc"] for e in uninterrupted.epochs], abs=1e-6)
+    assert resumed.best_epoch == uninterrupted.best_epoch
+    assert resumed.stopped == uninterrupted.stopped == "all 4 epochs"
+    for key, value in whole.state_dict().items():
+        assert torch.allclose(value, resumed_net.state_dict()[key], rtol=1e-5, atol=1e-6), key
+    # A finished run's checkpoint resumes to the same best weights without training again.
+    again = _net()
+    lines.clear()
+    fit(again, train, val, 2, aug, cfg, lines.append, checkpoint=checkpoint)
+    assert not any(line.startswith("epoch") for line in lines)
+    for key, value in resumed_net.state_dict().items():
+        assert torch.equal(value, again.state_dict()[key]), key
+
+
+def test_fit_refuses_a_checkpoint_of_other_settings(tmp_path: Path) -> None:
+    train, val = _images(64, 7), _images(32, 8)
+    checkpoint = tmp_path / "run.pt"
+    fit(_net(), train, val, 2, AugmentConfig(), LoopConfig(epochs=1, batch_size=16),
+        lambda _line: None, checkpoint=checkpoint)
+    with pytest.raises(CheckpointMismatch, match="other settings"):
+        fit(_net(), train, val, 2, AugmentConfig(), LoopConfig(epochs=2, batch_size=16),
+            lambda _line: None, checkpoint=checkpoint)

@@ -21,7 +21,8 @@ MONAI_KEYS = {"schema", "version", "monai_version", "pytorch_version", "numpy_ve
               "data_source", "data_type", "image_classes", "label_classes", "pred_classes",
               "eval_metrics", "intended_use", "references", "network_data_format"}
 LABELS = {"cxr-pneumonia": ["normal", "pneumonia"],
-          "fundus-dr": ["dr_grade_0", "dr_grade_1", "dr_grade_2", "dr_grade_3", "dr_grade_4"]}
+          "fundus-dr": ["dr_grade_0", "dr_grade_1", "dr_grade_2", "dr_grade_3", "dr_grade_4"],
+          "derm-lesion": ["melanoma", "nevus", "seborrheic_keratosis"]}
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
@@ -84,6 +85,19 @@ def test_decision_and_derived_thresholds_from_validation() -> None:
     # perfectly; the highest such observed score is 0.7, midway to 0.3 → 0.5.
     assert derived[0]["label"] == "referable_dr"
     assert derived[0]["threshold"] == pytest.approx(0.5)
+
+
+def test_derived_finding_at_a_minimum_sensitivity() -> None:
+    # Melanoma (class 0) scores 0.9, 0.8, 0.5, 0.2 for the four melanomas: ⌈0.90 × 4⌉ = 4 →
+    # the lowest, 0.2; midway to the next lower score of any image (0.1) → 0.15. Youden's J
+    # would have put it at 0.5 and missed the fourth melanoma.
+    labels = np.array([0, 0, 0, 0, 1, 2, 1])
+    probs = np.array([[0.9, 0.05, 0.05], [0.8, 0.1, 0.1], [0.5, 0.3, 0.2], [0.2, 0.7, 0.1],
+                      [0.1, 0.8, 0.1], [0.05, 0.15, 0.8], [0.3, 0.6, 0.1]])
+    decision, derived = decision_and_derived(RECIPES["derm-lesion"], labels, probs)
+    assert decision == {"kind": "argmax"}
+    assert derived[0]["label"] == "malignant" and derived[0]["sum_of"] == ["melanoma"]
+    assert derived[0]["threshold"] == pytest.approx(0.15)
 
 
 def test_cli_names_every_recipe_without_importing_torch() -> None:
