@@ -396,4 +396,6 @@ def test_sample_ct_candidates_lie_in_the_lungs() -> None:
         assert c.probability < 0.99
     top = max(cands, key=lambda f: f.probability or 0.0)
     assert top.label == "mass" and top.positive
-    np.testing.assert_allclose(top.center_mm, (-63.65, -98.76, 187.15), atol=5.0)
+    assert top.center_mm is not None
+    np.testing.assert_allclose(np.array(top.center_mm), np.array([-63.65, -98.76, 187.15]),
+                               atol=5.0)
