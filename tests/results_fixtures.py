@@ -40,6 +40,7 @@ REFERABLE_DR = {"value": "4855003", "scheme": "SCT", "meaning": "Diabetic retino
 LUNG = {"value": "39607008", "scheme": "SCT", "meaning": "Lung"}
 RETINA = {"value": "5665001", "scheme": "SCT", "meaning": "Retina"}
 FRACTURE = {"value": "125605004", "scheme": "SCT", "meaning": "Fracture of bone"}
+HAND = ("85562004", "SCT", "Hand")
 CODES = {"pneumonia": PNEUMONIA, "nodule": NODULE, "referable_dr": REFERABLE_DR,
          "fracture": FRACTURE}
 
@@ -133,7 +134,8 @@ def fracture_result(path: Path | None = None) -> ModelResult:
          Finding("fracture", probability=0.83, positive=True, operating_point=0.3,
                  image_uid=uid, bbox_px=box),
          Finding("fracture", probability=0.12, positive=False, operating_point=0.3,
-                 image_uid=uid, bbox_px=faint)],
+                 image_uid=uid, bbox_px=faint),
+         Finding("multiple_fractures", positive=True, image_uid=uid, site=HAND)],
         "fracture p=0.91 (positive)")
     shown = result.explanations[0]
     scale = shown.image.shape[0] / rows

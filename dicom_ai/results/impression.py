@@ -175,6 +175,8 @@ def finding_line(finding: Finding, language: str = "en") -> str:
     """
     t = templates(language)
     name = display_name(finding.label, language)
+    if finding.probability is None and finding.value is None:
+        return f"{t.prefix}{name} — {t.present if finding.positive else t.absent}"
     if finding.probability is None:
         return f"{t.prefix}{name} — {_value(finding, t)}"
     text = f"{t.prefix}{name} — {t.probability.format(p=_number(finding.probability))}"
@@ -184,7 +186,7 @@ def finding_line(finding: Finding, language: str = "en") -> str:
         verdict = t.below
     elif finding.positive is None:
         verdict = ""
-    elif finding.operating_point is None:
+    elif finding.operating_point is None and not finding.localized:
         verdict = t.most_probable if finding.positive else ""
     else:
         verdict = t.present if finding.positive else t.absent
@@ -211,6 +213,9 @@ def result_sentence(result: ModelResult, language: str = "en") -> str:
         # The finding the model decides on is the one with an operating point.
         key = next((f for f in image_level if f.operating_point is not None), image_level[0])
         parts.append(t.none_above.format(details=_details(key, t)))
+    parts += [t.suggested.format(name=display_name(f.label, language), details=t.present)
+              for f in result.findings
+              if f.positive and f.probability is None and f.value is None]
     above = [f for f in result.findings if f.localized and f.positive]
     for label in dict.fromkeys(f.label for f in above):
         same = [f for f in above if f.label == label]

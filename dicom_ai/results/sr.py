@@ -24,6 +24,7 @@ import highdicom as hd
 import numpy as np
 import numpy.typing as npt
 from highdicom.sr import (
+    CodeContentItem,
     CodedConcept,
     ContainerContentItem,
     ContentSequence,
@@ -153,12 +154,11 @@ class _Context:
                                relationship_type=RelationshipTypeValues.CONTAINS)
 
 
-#: A TID 1501 group of a finding, or the TID 1410 group of a result that was not analysed.
-Group = (hd.sr.MeasurementsAndQualitativeEvaluations
-         | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations)
+Group = hd.sr.MeasurementsAndQualitativeEvaluations
 
 
-def _append(group: Group, items: Sequence[ImageContentItem | TextContentItem]) -> None:
+def _append(group: Group | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations,
+            items: Sequence[ImageContentItem | TextContentItem]) -> None:
     """Add rows highdicom's constructor does not take: the IMAGE reference to our SC and TEXT
     comments (TID 1501 is extensible; highdicom's reader skips them)."""
     group[0].ContentSequence.extend(items)
@@ -171,8 +171,7 @@ def _num(name: CodedConcept, value: float, unit: CodedConcept, *,
                              referenced_coordinates=list(coordinates) or None)
 
 
-def finding_group(finding: Finding, index: int,
-                  ctx: _Context) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+def finding_group(finding: Finding, index: int, ctx: _Context) -> Group:
     """One measurement group for one finding: classification, quantity or localized candidate.
 
     The first NUM is INFERRED FROM the finding's 2D region on its image (a box, a whole image,
@@ -246,23 +245,51 @@ def finding_group(finding: Finding, index: int,
     return group
 
 
-def statement_group(ctx: _Context, text: str) -> Group:
-    """The group of a result that was not analysed: a TID 1410 group over the image(s)
-    concerned (no NUM can carry the region that viewers need to show a group: there is no
-    value), "Analysis Performed: Not performed", and the reason as a TEXT Comment."""
+def statements(ctx: _Context) -> list[CodeContentItem | TextContentItem]:
+    """What a result says without a number, for the report-level Qualitative Evaluations:
+    "Analysis Performed: Not performed" and why, for a result that was not analysed; Present/
+    Absent and its line for a verdict-only finding (e.g. "multiple fractures").
+
+    They are not measurement groups: OHIF can only show a group with a region on an image, a
+    TID 1501 group can carry one only in a NUM, and PixelMed's validator refuses a report that
+    mixes TID 1410 groups (which could hold a region without a NUM) with TID 1501 groups.
+    """
+    result = ctx.result
+    language = ctx.settings.language
+    if result.status == "rejected":
+        return [CodeContentItem(name=c.ANALYSIS_PERFORMED, value=c.NOT_PERFORMED,
+                                relationship_type=RelationshipTypeValues.CONTAINS),
+                ctx.comment(result_sentence(result, language))]
+    items: list[CodeContentItem | TextContentItem] = []
+    for f in result.findings:
+        if f.positive is not None and not has_number(f) and f.value is None:
+            items += [CodeContentItem(name=finding_type(f.label, ctx.codes),
+                                      value=c.PRESENT if f.positive else c.ABSENT,
+                                      relationship_type=RelationshipTypeValues.CONTAINS),
+                      ctx.comment(finding_line(f, language))]
+    return items
+
+
+def region_group(ctx: _Context) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """The group of a result in an SR that has no other: a TID 1410 group whose top-level
+    Image Region covers the middle image of the series (so that a viewer opens the image),
+    "Analysis Performed: Not performed" for a result that was not analysed, and the result's
+    sentence as a TEXT Comment. An SR needs one measurement group (highdicom, TID 1500), and
+    PixelMed accepts TID 1410 groups only in a report that has no TID 1501 group."""
     image, box = ctx.anchor(None)
+    rejected = ctx.result.status == "rejected"
     group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=ctx.uid("tracking:statement"),
-            identifier=f"{ctx.result.model.name} not analysed"),
+            identifier=f"{ctx.result.model.name} {'not analysed' if rejected else 'no findings'}"),
         referenced_region=hd.sr.ImageRegion(
             graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=box_polyline(box),
             source_image=hd.sr.SourceImageForRegion(image.SOPClassUID, image.SOPInstanceUID)),
         algorithm_id=ctx.algorithm,
-        qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=c.ANALYSIS_PERFORMED,
-                                                             value=c.NOT_PERFORMED)],
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(
+            name=c.ANALYSIS_PERFORMED, value=c.NOT_PERFORMED)] if rejected else None,
     )
-    _append(group, [ctx.comment(text)])
+    _append(group, [ctx.comment(result_sentence(ctx.result, ctx.settings.language))])
     return group
 
 
@@ -274,21 +301,19 @@ def _reading_order(result: ModelResult) -> list[tuple[int, Finding]]:
         [p for p in indexed if p[1].below_operating_point]
 
 
-def shown(finding: Finding) -> bool:
-    """Whether a finding gets a measurement group: anything with a number to show. A
-    measurement that came out NaN has none (a DS cannot hold it, and a NUM without a value
-    cannot carry the coordinates viewers need); the Impression says "not measurable"."""
+def has_number(finding: Finding) -> bool:
+    """Whether a finding has a number for a NUM. A measurement that came out NaN has none (a
+    DS cannot hold it, and a NUM without a value cannot carry the coordinates viewers need)."""
     return finding.probability is not None or (
         finding.value is not None and math.isfinite(finding.value))
 
 
 def measurement_groups(ctx: _Context) -> list[Group]:
-    """One group per finding; a rejected result gets one "not analysed" group; an analysed
-    result without any finding gets none (the Impression says so)."""
-    result = ctx.result
-    if result.status == "rejected":
-        return [statement_group(ctx, result_sentence(result, ctx.settings.language))]
-    return [finding_group(f, i, ctx) for i, f in _reading_order(result) if shown(f)]
+    """One group per finding with a number (a NaN measurement has none: the Impression says
+    "not measurable"); what has no number goes to :func:`statements`."""
+    if ctx.result.status == "rejected":
+        return []
+    return [finding_group(f, i, ctx) for i, f in _reading_order(ctx.result) if has_number(f)]
 
 
 def _complete_deidentification(sr: Dataset) -> None:
@@ -345,17 +370,22 @@ def build_sr(results: Sequence[ModelResult], settings: OutputSettings, *,
             uid=model.device_uid, name=model.name, manufacturer_name=model.manufacturer,
             model_name=f"{model.name} {model.version}"[:64]))
     header = result.series.header
-    groups = [g for ctx in contexts for g in measurement_groups(ctx)]
+    groups: list[Group | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations] = [
+        g for ctx in contexts for g in measurement_groups(ctx)]
+    # Without any finding group, each result states itself in a region group instead.
+    stated = [] if groups else [ctx for ctx in contexts if ctx.result.status == "rejected"]
+    groups = groups or [region_group(ctx) for ctx in contexts]
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=c.procedure_reported(header),
-        imaging_measurements=groups or None,
+        imaging_measurements=groups,
         language_of_content_item_and_descendants=hd.sr.LanguageOfContentItemAndDescendants(
             c.LANGUAGE_CODES[settings.language]),
     )
     evaluations = ContainerContentItem(name=c.QUALITATIVE_EVALUATIONS,
                                        relationship_type=RelationshipTypeValues.CONTAINS)
     evaluations.ContentSequence = ContentSequence([
+        *(item for ctx in contexts if ctx not in stated for item in statements(ctx)),
         TextContentItem(name=c.IMPRESSION,
                         value=impression(results, settings.language),
                         relationship_type=RelationshipTypeValues.CONTAINS),

@@ -101,3 +101,17 @@ def test_outputs_validate_and_render(study: str, tmp_path: Path) -> None:
         if finding.probability is not None:
             assert f"{finding.to_json()['probability']} no units" in text
             assert finding_line(finding) in text
+
+
+@pytest.mark.parametrize("language", ["en", "zh"])
+def test_analysed_and_rejected_in_one_sr_validate(language: str, tmp_path: Path) -> None:
+    """A frontal film analysed and a second film rejected: one SR with both, in each language."""
+    results = [fx.dx_result(path=sample("cxr04/1.dcm")),
+               fx.rejected_result(path=sample("cxr01/1.dcm"))]
+    settings = fx.settings(language=language)
+    sr = build_outputs(results, settings, codes=fx.CODES, finding_site=fx.LUNG)[-1]
+    path = tmp_path / output_filename(sr)
+    sr.save_as(path, enforce_file_format=True)
+    assert error_lines(run("dciodvfy", path)) == []
+    assert pixelmed_errors("DicomInstanceValidator", path) == []
+    assert pixelmed_errors("DicomSRValidator", path) == []

@@ -137,9 +137,10 @@ def test_one_sr_per_study_and_model(cxr_folder: Path, models_dir: Path, tmp_path
     assert all(r.outputs[-1] == sr_name for r in outcome.results)
     sr = hd.sr.srread(tmp_path / "out" / outcome.study_instance_uid / sr_name)
     assert len(sr.content.get_image_measurement_groups()) == 2  # normal, pneumonia
-    # "Not analysed" for the lateral: a TID 1410 group over the lateral film.
-    (statement,) = sr.content.get_planar_roi_measurement_groups()
-    assert statement.reference_type.meaning == "Image Region"
+    # "Not analysed" for the lateral, in the report-level Qualitative Evaluations.
+    assert any("not analysed" in str(item.TextValue)
+               for item in sr.content[0].ContentSequence[-1].ContentSequence
+               if item.ValueType == "TEXT")
     referenced = {ref.ReferencedSOPInstanceUID
                   for item in srs[0].CurrentRequestedProcedureEvidenceSequence
                   for series in item.ReferencedSeriesSequence

@@ -218,7 +218,7 @@ def test_boxes_are_regions_on_their_image(tmp_path: Path) -> None:
         "xr-fracture fracture #1", "xr-fracture fracture #2",
         "xr-fracture fracture below operating point #3"]
     image = result.series.instances[0]
-    for group, finding in zip(groups, result.findings, strict=True):
+    for group, finding in zip(groups, result.findings[:3], strict=True):
         (probability,) = group.get_measurements(name=codes.PROBABILITY)
         points, uid = region_of(probability)
         assert uid == image.SOPInstanceUID
@@ -226,6 +226,14 @@ def test_boxes_are_regions_on_their_image(tmp_path: Path) -> None:
         assert np.allclose(points, [[c0, r0], [c1, r0], [c1, r1], [c0, r1], [c0, r0]])
     assert comments(groups[0]) == [
         "AI: fracture — probability 0.91 (operating point 0.50): present"]
+    # A verdict without a number is stated at report level: Present, and its line.
+    assert report.get_planar_roi_measurement_groups() == []
+    evaluations = report[0].ContentSequence[-1].ContentSequence
+    (verdict,) = [i for i in evaluations if i.ValueType == "CODE"]
+    assert verdict.name.value == "multiple_fractures"
+    assert verdict.value == codes.PRESENT
+    assert "AI: multiple fractures — present" in [
+        str(i.TextValue) for i in evaluations if i.ValueType == "TEXT"]
 
 
 def test_classification_lines_and_impression(tmp_path: Path) -> None:
@@ -265,10 +273,10 @@ def test_rejected_result_states_why_and_has_no_finding(tmp_path: Path) -> None:
     datasets, sr, report = build(result, tmp_path)
     assert len(datasets) == 1  # no Secondary Capture for an input that was not analysed
     assert report.get_image_measurement_groups() == []
+    # Alone in its SR: a TID 1410 group over the image that was not analysed.
     (group,) = report.get_planar_roi_measurement_groups()
     assert group.finding_type is None
     assert group.get_measurements() == []
-    # A region over the image that was not analysed, so that viewers can show the group.
     image = result.series.instances[0]
     assert group.roi is not None
     assert group.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID \
@@ -278,6 +286,21 @@ def test_rejected_result_states_why_and_has_no_finding(tmp_path: Path) -> None:
     assert evaluation[0].ConceptCodeSequence[0].CodeValue == codes.NOT_PERFORMED.value
     assert comments(group) == [f"cxr-pneumonia 1.0.0: not analysed — {result.reason}"]
     assert DISCLAIMER in text_values(sr)
+
+
+def test_rejected_beside_analysed_is_stated_at_report_level(tmp_path: Path) -> None:
+    dx, rejected = fx.dx_result(), fx.rejected_result(path=fx.data_path(fx.DX_FILE))
+    datasets = build_outputs([dx, rejected], fx.settings(), codes=fx.CODES,
+                             finding_site=fx.LUNG)
+    datasets[-1].save_as(tmp_path / "sr.dcm", enforce_file_format=True)
+    report = hd.sr.srread(tmp_path / "sr.dcm").content
+    assert len(report.get_image_measurement_groups()) == 2
+    assert report.get_planar_roi_measurement_groups() == []
+    evaluations = report[0].ContentSequence[-1].ContentSequence
+    (performed,) = [i for i in evaluations if i.ValueType == "CODE"]
+    assert performed.value == codes.NOT_PERFORMED
+    assert f"cxr-pneumonia 1.0.0: not analysed — {rejected.reason}" in [
+        str(i.TextValue) for i in evaluations if i.ValueType == "TEXT"]
 
 
 def test_different_content_never_shares_a_sop_instance_uid(tmp_path: Path) -> None:
