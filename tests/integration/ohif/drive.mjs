@@ -2,12 +2,13 @@
 //
 //   node drive.mjs PLAN.json RESULT.json
 //
-// PLAN: {baseUrl, chromium, userDataDir, nodeModules, timeoutMs, studies: [{studyInstanceUID,
-//   seriesCount, images: [{seriesInstanceUID}], reports: [{seriesInstanceUID, screenshot?}]}]}
+// PLAN: {baseUrl, chromium, userDataDir, nodeModules, timeoutMs, budgetMs, studies: [{studyInstanceUID,
+//   seriesCount, images: [{seriesInstanceUID}], segmentations: [{seriesInstanceUID}],
+//   reports: [{seriesInstanceUID, screenshot?}]}]}
 // RESULT: one entry per study: the errors the page and its console reported, every thumbnail's
 // text, whether each image series rendered, and for each SR the measurements OHIF read from it
 // and the viewport's text at every step of its next/previous arrows. Judging is the test's job
-// (tests/integration/test_ohif.py); this script only looks, with every wait bounded by timeoutMs.
+// (tests/integration/test_ohif.py); this script only looks.
 import fs from 'node:fs';
 import { createRequire } from 'node:module';
 import path from 'node:path';
@@ -15,7 +16,13 @@ import path from 'node:path';
 const [planPath, resultPath] = process.argv.slice(2);
 const plan = JSON.parse(fs.readFileSync(planPath, 'utf8'));
 const { chromium } = createRequire(path.join(plan.nodeModules, 'x.js'))('playwright-core');
-const timeout = plan.timeoutMs;
+// Every wait is bounded by timeoutMs and by what is left of budgetMs for the whole session, so
+// the script reports (if only "budget spent") before the test's outer timeout kills it.
+// Each study gets an equal share of what is left when it starts, so one that hangs cannot starve
+// the rest.
+const deadline = Date.now() + plan.budgetMs;
+let studyDeadline = deadline;
+const left = () => Math.max(1000, Math.min(plan.timeoutMs, studyDeadline - Date.now()));
 
 // Chromium as root needs --no-sandbox; the rest keep it from calling home or doing first-run work.
 const context = await chromium.launchPersistentContext(plan.userDataDir, {
@@ -30,7 +37,7 @@ const context = await chromium.launchPersistentContext(plan.userDataDir, {
     '--no-first-run',
   ],
   viewport: { width: 1400, height: 900 },
-  timeout,
+  timeout: left(),
 });
 // The onboarding tour covers the study panel on a first visit; a returning user has dismissed it.
 await context.addInitScript(() => {
@@ -40,6 +47,18 @@ await context.addInitScript(() => {
 /** The default viewport's state: its image and the text drawn over it (SR labels are SVG text). */
 async function viewportState(page) {
   return page.evaluate(() => {
+    // A label counts as shown only when a reader can read it: wholly inside the viewport pane
+    // and not overlapping another label (each label box is one SVG text element).
+    const readableTexts = (pane) => {
+      const boxes = [...(pane?.querySelectorAll('svg text') ?? [])]
+        .map((t) => ({ text: t.textContent, r: t.getBoundingClientRect() }));
+      const p = pane?.getBoundingClientRect();
+      const overlaps = (a, b) => a.left < b.right && b.left < a.right && a.top < b.bottom
+        && b.top < a.bottom;
+      return boxes.filter(({ r }, i) => r.width > 0 && r.left >= p.left && r.right <= p.right
+        && r.top >= p.top && r.bottom <= p.bottom
+        && boxes.every((other, j) => j === i || !overlaps(r, other.r))).map((b) => b.text);
+    };
     const viewport = window.cornerstone?.getRenderingEngines?.()
       .flatMap((engine) => engine.getViewports())
       .find((v) => v.id === 'default');
@@ -62,7 +81,8 @@ async function viewportState(page) {
     return {
       imageId: viewport?.getCurrentImageId?.() ?? null,
       painted,
-      texts: pane ? [...pane.querySelectorAll('svg text')].map((t) => t.textContent) : [],
+      texts: readableTexts(pane),
+      textsInDom: [...(pane?.querySelectorAll('svg text') ?? [])].length,
     };
   });
 }
@@ -100,7 +120,7 @@ async function openSeries(page, dsUids, seriesInstanceUID) {
   if (!dsUid) {
     return false;
   }
-  await page.locator(`[id="thumbnail-${dsUid}"]`).dblclick({ timeout });
+  await page.locator(`[id="thumbnail-${dsUid}"]`).dblclick({ timeout: left() });
   return dsUid;
 }
 
@@ -114,8 +134,27 @@ async function visitImageSeries(page, dsUids, image) {
     const state = await viewportState(page);
     return state.imageId?.includes(`/series/${image.seriesInstanceUID}/`)
       && state.painted >= PAINTED;
-  }, timeout);
+  }, left());
   entry.painted = (await viewportState(page)).painted;
+  return entry;
+}
+
+async function visitSegmentation(page, dsUids, seg) {
+  const entry = { seriesInstanceUID: seg.seriesInstanceUID, loaded: false, segments: 0 };
+  const dsUid = await openSeries(page, dsUids, seg.seriesInstanceUID);
+  if (!dsUid) {
+    entry.error = 'no thumbnail';
+    return entry;
+  }
+  // Loaded: OHIF has read the SEG and handed its segments to the segmentation service, which
+  // overlays them on the referenced series.
+  const segments = () => page.evaluate((uid) => {
+    const ds = window.services.displaySetService.getDisplaySetByUID(uid);
+    const all = window.services.segmentationService.getSegmentations?.() ?? [];
+    return ds?.isLoaded ? all.reduce((n, s) => n + Object.keys(s.segments ?? {}).length, 0) : 0;
+  }, dsUid);
+  entry.loaded = await until(async () => (await segments()) > 0, left());
+  entry.segments = await segments();
   return entry;
 }
 
@@ -132,7 +171,7 @@ async function visitReport(page, dsUids, report, errors) {
     await page.waitForFunction((uid) => {
       const ds = window.services.displaySetService.getDisplaySetByUID(uid);
       return ds?.isLoaded === true;
-    }, dsUid, { timeout });
+    }, dsUid, { timeout: left() });
     entry.measurements = await page.evaluate((uid) => {
       const ds = window.services.displaySetService.getDisplaySetByUID(uid);
       return ds.measurements.map((m) => ({
@@ -152,13 +191,21 @@ async function visitReport(page, dsUids, report, errors) {
       return ds.measurements.map((m) => [m.loaded === true, m.imageId ?? null]);
     }, dsUid);
     await until(async () => errors.length > before
-      || (await loaded()).every(([isLoaded]) => isLoaded), timeout);
+      || (await loaded()).every(([isLoaded]) => isLoaded), left());
     for (const [i, [isLoaded, imageId]] of (await loaded()).entries()) {
       Object.assign(entry.measurements[i], { loaded: isLoaded, imageId });
     }
     const drawn = entry.measurements.filter((m) => m.loaded && m.imageId).length;
     if (drawn > 0) {
-      await until(async () => (await viewportState(page)).texts.length > 0, timeout);
+      // OHIF sometimes paints the image before the SR's annotations and draws them only on the
+      // next annotation render; a reader's pointer moving over the image triggers one.
+      const box = await page.locator('[data-cy="viewport-pane"]').first().boundingBox();
+      let wiggle = 0;
+      await until(async () => {
+        wiggle = 10 - wiggle;
+        await page.mouse.move(box.x + box.width / 2 + wiggle, box.y + box.height / 2);
+        return (await viewportState(page)).textsInDom > 0;
+      }, left());
     }
     entry.steps.push(await viewportState(page));
     if (report.screenshot) {
@@ -171,15 +218,16 @@ async function visitReport(page, dsUids, report, errors) {
     const all = entry.measurements;
     if (drawn > 0) {
       for (let i = 0; i < all.length; i += 1) {
-        await arrow.click({ timeout });
-        const want = all[(i + 1) % all.length].imageId;
+        await arrow.click({ timeout: left() });
+        const index = (i + 1) % all.length;
+        const want = all[index].imageId;
         const reached = await page.waitForFunction((imageId) => {
           const v = window.cornerstone.getRenderingEngines().flatMap((e) => e.getViewports())
             .find((vp) => vp.id === 'default');
           return v?.getCurrentImageId?.() === imageId
             && document.querySelectorAll('[data-cy="viewport-pane"] svg text').length > 0;
-        }, want, { timeout }).then(() => true, () => false);
-        entry.steps.push({ ...(await viewportState(page)), expectedImageId: want, reached });
+        }, want, { timeout: left() }).then(() => true, () => false);
+        entry.steps.push({ ...(await viewportState(page)), measurement: index, reached });
         if (!reached) {
           break;
         }
@@ -196,6 +244,7 @@ async function visitReport(page, dsUids, report, errors) {
 
 async function visitStudy(study) {
   const page = await context.newPage();
+  const started = Date.now();
   const result = { studyInstanceUID: study.studyInstanceUID, errors: [], http: [] };
   page.on('pageerror', (err) => result.errors.push(`pageerror: ${err.stack ?? err}`));
   page.on('console', (msg) => {
@@ -211,25 +260,32 @@ async function visitStudy(study) {
   });
   try {
     const url = `${plan.baseUrl}/viewer?StudyInstanceUIDs=${study.studyInstanceUID}`;
-    await page.goto(url, { timeout });
+    await page.goto(url, { timeout: left() });
     await page.waitForFunction((n) => document.querySelectorAll('[id^="thumbnail-"]').length >= n,
-      study.seriesCount, { timeout });
+      study.seriesCount, { timeout: left() });
     result.thumbnails = await page.$$eval('[id^="thumbnail-"]',
       (els) => els.map((e) => e.innerText.replace(/\s*\n\s*/g, ' | ')));
     const dsUids = await displaySets(page);
-    result.images = [];
-    for (const image of study.images) {
-      result.images.push(await visitImageSeries(page, dsUids, image));
-    }
+    // The reports first, as a reader opens them on the study's first image; then each other
+    // series.
     result.reports = [];
     for (const report of study.reports) {
       result.reports.push(await visitReport(page, dsUids, report, result.errors));
+    }
+    result.segmentations = [];
+    for (const seg of study.segmentations) {
+      result.segmentations.push(await visitSegmentation(page, dsUids, seg));
+    }
+    result.images = [];
+    for (const image of study.images) {
+      result.images.push(await visitImageSeries(page, dsUids, image));
     }
     // Error notifications OHIF showed the user (its toasts), in case no listener caught them.
     result.toasts = await page.$$eval('[data-sonner-toast]', (els) => els.map((e) => e.innerText));
   } catch (err) {
     result.fatal = String(err.message).split('\n')[0];
   } finally {
+    result.seconds = (Date.now() - started) / 1000;
     await page.close();
   }
   return result;
@@ -237,10 +293,13 @@ async function visitStudy(study) {
 
 const results = [];
 try {
-  for (const study of plan.studies) {
-    results.push(await visitStudy(study));
+  for (const [i, study] of plan.studies.entries()) {
+    studyDeadline = Date.now() + (deadline - Date.now()) / (plan.studies.length - i);
+    results.push(Date.now() < deadline ? await visitStudy(study)
+      : { studyInstanceUID: study.studyInstanceUID, errors: [], http: [],
+        fatal: `browser budget of ${plan.budgetMs} ms spent` });
+    fs.writeFileSync(resultPath, JSON.stringify(results, null, 1));
   }
 } finally {
-  fs.writeFileSync(resultPath, JSON.stringify(results, null, 1));
   await context.close();
 }
