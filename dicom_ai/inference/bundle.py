@@ -19,6 +19,12 @@ import torch
 from pydicom.uid import generate_uid
 
 from dicom_ai.inference.findings import ModelInfo
+from dicom_ai.inference.spec import (
+    ClassificationSpec,
+    SpecError,
+    parse_accepts,
+    parse_classification,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +56,8 @@ class Bundle:
     device: torch.device
     info: ModelInfo
     inference_config: dict[str, Any]
+    #: The parsed ``dicom_ai`` block of a classification bundle.
+    spec: ClassificationSpec | None = None
 
     @property
     def name(self) -> str:
@@ -95,24 +103,21 @@ def _detection_defaults() -> dict[str, Any]:
     }
 
 
-def _validate_block(name: str, block: dict[str, Any]) -> None:
+def _validate_block(name: str, block: dict[str, Any]) -> ClassificationSpec | None:
+    """Refuse a block that does not say what its task needs (every problem listed); a
+    classification block comes back parsed (:mod:`dicom_ai.inference.spec`)."""
     task = block.get("task")
     if task not in TASKS:
         raise BundleError(f"{name}: dicom_ai.task must be one of {', '.join(TASKS)}, got {task!r}")
-    if not isinstance(block.get("accepts"), dict) or not block["accepts"].get("modality"):
-        raise BundleError(f"{name}: dicom_ai.accepts.modality must list the modalities it reads")
     if task == "classification":
-        labels = block.get("labels")
-        if not isinstance(labels, list) or len(labels) < 2:
-            raise BundleError(f"{name}: a classification bundle lists at least two labels")
-        decision = block.get("decision", {})
-        if decision.get("kind") == "threshold" and decision.get("label") not in labels:
-            raise BundleError(f"{name}: decision.label {decision.get('label')!r} is not a label")
-        if decision.get("kind") not in ("threshold", "argmax"):
-            raise BundleError(f"{name}: decision.kind must be 'threshold' or 'argmax'")
-        missing = [lab for lab in labels if lab not in block.get("codes", {})]
-        if missing:
-            raise BundleError(f"{name}: no finding code for label(s) {', '.join(missing)}")
+        try:
+            return parse_classification(block)
+        except SpecError as exc:
+            raise BundleError(f"{name}: dicom_ai: {exc}") from exc
+    problems: list[str] = []
+    parse_accepts(block, problems)
+    if problems:
+        raise BundleError(f"{name}: dicom_ai: {'; '.join(problems)}")
     if task == "ct-lung":
         from dicom_ai.inference.ct_lung import validate_block as validate_ct_lung
 
@@ -121,6 +126,7 @@ def _validate_block(name: str, block: dict[str, Any]) -> None:
         from dicom_ai.inference.fracture import validate_block
 
         validate_block(name, block)
+    return None
 
 
 def device_uid(name: str, version: str, weights_sha256: str) -> str:
@@ -143,7 +149,7 @@ def load_bundle(root: Path, *, device: torch.device) -> Bundle:
     if not isinstance(block, dict):
         raise BundleError(f"{name}: metadata.json has no 'dicom_ai' block and is not a MONAI "
                           f"detection bundle")
-    _validate_block(name, block)
+    spec = _validate_block(name, block)
     weights = root / "models" / "model.pt"
     if not weights.is_file():
         raise BundleError(f"{name}: missing models/model.pt")
@@ -170,7 +176,7 @@ def load_bundle(root: Path, *, device: torch.device) -> Bundle:
     info = ModelInfo(name=name, version=version, device_uid=device_uid(name, version, digest),
                      manufacturer=str(metadata.get("authors", "dicom-ai")))
     return Bundle(root=root, metadata=metadata, dicom_ai=block, network=network, device=device,
-                  info=info, inference_config=config)
+                  info=info, inference_config=config, spec=spec)
 
 
 def discover(models_dir: Path) -> list[Path]:
