@@ -293,6 +293,10 @@ def build_secondary_capture(explanation: Explanation, result: ModelResult,
     sc.BurnedInAnnotation = "YES"
     if source.get("BodyPartExamined"):
         sc.BodyPartExamined = source.BodyPartExamined
+        if "Laterality" in source and "Laterality" not in sc:
+            # A paired body part (a hand) whose side the source leaves empty: Type 2C, so
+            # present and empty as in the source ("unknown"), never a guess.
+            sc.Laterality = ""
     elif "Laterality" not in sc:
         # Laterality is Type 2C when the body part is unknown (it may be a paired organ such
         # as an eye): present and empty states "unknown" rather than omitting it.

@@ -154,3 +154,14 @@ def test_caption_carries_the_impression_in_a_language_the_font_can_draw() -> Non
     # DejaVu has no CJK glyphs: a Chinese caption would burn in as boxes, so it stays English.
     assert not renderable("肺炎")
     assert caption_text(shown, result, "zh") == caption
+
+
+def test_empty_laterality_of_a_paired_body_part_stays_empty() -> None:
+    result = fx.dx_result()
+    source = result.series.instances[0].header
+    source.BodyPartExamined, source.Laterality = "HAND", ""
+    if "ImageLaterality" in source:
+        del source.ImageLaterality
+    sc = build_secondary_capture(result.explanations[0], result, fx.settings(), index=0)
+    assert sc.BodyPartExamined == "HAND"
+    assert sc.Laterality == ""
