@@ -51,6 +51,10 @@ from dicom_ai.results.uids import content_key, derive_uid
 
 #: Series Number of our SR series (fixed, so a replay keeps it; the UID carries identity).
 SR_SERIES_NUMBER = 9900
+#: Image-level markers (fractions of the image's width and height): left edge and side of the
+#: rectangle, top of the first one and the step down to the next; after MARKER_ROWS they start
+#: over at the top.
+MARKER_LEFT, MARKER_SIDE, MARKER_TOP, MARKER_STEP, MARKER_ROWS = 0.02, 0.04, 0.04, 0.07, 13
 
 
 finding_type = c.finding_concept
@@ -97,6 +101,8 @@ class _Context:
             i.SOPInstanceUID: i for i in result.series.instances}
         self.secondary_captures = secondary_captures
         self.segments = segments
+        #: Image-level markers placed so far, per image (their stacking order).
+        self.markers: dict[str, int] = {}
         self.algorithm = hd.sr.AlgorithmIdentification(
             name=result.model.name, version=result.model.version,
             manufacturer=result.model.manufacturer)
@@ -129,9 +135,29 @@ class _Context:
         image = candidates[len(candidates) // 2]
         return image, whole_image(image)
 
+    def marker(self, image: Instance) -> BoxPx:
+        """The region of the next image-level finding on ``image``: a small rectangle at the
+        image's left edge, one below the other.
+
+        An image-level finding concerns the whole image, but OHIF places a group's label at
+        the right end and vertical middle of its region, unclamped (``cornerstone-dicom-sr``
+        ``renderTextBox``): a whole-image region puts the label beyond the viewport's right
+        border and every image-level label of the image on one spot. Left-edge markers stacked
+        down the image give each label its own line over the image.
+        """
+        k = self.markers.get(image.SOPInstanceUID, 0) % MARKER_ROWS
+        self.markers[image.SOPInstanceUID] = k + 1
+        _, _, cols, rows = whole_image(image)
+        top = (MARKER_TOP + MARKER_STEP * k) * rows
+        return (MARKER_LEFT * cols, top, (MARKER_LEFT + MARKER_SIDE) * cols,
+                top + MARKER_SIDE * rows)
+
     def region(self, finding: Finding | None) -> hd.sr.CoordinatesForMeasurement:
-        """The finding's 2D region (INFERRED FROM its first NUM), SELECTED FROM its image."""
+        """The finding's 2D region (INFERRED FROM its first NUM), SELECTED FROM its image: its
+        box, else an image-level marker (:meth:`marker`)."""
         image, box = self.anchor(finding)
+        if finding is None or finding.bbox_px is None or finding.image_uid != image.SOPInstanceUID:
+            box = self.marker(image)
         return hd.sr.CoordinatesForMeasurement(
             graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=box_polyline(box),
             source_image=hd.sr.SourceImageForRegion(image.SOPClassUID, image.SOPInstanceUID))

@@ -162,11 +162,16 @@ def test_quantities_and_localized_candidate(tmp_path: Path) -> None:
     (density,) = groups["ct-lung mean_lung_density_hu #2"].get_measurements()
     assert density.unit.value == "[hnsf'U]"
     assert len(volume.source_images) == len(result.series.instances)
-    # A whole-series measurement is drawn over the middle slice.
+    # A whole-series measurement is drawn on the middle slice, as a marker at its left edge;
+    # the next measurement's marker sits below it (OHIF puts each label right of its region).
     middle = result.series.instances[len(result.series.instances) // 2]
     points, image = region_of(measurement)
     assert image == middle.SOPInstanceUID
-    assert points[2] == [float(middle.header.Columns), float(middle.header.Rows)]
+    cols, rows = float(middle.header.Columns), float(middle.header.Rows)
+    assert np.allclose(points[0], [0.02 * cols, 0.04 * rows])
+    assert np.allclose(points[2], [0.06 * cols, 0.08 * rows])
+    next_points, _ = region_of(density)
+    assert np.allclose(next_points[0], [0.02 * cols, 0.11 * rows])
 
     nodule = groups["ct-lung nodule #4"]
     finding = result.findings[3]
@@ -222,7 +227,8 @@ def test_boxes_are_regions_on_their_image(tmp_path: Path) -> None:
         (probability,) = group.get_measurements(name=codes.PROBABILITY)
         points, uid = region_of(probability)
         assert uid == image.SOPInstanceUID
-        c0, r0, c1, r1 = finding.bbox_px or (0, 0, image.header.Columns, image.header.Rows)
+        cols, rows = image.header.Columns, image.header.Rows
+        c0, r0, c1, r1 = finding.bbox_px or (0.02 * cols, 0.04 * rows, 0.06 * cols, 0.08 * rows)
         assert np.allclose(points, [[c0, r0], [c1, r0], [c1, r1], [c0, r1], [c0, r0]])
     assert comments(groups[0]) == [
         "AI: fracture — probability 0.91 (operating point 0.50): present"]
