@@ -15,8 +15,9 @@ a label a reader can read (wholly inside the viewport, overlapping no other labe
 reach every finding OHIF read. Two upstream limits of OHIF 3.13.2 are tolerated, each only with
 its own evidence: the VOI LUT Function bug (see :func:`_known_upstream`) and SOP classes OHIF
 does not know (dermoscopy). Screenshots of a chest X-ray, a fundus and the CT result go to
-``$DICOM_AI_OHIF_SCREENSHOTS`` (``docs/`` for the README's) or the test's temp dir;
-``$DICOM_AI_OHIF_REPLAY`` names an existing replay output to view instead of a fresh replay.
+``$OHIF_TEST_SCREENSHOTS`` (``docs/`` for the README's) or the test's temp dir;
+``$OHIF_TEST_REPLAY`` names an existing replay output to view instead of a fresh replay (not
+``DICOM_AI_*``: the settings loader refuses unknown variables with that prefix).
 
 npm packages are installed once into ``~/.cache/dicom-ai/ohif`` (``$XDG_CACHE_HOME``), checked
 against pinned integrity hashes. Needs ``node``/``npm``, ``/usr/bin/chromium``, Orthanc and the
@@ -188,6 +189,20 @@ def _plan_studies(out: Path) -> list[Study]:
     return studies
 
 
+@functools.cache
+def _ohif_knows(sop_class_uid: str) -> bool:
+    """True when OHIF's bundles name the SOP class at all (its SOP class dictionary and handlers
+    are in them); a class they never mention cannot be displayed by this OHIF."""
+    needles = [f"{q}{sop_class_uid}{q}".encode() for q in "'\""]
+    return any(n in js.read_bytes() for js in install_ohif(CACHE).glob("*.js") for n in needles)
+
+
+def _placeable(study: Study) -> list[Report]:
+    """The study's SRs, unless OHIF supports none of its source SOP classes (dermoscopy in OHIF
+    3.13): then it cannot place any finding on an image, and waiting for that is wasted time."""
+    return study.reports if any(_ohif_knows(c) for c in study.sop_classes.values()) else []
+
+
 def _browser_plan(studies: list[Study], base_url: str, node_modules: Path,
                   work: Path, shots: Path) -> dict[str, Any]:
     plan_studies = []
@@ -196,14 +211,16 @@ def _browser_plan(studies: list[Study], base_url: str, node_modules: Path,
         plan_studies.append({
             "studyInstanceUID": study.study_instance_uid,
             "seriesCount": len(study.series),
+            # A sample whose SOP class OHIF does not support (dermoscopy) cannot render there.
             "images": [{"seriesInstanceUID": s} for s, m in study.series.items()
-                       if m not in ("SR", "SEG")],
+                       if m not in ("SR", "SEG") and (s not in study.sop_classes
+                                                      or _ohif_knows(study.sop_classes[s]))],
             "segmentations": [{"seriesInstanceUID": s} for s, m in study.series.items()
                               if m == "SEG"],
             # The screenshot shows the first report as it opens (its first finding's image).
             "reports": [{"seriesInstanceUID": r.series_instance_uid,
                          "screenshot": str(shots / shot) if shot and i == 0 else None}
-                        for i, r in enumerate(study.reports)],
+                        for i, r in enumerate(_placeable(study))],
         })
     user_data = work / "chromium-profile"
     user_data.mkdir()
@@ -230,12 +247,12 @@ def studies(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Study]]:
     work = tmp_path_factory.mktemp("ohif")
     # An existing replay's output can be viewed instead of a fresh run (to look at SR changes
     # without waiting for the models); CI never sets it.
-    out = Path(os.environ.get("DICOM_AI_OHIF_REPLAY") or work / "replay")
-    if "DICOM_AI_OHIF_REPLAY" not in os.environ:
+    out = Path(os.environ.get("OHIF_TEST_REPLAY") or work / "replay")
+    if "OHIF_TEST_REPLAY" not in os.environ:
         assert main(["replay", str(SAMPLES), "--out", str(out), "--models",
                      str(REPO / "models"), "--quiet"]) == 0
     planned = _plan_studies(out)
-    shots = Path(os.environ.get("DICOM_AI_OHIF_SCREENSHOTS") or work / "screenshots")
+    shots = Path(os.environ.get("OHIF_TEST_SCREENSHOTS") or work / "screenshots")
     shots.mkdir(parents=True, exist_ok=True)
     with start_orthanc(work / "orthanc") as pacs:
         for path in [*sorted(SAMPLES.rglob("*.dcm")), *sorted(out.rglob("*.dcm"))]:
@@ -279,35 +296,20 @@ def test_studies_open_with_every_series_and_our_disclaimer(studies: list[Study])
             assert "not for diagnostic use" in thumbnail, (study.folder, thumbnail)
 
 
-@functools.cache
-def _ohif_knows(sop_class_uid: str) -> bool:
-    """True when OHIF's bundles name the SOP class at all (its SOP class dictionary and handlers
-    are in them); a class they never mention cannot be displayed by this OHIF."""
-    needles = [f"{q}{sop_class_uid}{q}".encode() for q in "'\""]
-    return any(n in js.read_bytes() for js in install_ohif(CACHE).glob("*.js") for n in needles)
-
-
 def test_source_images_and_secondary_captures_render(studies: list[Study]) -> None:
     for study in studies:
         for image in study.seen["images"]:
             uid = image["seriesInstanceUID"]
             if image["rendered"]:
                 continue
-            if uid in study.voi_lut_function_sources:
-                # Tolerated only with the error that names the upstream bug.
-                assert any(_known_upstream(study, e) for e in study.seen["errors"]), study.folder
-            elif uid in study.sop_classes and not _ohif_knows(study.sop_classes[uid]):
-                continue  # a sample's SOP class OHIF 3.13 does not support (dermoscopy)
-            else:
-                raise AssertionError((study.folder, study.series[uid], image))
+            # Tolerated only on a source carrying the attribute, with the error naming the bug.
+            assert uid in study.voi_lut_function_sources, (study.folder, study.series[uid], image)
+            assert any(_known_upstream(study, e) for e in study.seen["errors"]), study.folder
 
 
 def _viewable_reports(study: Study) -> list[tuple[Report, dict[str, Any]]]:
-    """The study's SRs with what the browser saw, less those OHIF cannot place on any image
-    because it supports none of the study's source SOP classes (dermoscopy in OHIF 3.13)."""
-    if not any(_ohif_knows(c) for c in study.sop_classes.values()):
-        return []
-    return list(zip(study.reports, study.seen["reports"], strict=True))
+    """The study's SRs with what the browser saw (only those of :func:`_placeable`)."""
+    return list(zip(_placeable(study), study.seen["reports"], strict=True))
 
 
 def test_segmentations_load(studies: list[Study]) -> None:

@@ -265,6 +265,10 @@ async function visitStudy(study) {
       study.seriesCount, { timeout: left() });
     result.thumbnails = await page.$$eval('[id^="thumbnail-"]',
       (els) => els.map((e) => e.innerText.replace(/\s*\n\s*/g, ' | ')));
+    // A reader waits for the first image before double-clicking anything; switching while it
+    // loads aborts the load, which OHIF reports as an IMAGE_LOAD_ERROR of its own.
+    result.firstImage = await until(async () => (await viewportState(page)).painted >= PAINTED,
+      left());
     const dsUids = await displaySets(page);
     // The reports first, as a reader opens them on the study's first image; then each other
     // series.
