@@ -192,8 +192,8 @@ def finding_line(finding: Finding, language: str = "en") -> str:
         verdict = t.present if finding.positive else t.absent
     if verdict:
         text += f": {verdict}"
-    if finding.extent_mm is not None and not finding.below_operating_point:
-        text += f", {t.size.format(size=f'{max(finding.extent_mm):.0f}')}"
+    # The size is not repeated here: its own NUM (Long axis) is the next line a viewer shows,
+    # and OHIF does not keep a long first line inside the viewport.
     return text
 
 

@@ -192,7 +192,7 @@ def test_quantities_and_localized_candidate(tmp_path: Path) -> None:
     (evaluation,) = nodule.get_qualitative_evaluations()
     assert evaluation.value == codes.PRESENT
     assert comments(nodule) == ["AI: nodule — probability 0.71 (operating point 0.60): "
-                                "present, about 9 mm"]
+                                "present"]
     # The reported candidate is segmented; its group points to the segment.
     (seg,) = [d for d in datasets if d.Modality == "SEG"]
     (ref,) = [i for i in nodule[0].ContentSequence if i.ValueType == "IMAGE"
