@@ -21,6 +21,7 @@ from typing import Any
 
 from pydicom.uid import generate_uid
 
+from dicom_ai import __version__
 from dicom_ai.dicom.uid import require_uid
 from dicom_ai.inference.findings import ModelInfo, ModelResult
 
@@ -29,8 +30,9 @@ _NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:dicom-ai:output-uid")
 
 
 def content_key(results: Sequence[ModelResult], *parts: Any) -> str:
-    """A short hash of what decides an output's content: the results' findings, status and
-    reason (their ``findings.json`` form, without the file names), and any further ``parts``
+    """A short hash of what decides an output's content: the dicom-ai version, the results'
+    findings, status and reason (their ``findings.json`` form, without the file names), and
+    any further ``parts``
     (JSON-serializable: the language, a picture's caption and marker boxes …).
 
     The analysis time is deliberately not part of it: a replay of the same study with the same
@@ -41,8 +43,9 @@ def content_key(results: Sequence[ModelResult], *parts: Any) -> str:
         document = result.to_json()
         document.pop("outputs", None)
         documents.append(document)
-    payload = json.dumps([documents, list(parts)], sort_keys=True, separators=(",", ":"),
-                         default=str)
+    # The software version too: the words and the layout of the objects come from this code.
+    payload = json.dumps([__version__, documents, list(parts)], sort_keys=True,
+                         separators=(",", ":"), default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
