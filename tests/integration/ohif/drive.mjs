@@ -198,7 +198,8 @@ async function visitReport(page, dsUids, report, errors) {
     const drawn = entry.measurements.filter((m) => m.loaded && m.imageId).length;
     if (drawn > 0) {
       // OHIF sometimes paints the image before the SR's annotations and draws them only on the
-      // next annotation render; a reader's pointer moving over the image triggers one.
+      // next annotation render; a reader's pointer moving over the image triggers one. (Even so,
+      // about one report in ten stays undrawn on this 2-core machine, reopening it included.)
       const box = await page.locator('[data-cy="viewport-pane"]').first().boundingBox();
       let wiggle = 0;
       await until(async () => {
