@@ -171,6 +171,16 @@ class Service:
             The storage directory is in use or the port cannot be opened; nothing was started.
         """
         lock = lock_storage(self.root)
+
+        # Installed before anything starts: a stop asked for while the listener already
+        # accepts but the children are still starting (a slow spawn) is a clean stop, not
+        # Python's default SIGTERM death.
+        def request_stop(signum: int, _frame: FrameType | None) -> None:
+            log.info("signal %d: stopping", signum)
+            self._stopping.set()
+
+        signal.signal(signal.SIGTERM, request_stop)
+        signal.signal(signal.SIGINT, request_stop)
         try:
             return self._run()
         finally:
@@ -201,13 +211,6 @@ class Service:
         if self.settings.storage.retention_days > 0:
             sweeper = Sweeper(spool, self.settings.storage.retention_days)
             sweeper.start()
-
-        def request_stop(signum: int, _frame: FrameType | None) -> None:
-            log.info("signal %d: stopping", signum)
-            self._stopping.set()
-
-        signal.signal(signal.SIGTERM, request_stop)
-        signal.signal(signal.SIGINT, request_stop)
         while not self._stopping.wait(1.0):
             self._supervise()
         listener.stop()

@@ -188,6 +188,13 @@ def results_in_pacs(pacs: Orthanc, uid: str) -> dict[str, list[str]] | None:
     return {"sr": srs, "sc": scs} if srs and scs else None
 
 
+def delivered(serve: Serve, uid: str) -> int | None:
+    """How many results of the study were queued, once every one is delivered."""
+    states = [r[0] for r in serve.index("SELECT state FROM outbound WHERE "
+                                        "study_instance_uid = ?", uid)]
+    return len(states) if states and set(states) == {"delivered"} else None
+
+
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     return tmp_path
@@ -220,11 +227,15 @@ def test_modality_push_results_land_in_the_same_study(workdir: Path,
             serve.storescu(folder)
         for folder in studies:
             uid = study_uid(folder)
-            found = wait_for(f"SR and SC of {folder.name} in the PACS",
-                             functools.partial(results_in_pacs, pacs, uid))
+            wait_for(f"SR and SC of {folder.name} in the PACS",
+                     functools.partial(results_in_pacs, pacs, uid))
+            # Every object the worker queued for the study (SR, SC and, for the CT, SEG),
+            # delivered: the PACS holds the sources and exactly those.
+            queued = wait_for(f"every result of {folder.name} delivered",
+                              functools.partial(delivered, serve, uid))
             sources = len(list(folder.rglob("*.dcm")))
             assert sum(len(v) for v in pacs.instances_by_sop_class(uid).values()) == \
-                sources + len(found["sr"]) + len(found["sc"])
+                sources + queued
         assert "dead" not in {r[0] for r in serve.index("SELECT state FROM outbound")}
 
 

@@ -30,7 +30,7 @@ def test_our_reasons_are_kept() -> None:
 def test_log_failure_names_the_stack_not_the_message(caplog: pytest.LogCaptureFixture) -> None:
     with pytest.raises(ValueError) as info:
         fail_with_identity()
-    log_failure(logging.getLogger("t"), "study 1.2.3 failed", info.value)
+    log_failure(logging.getLogger("dicom_ai.t"), "study 1.2.3 failed", info.value)
     assert "study 1.2.3 failed: ValueError at test_logs.py:" in caplog.text
     assert "in fail_with_identity" in caplog.text
     assert "Doe^Jane" not in caplog.text and "19700101" not in caplog.text
