@@ -271,12 +271,16 @@ def chest_xray(spec: ChestXRay, data: Path) -> Dataset:
 
 
 def full_range_window(ds: Dataset, bits_stored: int) -> None:
-    """A LINEAR VOI window whose centre/width map the stored range exactly onto the display
-    range: the model sees what it saw in training (the source JPEG)."""
+    """A VOI window whose centre/width map the stored range exactly onto the display range: the
+    model sees what it saw in training (the source JPEG).
+
+    VOI LUT Function is left out: LINEAR is its default (PS3.3 C.11.2.1.3), and OHIF 3.13's
+    image loader throws "Invalid VOI LUT function" on an explicit LINEAR sent over DICOMweb, so
+    the film would not display at all.
+    """
     top = 2**bits_stored
     ds.WindowCenter = top // 2
     ds.WindowWidth = top
-    ds.VOILUTFunction = "LINEAR"
 
 
 def source_row(data: Path, spec: ChestXRay) -> dict[str, str]:

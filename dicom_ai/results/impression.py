@@ -59,7 +59,7 @@ EN = Templates(
     present="present",
     absent="absent",
     most_probable="most probable class",
-    below="below operating point, not reported as a finding",
+    below="below operating point {t}, not reported",
     size="about {size} mm",
     not_measurable="not measurable",
     header="AI-drafted impression — not for diagnostic use",
@@ -84,7 +84,7 @@ ZH = Templates(
     present="阳性",
     absent="阴性",
     most_probable="概率最高的类别",
-    below="低于工作点，不作为发现报告",
+    below="低于工作点 {t}，不报告",
     size="约 {size} 毫米",
     not_measurable="无法测量",
     header="AI 起草的印象 — 不用于诊断",
@@ -180,11 +180,14 @@ def finding_line(finding: Finding, language: str = "en") -> str:
     if finding.probability is None:
         return f"{t.prefix}{name} — {_value(finding, t)}"
     text = f"{t.prefix}{name} — {t.probability.format(p=_number(finding.probability))}"
+    if finding.below_operating_point:
+        # Short: OHIF does not keep a long first line inside the viewport, and a candidate box
+        # may lie near the image's right edge.
+        point = "" if finding.operating_point is None else _number(finding.operating_point)
+        return f"{text}{t.list_separator}{t.below.format(t=point)}"
     if finding.operating_point is not None:
         text += f" ({t.operating_point.format(t=_number(finding.operating_point))})"
-    if finding.below_operating_point:
-        verdict = t.below
-    elif finding.positive is None:
+    if finding.positive is None:
         verdict = ""
     elif finding.operating_point is None and not finding.localized:
         verdict = t.most_probable if finding.positive else ""

@@ -29,8 +29,7 @@ def test_candidate_below_the_operating_point_is_called_so() -> None:
     f = Finding("nodule", probability=0.99, positive=False, operating_point=0.9987,
                 center_mm=(1.0, 2.0, 3.0), extent_mm=(5.0, 6.0, 4.0))
     line = finding_line(f)
-    assert line == ("AI: nodule — probability 0.99 (operating point 1.00): below operating "
-                    "point, not reported as a finding")
+    assert line == "AI: nodule — probability 0.99; below operating point 1.00, not reported"
     assert "absent" not in line
 
 

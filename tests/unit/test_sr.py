@@ -208,8 +208,8 @@ def test_candidate_below_operating_point_is_never_absent(tmp_path: Path) -> None
     below = groups[-1]  # reported findings first
     assert below.tracking_identifier == "ct-lung nodule below operating point #5"
     assert below.get_qualitative_evaluations() == []
-    assert comments(below) == ["AI: nodule — probability 0.45 (operating point 0.60): below "
-                               "operating point, not reported as a finding"]
+    assert comments(below) == ["AI: nodule — probability 0.45; below operating point 0.60, "
+                               "not reported"]
     assert all(item.value != codes.ABSENT for g in groups
                for item in g.get_qualitative_evaluations()
                if g.finding_type == codes.concept(fx.NODULE))
