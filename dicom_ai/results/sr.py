@@ -239,15 +239,13 @@ def finding_group(finding: Finding, index: int, ctx: _Context) -> Group:
              coordinates=[region] if n == 0 else point if takes_point else [])
         for n, (name, value, unit, takes_point) in enumerate(rows)]
     evaluations = []
-    if finding.positive is not None and not finding.below_operating_point:
+    if finding.positive is not None:
         evaluations.append(hd.sr.QualitativeEvaluation(
             name=kind, value=c.PRESENT if finding.positive else c.ABSENT))
-    what = f"{finding.label} below operating point" if finding.below_operating_point \
-        else finding.label
     common: dict[str, Any] = {
         "tracking_identifier": hd.sr.TrackingIdentifier(
             uid=ctx.uid(f"tracking:{index}:{finding.label}"),
-            identifier=f"{ctx.result.model.name} {what} #{index + 1}"[:64]),
+            identifier=f"{ctx.result.model.name} {finding.label} #{index + 1}"[:64]),
         "finding_type": kind,
         "finding_category": category,
         "algorithm_id": ctx.algorithm,
@@ -320,11 +318,12 @@ def region_group(ctx: _Context) -> hd.sr.PlanarROIMeasurementsAndQualitativeEval
 
 
 def _reading_order(result: ModelResult) -> list[tuple[int, Finding]]:
-    """Findings with their indices (which the tracking UIDs derive from), those a reader must
-    see first: reported findings, then candidates below the operating point."""
-    indexed = list(enumerate(result.findings))
-    return [p for p in indexed if not p[1].below_operating_point] + \
-        [p for p in indexed if p[1].below_operating_point]
+    """The reported findings with their indices (which the tracking UIDs derive from).
+
+    Candidates below the operating point get no group: drawn on the image they read as findings
+    (and, several on one slice, their labels overlap in OHIF). They stay in ``findings.json``
+    and are counted in the Impression."""
+    return [p for p in enumerate(result.findings) if not p[1].below_operating_point]
 
 
 def has_number(finding: Finding) -> bool:
