@@ -98,7 +98,10 @@ def test_outputs_validate_and_render(study: str, tmp_path: Path) -> None:
         assert "not analysed" in text
     for finding in result.findings:
         # dsr2html prints a NUM item as "<value> <unit meaning>", and our line for it.
-        if finding.probability is not None:
+        # Candidates below the operating point have no group (findings.json keeps them).
+        if finding.below_operating_point:
+            assert finding_line(finding) not in text
+        elif finding.probability is not None:
             assert f"{finding.to_json()['probability']} no units" in text
             assert finding_line(finding) in text
 
