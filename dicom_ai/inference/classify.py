@@ -60,6 +60,20 @@ def _first_frame(stored: npt.NDArray[Any], header: Any) -> npt.NDArray[Any]:
     return stored[0] if frames > 1 else stored
 
 
+def prepare_series(bundle: Bundle, series: Series
+                   ) -> tuple[list[PreparedImage], dict[str, str]]:
+    """Every image of ``series`` that decodes, prepared for ``bundle``, and the instances that
+    failed to decode (path → reason)."""
+    failed: dict[str, str] = {}
+    prepared: list[PreparedImage] = []
+    for instance in series.instances:
+        try:
+            prepared.append(prepare(bundle, instance))
+        except DicomInputError as exc:
+            failed[str(instance.path)] = exc.reason
+    return prepared, failed
+
+
 def prepare(bundle: Bundle, instance: Instance) -> PreparedImage:
     """Decode and normalize one instance as the bundle's ``input`` and ``preprocessing`` say.
 
@@ -181,13 +195,7 @@ def analyse_images(bundle: Bundle, series: Series, started: datetime,
     of whose images fail or are unfit is ``rejected`` with the reason.
     """
     block = bundle.dicom_ai
-    failed: dict[str, str] = {}
-    prepared: list[PreparedImage] = []
-    for instance in series.instances:
-        try:
-            prepared.append(prepare(bundle, instance))
-        except DicomInputError as exc:
-            failed[str(instance.path)] = exc.reason
+    prepared, failed = prepare_series(bundle, series)
 
     def rejected(reason: str) -> tuple[ModelResult, dict[str, str]]:
         return ModelResult(series=series, model=bundle.info, status="rejected", started=started,

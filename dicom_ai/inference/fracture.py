@@ -29,12 +29,11 @@ import torch
 import torch.nn.functional as F
 
 from dicom_ai.config import InferenceSettings
-from dicom_ai.dicom.errors import DicomInputError
 from dicom_ai.dicom.model import Series
 from dicom_ai.imaging.resize import resize_2d
 from dicom_ai.inference import input_fit
 from dicom_ai.inference.bundle import Bundle, BundleError
-from dicom_ai.inference.classify import PreparedImage, prepare
+from dicom_ai.inference.classify import PreparedImage, prepare_series
 from dicom_ai.inference.findings import Explanation, Finding, ModelResult
 from dicom_ai.inference.fracture_net import Box, decode_boxes, to_source
 from dicom_ai.inference.runner import batches
@@ -208,13 +207,7 @@ def analyse_fracture(bundle: Bundle, series: Series, started: datetime,
     of whose images fail or are unlike the training data is ``rejected`` with the reason.
     """
     block = bundle.dicom_ai
-    failed: dict[str, str] = {}
-    prepared: list[PreparedImage] = []
-    for instance in series.instances:
-        try:
-            prepared.append(prepare(bundle, instance))
-        except DicomInputError as exc:
-            failed[str(instance.path)] = exc.reason
+    prepared, failed = prepare_series(bundle, series)
 
     def rejected(reason: str) -> tuple[ModelResult, dict[str, str]]:
         return ModelResult(series=series, model=bundle.info, status="rejected", started=started,
