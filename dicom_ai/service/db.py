@@ -15,6 +15,14 @@ the exporter read. The schema lives here so that every table is described in one
     One row per result object and destination: ``pending`` → ``delivered`` / ``dead``.
     ``pending_since`` (NULL: ``created_at``) starts the retry horizon; ``late`` is set once the
     delivery was reported late.
+``instance_facts``, ``study_expectations``, ``expected_instances``
+    What study completion (:mod:`dicom_ai.service.studies`) read from each received instance
+    (its completion class) and what a study is known to hold: counts from Number of Study/Series
+    Related Instances, the instances a Key Object Selection manifest lists. Rows go with their
+    instance or study (triggers).
+``mpps``, ``mpps_studies``, ``mpps_instances``
+    Modality Performed Procedure Steps (:mod:`dicom_ai.service.mpps`): state, the studies each
+    step names, the instances of its Performed Series Sequence.
 """
 
 from __future__ import annotations
@@ -47,7 +55,9 @@ CREATE TABLE IF NOT EXISTS studies (
     instance_count     INTEGER NOT NULL,
     first_received     REAL NOT NULL,
     last_received      REAL NOT NULL,
-    completed_at       REAL
+    completed_at       REAL,
+    opened_at          REAL,
+    completed_rule     TEXT
 );
 CREATE TABLE IF NOT EXISTS jobs (
     id                 INTEGER PRIMARY KEY,
@@ -83,6 +93,64 @@ CREATE TABLE IF NOT EXISTS outbound (
     UNIQUE (sop_instance_uid, destination)
 );
 CREATE INDEX IF NOT EXISTS outbound_due ON outbound (state, next_attempt_at);
+CREATE TABLE IF NOT EXISTS instance_facts (
+    sop_instance_uid    TEXT PRIMARY KEY,
+    study_instance_uid  TEXT NOT NULL,
+    kind                TEXT NOT NULL CHECK (kind IN ('single', 'long', 'neutral'))
+);
+CREATE INDEX IF NOT EXISTS instance_facts_by_study ON instance_facts (study_instance_uid);
+CREATE TABLE IF NOT EXISTS study_expectations (
+    study_instance_uid TEXT NOT NULL,
+    source             TEXT NOT NULL
+                       CHECK (source IN ('study-instances', 'study-series', 'series-instances',
+                                         'manifest')),
+    source_key         TEXT NOT NULL,
+    expected_count     INTEGER,
+    consumed           INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (study_instance_uid, source, source_key)
+);
+CREATE TABLE IF NOT EXISTS expected_instances (
+    study_instance_uid TEXT NOT NULL,
+    source_key         TEXT NOT NULL,
+    sop_instance_uid   TEXT NOT NULL,
+    PRIMARY KEY (study_instance_uid, source_key, sop_instance_uid)
+);
+CREATE TABLE IF NOT EXISTS mpps (
+    sop_instance_uid   TEXT PRIMARY KEY,
+    status             TEXT NOT NULL
+                       CHECK (status IN ('IN PROGRESS', 'COMPLETED', 'DISCONTINUED')),
+    calling_aet        TEXT NOT NULL,
+    created_at         REAL NOT NULL,
+    updated_at         REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS mpps_studies (
+    mpps_uid           TEXT NOT NULL,
+    study_instance_uid TEXT NOT NULL,
+    consumed           INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (mpps_uid, study_instance_uid)
+);
+CREATE INDEX IF NOT EXISTS mpps_studies_by_study ON mpps_studies (study_instance_uid);
+CREATE TABLE IF NOT EXISTS mpps_instances (
+    mpps_uid            TEXT NOT NULL,
+    series_instance_uid TEXT NOT NULL,
+    sop_instance_uid    TEXT NOT NULL,
+    PRIMARY KEY (mpps_uid, sop_instance_uid)
+);
+CREATE TRIGGER IF NOT EXISTS instance_facts_go_with_instance AFTER DELETE ON instances
+BEGIN
+    DELETE FROM instance_facts WHERE sop_instance_uid = OLD.sop_instance_uid;
+END;
+CREATE TRIGGER IF NOT EXISTS expectations_go_with_study AFTER DELETE ON studies
+BEGIN
+    DELETE FROM study_expectations WHERE study_instance_uid = OLD.study_instance_uid;
+    DELETE FROM expected_instances WHERE study_instance_uid = OLD.study_instance_uid;
+    DELETE FROM mpps_studies WHERE study_instance_uid = OLD.study_instance_uid;
+END;
+CREATE TRIGGER IF NOT EXISTS mpps_parts_go_with_mpps AFTER DELETE ON mpps
+BEGIN
+    DELETE FROM mpps_studies WHERE mpps_uid = OLD.sop_instance_uid;
+    DELETE FROM mpps_instances WHERE mpps_uid = OLD.sop_instance_uid;
+END;
 """
 
 
@@ -119,7 +187,9 @@ def connect(path: Path, *, synchronous: Synchronous = "FULL",
 
 #: Columns added to a table after its first release: (table, column, declaration).
 _ADDED_COLUMNS = (("outbound", "pending_since", "REAL"),
-                  ("outbound", "late", "INTEGER NOT NULL DEFAULT 0"))
+                  ("outbound", "late", "INTEGER NOT NULL DEFAULT 0"),
+                  ("studies", "opened_at", "REAL"),
+                  ("studies", "completed_rule", "TEXT"))
 
 
 def _add_missing_columns(conn: sqlite3.Connection) -> None:
