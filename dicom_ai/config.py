@@ -96,8 +96,18 @@ class StudySettings:
 
     #: A study is complete after this many seconds without a new instance. 30 s covers the pause
     #: between series of one modality push and a PACS forwarding a study in several associations,
-    #: while a radiologist still sees results within a minute of the last image.
+    #: while a radiologist still sees results within a minute of the last image. The default and
+    #: the rule for CT, MR and multi-frame studies (see :mod:`dicom_ai.service.studies`).
     quiet_period_s: float = 30.0
+    #: The quiet period of a study whose images are all single-image objects (CR, DX,
+    #: ophthalmic, VL and dermoscopic photography, single-frame Secondary Capture of those
+    #: modalities), and of one whose every series has reached its announced instance count:
+    #: such a study is sent in one push, with no pause between series to wait out.
+    single_image_quiet_period_s: float = 2.0
+    #: A study is complete this long after the first instance of its current generation, however
+    #: instances keep trickling in, an expected count falls short or an MPPS stays IN PROGRESS.
+    #: Ten minutes: a long CT or a slow link, but a result still within the quarter hour.
+    maximum_wait_s: float = 600.0
 
 
 @dataclass
@@ -356,6 +366,12 @@ def validate(settings: Settings) -> list[str]:
         problems.append("storage.retention_days: must be 0 (keep everything) or positive")
     if settings.studies.quiet_period_s < 0:
         problems.append("studies.quiet_period_s: must not be negative")
+    if settings.studies.single_image_quiet_period_s < 0:
+        problems.append("studies.single_image_quiet_period_s: must not be negative")
+    if settings.studies.maximum_wait_s < max(settings.studies.quiet_period_s,
+                                             settings.studies.single_image_quiet_period_s):
+        problems.append("studies.maximum_wait_s: must be at least studies.quiet_period_s and "
+                        "studies.single_image_quiet_period_s")
     if settings.inference.device not in {"auto", "cpu", "cuda"}:
         problems.append(f"inference.device: one of auto, cpu, cuda; "
                         f"got {settings.inference.device!r}")
