@@ -117,6 +117,16 @@ class WorkerSettings:
     #: Attempts before a job is marked failed for good.
     max_attempts: int = 3
     poll_interval_s: float = 1.0
+    #: Worker processes, each with its own copy of the models; 0 sizes the pool from the usable
+    #: CPUs and the available memory (:func:`dicom_ai.service.lanes.default_processes`: 2 on a
+    #: 2-CPU machine, at most 4). With 2 or more, one serves single-image studies only, so a
+    #: chest X-ray never waits for a CT.
+    processes: int = 0
+    #: CPU priority of the workers: "batch" (SCHED_BATCH, nice 10), "idle" (SCHED_IDLE: starves
+    #: beside any busy process) or "normal". See ``dicom_ai.service.process.set_priority``.
+    priority: str = "batch"
+    #: Keep the workers off one CPU (when there are two or more) so the listener always has one.
+    listener_core: bool = True
 
 
 @dataclass
@@ -197,6 +207,22 @@ class LimitsSettings:
 
 
 @dataclass
+class HTTPSettings:
+    """The service's one HTTP endpoint: ``/metrics`` (Prometheus), ``/healthz``, ``/readyz`` and
+    the status page at ``/``."""
+
+    enabled: bool = True
+    #: Loopback by default, like the listener: the page and the metrics name studies by UID, so
+    #: opening them to a network is a deliberate act (0.0.0.0 in a container, for the probes).
+    bind_address: str = "127.0.0.1"
+    #: 9110 is free of the common Prometheus exporters' ports; 0 picks a free port (logged).
+    port: int = 9110
+    #: When set, the status page asks for it (``Authorization: Bearer`` or ``?token=``);
+    #: ``/metrics``, ``/healthz`` and ``/readyz`` stay open for scrapers and probes.
+    token: str = ""
+
+
+@dataclass
 class Settings:
     """All settings of dicom-ai. See ``deploy/dicom-ai.example.toml`` for a commented file."""
 
@@ -209,6 +235,7 @@ class Settings:
     inference: InferenceSettings = field(default_factory=InferenceSettings)
     output: OutputSettings = field(default_factory=OutputSettings)
     limits: LimitsSettings = field(default_factory=LimitsSettings)
+    http: HTTPSettings = field(default_factory=HTTPSettings)
 
 
 def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
@@ -375,10 +402,19 @@ def validate(settings: Settings) -> list[str]:
     if settings.inference.device not in {"auto", "cpu", "cuda"}:
         problems.append(f"inference.device: one of auto, cpu, cuda; "
                         f"got {settings.inference.device!r}")
+    if settings.worker.processes < 0:
+        problems.append("worker.processes: must be 0 (sized from the machine) or positive")
+    if settings.worker.priority not in {"batch", "idle", "normal"}:
+        problems.append(f"worker.priority: one of batch, idle, normal; "
+                        f"got {settings.worker.priority!r}")
     if settings.inference.batch_size < 1:
         problems.append("inference.batch_size: must be at least 1")
     if settings.limits.max_decoded_mb < 1:
         problems.append("limits.max_decoded_mb: must be at least 1")
+    if not 0 <= settings.http.port < 65536:
+        problems.append(f"http.port: must be 0 (a free port) or 1–65535, got {settings.http.port}")
+    if settings.http.enabled and not settings.http.bind_address:
+        problems.append("http.bind_address: required when http.enabled is true")
     if settings.export.retry_horizon_s < 0 or settings.export.late_after_s < 0:
         problems.append("export.retry_horizon_s, export.late_after_s: must not be negative")
     if settings.output.uid_root and not is_valid_uid(settings.output.uid_root):
