@@ -9,7 +9,9 @@ a delivery still failing then is ``dead`` — logged at ERROR, visible in ``dico
 never retried by itself, so a destination that keeps refusing us cannot cause an endless loop. A
 delivery pending longer than ``export.late_after_s`` is logged once at WARNING. A crash between a
 successful send and the mark re-sends the object on the next start; that is harmless because
-result UIDs are deterministic and a PACS keeps one instance per SOP Instance UID.
+result UIDs are deterministic and a PACS keeps one instance per SOP Instance UID. Each try and its
+outcome (``sent``, ``acknowledged``, ``send_failed``, ``late``, ``dead``, ``requeued``) is a line of
+the study's audit trail (:mod:`~dicom_ai.service.audit`).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from pynetdicom.pdu import A_ASSOCIATE_RJ
 
 from dicom_ai.config import DestinationSettings, ExportSettings, Settings
 from dicom_ai.logs import log_failure
-from dicom_ai.service import db
+from dicom_ai.service import audit, db
 from dicom_ai.service.process import child_setup, orphaned
 from dicom_ai.service.tls import client_context
 
@@ -72,6 +74,8 @@ class Delivery:
     pending_since: float = 0.0
     #: Whether the row was already reported late.
     late: bool = False
+    #: The study the result belongs to (for its audit trail).
+    study_instance_uid: str = ""
 
 
 class Sender(Protocol):
@@ -223,22 +227,25 @@ def due_deliveries(conn: sqlite3.Connection, root: Path, now: float,
     """Pending rows whose next try is due, oldest first."""
     rows = conn.execute(
         "SELECT id, path, sop_instance_uid, sop_class_uid, destination, attempts, "
-        "COALESCE(pending_since, created_at), late FROM outbound "
+        "COALESCE(pending_since, created_at), late, study_instance_uid FROM outbound "
         "WHERE state = 'pending' AND next_attempt_at <= ? ORDER BY id LIMIT ?",
         (now, limit)).fetchall()
     return [Delivery(int(r[0]), root / r[1], str(r[2]), str(r[3]), str(r[4]), int(r[5]),
-                     float(r[6]), bool(r[7])) for r in rows]
+                     float(r[6]), bool(r[7]), str(r[8])) for r in rows]
 
 
 def record_results(conn: sqlite3.Connection, items: Sequence[Delivery],
                    results: Mapping[int, str | None], settings: ExportSettings,
-                   now: float) -> None:
+                   now: float, *, audit_root: Path | None = None) -> None:
     """Mark delivered rows, and schedule a retry or dead-letter the others, in one transaction.
 
     A failed try at or after ``export.retry_horizon_s`` since the row became pending makes it a
     dead letter (logged at ERROR); the first failed try after ``export.late_after_s`` marks it
-    late (logged at WARNING, once).
+    late (logged at WARNING, once). With ``audit_root`` (``storage.directory``) each outcome is
+    added to its study's audit trail — ``acknowledged``, ``send_failed``, ``late``, ``dead`` —
+    after the transaction, so the trail never states what the index rolled back.
     """
+    events: list[tuple[Delivery, str, dict[str, Any]]] = []
     with db.transaction(conn):
         for item in items:
             error = results.get(item.id, "not attempted")
@@ -250,6 +257,8 @@ def record_results(conn: sqlite3.Connection, items: Sequence[Delivery],
                 if item.late:
                     log.info("late delivery of %s to %s done after %.0f s", item.sop_instance_uid,
                              item.destination, pending_for)
+                events.append((item, "acknowledged", {"status": "stored",
+                                                      "attempt": item.attempts + 1}))
                 continue
             failures = item.attempts + 1
             dead = pending_for >= settings.retry_horizon_s
@@ -260,14 +269,28 @@ def record_results(conn: sqlite3.Connection, items: Sequence[Delivery],
                 ("dead" if dead else "pending", failures, error,
                  now + backoff_delay(failures, settings.initial_backoff_s,
                                      settings.max_backoff_s), late, item.id))
+            events.append((item, "send_failed", {"attempt": failures, "reason": error}))
             if dead:
                 log.error("delivery of %s to %s is a dead letter after %d tries in %.0f s (%s); "
                           "`dicom-ai retry` queues it again", item.sop_instance_uid,
                           item.destination, failures, pending_for, error)
+                events.append((item, "dead", {"attempts": failures, "reason": error,
+                                              "pending_s": round(pending_for, 1)}))
             elif late and not item.late:
                 log.warning("delivery of %s to %s is late: pending for %.0f s, %d tries (%s); "
                             "retried until %.0f s", item.sop_instance_uid, item.destination,
                             pending_for, failures, error, settings.retry_horizon_s)
+                events.append((item, "late", {"attempts": failures,
+                                              "pending_s": round(pending_for, 1)}))
+    if audit_root is not None:
+        for item, event, fields in events:
+            _audit(audit_root, item, event, now=now, **fields)
+
+
+def _audit(root: Path, item: Delivery, event: str, **fields: Any) -> None:
+    if item.study_instance_uid:
+        audit.record(root, item.study_instance_uid, event, destination=item.destination,
+                     sop_instance_uid=item.sop_instance_uid, **fields)
 
 
 class Exporter:
@@ -309,15 +332,20 @@ class Exporter:
                         [(results[i.id], i.id) for i in batch])
                 log.error("%d deliveries to %s are dead letters: destination no longer "
                           "configured", len(batch), name)
+                for item in batch:
+                    _audit(self.root, item, "dead", attempts=item.attempts,
+                           reason="destination no longer configured")
                 continue
+            for item in batch:
+                _audit(self.root, item, "sent", attempt=item.attempts + 1)
             try:
                 results = sender.send(batch)
             except Exception as exc:
                 log_failure(log, f"sending to {name} failed", exc)
                 results = dict.fromkeys((i.id for i in batch), f"{type(exc).__name__} while "
                                         "sending")
-            record_results(self.conn, batch, results,
-                           self.settings, time.time() if now is None else now)
+            record_results(self.conn, batch, results, self.settings,
+                           time.time() if now is None else now, audit_root=self.root)
             sent = sum(1 for r in results.values() if r is None)
             log.info("%s: %d of %d delivered%s", name, sent, len(batch),
                      "" if sent == len(batch) else
@@ -325,7 +353,8 @@ class Exporter:
         return len(items)
 
 
-def retry_dead(conn: sqlite3.Connection, now: float, destination: str | None = None) -> int:
+def retry_dead(conn: sqlite3.Connection, now: float, destination: str | None = None, *,
+               audit_root: Path | None = None) -> int:
     """Give dead letters a fresh set of tries (after the destination was fixed).
 
     Parameters
@@ -336,6 +365,8 @@ def retry_dead(conn: sqlite3.Connection, now: float, destination: str | None = N
         When they become due.
     destination:
         Only this destination's dead letters; all by default.
+    audit_root:
+        ``storage.directory``: each row queued again is a ``requeued`` event of its study.
 
     Returns
     -------
@@ -343,10 +374,16 @@ def retry_dead(conn: sqlite3.Connection, now: float, destination: str | None = N
         How many rows are pending again.
     """
     with db.transaction(conn):
-        return conn.execute(
+        rows = conn.execute(
             "UPDATE outbound SET state = 'pending', attempts = 0, next_attempt_at = ?, "
-            "pending_since = ?, late = 0 WHERE state = 'dead' AND (? IS NULL OR destination = ?)",
-            (now, now, destination, destination)).rowcount
+            "pending_since = ?, late = 0 WHERE state = 'dead' AND (? IS NULL OR destination = ?) "
+            "RETURNING study_instance_uid, sop_instance_uid, destination",
+            (now, now, destination, destination)).fetchall()
+    if audit_root is not None:
+        for study, sop, dest in rows:
+            audit.record(audit_root, str(study), "requeued", now=now, destination=str(dest),
+                         sop_instance_uid=str(sop))
+    return len(rows)
 
 
 def next_due_in(conn: sqlite3.Connection, now: float) -> float | None:
