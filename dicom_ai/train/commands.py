@@ -50,6 +50,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
                                        "$DICOM_AI_TRAIN_CACHE or ~/.cache/dicom-ai)")
     train.add_argument("--threads", type=int, default=1,
                        help="torch CPU threads (default 1: the machine is shared)")
+    train.add_argument("--init", help="weights a warm-started recipe begins from (checked "
+                                      "against the recipe's SHA-256)")
     train.add_argument("--export-only", action="store_true",
                        help="skip training; recalibrate and rewrite the configs from the "
                             "bundle's existing weights")
@@ -94,7 +96,7 @@ def run_train(args: argparse.Namespace) -> int:
     data, cache = _data_dir(args.data), _cache_dir(args.cache)
     if not args.export_only:
         train_model(recipe, data_dir=data, cache_dir=cache, out_dir=out, epochs=args.epochs,
-                    threads=args.threads)
+                    threads=args.threads, init=Path(args.init) if args.init else None)
     export_bundle(recipe, out, data_dir=data, cache_dir=cache, threads=args.threads)
     print(f"bundle written to {out}")
     return 0

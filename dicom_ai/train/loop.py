@@ -39,6 +39,9 @@ class LoopConfig:
     label_smoothing: float = 0.0
     #: Class weights ∝ (1 / frequency) ** power: 1 balances the classes fully, 0.5 half-way.
     class_weight_power: float = 1.0
+    #: Classes whose mean one-vs-rest AUC selects the best epoch (the score a task is judged
+    #: by, e.g. ISIC 2017's melanoma + seborrheic keratosis); empty: :func:`validation_auc`.
+    select_classes: tuple[int, ...] = ()
 
 
 @dataclass
@@ -79,8 +82,13 @@ def class_weights(labels: npt.NDArray[np.int64], n_classes: int,
     return torch.tensor(w / w.mean(), dtype=torch.float32)
 
 
-def validation_auc(labels: npt.NDArray[np.int64], probs: npt.NDArray[np.float64]) -> float:
-    """AUC used for model selection: P(positive) for two classes, macro one-vs-rest otherwise."""
+def validation_auc(labels: npt.NDArray[np.int64], probs: npt.NDArray[np.float64],
+                   select_classes: tuple[int, ...] = ()) -> float:
+    """AUC used for model selection: the mean one-vs-rest AUC of ``select_classes`` when given,
+    else P(positive) for two classes and macro one-vs-rest otherwise."""
+    if select_classes:
+        return float(np.mean([binary_auc((labels == c).astype(np.int64), probs[:, c])
+                              for c in select_classes]))
     if probs.shape[1] == 2:
         return binary_auc(labels, probs[:, 1])
     return macro_auc(labels, probs)
@@ -199,7 +207,7 @@ def fit(net: nn.Module, train: ImageSet, val: ImageSet, n_classes: int, aug: Aug
             seen += len(idx)
         logits = predict_logits(net, val.images)
         probs = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
-        auc = validation_auc(val.labels, probs)
+        auc = validation_auc(val.labels, probs, cfg.select_classes)
         val_loss = float(F.cross_entropy(torch.from_numpy(logits),
                                          torch.from_numpy(val.labels)))
         elapsed = time.monotonic() - t0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import platform
 import time
@@ -49,7 +50,7 @@ def load_splits(recipe: Recipe, data_dir: Path, cache_dir: Path) -> tuple[ImageS
 
 
 def train_model(recipe: Recipe, *, data_dir: Path, cache_dir: Path, out_dir: Path,
-                epochs: int | None = None, threads: int = 1,
+                epochs: int | None = None, threads: int = 1, init: Path | None = None,
                 log: Callable[[str], None] = print) -> tuple[nn.Module, History]:
     """Train ``recipe`` and write ``out_dir/models/model.pt`` (state dict) and
     ``out_dir/docs/training.json`` (recipe, split sizes, per-epoch history, environment).
@@ -62,6 +63,14 @@ def train_model(recipe: Recipe, *, data_dir: Path, cache_dir: Path, out_dir: Pat
     Every epoch is checkpointed to :func:`checkpoint_path` under ``cache_dir``; a run cut off
     at any moment resumes from there when started again, and the checkpoint is deleted once
     the weights are written.
+
+    A recipe with a :class:`~dicom_ai.train.recipes.WarmStart` starts from ``init``, a state
+    dict whose SHA-256 must be the recipe's.
+
+    Raises
+    ------
+    ValueError
+        The recipe has a warm start and ``init`` is missing or holds other weights.
     """
     torch.set_num_threads(threads)
     train, val = load_splits(recipe, data_dir, cache_dir)
@@ -71,6 +80,9 @@ def train_model(recipe: Recipe, *, data_dir: Path, cache_dir: Path, out_dir: Pat
     loop = recipe.loop if epochs is None else dataclasses.replace(recipe.loop, epochs=epochs)
     torch.manual_seed(loop.seed)
     net = build_network(recipe.network_def)
+    if recipe.warm_start is not None:
+        net.load_state_dict(warm_start_weights(recipe, init))
+        log(f"{recipe.name}: warm start from {recipe.warm_start.source}")
     checkpoint = checkpoint_path(recipe, cache_dir)
     history = fit(net, train, val, len(recipe.labels), recipe.augment, loop, log,
                   checkpoint=checkpoint)
@@ -82,6 +94,7 @@ def train_model(recipe: Recipe, *, data_dir: Path, cache_dir: Path, out_dir: Pat
         "loop": dataclasses.asdict(loop),
         "augment": dataclasses.asdict(recipe.augment),
         "size": list(recipe.size),
+        "warm_start": dataclasses.asdict(recipe.warm_start) if recipe.warm_start else None,
         "train_images": len(train.labels),
         "val_images": len(val.labels),
         "train_patients": len(set(train.patients)),
@@ -100,3 +113,24 @@ def train_model(recipe: Recipe, *, data_dir: Path, cache_dir: Path, out_dir: Pat
 def checkpoint_path(recipe: Recipe, cache_dir: Path) -> Path:
     """Where :func:`train_model` checkpoints ``recipe`` (scratch space, never the bundle)."""
     return cache_dir / "checkpoints" / f"{recipe.name}.pt"
+
+
+def warm_start_weights(recipe: Recipe, init: Path | None) -> dict[str, torch.Tensor]:
+    """The state dict a recipe's warm start names, read from ``init`` once its SHA-256 matches.
+
+    Raises
+    ------
+    ValueError
+        ``recipe`` has no warm start, ``init`` is None, or the file's SHA-256 differs.
+    """
+    if recipe.warm_start is None:
+        raise ValueError(f"{recipe.name} has no warm start")
+    if init is None:
+        raise ValueError(f"{recipe.name} starts from {recipe.warm_start.source} "
+                         f"(sha256 {recipe.warm_start.sha256}); pass it with --init")
+    digest = hashlib.sha256(init.read_bytes()).hexdigest()
+    if digest != recipe.warm_start.sha256:
+        raise ValueError(f"{init}: sha256 {digest}, but {recipe.name} starts from "
+                         f"{recipe.warm_start.source} (sha256 {recipe.warm_start.sha256})")
+    state: dict[str, torch.Tensor] = torch.load(init, map_location="cpu", weights_only=True)
+    return state

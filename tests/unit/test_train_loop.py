@@ -130,3 +130,17 @@ def test_fit_refuses_a_checkpoint_of_other_settings(tmp_path: Path) -> None:
     with pytest.raises(CheckpointMismatch, match="other settings"):
         fit(_net(), train, val, 2, AugmentConfig(), LoopConfig(epochs=2, batch_size=16),
             lambda _line: None, checkpoint=checkpoint)
+
+
+def test_validation_auc_of_selected_classes_is_their_mean_one_vs_rest_auc() -> None:
+    from dicom_ai.train.loop import validation_auc
+
+    labels = np.array([0, 0, 1, 1, 2, 2], dtype=np.int64)
+    # Class 0 perfectly ranked, class 2 inverted; class 1 would be 1.0 but is not selected.
+    probs = np.array([[0.9, 0.0, 0.1], [0.8, 0.0, 0.2], [0.1, 0.8, 0.9], [0.2, 0.8, 0.8],
+                      [0.1, 0.2, 0.0], [0.2, 0.3, 0.05]])
+    auc0 = binary_auc((labels == 0).astype(np.int64), probs[:, 0])
+    auc2 = binary_auc((labels == 2).astype(np.int64), probs[:, 2])
+    assert auc0 == 1.0 and auc2 == 0.0
+    assert validation_auc(labels, probs, (0, 2)) == pytest.approx(0.5)
+    assert validation_auc(labels, probs) != pytest.approx(0.5)

@@ -1,0 +1,50 @@
+"""Warm starts: a recipe that begins from earlier weights accepts only those weights."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from dicom_ai.train.recipes import DERM_LESION, Recipe, WarmStart
+from dicom_ai.train.run import build_network, warm_start_weights
+
+
+def _recipe_for(path: Path) -> Recipe:
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return dataclasses.replace(DERM_LESION, warm_start=WarmStart(digest, "a test file"))
+
+
+def test_warm_start_loads_the_named_weights(tmp_path: Path) -> None:
+    net = build_network(DERM_LESION.network_def)
+    path = tmp_path / "init.pt"
+    torch.save(net.state_dict(), path)
+    recipe = _recipe_for(path)
+    state = warm_start_weights(recipe, path)
+    fresh = build_network(DERM_LESION.network_def)
+    fresh.load_state_dict(state)
+    for name, value in net.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], value)
+
+
+def test_warm_start_refuses_other_weights_and_a_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "init.pt"
+    torch.save({"w": torch.zeros(1)}, path)
+    recipe = _recipe_for(path)
+    other = tmp_path / "other.pt"
+    torch.save({"w": torch.ones(1)}, other)
+    with pytest.raises(ValueError, match="sha256"):
+        warm_start_weights(recipe, other)
+    with pytest.raises(ValueError, match="--init"):
+        warm_start_weights(recipe, None)
+    with pytest.raises(ValueError, match="no warm start"):
+        warm_start_weights(dataclasses.replace(DERM_LESION, warm_start=None), path)
+
+
+def test_shipped_derm_recipe_names_the_1_0_0_weights() -> None:
+    assert DERM_LESION.warm_start is not None
+    assert "a288954" in DERM_LESION.warm_start.source
+    assert len(DERM_LESION.warm_start.sha256) == 64
