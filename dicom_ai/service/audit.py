@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import re
+import sqlite3
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -247,6 +248,41 @@ def received(root: Path, keys: _Keys, *, calling_aet: str, transfer_syntax: str,
                       transfer_syntax_uid=transfer_syntax, new=new)
     except Exception as exc:
         log_failure(log, "audit event received not written", exc)
+        return False
+
+
+def study_complete(root: Path, conn: sqlite3.Connection, study_instance_uid: str,
+                   generation: int, *, rule: str, **fields: Any) -> bool:
+    """Record that a study is complete and its job queued (never raises).
+
+    Reads the instance count and the job's id from the index (``conn``), after the transaction
+    that completed the study, so the trail says what the index holds.
+
+    Parameters
+    ----------
+    root:
+        ``storage.directory``.
+    conn:
+        A connection to the index.
+    study_instance_uid, generation:
+        The study and the generation that is complete.
+    rule:
+        Which completion rule fired (``"quiet_period"``, …).
+    **fields:
+        The rule's parameters (``quiet_period_s=30.0``).
+    """
+    try:
+        row = conn.execute("SELECT instance_count FROM studies WHERE study_instance_uid = ?",
+                           (study_instance_uid,)).fetchone()
+        job = conn.execute("SELECT id FROM jobs WHERE study_instance_uid = ? AND generation = ? "
+                           "ORDER BY id DESC LIMIT 1",
+                           (study_instance_uid, generation)).fetchone()
+        done = record(root, study_instance_uid, "complete", generation=generation,
+                      instance_count=None if row is None else int(row[0]), rule=rule, **fields)
+        return record(root, study_instance_uid, "job_queued", generation=generation,
+                      job_id=None if job is None else int(job[0])) and done
+    except Exception as exc:
+        log_failure(log, "audit event complete not written", exc)
         return False
 
 

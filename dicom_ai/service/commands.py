@@ -30,6 +30,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from dicom_ai.service.status import render
 
     settings = load_settings(args.config)
+    if getattr(args, "study", None) is not None:
+        from dicom_ai.service.status import show_trail
+
+        return show_trail(Path(settings.storage.directory), args.study, as_json=args.json)
     path = Path(settings.storage.directory) / "index.sqlite"
     if not path.is_file():
         print(f"no index at {path}: the service has not run with this storage directory",
@@ -54,7 +58,8 @@ def _cmd_retry(args: argparse.Namespace) -> int:
         return 1
     conn = db.connect(path)
     try:
-        count = retry_dead(conn, time.time(), args.destination)
+        count = retry_dead(conn, time.time(), args.destination,
+                           audit_root=Path(settings.storage.directory))
     finally:
         conn.close()
     print(f"{count} dead letter(s) queued again; the running service sends them on its next round")
@@ -98,6 +103,11 @@ def add_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
     p = subparsers.add_parser("status", help="studies, jobs and outbound queue of the service")
     p.add_argument("--config", default=None, help="settings TOML file (default: defaults and "
                    "DICOM_AI_* environment)")
+    p.add_argument("study", nargs="?", default=None, metavar="STUDY_UID",
+                   help="show this study's audit trail (received, complete, analysed, sent, "
+                   "acknowledged...) instead of the overview")
+    p.add_argument("--json", action="store_true", help="with STUDY_UID: the trail as JSON lines "
+                   "(one event per line, for export)")
     p.set_defaults(func=_cmd_status)
 
     p = subparsers.add_parser("retry", help="send dead-lettered results again (after fixing the "
