@@ -88,6 +88,10 @@ class StorageSettings:
     #: instance arrived; then its files and rows are removed. 0 keeps everything. dicom-ai is not
     #: an archive: the PACS holds the originals and our results.
     retention_days: float = 7.0
+    #: Days a study's audit trail (``audit/<study>.jsonl``) is kept after its last event; longer
+    #: than ``retention_days`` so that "which model version analysed this study, and where did
+    #: the result go?" can be answered after the files are gone. 0 keeps every trail.
+    audit_retention_days: float = 365.0
 
 
 @dataclass
@@ -174,6 +178,8 @@ class InferenceSettings:
     num_threads: int = 0
 
 
+#: Formats of log lines (``log_format``).
+LOG_FORMATS = ("text", "json")
 #: Languages of the text in our results (``output.language``); the first is the default.
 OUTPUT_LANGUAGES = ("en", "zh")
 
@@ -227,6 +233,9 @@ class Settings:
     """All settings of dicom-ai. See ``deploy/dicom-ai.example.toml`` for a commented file."""
 
     log_level: str = "INFO"
+    #: "text" (one readable line per record) or "json" (one JSON object per line, for a log
+    #: collector); both pass the same identity filter.
+    log_format: str = "text"
     scp: SCPSettings = field(default_factory=SCPSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
     studies: StudySettings = field(default_factory=StudySettings)
@@ -391,6 +400,11 @@ def validate(settings: Settings) -> list[str]:
         problems.append("scp.maximum_pdu_size: must be 0 (unlimited) or positive")
     if settings.storage.retention_days < 0:
         problems.append("storage.retention_days: must be 0 (keep everything) or positive")
+    if settings.storage.audit_retention_days < 0:
+        problems.append("storage.audit_retention_days: must be 0 (keep every trail) or positive")
+    if settings.log_format not in LOG_FORMATS:
+        problems.append(f"log_format: one of {', '.join(LOG_FORMATS)}, "
+                        f"got {settings.log_format!r}")
     if settings.studies.quiet_period_s < 0:
         problems.append("studies.quiet_period_s: must not be negative")
     if settings.studies.single_image_quiet_period_s < 0:
