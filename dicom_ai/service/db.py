@@ -11,10 +11,17 @@ the exporter read. The schema lives here so that every table is described in one
 ``jobs``
     One processing job per study generation: ``queued`` → ``running`` → ``done`` / ``failed``;
     a queued job of an older generation becomes ``superseded`` when the study re-opens.
+    ``lane`` (``fast`` / ``bulk``, :mod:`dicom_ai.service.lanes`) is set when it is queued;
+    ``worker_pid`` names the worker process that claimed it last.
 ``outbound``
     One row per result object and destination: ``pending`` → ``delivered`` / ``dead``.
     ``pending_since`` (NULL: ``created_at``) starts the retry horizon; ``late`` is set once the
     delivery was reported late.
+``metric_counters``, ``metric_histograms``
+    Counters and histogram buckets of :mod:`dicom_ai.service.metrics`, written by the worker and
+    the exporter in the transaction of what they count, so that ``/metrics`` shows the numbers of
+    every process, monotonic across restarts and retention. ``jobs.modality`` names the modality
+    of the study a finished job analysed.
 ``instance_facts``, ``study_expectations``, ``expected_instances``
     What study completion (:mod:`dicom_ai.service.studies`) read from each received instance
     (its completion class) and what a study is known to hold: counts from Number of Study/Series
@@ -71,6 +78,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     created_at         REAL NOT NULL,
     started_at         REAL,
     finished_at        REAL,
+    lane               TEXT NOT NULL DEFAULT 'bulk',
+    worker_pid         INTEGER,
     UNIQUE (study_instance_uid, generation)
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state);
@@ -93,6 +102,20 @@ CREATE TABLE IF NOT EXISTS outbound (
     UNIQUE (sop_instance_uid, destination)
 );
 CREATE INDEX IF NOT EXISTS outbound_due ON outbound (state, next_attempt_at);
+CREATE TABLE IF NOT EXISTS metric_counters (
+    name  TEXT NOT NULL,
+    label TEXT NOT NULL,
+    value REAL NOT NULL,
+    PRIMARY KEY (name, label)
+);
+CREATE TABLE IF NOT EXISTS metric_histograms (
+    name  TEXT NOT NULL,
+    label TEXT NOT NULL,
+    le    REAL NOT NULL,
+    count INTEGER NOT NULL,
+    sum   REAL NOT NULL,
+    PRIMARY KEY (name, label, le)
+);
 CREATE TABLE IF NOT EXISTS instance_facts (
     sop_instance_uid    TEXT PRIMARY KEY,
     study_instance_uid  TEXT NOT NULL,
@@ -189,7 +212,10 @@ def connect(path: Path, *, synchronous: Synchronous = "FULL",
 _ADDED_COLUMNS = (("outbound", "pending_since", "REAL"),
                   ("outbound", "late", "INTEGER NOT NULL DEFAULT 0"),
                   ("studies", "opened_at", "REAL"),
-                  ("studies", "completed_rule", "TEXT"))
+                  ("studies", "completed_rule", "TEXT"),
+                  ("jobs", "lane", "TEXT NOT NULL DEFAULT 'bulk'"),
+                  ("jobs", "worker_pid", "INTEGER"),
+                  ("jobs", "modality", "TEXT"))
 
 
 def _add_missing_columns(conn: sqlite3.Connection) -> None:
