@@ -117,20 +117,27 @@ base_image() {
 
 wheelhouse() {
     # Every dependency of pyproject.toml as a wheel, torch from pip's find-links (the CPU wheel
-    # on disk): the image build then needs no index and cannot pick a CUDA torch.
-    local stamp=$CACHE/wheels.stamp want
+    # on disk): the image build then needs no index and cannot pick a CUDA torch. The wheels are
+    # kept in the cache with their stamp and copied into the build context each run, because a
+    # fresh clone's deploy/wheels/ is empty whatever the cache holds.
+    local store=$CACHE/wheels stamp=$CACHE/wheels/stamp want
     want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
-    [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && { log "wheelhouse up to date"; return; }
-    log "pip download into deploy/wheels/"
+    if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && ls "$store"/torch-*+cpu-*.whl >/dev/null 2>&1; then
+        log "wheelhouse up to date"
+    else
+        log "pip download into $store"
+        rm -rf "$store" && mkdir -p "$store"
+        "$PYTHON" -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' \
+            >"$WORK/requirements.txt"
+        timeout 900 nice -n 10 "$PYTHON" -m pip download --only-binary=:all: \
+            -d "$store" -c constraints.txt -r "$WORK/requirements.txt" >"$WORK/pip.log" 2>&1 \
+            || { tail -30 "$WORK/pip.log" >&2; fail "pip download"; }
+        ls "$store"/torch-*+cpu-*.whl >/dev/null 2>&1 \
+            || fail "pip download did not take a CPU torch wheel: $(ls "$store"/torch-* 2>&1)"
+        echo "$want" >"$stamp"
+    fi
     find deploy/wheels -name '*.whl' -delete
-    "$PYTHON" -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' \
-        >"$WORK/requirements.txt"
-    timeout 900 nice -n 10 "$PYTHON" -m pip download --only-binary=:all: \
-        -d deploy/wheels -c constraints.txt -r "$WORK/requirements.txt" >"$WORK/pip.log" 2>&1 \
-        || { tail -30 "$WORK/pip.log" >&2; fail "pip download"; }
-    ls deploy/wheels/torch-*+cpu-*.whl >/dev/null 2>&1 \
-        || fail "pip download did not take a CPU torch wheel: $(ls deploy/wheels/torch-* 2>&1)"
-    mkdir -p "$CACHE" && echo "$want" >"$stamp"
+    cp -l "$store"/*.whl deploy/wheels/ 2>/dev/null || cp "$store"/*.whl deploy/wheels/
 }
 
 build_image() {
