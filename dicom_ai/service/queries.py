@@ -65,6 +65,7 @@ class OutboundRow(NamedTuple):
     destination: str
     study_instance_uid: str
     sop_instance_uid: str
+    sop_class_uid: str
     attempts: int
     next_attempt_at: float
     last_error: str | None
@@ -103,6 +104,18 @@ def job_counts(conn: sqlite3.Connection) -> dict[str, int]:
     return counts
 
 
+def job_counts_by_lane(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
+    """Jobs by lane and state (every state of :data:`JOB_STATES` a key of each lane); one lane,
+    ``""``, when the index predates lanes."""
+    columns = {str(r[1]) for r in conn.execute("PRAGMA table_info(jobs)")}
+    lane = "lane" if "lane" in columns else "''"
+    counts: dict[str, dict[str, int]] = {}
+    for name, state, n in conn.execute(
+            f"SELECT {lane}, state, COUNT(*) FROM jobs GROUP BY 1, 2 ORDER BY 1"):
+        counts.setdefault(str(name), dict.fromkeys(JOB_STATES, 0))[str(state)] = int(n)
+    return counts
+
+
 def open_jobs(conn: sqlite3.Connection, limit: int) -> list[JobRow]:
     """Queued, running and failed jobs, newest first."""
     rows = conn.execute(
@@ -124,7 +137,7 @@ def destinations(conn: sqlite3.Connection) -> list[DestinationRow]:
     return [DestinationRow(*r) for r in rows]
 
 
-_OUTBOUND = ("SELECT destination, study_instance_uid, sop_instance_uid, attempts, "
+_OUTBOUND = ("SELECT destination, study_instance_uid, sop_instance_uid, sop_class_uid, attempts, "
              "next_attempt_at, last_error, COALESCE(pending_since, created_at) FROM outbound ")
 
 
@@ -153,5 +166,6 @@ def series_files(conn: sqlite3.Connection, study_instance_uid: str,
 
 
 __all__ = ["JOB_STATES", "OUTBOUND_STATES", "DestinationRow", "JobRow", "OutboundRow",
-           "SeriesFile", "StudyRow", "dead_letters", "destinations", "job_counts", "open_jobs",
+           "SeriesFile", "StudyRow", "dead_letters", "destinations", "job_counts",
+           "job_counts_by_lane", "open_jobs",
            "recent_studies", "retrying", "series_files", "study_count"]

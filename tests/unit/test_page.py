@@ -47,14 +47,14 @@ def _insert_study(conn: sqlite3.Connection, study: str, *, job: str = "done") ->
                  (study, job, NOW - 250, NOW - 240, NOW - 200))
 
 
-def _outbound(conn: sqlite3.Connection, study: str, sop: str, destination: str, state: str,
-              *, attempts: int = 1, error: str | None = None) -> None:
+def _outbound(conn: sqlite3.Connection, study: str, ds: pydicom.Dataset, destination: str,
+              state: str, *, attempts: int = 1, error: str | None = None) -> None:
     conn.execute(
         "INSERT INTO outbound (job_id, study_instance_uid, sop_instance_uid, sop_class_uid, "
         "path, destination, state, attempts, next_attempt_at, last_error, created_at, "
-        "delivered_at) VALUES (1, ?, ?, '1.2.840.10008.5.1.4.1.1.7', 'x', ?, ?, ?, ?, ?, ?, ?)",
-        (study, sop, destination, state, attempts, NOW + 30, error, NOW - 200,
-         NOW - 190 if state == "delivered" else None))
+        "delivered_at) VALUES (1, ?, ?, ?, 'x', ?, ?, ?, ?, ?, ?, ?)",
+        (study, str(ds.SOPInstanceUID), str(ds.SOPClassUID), destination, state, attempts,
+         NOW + 30, error, NOW - 200, NOW - 190 if state == "delivered" else None))
 
 
 @pytest.fixture
@@ -85,9 +85,9 @@ def storage(tmp_path: Path) -> Storage:
                  (str(source.SOPInstanceUID), study, series, str(source.SOPClassUID),
                   str(received.relative_to(root)), NOW - 290))
     _insert_study(conn, study)
-    _outbound(conn, study, sc, "pacs", "delivered")
-    _outbound(conn, study, sr, "pacs", "pending", attempts=2, error="connection refused")
-    _outbound(conn, study, sr, "archive", "dead", attempts=6, error=REASON)
+    _outbound(conn, study, datasets[0], "pacs", "delivered")
+    _outbound(conn, study, datasets[1], "pacs", "pending", attempts=2, error="connection refused")
+    _outbound(conn, study, datasets[1], "archive", "dead", attempts=6, error=REASON)
     conn.close()
     return Storage(root, study, sc, sr)
 
@@ -127,6 +127,11 @@ def test_page_shows_study_findings_thumbnail_queue_destinations_dead_letters(
     assert '<td>pacs</td><td><span class="badge retrying">retrying</span></td>' in page
     assert '<td>archive</td><td><span class="badge failing">failing</span></td>' in page
     assert "connection refused" in page
+    sr_class = str(pydicom.dcmread(storage.root / "outputs" / storage.study /
+                                   f"sr-{storage.sr}.dcm", stop_before_pixels=True).SOPClassUID)
+    kind = {"1.2.840.10008.5.1.4.1.1.88.33": "Comprehensive SR",
+            "1.2.840.10008.5.1.4.1.1.88.34": "Comprehensive 3D SR"}[sr_class]
+    assert page.count(f"<td>{kind}</td>") == 2  # retrying and dead
     assert ("association rejected: &lt;b&gt;Calling AE title&lt;/b&gt; not recognised &amp; "
             "&quot;quoted&quot;") in page
     assert "<b>" not in page

@@ -25,10 +25,12 @@ from dicom_ai.service.page.render import render_page
 from dicom_ai.service.page.thumbnails import InvalidRequestError, NotFoundError, thumbnail_png
 
 #: Sent with every response of the page: nothing but itself may load (no script at all, images
-#: only from here, the inline style), it is never framed, cached or named as a referrer.
+#: only from here and the empty ``data:`` icon, the inline style), it is never framed, cached or
+#: named as a referrer.
 SECURITY_HEADERS: Mapping[str, str] = {
-    "Content-Security-Policy": "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; "
-                               "base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "Content-Security-Policy": "default-src 'none'; img-src 'self' data:; "
+                               "style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'; "
+                               "frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
     "Referrer-Policy": "no-referrer",

@@ -24,6 +24,7 @@ from urllib.parse import quote
 
 import pydicom
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
 
 from dicom_ai import DISCLAIMER, __version__
 from dicom_ai.dicom.uid import is_valid_uid
@@ -59,6 +60,12 @@ def ago(epoch: float | None, now: float) -> str:
         if seconds >= 2 * size:
             return f"{int(seconds // size)} {unit}"
     return f"{int(seconds)} s"
+
+
+def object_kind(sop_class_uid: str) -> str:
+    """A result's SOP class by name (``Comprehensive SR Storage``), or the UID if unknown."""
+    name = UID(sop_class_uid).name if is_valid_uid(sop_class_uid) else ""
+    return name.removesuffix(" Image Storage").removesuffix(" Storage") or sop_class_uid
 
 
 def _time_cell(epoch: float | None, now: float) -> str:
@@ -252,10 +259,12 @@ def render_page(conn: sqlite3.Connection, root: Path, *, now: float | None = Non
     if not studies:
         sections.append('<p class="empty">no study received yet</p>')
 
-    counts = queries.job_counts(conn)
+    lanes = queries.job_counts_by_lane(conn) or {"": queries.job_counts(conn)}
     sections.append("<h2>Queue</h2>")
-    sections.append(table(list(counts), [[text(n) for n in counts.values()]],
-                          numeric=frozenset(range(len(counts)))))
+    sections.append(table(["lane", *queries.JOB_STATES],
+                          ([text(lane or "all"), *(text(n) for n in counts.values())]
+                           for lane, counts in lanes.items()),
+                          numeric=frozenset(range(1, len(queries.JOB_STATES) + 1))))
     sections.append(table(
         ["job", "study", "generation", "state", "attempts", "outputs", "last error"],
         ([text(j.id), uid(j.study_instance_uid), text(j.generation), badge(j.state),
@@ -275,22 +284,26 @@ def render_page(conn: sqlite3.Connection, root: Path, *, now: float | None = Non
     if retry:
         sections.append("<h3>Retrying</h3>")
         sections.append(table(
-            ["destination", "study", "SOP instance", "attempts", "next try", "last error"],
-            ([text(r.destination), uid(r.study_instance_uid), uid(r.sop_instance_uid),
-              text(r.attempts), text(f"in {ago(now, r.next_attempt_at)}")
-              if r.next_attempt_at > now else text("due"), text(r.last_error)]
-             for r in retry), numeric=frozenset({3})))
+            ["destination", "study", "object", "SOP instance", "attempts", "next try",
+             "last error"],
+            ([text(r.destination), uid(r.study_instance_uid), text(object_kind(r.sop_class_uid)),
+              uid(r.sop_instance_uid), text(r.attempts),
+              text(f"in {ago(now, r.next_attempt_at)}" if r.next_attempt_at > now else "due"),
+              text(r.last_error)]
+             for r in retry), numeric=frozenset({4})))
 
     sections.append("<h2>Dead letters</h2>")
     sections.append(table(
-        ["destination", "study", "SOP instance", "attempts", "waiting since", "reason"],
-        ([text(d.destination), uid(d.study_instance_uid), uid(d.sop_instance_uid),
-          text(d.attempts), _time_cell(d.pending_since, now), text(d.last_error)]
+        ["destination", "study", "object", "SOP instance", "attempts", "waiting since",
+         "reason"],
+        ([text(d.destination), uid(d.study_instance_uid), text(object_kind(d.sop_class_uid)),
+          uid(d.sop_instance_uid), text(d.attempts), _time_cell(d.pending_since, now),
+          text(d.last_error)]
          for d in queries.dead_letters(conn, limit)),
-        numeric=frozenset({3}), empty="none"))
+        numeric=frozenset({4}), empty="none"))
     sections.append('<p class="meta">Dead letters are not retried automatically: '
                     "<code>dicom-ai retry</code> after fixing the destination.</p>")
     return document("dicom-ai status", header, sections)
 
 
-__all__ = ["LIMIT", "ago", "modality", "read_findings", "render_page", "when"]
+__all__ = ["LIMIT", "ago", "modality", "object_kind", "read_findings", "render_page", "when"]

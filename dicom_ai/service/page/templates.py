@@ -108,6 +108,8 @@ def document(title: str, header: str, sections: Iterable[str]) -> bytes:
             f'<meta http-equiv="refresh" content="{REFRESH_S}">'
             '<meta name="viewport" content="width=device-width, initial-scale=1">'
             '<meta name="referrer" content="no-referrer">'
+            # An empty icon: without one the browser asks for /favicon.ico, which is not ours.
+            '<link rel="icon" href="data:,">'
             f"<title>{text(title)}</title><style>{STYLE}</style></head>"
             f"<body><header>{header}</header><main>{''.join(sections)}</main></body></html>\n"
             ).encode()
