@@ -2,26 +2,28 @@
 
 The listener of ``dicom-ai serve`` (in this process) receives the 200 CT instances of
 ``cstore_receive.py`` from DCMTK ``storescu``, sent again and again while a worker-like process
-runs the real pipeline over the sample CT study (torch on all cores but one, as ``serve`` sets it
-up). Three set-ups, ``--runs`` analyses each:
+runs the real pipeline over the sample CT study (torch on all usable cores but one, as ``serve``
+sets it up). Set-ups, ``--runs`` analyses each:
 
-1. no analysis running: reception alone;
-2. the worker at normal priority;
-3. the worker at ``SCHED_IDLE`` (nice 19 where that is not available), as ``dicom-ai serve`` runs it
-   (:func:`dicom_ai.service.process.lowest_priority`).
+* ``none``: no analysis running, reception alone;
+* ``normal``: the worker at normal priority;
+* ``idle``: the worker at ``SCHED_IDLE``;
+* ``batch``: the worker at ``SCHED_BATCH``, nice 10;
+* ``batch+core`` and ``idle+core``: the same, and the worker kept off one CPU so the listener
+  always finds one (:func:`dicom_ai.service.process.leave_listener_a_core`; only with ≥ 2 CPUs).
 
-For 2 and 3 it prints the median reception rate during the analyses and its ratio to 1, and the
-median analysis time and its ratio to the same analysis with nothing being received (normal
-priority, measured first). Usage::
+For each it prints the median reception rate during the analyses and its ratio to ``none``, and
+the median analysis time and its ratio to the same analysis with nothing being received (normal
+priority, measured first). The worker's set-up is :func:`dicom_ai.service.process.set_priority`
+and ``leave_listener_a_core``, the functions ``dicom-ai serve`` uses. Usage::
 
-    python benchmarks/reception_pacing.py [--models models] [--runs 3]
+    python benchmarks/reception_pacing.py [--models models] [--runs 3] [--setups batch,idle]
 """
 
 from __future__ import annotations
 
 import argparse
 import multiprocessing
-import os
 import statistics
 import sys
 import tempfile
@@ -33,7 +35,7 @@ from pathlib import Path
 from cstore_receive import N_INSTANCES, REPO, copies, ct_slices, storescu
 
 from dicom_ai.config import Settings
-from dicom_ai.service.process import lowest_priority
+from dicom_ai.service.process import leave_listener_a_core, set_priority, usable_cpus
 from dicom_ai.service.scp import start_scp
 from dicom_ai.service.spool import Spool
 
@@ -41,19 +43,29 @@ CT_STUDY = REPO / "sample_studies" / "ct-lung-pet-ct-dx-a0002"
 #: Bounds of the benchmark's loops: sends per analysis, seconds per analysis.
 MAX_SENDS, MAX_ANALYSIS_S = 500, 900.0
 
+SETUPS = {
+    "normal": "worker at normal priority",
+    "idle": "worker at SCHED_IDLE",
+    "batch": "worker at SCHED_BATCH, nice 10",
+    "idle+core": "SCHED_IDLE, one CPU left free",
+    "batch+core": "SCHED_BATCH nice 10, one CPU free",
+}
 
-def analyse_on_request(models: Path, idle: bool, go: Event, done: Queue[float]) -> None:
+
+def analyse_on_request(models: Path, setup: str, go: Event, done: Queue[float]) -> None:
     """The worker's load: one analysis of the sample CT study per ``go``, its seconds to ``done``.
 
     The first analysis (models loaded, caches warm) is reported too, and not counted.
     """
     from dicom_ai.service.worker import pipeline_processor
 
-    if idle:
-        lowest_priority()
+    policy, _, core = setup.partition("+")
+    set_priority(policy)
+    if core:
+        leave_listener_a_core()
     settings = Settings()
     settings.inference.models_dir = str(models)
-    settings.inference.num_threads = max(1, (os.cpu_count() or 1) - 1)
+    settings.inference.num_threads = max(1, len(usable_cpus()) - (0 if core else 1))
     process = pipeline_processor(settings)
     files = sorted(CT_STUDY.rglob("*.dcm"))
     while True:
@@ -81,7 +93,7 @@ def measure(scratch: Path, files: list[Path], models: Path, setup: str,
         if setup == "none":
             return [N_INSTANCES / storescu(port, "DICOMAI", files) for _ in range(runs)], []
         go, done = ctx.Event(), ctx.Queue()
-        worker = ctx.Process(target=analyse_on_request, args=(models, setup == "idle", go, done),
+        worker = ctx.Process(target=analyse_on_request, args=(models, setup, go, done),
                              daemon=True)
         worker.start()
         done.get(timeout=MAX_ANALYSIS_S)  # the warm-up analysis
@@ -104,7 +116,8 @@ def alone(models: Path, runs: int) -> list[float]:
     """Analysis seconds with nothing being received (normal priority)."""
     ctx = multiprocessing.get_context("spawn")
     go, done = ctx.Event(), ctx.Queue()
-    worker = ctx.Process(target=analyse_on_request, args=(models, False, go, done), daemon=True)
+    worker = ctx.Process(target=analyse_on_request, args=(models, "normal", go, done),
+                         daemon=True)
     worker.start()
     done.get(timeout=MAX_ANALYSIS_S)
     seconds = []
@@ -120,24 +133,31 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", type=Path, default=REPO / "models")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--setups", default=",".join(SETUPS),
+                        help="comma-separated, from: " + ", ".join(SETUPS))
     args = parser.parse_args(argv)
+    setups = [s for s in args.setups.split(",") if s]
+    unknown = [s for s in setups if s not in SETUPS]
+    if unknown:
+        parser.error(f"unknown set-up {', '.join(unknown)}")
+    if len(usable_cpus()) < 2:
+        setups = [s for s in setups if not s.endswith("+core")]
     with tempfile.TemporaryDirectory(prefix="pacing-bench-") as tmp:
         scratch = Path(tmp)
         files = copies(ct_slices(scratch), scratch / "bench", N_INSTANCES)
         base_analysis = statistics.median(alone(args.models, args.runs))
         results = {setup: measure(scratch, files, args.models, setup, args.runs)
-                   for setup in ("none", "normal", "idle")}
+                   for setup in ["none", *setups]}
     base_rate = statistics.median(results["none"][0])
     print(f"{N_INSTANCES} CT instances per send, storescu → dicom-ai listener, while the CT "
           f"pipeline analyses the sample study; medians of {args.runs} analyses, "
-          f"{os.cpu_count()} CPUs")
+          f"{len(usable_cpus())} usable CPUs")
     print(f"  {'no analysis running':34s} {base_rate:7.1f} instances/s")
     print(f"  {'analysis alone, nothing received':34s} {base_analysis:7.1f} s")
-    for setup, label in [("normal", "worker at normal priority"),
-                         ("idle", "worker at SCHED_IDLE (as serve)")]:
+    for setup in setups:
         rates, analyses = results[setup]
         rate, seconds = statistics.median(rates), statistics.median(analyses)
-        print(f"  {label:34s} {rate:7.1f} instances/s  ratio {rate / base_rate:.2f}   "
+        print(f"  {SETUPS[setup]:34s} {rate:7.1f} instances/s  ratio {rate / base_rate:.2f}   "
               f"analysis {seconds:6.1f} s  ratio {seconds / base_analysis:.2f}  "
               f"({len(rates)} sends)")
     return 0

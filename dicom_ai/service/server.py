@@ -1,19 +1,23 @@
-"""``dicom-ai serve``: start-up recovery, then the listener, the assembler, the worker and exporter.
+"""``dicom-ai serve``: start-up recovery, then the listener, assembler, workers and exporter.
 
 Process layout::
 
     dicom-ai serve            listener (a thread per association), assembler, retention sweeper;
                               its main thread supervises the children
-      ├─ worker process       models loaded once; runs jobs (SCHED_IDLE: reception comes first)
-      └─ exporter process     C-STORE SCU / STOW-RS deliveries
+      ├─ worker-1 … worker-N  models loaded once per process; run jobs (worker-1 the fast lane
+      │                       only when N ≥ 2; SCHED_BATCH nice 10, off the listener's CPU)
+      └─ exporter process     C-STORE SCU / STOW-RS deliveries, never in a worker's way
+
+The pool (``worker.processes``, sized from the machine by default) and the lanes are described in
+:mod:`dicom_ai.service.lanes`.
 
 On start, the storage directory is locked (one service per directory: a second one exits with one
 line), then everything unfinished is resumed before the listener opens: whole instances on disk
 without an index row are indexed, jobs a dead worker left ``running`` are re-queued, complete
 studies without a job get one, and pending deliveries simply stay due. Only then do the listener,
-the worker and the exporter start. A child process that dies is restarted (its interrupted job
-re-queued first); a child never outlives the service, even one killed with SIGKILL
-(:mod:`dicom_ai.service.process`).
+the workers and the exporter start. A child process that dies is restarted (a worker's
+interrupted job re-queued first: that worker's only, the others keep running theirs); a child
+never outlives the service, even one killed with SIGKILL (:mod:`dicom_ai.service.process`).
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ from types import FrameType
 from dicom_ai.config import Settings
 from dicom_ai.service import db, studies
 from dicom_ai.service.export import exporter_main
+from dicom_ai.service.http import start_endpoint
+from dicom_ai.service.lanes import WorkerPlan, available_memory, default_processes, plan_workers
+from dicom_ai.service.process import usable_cpus
 from dicom_ai.service.retention import Sweeper
 from dicom_ai.service.scp import FreeBytes, Listener, disk_free_bytes, start_scp
 from dicom_ai.service.spool import Spool
@@ -92,8 +99,8 @@ class Service:
     settings:
         All settings.
     processor_factory:
-        Builds the study processor inside the worker process (the real pipeline by default); it
-        must be a module-level function because the worker is a spawned process.
+        Builds the study processor inside each worker process (the real pipeline by default); it
+        must be a module-level function because the workers are spawned processes.
     free_bytes:
         Free-space probe for the listener.
     """
@@ -110,6 +117,11 @@ class Service:
         self._stopping = threading.Event()
         self._children: dict[str, SpawnProcess] = {}
         self._started_at: dict[str, float] = {}
+        cpus = len(usable_cpus())
+        processes = settings.worker.processes or default_processes(cpus, available_memory())
+        self.workers: dict[str, WorkerPlan] = {
+            plan.name: plan
+            for plan in plan_workers(processes, cpus, settings.inference.num_threads)}
 
     def recover(self, spool: Spool) -> None:
         """Resume what a previous run left unfinished (call before anything else runs)."""
@@ -129,9 +141,10 @@ class Service:
 
     def _start_child(self, name: str) -> None:
         parent = os.getpid()
-        if name == "worker":
-            proc = self._ctx.Process(target=worker_main, name="dicom-ai-worker", args=(
-                self.settings, self._stop_children, parent, self.processor_factory))
+        if name in self.workers:
+            proc = self._ctx.Process(target=worker_main, name=f"dicom-ai-{name}", args=(
+                self.settings, self._stop_children, parent, self.processor_factory,
+                self.workers[name]))
         else:
             proc = self._ctx.Process(target=exporter_main, name="dicom-ai-exporter",
                                      args=(self.settings, self._stop_children, parent))
@@ -149,13 +162,18 @@ class Service:
             if time.monotonic() - self._started_at[name] < RESTART_INTERVAL_S:
                 continue
             log.error("%s process exited with code %s; restarting", name, proc.exitcode)
-            if name == "worker":
-                conn = db.connect(self.root / "index.sqlite")
-                try:
-                    requeue_interrupted(conn, self.settings.worker.max_attempts, time.time())
-                finally:
-                    conn.close()
+            if name in self.workers:
+                self._requeue_of(proc)
             self._start_child(name)
+
+    def _requeue_of(self, proc: SpawnProcess, *, by_shutdown: bool = False) -> int:
+        """Re-queue the job a dead worker process was running (the others keep theirs)."""
+        conn = db.connect(self.root / "index.sqlite")
+        try:
+            return requeue_interrupted(conn, self.settings.worker.max_attempts, time.time(),
+                                       by_shutdown=by_shutdown, worker_pid=proc.pid)
+        finally:
+            conn.close()
 
     def run(self) -> int:
         """Lock, recover, start everything, and serve until SIGTERM or SIGINT.
@@ -203,16 +221,25 @@ class Service:
         return 0
 
     def _serve(self, spool: Spool, listener: Listener) -> None:
-        for name in ("worker", "exporter"):
+        log.info("%d worker processes: %s", len(self.workers), ", ".join(
+            f"{p.name} ({'+'.join(p.lanes)})" for p in self.workers.values()))
+        for name in (*self.workers, "exporter"):
             self._start_child(name)
-        assembler = studies.Assembler(spool.db_path, self.settings.studies.quiet_period_s)
+        endpoint = start_endpoint(self.settings, listener=listener, children=self._children,
+                                  lock_path=self.root / LOCK_NAME, free_bytes=self.free_bytes)
+        assembler = studies.Assembler(spool.db_path,
+                                      studies.CompletionRules.from_settings(self.settings.studies))
         assembler.start()
         sweeper = None
         if self.settings.storage.retention_days > 0:
-            sweeper = Sweeper(spool, self.settings.storage.retention_days)
+            sweeper = Sweeper(spool, self.settings.storage.retention_days,
+                              audit_retention_days=self.settings.storage.audit_retention_days)
             sweeper.start()
         while not self._stopping.wait(1.0):
             self._supervise()
+        # First: a stopping service is not ready, and probes should see that at once.
+        if endpoint is not None:
+            endpoint.stop()
         listener.stop()
         assembler.stop()
         if sweeper is not None:
@@ -225,12 +252,9 @@ class Service:
                 log.warning("%s did not stop in time; terminating", name)
                 proc.terminate()
                 proc.join(timeout=5)
-        if not self._children["worker"].is_alive():
-            conn = db.connect(spool.db_path)
-            try:
-                if requeue_interrupted(conn, self.settings.worker.max_attempts, time.time(),
-                                       by_shutdown=True):
-                    log.info("the job interrupted by the stop is queued again")
-            finally:
-                conn.close()
+        requeued = sum(self._requeue_of(proc, by_shutdown=True)
+                       for name, proc in self._children.items()
+                       if name in self.workers and not proc.is_alive())
+        if requeued:
+            log.info("%d jobs interrupted by the stop are queued again", requeued)
         assembler.join(timeout=5)

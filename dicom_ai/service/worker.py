@@ -1,13 +1,17 @@
 """The processing worker: jobs from the SQLite table, run through the same pipeline as replay.
 
-It runs as its own process (started by :mod:`dicom_ai.service.server`), so model inference never
-holds the listener's GIL, and at a lower CPU priority, so reception keeps pace while a model runs.
-Models are loaded once per process. A job is claimed (``queued`` → ``running``, attempts + 1), its
-study's files are processed, every result object is written durably under
+The service runs several worker processes (started by :mod:`dicom_ai.service.server`, planned by
+:func:`dicom_ai.service.lanes.plan_workers`), so model inference never holds the listener's GIL
+and a chest X-ray never waits for a CT; each at a lower CPU priority and off the listener's CPU
+(``worker.priority``, ``worker.listener_core``), so reception keeps pace while a model runs.
+Models are loaded once per process. A job is claimed atomically across the processes
+(``queued`` → ``running``, attempts + 1, the claiming process's PID recorded; fast lane first,
+:func:`claim_job`), its study's files are processed, every result object is written durably under
 ``outputs/<study>/``, and then — in one transaction — the job is marked ``done`` and one outbound
 row per object and destination is queued. A crash anywhere before that transaction leaves the job
-``running``; the next start re-queues it, and the re-run writes the same objects (deterministic
-UIDs) again. A job that keeps crashing its process fails for good after ``worker.max_attempts``.
+``running``; the service re-queues it when it restarts that worker, or at its next start, and the
+re-run writes the same objects (deterministic UIDs) again. A job that keeps crashing its process
+fails for good after ``worker.max_attempts``.
 """
 
 from __future__ import annotations
@@ -29,8 +33,9 @@ from dicom_ai.config import Settings
 from dicom_ai.logs import log_failure, safe_error_text
 from dicom_ai.results.writer import encode as encode  # re-exported: tests encode with it
 from dicom_ai.results.writer import write_results
-from dicom_ai.service import db
-from dicom_ai.service.process import child_setup, lowest_priority, orphaned
+from dicom_ai.service import audit, db, metrics
+from dicom_ai.service.lanes import BULK_AGING_S, FAST, LANES, WorkerPlan
+from dicom_ai.service.process import child_setup, leave_listener_a_core, orphaned, set_priority
 from dicom_ai.service.spool import Spool, study_paths
 
 log = logging.getLogger(__name__)
@@ -42,6 +47,10 @@ class ProcessedStudy:
 
     datasets: list[Dataset]
     findings: dict[str, Any] | None = None
+    #: For the metrics: modality of the analysed series ("+"-joined, "" unknown) and the seconds
+    #: each model spent on the study.
+    modality: str = ""
+    inference_seconds: dict[str, float] = field(default_factory=dict)
 
 
 #: Processes the files of one study. The service uses :func:`pipeline_processor`; tests inject
@@ -57,6 +66,7 @@ class Job:
     study_instance_uid: str
     generation: int
     attempts: int
+    lane: str
 
 
 @dataclass
@@ -69,21 +79,49 @@ class JobReport:
     error: str | None = None
 
 
-def claim_job(conn: sqlite3.Connection, now: float) -> Job | None:
-    """Take the oldest queued job: mark it running and count the attempt."""
+def claim_job(conn: sqlite3.Connection, now: float, *, lanes: Sequence[str] = LANES,
+              worker_pid: int | None = None) -> Job | None:
+    """Take the next queued job of ``lanes``: mark it running, count the attempt, note the worker.
+
+    Fast-lane jobs come first, each lane in queue order; a bulk job queued for longer than
+    :data:`~dicom_ai.service.lanes.BULK_AGING_S` ranks with the fast ones, so a stream of
+    single-image studies cannot starve a CT. The choice and the update are one statement inside
+    ``BEGIN IMMEDIATE`` (:func:`~dicom_ai.service.db.transaction`), which holds the index's write
+    lock: two worker processes never claim the same job.
+
+    Parameters
+    ----------
+    conn:
+        Connection to the index.
+    now:
+        Epoch seconds.
+    lanes:
+        Lanes this worker serves.
+    worker_pid:
+        Recorded in ``jobs.worker_pid`` so the service re-queues exactly this worker's job when
+        it dies; the calling process's PID by default.
+    """
+    marks = ", ".join("?" * len(lanes))
     with db.transaction(conn):
         row = conn.execute(
-            "UPDATE jobs SET state = 'running', attempts = attempts + 1, started_at = ? "
-            "WHERE id = (SELECT id FROM jobs WHERE state = 'queued' ORDER BY id LIMIT 1) "
-            "RETURNING id, study_instance_uid, generation, attempts", (now,)).fetchone()
-    return None if row is None else Job(int(row[0]), str(row[1]), int(row[2]), int(row[3]))
+            "UPDATE jobs SET state = 'running', attempts = attempts + 1, started_at = ?, "
+            "worker_pid = ? WHERE id = (SELECT id FROM jobs "
+            f"WHERE state = 'queued' AND lane IN ({marks}) "
+            "ORDER BY (lane = ? OR created_at <= ?) DESC, id LIMIT 1) "
+            "RETURNING id, study_instance_uid, generation, attempts, lane",
+            (now, os.getpid() if worker_pid is None else worker_pid, *lanes, FAST,
+             now - BULK_AGING_S)).fetchone()
+    if row is None:
+        return None
+    return Job(int(row[0]), str(row[1]), int(row[2]), int(row[3]), str(row[4]))
 
 
 def requeue_interrupted(conn: sqlite3.Connection, max_attempts: int, now: float, *,
-                        by_shutdown: bool = False) -> int:
+                        by_shutdown: bool = False, worker_pid: int | None = None) -> int:
     """Jobs left ``running`` by a dead worker: back to ``queued``, or ``failed`` when out of tries.
 
-    Call only while no worker runs. Returns the number of jobs re-queued.
+    Call only while the worker concerned does not run (``worker_pid``), or while none runs.
+    Returns the number of jobs re-queued.
 
     Parameters
     ----------
@@ -97,19 +135,24 @@ def requeue_interrupted(conn: sqlite3.Connection, max_attempts: int, now: float,
         The service stopped the worker itself (SIGTERM, a restart for maintenance): the attempt
         is given back, since the study did not cause the interruption. A worker that died on
         its own, or with a killed service, keeps the attempt counted: the study may be the cause.
+    worker_pid:
+        Only the job of this (dead) worker process; None: every running job.
     """
+    # "? IS NULL" makes the PID filter optional within one statement.
+    which = "state = 'running' AND (? IS NULL OR worker_pid = ?)"
+    pid = (worker_pid, worker_pid)
     with db.transaction(conn):
         if by_shutdown:
             return conn.execute("UPDATE jobs SET state = 'queued', attempts = attempts - 1 "
-                                "WHERE state = 'running'").rowcount
+                                f"WHERE {which}", pid).rowcount
         conn.execute("UPDATE jobs SET state = 'failed', finished_at = ?, last_error = "
                      "'worker stopped during processing too often' "
-                     "WHERE state = 'running' AND attempts >= ?", (now, max_attempts))
-        return conn.execute("UPDATE jobs SET state = 'queued' WHERE state = 'running'").rowcount
+                     f"WHERE {which} AND attempts >= ?", (now, *pid, max_attempts))
+        return conn.execute(f"UPDATE jobs SET state = 'queued' WHERE {which}", pid).rowcount
 
 
 class Worker:
-    """Runs jobs one at a time.
+    """Runs jobs one at a time, from the lanes it serves.
 
     Parameters
     ----------
@@ -123,24 +166,30 @@ class Worker:
         Names of the configured export destinations; each output is queued for each.
     max_attempts:
         Tries per job before it is ``failed``.
+    lanes:
+        Lanes it claims from (:data:`~dicom_ai.service.lanes.LANES`: all).
     """
 
     def __init__(self, conn: sqlite3.Connection, spool: Spool, processor: Processor, *,
-                 destinations: Sequence[str], max_attempts: int) -> None:
+                 destinations: Sequence[str], max_attempts: int,
+                 lanes: Sequence[str] = LANES) -> None:
         self.conn = conn
         self.spool = spool
         self.processor = processor
         self.destinations = list(destinations)
         self.max_attempts = max_attempts
+        self.lanes = tuple(lanes)
 
     def run_once(self) -> JobReport | None:
-        """Claim and run one job; None when the queue is empty."""
-        job = claim_job(self.conn, time.time())
+        """Claim and run one job; None when no job of its lanes is queued."""
+        job = claim_job(self.conn, time.time(), lanes=self.lanes)
         if job is None:
             return None
         paths = study_paths(self.conn, self.spool.root, job.study_instance_uid)
-        log.info("job %d: study %s generation %d, %d instances (attempt %d)", job.id,
-                 job.study_instance_uid, job.generation, len(paths), job.attempts)
+        log.info("job %d (%s lane): study %s generation %d, %d instances (attempt %d)", job.id,
+                 job.lane, job.study_instance_uid, job.generation, len(paths), job.attempts)
+        audit.record(self.spool.root, job.study_instance_uid, "job_started", job_id=job.id,
+                     generation=job.generation, attempt=job.attempts, instances=len(paths))
         try:
             processed = self.processor(paths)
             outputs = self._write_outputs(job, processed)
@@ -184,7 +233,16 @@ class Worker:
                              str(ds.SOPClassUID), str(path.relative_to(self.spool.root)), dest,
                              now, now))
                 state = "done"
+            metrics.record_job(conn, job.id, processed.modality, processed.inference_seconds,
+                               done=state == "done")
         log.info("job %d %s: %d result objects", job.id, state, len(outputs))
+        if state == "done":
+            audit.analysed(self.spool.root, job.study_instance_uid, job_id=job.id,
+                           generation=job.generation, datasets=processed.datasets,
+                           findings=processed.findings)
+        else:
+            audit.record(self.spool.root, job.study_instance_uid, "superseded", job_id=job.id,
+                         generation=job.generation)
         return JobReport(job, state, outputs)
 
     def _fail(self, job: Job, error: str) -> JobReport:
@@ -192,6 +250,8 @@ class Worker:
             state = "failed" if job.attempts >= self.max_attempts else "queued"
             conn.execute("UPDATE jobs SET state = ?, last_error = ?, finished_at = ? "
                          "WHERE id = ?", (state, error, time.time(), job.id))
+        audit.record(self.spool.root, job.study_instance_uid, "failed", job_id=job.id,
+                     attempt=job.attempts, reason=error, final=state == "failed")
         return JobReport(job, state, error=error)
 
 
@@ -214,34 +274,61 @@ def pipeline_processor(settings: Settings) -> Processor:
     def process(paths: Sequence[Path]) -> ProcessedStudy:
         datasets: list[Dataset] = []
         documents: list[dict[str, Any]] = []
+        modalities: set[str] = set()
+        seconds: dict[str, float] = {}
         for study in collect(paths).studies:
             outcome = run_study(study, models, settings)
             datasets.extend(outcome.datasets)
             documents.append(outcome.findings_document())
-        return ProcessedStudy(datasets, documents[0] if len(documents) == 1 else None)
+            modalities |= ({r.series.modality for r in outcome.results}
+                           or {s.modality for s in study.series})
+            for model, spent in outcome.inference_seconds.items():
+                seconds[model] = seconds.get(model, 0.0) + spent
+        return ProcessedStudy(datasets, documents[0] if len(documents) == 1 else None,
+                              modality="+".join(sorted(m for m in modalities if m)),
+                              inference_seconds=seconds)
 
     return process
 
 
 def worker_main(settings: Settings, stop: EventType, parent_pid: int,
-                processor_factory: Callable[[Settings], Processor] = pipeline_processor) -> None:
-    """Entry point of the worker process: load models once, then run jobs until ``stop``.
+                processor_factory: Callable[[Settings], Processor] = pipeline_processor,
+                plan: WorkerPlan | None = None) -> None:
+    """Entry point of a worker process: load models once, then run jobs until ``stop``.
 
-    The process runs at the lowest CPU priority (:func:`~dicom_ai.service.process.lowest_priority`):
-    reception never waits for a model, and the model is never paused. It exits by itself when
-    the service that started it is gone.
+    The process lowers its CPU priority (``worker.priority``,
+    :func:`~dicom_ai.service.process.set_priority`) and, with ``worker.listener_core``, keeps off
+    one CPU (:func:`~dicom_ai.service.process.leave_listener_a_core`) before torch starts its
+    threads: reception never waits for a model, and the model is never paused. It exits by
+    itself when the service that started it is gone.
+
+    Parameters
+    ----------
+    settings:
+        All settings.
+    stop:
+        Set by the service to stop.
+    parent_pid:
+        The service's PID.
+    processor_factory:
+        Builds the processor (once, in this process).
+    plan:
+        Its place in the pool (lanes, threads); None: one worker serving every lane.
     """
-    child_setup(settings, parent_pid, "worker")
-    log.info("worker at %s", lowest_priority())
-    if settings.inference.num_threads == 0:
-        # torch would take every core; leave one to the listener and the exporter.
+    plan = plan or WorkerPlan("worker", LANES, settings.inference.num_threads)
+    child_setup(settings, parent_pid, plan.name)
+    where = (leave_listener_a_core() if settings.worker.listener_core
+             else "every CPU (worker.listener_core = false)")
+    log.info("%s: lanes %s, %s, on %s, %d torch threads", plan.name, "+".join(plan.lanes),
+             set_priority(settings.worker.priority), where, plan.num_threads)
+    if plan.num_threads > 0:
         settings = dataclasses.replace(settings, inference=dataclasses.replace(
-            settings.inference, num_threads=max(1, (os.cpu_count() or 1) - 1)))
+            settings.inference, num_threads=plan.num_threads))
     spool = Spool(Path(settings.storage.directory))
     conn = db.connect(spool.db_path)
     worker = Worker(conn, spool, processor_factory(settings),
                     destinations=[d.name for d in settings.export.destinations],
-                    max_attempts=settings.worker.max_attempts)
+                    max_attempts=settings.worker.max_attempts, lanes=plan.lanes)
     while not stop.is_set() and not orphaned(parent_pid):
         if worker.run_once() is None:
             stop.wait(settings.worker.poll_interval_s)

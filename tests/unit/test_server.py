@@ -1,9 +1,13 @@
-"""Start-up: the storage lock, a port in use, and recovery of everything a crash left unfinished."""
+"""Start-up: the storage lock, a port in use, recovery of everything a crash left unfinished; the
+worker pool: its plan, and a dead worker restarted with only its own job re-queued."""
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -11,17 +15,22 @@ from test_spool import encoded
 
 from dicom_ai.config import Settings
 from dicom_ai.service import db
+from dicom_ai.service.lanes import BULK, FAST
 from dicom_ai.service.server import Service, ServiceError, lock_storage
 from dicom_ai.service.spool import Spool, parse_keys
+from dicom_ai.service.worker import ProcessedStudy, Processor
 
 
 def test_recover_indexes_requeues_and_queues(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
     conn = db.connect(spool.db_path)
     # A study completed before the crash whose job was never written.
-    conn.execute("INSERT INTO studies VALUES ('1.1', 'complete', 1, 1, 0, 0, 10)")
+    insert_study = ("INSERT INTO studies (study_instance_uid, state, generation, instance_count, "
+                    "first_received, last_received, completed_at) "
+                    "VALUES (?, 'complete', 1, 1, 0, 0, 10)")
+    conn.execute(insert_study, ("1.1",))
     # A job the dead worker was running.
-    conn.execute("INSERT INTO studies VALUES ('2.2', 'complete', 1, 1, 0, 0, 10)")
+    conn.execute(insert_study, ("2.2",))
     conn.execute("INSERT INTO jobs (study_instance_uid, generation, state, attempts, created_at) "
                  "VALUES ('2.2', 1, 'running', 1, 10)")
     # An instance renamed into place but not indexed.
@@ -67,3 +76,87 @@ def test_port_in_use_is_one_error_and_starts_nothing(tmp_path: Path) -> None:
     assert service._children == {}
     # The storage lock was given back.
     os.close(lock_storage(tmp_path))
+
+
+def test_the_pool_has_a_fast_lane_worker_beside_the_others(tmp_path: Path) -> None:
+    settings = Settings()
+    settings.storage.directory = str(tmp_path)
+    settings.worker.processes = 3
+    workers = Service(settings).workers
+    assert {name: plan.lanes for name, plan in workers.items()} == {
+        "worker-1": (FAST,), "worker-2": (FAST, BULK), "worker-3": (FAST, BULK)}
+    settings.worker.processes = 0
+    assert len(Service(settings).workers) >= 1
+
+
+def held_processor(settings: Settings) -> Processor:
+    """Each call notes its process in ``held/`` and waits for ``release`` (at most 60 s)."""
+    root = Path(settings.storage.directory)
+
+    def process(paths: Sequence[Path]) -> ProcessedStudy:
+        (root / "held").mkdir(exist_ok=True)
+        (root / "held" / f"{os.getpid()}-{time.monotonic_ns()}").touch()
+        deadline = time.monotonic() + 60
+        while not (root / "release").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return ProcessedStudy([])
+
+    return process
+
+
+def wait_for(check: Callable[[], bool], what: str, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_a_dead_worker_is_restarted_and_only_its_job_requeued(tmp_path: Path) -> None:
+    settings = Settings()
+    settings.storage.directory = str(tmp_path)
+    settings.worker.processes = 2
+    settings.worker.poll_interval_s = 0.1
+    conn = db.connect(Spool(tmp_path).db_path)
+
+    def queue(study: str, lane: str) -> None:
+        conn.execute("INSERT INTO jobs (study_instance_uid, generation, state, created_at, lane) "
+                     "VALUES (?, 1, 'queued', ?, ?)", (study, time.time(), lane))
+
+    def held() -> int:
+        return len(list((tmp_path / "held").glob("*"))) if (tmp_path / "held").exists() else 0
+
+    service = Service(settings, processor_factory=held_processor)
+
+    def jobs() -> dict[str, tuple[str, int, int | None]]:
+        return {r[0]: (r[1], r[2], r[3]) for r in conn.execute(
+            "SELECT lane, state, attempts, worker_pid FROM jobs")}
+
+    try:
+        for name in service.workers:
+            service._start_child(name)
+        pids = {name: proc.pid for name, proc in service._children.items()}
+        # A CT first: only worker-2 may take it; then a CXR, for the idle fast-lane worker.
+        queue("1.2.3.2", BULK)
+        wait_for(lambda: held() == 1, "the bulk job to be held")
+        queue("1.2.3.1", FAST)
+        wait_for(lambda: held() == 2, "both jobs to be held")
+        assert jobs() == {FAST: ("running", 1, pids["worker-1"]),
+                          BULK: ("running", 1, pids["worker-2"])}
+        os.kill(pids["worker-2"], signal.SIGKILL)
+        service._children["worker-2"].join(timeout=30)
+        service._started_at["worker-2"] -= 60  # past the restart interval
+        service._supervise()
+        new_pid = service._children["worker-2"].pid
+        assert new_pid != pids["worker-2"]
+        wait_for(lambda: jobs()[BULK] == ("running", 2, new_pid), "the bulk job re-claimed")
+        # The fast job was never touched.
+        assert jobs()[FAST] == ("running", 1, pids["worker-1"])
+        (tmp_path / "release").touch()
+        wait_for(lambda: {s for s, _, _ in jobs().values()} == {"done"}, "both jobs done")
+    finally:
+        service._stop_children.set()
+        for proc in service._children.values():
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+    assert jobs() == {FAST: ("done", 1, pids["worker-1"]), BULK: ("done", 2, new_pid)}
