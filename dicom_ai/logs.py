@@ -9,15 +9,21 @@ structural: :class:`IdentityFilter` sits on the root handler, which every record
 whatever the logger's level and whenever a library was imported, and takes quoted, bracketed and
 hex-dumped values out of every record that is not ours (and out of every traceback, ours
 included). Python warnings are routed through logging, so they pass the same filter.
+
+Two line formats (``log_format``): ``text``, one readable line per record, and ``json``, one
+JSON object per line (:class:`JsonFormatter`) for a log collector. The filter runs before either
+formatter, so both carry the same redacted message and traceback.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
 import traceback
 import warnings
+from datetime import UTC, datetime
 from pathlib import Path
 
 #: Libraries whose warnings may quote element values (and so patient identity).
@@ -89,7 +95,44 @@ def _quotes_values(name: str) -> bool:
     return any(name == n or name.startswith(n + ".") for n in VALUE_QUOTING_LOGGERS)
 
 
-def configure_logging(level: str = "INFO", *, process: str = "") -> None:
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: ``time`` (UTC ISO 8601), ``level``, ``logger``, ``message``,
+    ``pid``, the service ``process`` name when given, and ``exception`` / ``stack`` when present.
+
+    It formats what :class:`IdentityFilter` left in the record: the message through
+    :meth:`~logging.LogRecord.getMessage` and the traceback from ``exc_text``, which the filter
+    has already redacted (a traceback is never formatted afresh from ``exc_info`` when the
+    filter has written it).
+
+    Parameters
+    ----------
+    process:
+        Name of the service process (``worker``, ``exporter``), or empty.
+    """
+
+    def __init__(self, process: str = "") -> None:
+        super().__init__()
+        self.process = process
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, object] = {
+            "time": datetime.fromtimestamp(record.created, UTC).strftime(
+                "%Y-%m-%dT%H:%M:%S.%fZ"),
+            "level": record.levelname, "logger": record.name, "message": record.getMessage(),
+            "pid": record.process,
+        }
+        if self.process:
+            out["process"] = self.process
+        if record.exc_info and not record.exc_text:
+            record.exc_text = redact_values(self.formatException(record.exc_info))
+        if record.exc_text:
+            out["exception"] = record.exc_text
+        if record.stack_info:
+            out["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+def configure_logging(level: str = "INFO", *, process: str = "", fmt: str = "text") -> None:
     """Configure the root logger on stderr, filtered by :class:`IdentityFilter`, and silence
     value-quoting third-party warnings.
 
@@ -99,12 +142,16 @@ def configure_logging(level: str = "INFO", *, process: str = "") -> None:
         Root level name.
     process:
         For a service child process: its name, put with its PID in every line.
+    fmt:
+        ``"text"`` or ``"json"`` (:class:`JsonFormatter`), the ``log_format`` setting.
     """
     prefix = f"{process}[%(process)d] " if process else ""
     logging.basicConfig(level=level.upper(), stream=sys.stderr, force=True,
                         format=f"%(asctime)s %(levelname)s {prefix}%(name)s: %(message)s")
     for handler in logging.getLogger().handlers:
         handler.addFilter(IdentityFilter())
+        if fmt == "json":
+            handler.setFormatter(JsonFormatter(process))
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
         for name in CHATTY_LOGGERS:
             logging.getLogger(name).setLevel(logging.WARNING)

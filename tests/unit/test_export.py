@@ -15,7 +15,7 @@ from pynetdicom.events import Event
 from test_spool import encoded
 
 from dicom_ai.config import DestinationSettings, ExportSettings
-from dicom_ai.service import db
+from dicom_ai.service import audit, db
 from dicom_ai.service.export import (
     Delivery,
     DimseSender,
@@ -260,3 +260,33 @@ def test_a_rejection_is_reported_even_when_the_peer_closes_at_once(
     finally:
         thread.join(5)
         server.close()
+
+
+def test_every_try_and_outcome_is_in_the_study_audit_trail(conn: sqlite3.Connection,
+                                                           tmp_path: Path) -> None:
+    queue(conn, "3.1")
+    queue(conn, "3.2", destination="gone")
+    sender = Flaky({"3.1": "cannot connect"})
+    exporter = Exporter(conn, tmp_path, {"pacs": sender}, SHORT)
+    for now in (0.0, 2.0, 6.0):
+        exporter.run_once(now=now)
+    assert retry_dead(conn, 7.0, "pacs", audit_root=tmp_path) == 1
+    sender.answers["3.1"] = None
+    exporter.run_once(now=7.0)
+    trail = [(e["event"], e["sop_instance_uid"], e["destination"], e.get("attempt"),
+              e.get("reason") or e.get("status"))
+             for e in audit.read_events(tmp_path, "1.2")]
+    assert trail == [
+        ("sent", "3.1", "pacs", 1, None),
+        ("send_failed", "3.1", "pacs", 1, "cannot connect"),
+        ("dead", "3.2", "gone", None, "destination no longer configured"),
+        ("sent", "3.1", "pacs", 2, None),
+        ("send_failed", "3.1", "pacs", 2, "cannot connect"),
+        ("late", "3.1", "pacs", None, None),
+        ("sent", "3.1", "pacs", 3, None),
+        ("send_failed", "3.1", "pacs", 3, "cannot connect"),
+        ("dead", "3.1", "pacs", None, "cannot connect"),
+        ("requeued", "3.1", "pacs", None, None),
+        ("sent", "3.1", "pacs", 1, None),
+        ("acknowledged", "3.1", "pacs", 1, "stored"),
+    ]

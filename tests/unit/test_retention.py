@@ -1,7 +1,9 @@
-"""Retention: which studies are finished, and removing one without racing the listener."""
+"""Retention: which studies are finished, removing one without racing the listener, and audit
+trails kept beyond their study for ``storage.audit_retention_days``."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
@@ -10,9 +12,9 @@ from pathlib import Path
 import pytest
 from test_spool import STUDY, encoded
 
-from dicom_ai.service import db
+from dicom_ai.service import audit, db
 from dicom_ai.service import spool as spool_module
-from dicom_ai.service.retention import SECONDS_PER_DAY, sweep
+from dicom_ai.service.retention import SECONDS_PER_DAY, prune_audit, sweep
 from dicom_ai.service.spool import Spool, parse_keys
 from dicom_ai.service.studies import complete_quiet_studies, finished_before
 
@@ -115,3 +117,41 @@ def test_no_purge_while_an_instance_of_the_study_is_being_stored(
     # The new instance re-opened the study: it is no longer finished, and both files are there.
     assert len(list((spool.incoming / STUDY).rglob("*.dcm"))) == 2
     assert spool.purge_study(STUDY, cutoff=1000.0 + 8 * DAY) is None
+
+
+def test_audit_trail_outlives_the_study_until_audit_retention_days(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    received(spool, "1.2.3.1", now=1000.0)
+    conn = db.connect(spool.db_path)
+    processed(conn, STUDY)
+    trail = audit.audit_path(tmp_path, STUDY)
+    assert audit.record(tmp_path, STUDY, "complete", now=1000.0, generation=1)
+    os.utime(trail, (1000.0, 1000.0))
+    # A trail of a study still in the index is kept whatever its age.
+    still_here = "1.2.826.0.1.3680043.8.498.22"
+    received(spool, "1.2.3.5", now=1000.0 + 9 * DAY, study=still_here)
+    assert audit.record(tmp_path, still_here, "complete", generation=1)
+    os.utime(audit.audit_path(tmp_path, still_here), (1000.0, 1000.0))
+
+    now = 1000.0 + 7.5 * DAY
+    assert sweep(spool, conn, now, retention_days=7.0, audit_retention_days=30.0) == 1
+    assert not (spool.incoming / STUDY).exists()
+    events = audit.read_events(tmp_path, STUDY)
+    assert [e["event"] for e in events] == ["complete", "purged"]
+    assert events[-1]["instances"] == 1
+    os.utime(trail, (1000.0, 1000.0))
+
+    assert prune_audit(tmp_path, conn, 1000.0 + 0.5) == 1
+    assert not trail.exists()
+    assert audit.audit_path(tmp_path, still_here).exists()
+
+
+def test_audit_retention_zero_keeps_every_trail(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    received(spool, "1.2.3.1", now=1000.0)
+    conn = db.connect(spool.db_path)
+    processed(conn, STUDY)
+    assert audit.record(tmp_path, STUDY, "complete", generation=1)
+    os.utime(audit.audit_path(tmp_path, STUDY), (1000.0, 1000.0))
+    assert sweep(spool, conn, 1000.0 + 3000 * DAY, retention_days=7.0) == 1
+    assert [e["event"] for e in audit.read_events(tmp_path, STUDY)] == ["complete", "purged"]

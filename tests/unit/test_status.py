@@ -1,18 +1,26 @@
-"""``dicom-ai status`` and ``dicom-ai config check``: readable tables, dead letters, exit codes."""
+"""``dicom-ai status`` and ``dicom-ai config check``: readable tables, dead letters, exit codes;
+``dicom-ai status STUDY_UID [--json]``: a study's audit trail."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import re
 import typing
 from pathlib import Path
 
 import pytest
+from pydicom.uid import (
+    Comprehensive3DSRStorage,
+    DigitalXRayImageStorageForPresentation,
+    ExplicitVRLittleEndian,
+)
 
 from dicom_ai.config import Settings, load_settings
-from dicom_ai.service import db
+from dicom_ai.service import audit, db
 from dicom_ai.service.commands import add_commands
+from dicom_ai.service.spool import InstanceKeys
 from dicom_ai.service.status import render, table
 from dicom_ai.service.studies import complete_quiet_studies, record_arrival
 
@@ -91,3 +99,71 @@ def test_the_example_documents_every_setting() -> None:
         return names
 
     assert leaves(Settings) - documented == set()
+
+
+STUDY = "1.2.826.0.1.3680043.8.498.91"
+
+
+def trail(root: Path) -> None:
+    keys = InstanceKeys(STUDY, f"{STUDY}.1", f"{STUDY}.1.1", DigitalXRayImageStorageForPresentation,
+                        "ACME")
+    for n in range(3):
+        audit.received(root, dataclasses.replace(keys, sop_instance_uid=f"{STUDY}.1.{n}"),
+                       calling_aet="MODALITY", transfer_syntax=ExplicitVRLittleEndian)
+    audit.record(root, STUDY, "complete", generation=1, instance_count=3, rule="quiet_period",
+                 quiet_period_s=30.0)
+    audit.record(root, STUDY, "analysed", job_id=1, generation=1,
+                 models=[{"name": "cxr", "version": "1.4.0", "series_instance_uid": f"{STUDY}.1",
+                          "status": "done", "findings": 1, "positive": ["pneumonia"]}],
+                 results=[{"sop_instance_uid": f"{STUDY}.9",
+                           "sop_class_uid": Comprehensive3DSRStorage}])
+    audit.record(root, STUDY, "acknowledged", destination="pacs", sop_instance_uid=f"{STUDY}.9",
+                 status="stored")
+
+
+def status_args(root: Path, *argv: str) -> argparse.Namespace:
+    (root / "settings.toml").write_text(f'[storage]\ndirectory = "{root}"\n')
+    return parser().parse_args(["status", "--config", str(root / "settings.toml"), *argv])
+
+
+def test_status_study_uid_prints_its_trail_in_order(tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    trail(tmp_path)
+    args = status_args(tmp_path, STUDY)
+    assert args.func(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"Study {STUDY}: 6 audit events")
+    events = [line.split()[2] for line in lines[2:] if line[:4].isdigit()]
+    assert events == ["received", "complete", "analysed", "acknowledged"]
+    text = "\n".join(lines)
+    assert (f"3 instances of series {STUDY}.1 from MODALITY (Digital X-Ray Image Storage - "
+            "For Presentation, Explicit VR Little Endian)") in text
+    assert "generation 1, 3 instances (rule quiet_period: quiet_period_s=30.0)" in text
+    assert f"model cxr 1.4.0 on series {STUDY}.1: done, 1 finding(s), positive: pneumonia" in text
+    assert f"result {STUDY}.9  Comprehensive 3D SR Storage" in text
+    assert f"{STUDY}.9 by pacs: stored" in text
+
+
+def test_status_study_uid_json_exports_every_event(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    trail(tmp_path)
+    args = status_args(tmp_path, STUDY, "--json")
+    assert args.func(args) == 0
+    exported = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert exported == audit.read_events(tmp_path, STUDY)
+    assert [e["event"] for e in exported] == ["received"] * 3 + ["complete", "analysed",
+                                                                 "acknowledged"]
+
+
+@pytest.mark.parametrize(("study", "code", "message"), [
+    ("1.2.3.4", 1, "no audit trail for study 1.2.3.4"),
+    ("../index.sqlite", 2, "not a Study Instance UID"),
+])
+def test_status_unknown_or_malformed_study_fails_clearly(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], study: str, code: int,
+        message: str) -> None:
+    trail(tmp_path)
+    args = status_args(tmp_path, study)
+    assert args.func(args) == code
+    captured = capsys.readouterr()
+    assert message in captured.err and captured.out == ""
