@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from dicom_ai.config import SettingsError, load_settings
+from dicom_ai.logs import configure_logging
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from dicom_ai.service.server import Service, ServiceError
 
     settings = load_settings(args.config)
-    if getattr(args, "log_level", None) is None:
-        logging.getLogger().setLevel(settings.log_level.upper())
+    # The command line's --log-level wins over the settings; the format is the settings'.
+    configure_logging(getattr(args, "log_level", None) or settings.log_level,
+                      fmt=settings.log_format)
     try:
         return Service(settings).run()
     except ServiceError as exc:
