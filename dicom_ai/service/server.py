@@ -36,7 +36,7 @@ from pathlib import Path
 from types import FrameType
 
 from dicom_ai.config import Settings
-from dicom_ai.service import db, studies
+from dicom_ai.service import db, page, studies
 from dicom_ai.service.export import exporter_main
 from dicom_ai.service.http import start_endpoint
 from dicom_ai.service.lanes import WorkerPlan, available_memory, default_processes, plan_workers
@@ -227,6 +227,8 @@ class Service:
             self._start_child(name)
         endpoint = start_endpoint(self.settings, listener=listener, children=self._children,
                                   lock_path=self.root / LOCK_NAME, free_bytes=self.free_bytes)
+        if endpoint is not None:  # the status page at / (dicom_ai.service.page)
+            endpoint.add_route("/", page.handler(self.root, token=self.settings.http.token or None))
         assembler = studies.Assembler(spool.db_path,
                                       studies.CompletionRules.from_settings(self.settings.studies))
         assembler.start()

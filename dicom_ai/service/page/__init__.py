@@ -16,7 +16,7 @@ from __future__ import annotations
 import hmac
 import re
 import sqlite3
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -158,5 +158,16 @@ def handle(root: Path, method: str, target: str, headers: Mapping[str, str], *,
     return Response(200, "image/png", png)
 
 
-__all__ = ["SECURITY_HEADERS", "Response", "authorized", "handle", "is_page_path",
+def handler(root: Path, *, token: str | None = None
+            ) -> Callable[[str, str, Mapping[str, str]], Response]:
+    """:func:`handle` for one storage directory and token, as the HTTP endpoint calls a route:
+    ``(method, target, headers) -> Response``."""
+
+    def serve(method: str, target: str, headers: Mapping[str, str]) -> Response:
+        return handle(root, method, target, headers, token=token)
+
+    return serve
+
+
+__all__ = ["SECURITY_HEADERS", "Response", "authorized", "handle", "handler", "is_page_path",
            "open_index", "render_page", "thumbnail_png"]
