@@ -20,10 +20,13 @@ from pydicom.uid import generate_uid
 
 from dicom_ai.inference.findings import ModelInfo
 from dicom_ai.inference.spec import (
+    Accepts,
     ClassificationSpec,
+    FractureSpec,
     SpecError,
     parse_accepts,
     parse_classification,
+    parse_fracture,
 )
 
 log = logging.getLogger(__name__)
@@ -56,8 +59,10 @@ class Bundle:
     device: torch.device
     info: ModelInfo
     inference_config: dict[str, Any]
-    #: The parsed ``dicom_ai`` block of a classification bundle.
-    spec: ClassificationSpec | None = None
+    #: The parsed ``dicom_ai`` block of a classification or fracture bundle.
+    spec: ClassificationSpec | FractureSpec | None = None
+    #: The parsed routing rules (``dicom_ai.accepts``) of every bundle :func:`load_bundle` loads.
+    accepts: Accepts | None = None
 
     @property
     def name(self) -> str:
@@ -103,30 +108,32 @@ def _detection_defaults() -> dict[str, Any]:
     }
 
 
-def _validate_block(name: str, block: dict[str, Any]) -> ClassificationSpec | None:
-    """Refuse a block that does not say what its task needs (every problem listed); a
-    classification block comes back parsed (:mod:`dicom_ai.inference.spec`)."""
+def _validate_block(name: str, block: dict[str, Any]
+                    ) -> tuple[Accepts, ClassificationSpec | FractureSpec | None]:
+    """Refuse a block that does not say what its task needs (every problem listed); the
+    routing rules come back parsed, and a classification or fracture block as its spec
+    (:mod:`dicom_ai.inference.spec`)."""
     task = block.get("task")
     if task not in TASKS:
         raise BundleError(f"{name}: dicom_ai.task must be one of {', '.join(TASKS)}, got {task!r}")
-    if task == "classification":
-        try:
-            return parse_classification(block)
-        except SpecError as exc:
-            raise BundleError(f"{name}: dicom_ai: {exc}") from exc
+    try:
+        if task == "classification":
+            spec: ClassificationSpec | FractureSpec = parse_classification(block)
+            return spec.accepts, spec
+        if task == "xr-fracture":
+            spec = parse_fracture(block)
+            return spec.accepts, spec
+    except SpecError as exc:
+        raise BundleError(f"{name}: dicom_ai: {exc}") from exc
     problems: list[str] = []
-    parse_accepts(block, problems)
+    accepts = parse_accepts(block, problems)
     if problems:
         raise BundleError(f"{name}: dicom_ai: {'; '.join(problems)}")
     if task == "ct-lung":
         from dicom_ai.inference.ct_lung import validate_block as validate_ct_lung
 
         validate_ct_lung(name, block)
-    if task == "xr-fracture":
-        from dicom_ai.inference.fracture import validate_block
-
-        validate_block(name, block)
-    return None
+    return accepts, None
 
 
 def device_uid(name: str, version: str, weights_sha256: str) -> str:
@@ -149,7 +156,7 @@ def load_bundle(root: Path, *, device: torch.device) -> Bundle:
     if not isinstance(block, dict):
         raise BundleError(f"{name}: metadata.json has no 'dicom_ai' block and is not a MONAI "
                           f"detection bundle")
-    spec = _validate_block(name, block)
+    accepts, spec = _validate_block(name, block)
     weights = root / "models" / "model.pt"
     if not weights.is_file():
         raise BundleError(f"{name}: missing models/model.pt")
@@ -176,7 +183,7 @@ def load_bundle(root: Path, *, device: torch.device) -> Bundle:
     info = ModelInfo(name=name, version=version, device_uid=device_uid(name, version, digest),
                      manufacturer=str(metadata.get("authors", "dicom-ai")))
     return Bundle(root=root, metadata=metadata, dicom_ai=block, network=network, device=device,
-                  info=info, inference_config=config, spec=spec)
+                  info=info, inference_config=config, spec=spec, accepts=accepts)
 
 
 def discover(models_dir: Path) -> list[Path]:

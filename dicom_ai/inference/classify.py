@@ -23,11 +23,12 @@ from dicom_ai.dicom.model import Instance, Series
 from dicom_ai.dicom.pixels import decode
 from dicom_ai.imaging import dermoscopy, fundus, xray
 from dicom_ai.imaging.anatomy import RESTRICTED_NOTE, explained_anatomy, restrict
-from dicom_ai.imaging.resize import content_box, resize_2d
+from dicom_ai.imaging.resize import Aspect, content_box, resize_2d
 from dicom_ai.inference import input_fit
-from dicom_ai.inference.bundle import Bundle
+from dicom_ai.inference.bundle import Bundle, BundleError
 from dicom_ai.inference.findings import Explanation, Finding, ModelResult
 from dicom_ai.inference.runner import calibrated_softmax, gradcam, predict_logits
+from dicom_ai.inference.spec import ClassificationSpec, FractureSpec
 
 #: Longest side of the picture shown in a Secondary Capture: enough for a reading-room
 #: monitor, small enough to keep each SC a few hundred kB.
@@ -74,29 +75,49 @@ def prepare_series(bundle: Bundle, series: Series
     return prepared, failed
 
 
+def classification_spec(bundle: Bundle) -> ClassificationSpec:
+    """The parsed ``dicom_ai`` block of a classification bundle (parsed and checked at load).
+
+    Raises
+    ------
+    BundleError
+        ``bundle`` was not loaded as a classification bundle.
+    """
+    if not isinstance(bundle.spec, ClassificationSpec):
+        raise BundleError(f"{bundle.name}: not loaded as a classification bundle")
+    return bundle.spec
+
+
 def prepare(bundle: Bundle, instance: Instance) -> PreparedImage:
-    """Decode and normalize one instance as the bundle's ``input`` and ``preprocessing`` say.
+    """Decode and normalize one instance as the bundle's ``input`` and ``preprocessing`` say
+    (a classification bundle, or the fracture detector, which reads radiographs the same way).
 
     Raises
     ------
     DicomInputError
         The pixels cannot be decoded or are not the kind of image the model reads.
+    BundleError
+        ``bundle`` has no classification or fracture spec.
     """
-    block = bundle.dicom_ai
-    size_hw = block["preprocessing"]["size"]
-    size = (int(size_hw[0]), int(size_hw[1]))
+    spec = bundle.spec
+    aspect: Aspect
+    if isinstance(spec, FractureSpec):
+        kind, size, aspect = "xray", spec.size, "pad"
+    elif isinstance(spec, ClassificationSpec):
+        kind, size, aspect = spec.input, spec.size, spec.aspect
+    else:
+        raise BundleError(f"{bundle.name}: not a bundle of 2D images")
     frame = _first_frame(decode(instance), instance.header)
     try:
-        if block["input"] == "xray":
-            aspect = block["preprocessing"].get("aspect", "pad")
+        if kind == "xray":
             pres = xray.presentation_from_dataset(frame, instance.header)
             return PreparedImage(instance, xray.model_input(pres, size, aspect=aspect),
                                  _display(pres), content_box(pres.shape, size, aspect=aspect))
-        if block["input"] == "fundus":
+        if kind == "fundus":
             square = fundus.crop_to_fov(fundus.rgb_from_dataset(frame, instance.header))
             return PreparedImage(instance, fundus.input_from_fov(square, size),
                                  _display(square.astype(np.float32) / 255.0), (0, 0, *size))
-        if block["input"] == "dermoscopy":
+        if kind == "dermoscopy":
             rgb = fundus.rgb_from_dataset(frame, instance.header)
             dermoscopy.require_colour(rgb)
             # Shown as it was photographed; the stretched network input maps back onto the
@@ -105,16 +126,18 @@ def prepare(bundle: Bundle, instance: Instance) -> PreparedImage:
                                  _display(rgb.astype(np.float32) / 255.0), (0, 0, *size))
     except ValueError as exc:
         raise DicomInputError(str(exc), path=instance.path) from exc
-    raise DicomInputError(f"model {bundle.name} declares an unknown input {block['input']!r}")
+    raise DicomInputError(f"model {bundle.name} declares an unknown input {kind!r}")
 
 
-def decide(block: dict[str, Any], probabilities: npt.NDArray[np.float32]) -> list[Finding]:
+def decide(spec: ClassificationSpec, probabilities: npt.NDArray[np.float32]) -> list[Finding]:
     """Findings for one image: every class of the model, then the derived findings."""
-    labels: list[str] = list(block["labels"])
-    decision = block["decision"]
-    if decision["kind"] == "threshold":
-        target = labels.index(decision["label"])
-        hit = bool(probabilities[target] >= float(decision["threshold"]))
+    labels = list(spec.labels)
+    decision = spec.decision
+    threshold = float(decision.threshold or 0.0)
+    target = labels.index(decision.label) if decision.kind == "threshold" and decision.label \
+        else -1
+    if target >= 0:
+        hit = bool(probabilities[target] >= threshold)
         positive = [hit if i == target else not hit for i in range(len(labels))] \
             if len(labels) == 2 else [i == target and hit for i in range(len(labels))]
     else:
@@ -124,48 +147,45 @@ def decide(block: dict[str, Any], probabilities: npt.NDArray[np.float32]) -> lis
     # for a two-class model its complement for the other class (positive exactly when the
     # decision label is not).
     points: list[float | None] = [None] * len(labels)
-    if decision["kind"] == "threshold":
-        t = float(decision["threshold"])
-        points = [t if i == target else 1.0 - t if len(labels) == 2 else None
+    if target >= 0:
+        points = [threshold if i == target else 1.0 - threshold if len(labels) == 2 else None
                   for i in range(len(labels))]
     findings = [Finding(label=lab, probability=float(p), positive=pos, operating_point=at)
                 for lab, p, pos, at in zip(labels, probabilities, positive, points, strict=True)]
-    for derived in block.get("derived_findings", []):
-        p = float(sum(probabilities[labels.index(lab)] for lab in derived["sum_of"]))
-        findings.append(Finding(label=derived["label"], probability=p,
-                                positive=p >= float(derived["threshold"]),
-                                operating_point=float(derived["threshold"])))
+    for derived in spec.derived_findings:
+        p = float(sum(probabilities[labels.index(lab)] for lab in derived.sum_of))
+        findings.append(Finding(label=derived.label, probability=p,
+                                positive=p >= derived.threshold,
+                                operating_point=derived.threshold))
     return findings
 
 
-def decision_score(block: dict[str, Any], findings: Sequence[Finding]) -> float:
+def decision_score(spec: ClassificationSpec, findings: Sequence[Finding]) -> float:
     """How strongly an image supports the model's key finding (used to pick the series'
     representative image): the thresholded label, else the first derived finding, else
     one minus the first (normal) class."""
     by_label = {f.label: f for f in findings}
-    decision = block["decision"]
-    if decision["kind"] == "threshold":
-        return float(by_label[decision["label"]].probability or 0.0)
-    if block.get("derived_findings"):
-        return float(by_label[block["derived_findings"][0]["label"]].probability or 0.0)
+    if spec.decision.kind == "threshold" and spec.decision.label:
+        return float(by_label[spec.decision.label].probability or 0.0)
+    if spec.derived_findings:
+        return float(by_label[spec.derived_findings[0].label].probability or 0.0)
     return 1.0 - float(findings[0].probability or 0.0)
 
 
-def explained_class(block: dict[str, Any], probabilities: npt.NDArray[np.float32]) -> int:
+def explained_class(spec: ClassificationSpec, probabilities: npt.NDArray[np.float32]) -> int:
     """Class whose Grad-CAM is shown: the decision label, or the most probable class."""
-    decision = block["decision"]
-    if decision["kind"] == "threshold":
-        return list(block["labels"]).index(decision["label"])
+    if spec.decision.kind == "threshold" and spec.decision.label:
+        return list(spec.labels).index(spec.decision.label)
     return int(np.argmax(probabilities))
 
 
-def caption(block: dict[str, Any], findings: Sequence[Finding]) -> str:
+def caption(spec: ClassificationSpec, findings: Sequence[Finding]) -> str:
     """The finding text burned into a Secondary Capture."""
-    decision = block["decision"]
+    decision = spec.decision
     parts: list[str] = []
-    shown = [f for f in findings if f.positive] if decision["kind"] == "argmax" else [
-        f for f in findings if f.label == decision["label"]]
-    derived = {d["label"] for d in block.get("derived_findings", [])}
+    shown = [f for f in findings if f.positive] if decision.kind == "argmax" else [
+        f for f in findings if f.label == decision.label]
+    derived = {d.label for d in spec.derived_findings}
     for f in shown:
         if f.label in derived:
             continue
@@ -194,7 +214,7 @@ def analyse_images(bundle: Bundle, series: Series, started: datetime,
     Returns the result and the instances that failed to decode (path → reason); a series all
     of whose images fail or are unfit is ``rejected`` with the reason.
     """
-    block = bundle.dicom_ai
+    spec = classification_spec(bundle)
     prepared, failed = prepare_series(bundle, series)
 
     def rejected(reason: str) -> tuple[ModelResult, dict[str, str]]:
@@ -205,35 +225,33 @@ def analyse_images(bundle: Bundle, series: Series, started: datetime,
         return rejected("no image of the series could be decoded: "
                         + "; ".join(sorted(set(failed.values()))))
     inputs = [p.model_input for p in prepared]
-    fit = block.get("input_fit")
-    if fit:
+    if spec.input_fit is not None:
         scores, logits = input_fit.score_and_logits(bundle, inputs,
                                                     batch_size=settings.batch_size,
                                                     amp=settings.amp)
-        keep = [i for i, s in enumerate(scores) if s <= float(fit["threshold"])]
-        if not keep:
-            return rejected(f"the image is unlike the model's training data (input-fit score "
-                            f"{float(min(scores)):.1f} > {float(fit['threshold']):.1f})")
+        keep, reason = input_fit.fitting(scores, spec.input_fit)
+        if reason is not None:
+            return rejected(reason)
         prepared = [prepared[i] for i in keep]
         logits = logits[keep]
     else:
         logits = predict_logits(bundle, inputs, batch_size=settings.batch_size, amp=settings.amp)
-    probabilities = calibrated_softmax(logits, float(block.get("temperature", 1.0)))
-    per_image = [decide(block, p) for p in probabilities]
-    best = max(range(len(prepared)), key=lambda i: decision_score(block, per_image[i]))
+    probabilities = calibrated_softmax(logits, spec.temperature)
+    per_image = [decide(spec, p) for p in probabilities]
+    best = max(range(len(prepared)), key=lambda i: decision_score(spec, per_image[i]))
     explanations: list[Explanation] = []
-    layer = block.get("gradcam_layer")
     for image, probs, findings in zip(prepared, probabilities, per_image, strict=True):
         heat = None
-        text = caption(block, findings)
-        if layer:
-            cam = gradcam(bundle, image.model_input, explained_class(block, probs), layer)
+        text = caption(spec, findings)
+        if spec.gradcam_layer:
+            cam = gradcam(bundle, image.model_input, explained_class(spec, probs),
+                          spec.gradcam_layer)
             # Shown only over the anatomy that matters; how much of the unrestricted map lies
             # there is measured by scripts/explanation_anatomy.py and stated in the model card.
-            anatomy_mask = explained_anatomy(block["input"], image.model_input, image.box)
+            anatomy_mask = explained_anatomy(spec.input, image.model_input, image.box)
             if anatomy_mask is not None:
                 cam = restrict(cam, anatomy_mask)
-                text = f"{text}; {RESTRICTED_NOTE[block['input']]}"
+                text = f"{text}; {RESTRICTED_NOTE[spec.input]}"
             heat = _heatmap_on_display(cam, image.box, image.display.shape)
         explanations.append(Explanation(source=image.instance, image=image.display,
                                         heatmap=heat, caption=text))

@@ -37,6 +37,7 @@ from dicom_ai.inference.classify import PreparedImage, prepare_series
 from dicom_ai.inference.findings import Explanation, Finding, ModelResult
 from dicom_ai.inference.fracture_net import Box, decode_boxes, to_source
 from dicom_ai.inference.runner import batches
+from dicom_ai.inference.spec import BoxRule, FractureSpec
 
 FloatArray = npt.NDArray[np.float32]
 
@@ -76,31 +77,17 @@ BODY_PART_SITES: dict[str, tuple[str, str, str]] = {
 }
 
 
-def validate_block(name: str, block: dict[str, Any]) -> None:
-    """Refuse an ``xr-fracture`` bundle that lacks what the task reads.
+def fracture_spec(bundle: Bundle) -> FractureSpec:
+    """The parsed ``dicom_ai`` block of a fracture bundle (parsed and checked at load).
 
     Raises
     ------
     BundleError
-        Naming the first missing or invalid key.
+        ``bundle`` was not loaded as an ``xr-fracture`` bundle.
     """
-    pre = block.get("preprocessing", {})
-    if not isinstance(pre.get("size"), list) or len(pre["size"]) != 2 or \
-            pre.get("aspect") != "pad" or not isinstance(pre.get("stride"), int):
-        raise BundleError(f"{name}: preprocessing needs size [H, W], aspect 'pad' and the "
-                          "heatmap stride")
-    decision = block.get("decision", {})
-    if decision.get("kind") != "threshold" or decision.get("label") != "fracture" or \
-            not isinstance(decision.get("threshold"), (int, float)):
-        raise BundleError(f"{name}: decision must be a threshold on 'fracture'")
-    if not isinstance(block.get("temperature"), (int, float)) or block["temperature"] <= 0:
-        raise BundleError(f"{name}: temperature must be a positive number")
-    boxes = block.get("boxes", {})
-    for key in ("max_boxes", "min_score", "iou_threshold"):
-        if not isinstance(boxes.get(key), (int, float)):
-            raise BundleError(f"{name}: boxes.{key} is missing")
-    if "fracture" not in block.get("codes", {}):
-        raise BundleError(f"{name}: no finding code for 'fracture'")
+    if not isinstance(bundle.spec, FractureSpec):
+        raise BundleError(f"{bundle.name}: not loaded as an xr-fracture bundle")
+    return bundle.spec
 
 
 def body_part_site(header: Any) -> tuple[str, tuple[str, str, str] | None]:
@@ -126,13 +113,13 @@ def forward(bundle: Bundle, inputs: Sequence[FloatArray], batch_size: int
     return np.concatenate(logits), np.concatenate(heats), np.concatenate(sizes)
 
 
-def reported_boxes(boxes: Sequence[Box], positive: bool, cfg: dict[str, Any]) -> list[Box]:
+def reported_boxes(boxes: Sequence[Box], positive: bool, rule: BoxRule) -> list[Box]:
     """Boxes a positive image reports: the top peak, then further peaks with a score of at
-    least ``cfg["min_score"]``, at most ``cfg["max_boxes"]``; a negative image reports none."""
+    least ``rule.min_score``, at most ``rule.max_boxes``; a negative image reports none."""
     if not positive or not boxes:
         return []
-    rest = [b for b in boxes[1:] if b.score >= float(cfg["min_score"])]
-    return [boxes[0], *rest][:int(cfg["max_boxes"])]
+    rest = [b for b in boxes[1:] if b.score >= rule.min_score]
+    return [boxes[0], *rest][:rule.max_boxes]
 
 
 def heatmap_on_display(heat: FloatArray, image: PreparedImage, size: tuple[int, int]
@@ -161,20 +148,19 @@ def display_marker(box: tuple[float, float, float, float], source_shape: tuple[i
             int(np.ceil(r1 * sy)), int(np.ceil(c1 * sx)))
 
 
-def image_findings(block: dict[str, Any], probability: float, boxes: Sequence[Box],
+def image_findings(spec: FractureSpec, probability: float, boxes: Sequence[Box],
                    image: PreparedImage
                    ) -> tuple[list[Finding], list[tuple[float, float, float, float]]]:
     """Findings of one image and its reported boxes in source pixels."""
-    threshold = float(block["decision"]["threshold"])
+    threshold = float(spec.decision.threshold or 0.0)
     positive = probability >= threshold
     uid = image.instance.SOPInstanceUID
     _region, site = body_part_site(image.instance.header)
     source_shape = (int(image.instance.header.Rows), int(image.instance.header.Columns))
     findings = [Finding(label="fracture", probability=probability, positive=positive,
                         operating_point=threshold, image_uid=uid, site=site)]
-    cfg = block["boxes"]
     source_boxes: list[tuple[float, float, float, float]] = []
-    for box in reported_boxes(boxes, positive, cfg):
+    for box in reported_boxes(boxes, positive, spec.boxes):
         px = to_source(box, image.box, source_shape)
         # A box of the padding only has no area left on the image.
         if px[0] >= px[2] or px[1] >= px[3]:
@@ -206,7 +192,7 @@ def analyse_fracture(bundle: Bundle, series: Series, started: datetime,
     Returns the result and the instances that failed to decode (path → reason); a series all
     of whose images fail or are unlike the training data is ``rejected`` with the reason.
     """
-    block = bundle.dicom_ai
+    spec = fracture_spec(bundle)
     prepared, failed = prepare_series(bundle, series)
 
     def rejected(reason: str) -> tuple[ModelResult, dict[str, str]]:
@@ -217,36 +203,29 @@ def analyse_fracture(bundle: Bundle, series: Series, started: datetime,
         return rejected("no image of the series could be decoded: "
                         + "; ".join(sorted(set(failed.values()))))
     inputs = [p.model_input for p in prepared]
-    fit = block.get("input_fit")
-    if fit:
-        stats = input_fit.load_statistics(bundle.file(str(fit["stats"])))
-        with input_fit.FeatureTap(bundle.network, input_fit.layer_names(fit)) as tap:
-            logits, heats, sizes = forward(bundle, inputs, settings.batch_size)
-        scores = input_fit.mahalanobis(tap.features, stats)
-        keep = [i for i, s in enumerate(scores) if s <= float(fit["threshold"])]
-        if not keep:
-            return rejected(f"the image is unlike the model's training data (input-fit score "
-                            f"{float(min(scores)):.1f} > {float(fit['threshold']):.1f})")
+    if spec.input_fit is not None:
+        scores, (logits, heats, sizes) = input_fit.scored(
+            bundle, spec.input_fit, lambda: forward(bundle, inputs, settings.batch_size))
+        keep, reason = input_fit.fitting(scores, spec.input_fit)
+        if reason is not None:
+            return rejected(reason)
         prepared = [prepared[i] for i in keep]
         logits, heats, sizes = logits[keep], heats[keep], sizes[keep]
     else:
         logits, heats, sizes = forward(bundle, inputs, settings.batch_size)
-    probabilities = 1.0 / (1.0 + np.exp(-logits / float(block["temperature"])))
-    cfg = block["boxes"]
-    stride = int(block["preprocessing"]["stride"])
-    size = (int(block["preprocessing"]["size"][0]), int(block["preprocessing"]["size"][1]))
+    probabilities = 1.0 / (1.0 + np.exp(-logits / spec.temperature))
     per_image: list[list[Finding]] = []
     explanations: list[Explanation] = []
     for image, p, heat, log_size in zip(prepared, probabilities, heats, sizes, strict=True):
-        boxes = decode_boxes(heat, log_size, stride=stride, max_boxes=10,
-                             iou_threshold=float(cfg["iou_threshold"]))
-        findings, source_boxes = image_findings(block, float(p), boxes, image)
+        boxes = decode_boxes(heat, log_size, stride=spec.stride, max_boxes=10,
+                             iou_threshold=spec.boxes.iou_threshold)
+        findings, source_boxes = image_findings(spec, float(p), boxes, image)
         per_image.append(findings)
         source_shape = (int(image.instance.header.Rows), int(image.instance.header.Columns))
         region, _site = body_part_site(image.instance.header)
         explanations.append(Explanation(
             source=image.instance, image=image.display,
-            heatmap=heatmap_on_display(heat, image, size),
+            heatmap=heatmap_on_display(heat, image, spec.size),
             caption=caption(float(p), bool(findings[0].positive), len(source_boxes), region),
             markers=tuple(display_marker(b, source_shape, image.display.shape)
                           for b in source_boxes)))

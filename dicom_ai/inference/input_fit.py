@@ -6,20 +6,21 @@ whose Mahalanobis distance to that distribution exceeds a threshold fitted on va
 is rejected before any finding (Lee et al. 2018, "A simple unified framework for detecting
 out-of-distribution samples").
 
-The bundle's ``dicom_ai.input_fit`` block names the layers, the statistics file and the
-threshold; :func:`score_and_logits` runs the network once and returns both the scores and the
-logits, so the check costs no extra forward pass::
+The bundle's ``dicom_ai.input_fit`` block (parsed into :class:`~dicom_ai.inference.spec.InputFit`)
+names the layers, the statistics file and the threshold. :func:`scored` records the features
+while the task runs its own forward pass, so the check costs no extra pass, whatever the
+network returns (class logits, or the fracture detector's logit, heatmap and sizes)::
 
-    scores, logits = score_and_logits(bundle, inputs)
-    rejected = scores > bundle.dicom_ai["input_fit"]["threshold"]
+    scores, logits = scored(bundle, fit, lambda: predict_logits(bundle, inputs))
+    keep, reason = fitting(scores, fit)
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -27,8 +28,11 @@ import torch
 from sklearn.covariance import ledoit_wolf
 from torch import nn
 
-from dicom_ai.inference.bundle import Bundle
+from dicom_ai.inference.bundle import Bundle, BundleError
 from dicom_ai.inference.runner import predict_logits
+from dicom_ai.inference.spec import InputFit
+
+T = TypeVar("T")
 
 
 def fit_statistics(features: npt.NDArray[np.floating]) -> dict[str, torch.Tensor]:
@@ -132,23 +136,47 @@ class FeatureTap:
         return torch.cat([torch.cat(per_layer) for per_layer in self._features], dim=1)
 
 
+def scored(bundle: Bundle, fit: InputFit, run: Callable[[], T]
+           ) -> tuple[npt.NDArray[np.float64], T]:
+    """Input-fit scores (Mahalanobis distances) of the images ``run`` passes through
+    ``bundle.network``, in the order it passes them, and what ``run`` returns."""
+    stats = load_statistics(bundle.file(fit.stats))
+    with FeatureTap(bundle.network, fit.layers) as tap:
+        out = run()
+    return mahalanobis(tap.features, stats), out
+
+
+def fitting(scores: npt.NDArray[np.float64], fit: InputFit) -> tuple[list[int], str | None]:
+    """Indices of the images whose score is within the threshold, and the reason to reject the
+    series when none is (None when some are)."""
+    keep = [i for i, s in enumerate(scores) if s <= fit.threshold]
+    if keep:
+        return keep, None
+    return keep, (f"the image is unlike the model's training data (input-fit score "
+                  f"{float(min(scores)):.1f} > {fit.threshold:.1f})")
+
+
 def score_and_logits(bundle: Bundle, inputs: Sequence[npt.NDArray[np.float32]], *,
                      batch_size: int = 16,
                      amp: bool = True) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float32]]:
-    """Input-fit scores (Mahalanobis distances) and logits of ``inputs`` in one forward pass.
+    """Input-fit scores and logits of ``inputs`` of a classification bundle in one forward pass.
 
     Parameters
     ----------
     bundle
-        A loaded bundle whose ``dicom_ai`` block has ``input_fit`` with ``layer`` (a name or
-        a list of names) and ``stats``.
+        A loaded bundle whose spec has an input-fit check.
     inputs
         C×H×W model inputs.
     batch_size, amp
         As for :func:`dicom_ai.inference.runner.predict_logits`.
+
+    Raises
+    ------
+    BundleError
+        The bundle declares no input-fit check.
     """
-    fit = bundle.dicom_ai["input_fit"]
-    stats = load_statistics(bundle.file(str(fit["stats"])))
-    with FeatureTap(bundle.network, layer_names(fit)) as tap:
-        logits = predict_logits(bundle, inputs, batch_size=batch_size, amp=amp)
-    return mahalanobis(tap.features, stats), logits
+    fit = bundle.spec.input_fit if bundle.spec is not None else None
+    if fit is None:
+        raise BundleError(f"{bundle.name}: no input-fit check declared")
+    return scored(bundle, fit,
+                  lambda: predict_logits(bundle, inputs, batch_size=batch_size, amp=amp))

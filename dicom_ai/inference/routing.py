@@ -10,7 +10,10 @@ Two different answers, on purpose:
   that model with a reason, and the SR says so. The image-based input-fit check of
   :mod:`dicom_ai.inference.input_fit` comes on top, at inference time.
 
-Rules come from each bundle's ``dicom_ai.accepts`` block; a new bundle needs no code change.
+Rules come from each bundle's ``dicom_ai.accepts`` block, parsed when the bundle loads
+(:class:`~dicom_ai.inference.spec.Accepts`, ``Bundle.accepts``); a new bundle needs no code
+change. A raw ``accepts`` mapping is parsed on the way in, and refused with every problem when
+it is invalid.
 """
 
 from __future__ import annotations
@@ -22,6 +25,27 @@ from typing import Any
 from pydicom.sr.codedict import Collection
 
 from dicom_ai.dicom.model import Series
+from dicom_ai.inference.spec import Accepts, SpecError, parse_accepts
+
+#: What the rule functions take: parsed rules, or a bundle's raw ``accepts`` object.
+Rules = Accepts | Mapping[str, Any]
+
+
+def as_accepts(rules: Rules) -> Accepts:
+    """``rules`` as parsed :class:`Accepts`.
+
+    Raises
+    ------
+    SpecError
+        A raw mapping with invalid rules, listing every problem.
+    """
+    if isinstance(rules, Accepts):
+        return rules
+    problems: list[str] = []
+    accepts = parse_accepts({"accepts": rules}, problems)
+    if problems:
+        raise SpecError(problems)
+    return accepts
 
 
 def _upper_set(values: Iterable[Any]) -> set[str]:
@@ -78,23 +102,23 @@ def _anatomic_regions(header: Any) -> list[tuple[str, str, str]]:
     return regions
 
 
-def _anatomy_unfit(accepts: Mapping[str, Any], series: Series, body_part: str) -> str | None:
+def _anatomy_unfit(accepts: Accepts, series: Series, body_part: str) -> str | None:
     """The anatomic region rules of :func:`unfit`."""
     regions = _anatomic_regions(series.header)
-    allowed = accepts.get("anatomic_region")
-    refused = accepts.get("reject_anatomic_region")
+    allowed = accepts.anatomic_region
+    refused = accepts.reject_anatomic_region
     for scheme, value, meaning in regions:
-        if refused and (scheme, value) in region_codes(tuple(refused)):
+        if refused and (scheme, value) in region_codes(refused):
             return f"anatomic region {meaning} ({scheme} {value}) is not one the model reads"
     if allowed and regions:
-        codes = region_codes(tuple(allowed))
+        codes = region_codes(allowed)
         if not any((scheme, value) in codes for scheme, value, _ in regions):
             scheme, value, meaning = regions[0]
             return f"anatomic region {meaning} ({scheme} {value}) is not one the model reads"
-    required = accepts.get("require_anatomy")
+    required = accepts.require_anatomy
     sop_class = str(series.header.get("SOPClassUID", ""))
-    if required and sop_class in set(required.get("sop_class_uid", [])):
-        parts = _upper_set(required.get("body_part_examined", []))
+    if required and sop_class in set(required.sop_class_uid):
+        parts = _upper_set(required.body_part_examined)
         # The region rules above already refused a region that is not the model's.
         if body_part not in parts and not (allowed and regions):
             return (f"an image of SOP class {sop_class} is read only when Body Part Examined "
@@ -103,29 +127,43 @@ def _anatomy_unfit(accepts: Mapping[str, Any], series: Series, body_part: str) -
     return None
 
 
-def not_applicable(accepts: Mapping[str, Any], series: Series) -> str | None:
-    """Why the model does not apply to ``series`` (modality, SOP class, photometric), or None."""
+def not_applicable(rules: Rules, series: Series) -> str | None:
+    """Why the model does not apply to ``series`` (modality, SOP class, photometric), or None.
+
+    Raises
+    ------
+    SpecError
+        ``rules`` is a raw mapping with invalid rules.
+    """
+    accepts = as_accepts(rules)
     header = series.header
     modality = series.modality or "(none)"
-    if modality not in _upper_set(accepts.get("modality", [])):
+    if modality not in _upper_set(accepts.modality):
         return f"modality {modality}"
-    sop_classes = accepts.get("sop_class_uid")
-    if sop_classes and str(header.get("SOPClassUID", "")) not in set(sop_classes):
+    if accepts.sop_class_uid and str(header.get("SOPClassUID", "")) not in \
+            set(accepts.sop_class_uid):
         return f"SOP class {header.get('SOPClassUID', '(none)')}"
     # Headers are read without pixel data, so an image is recognised by its Image Pixel module.
     if "Rows" not in header or "Columns" not in header:
         return "no image pixel data"
-    photometric = accepts.get("photometric_interpretation")
     value = str(header.get("PhotometricInterpretation", "")).upper()
-    if photometric and value not in _upper_set(photometric):
+    if accepts.photometric_interpretation and \
+            value not in _upper_set(accepts.photometric_interpretation):
         return f"photometric interpretation {value or '(none)'}"
     return None
 
 
-def unfit(accepts: Mapping[str, Any], series: Series) -> str | None:
-    """Why a model that applies should not judge ``series``, or None when it is fit."""
+def unfit(rules: Rules, series: Series) -> str | None:
+    """Why a model that applies should not judge ``series``, or None when it is fit.
+
+    Raises
+    ------
+    SpecError
+        ``rules`` is a raw mapping with invalid rules.
+    """
+    accepts = as_accepts(rules)
     header = series.header
-    body_parts = accepts.get("body_part_examined")
+    body_parts = accepts.body_part_examined
     body_part = str(header.get("BodyPartExamined", "") or "").strip().upper()
     # An absent Body Part Examined is common (it is Type 3 in many IODs): the image-based
     # input-fit check decides then.
@@ -135,21 +173,20 @@ def unfit(accepts: Mapping[str, Any], series: Series) -> str | None:
     if anatomy:
         return anatomy
     view = str(header.get("ViewPosition", "") or "").strip().upper()
-    if view and view in _upper_set(accepts.get("reject_view_position", [])):
+    if view and view in _upper_set(accepts.reject_view_position):
         return f"view position {view} is not a frontal (PA/AP) view"
-    rejected_types = _upper_set(accepts.get("reject_image_type", []))
+    rejected_types = _upper_set(accepts.reject_image_type)
     image_type = _upper_set(_values(header.get("ImageType")))
     if rejected_types & image_type:
         return f"image type {'/'.join(sorted(rejected_types & image_type))} is not analysed"
-    minimum = int(accepts.get("min_instances", 1))
-    if len(series.instances) < minimum:
-        return f"{len(series.instances)} image(s), the model needs at least {minimum}"
-    thickness_limit = accepts.get("max_slice_thickness_mm")
+    if len(series.instances) < accepts.min_instances:
+        return (f"{len(series.instances)} image(s), the model needs at least "
+                f"{accepts.min_instances}")
+    limit = accepts.max_slice_thickness_mm
     thickness = header.get("SliceThickness")
-    if thickness_limit is not None and thickness not in (None, "") and \
-            float(thickness) > float(thickness_limit):
+    if limit is not None and thickness not in (None, "") and float(thickness) > limit:
         return (f"slice thickness {float(thickness):g} mm exceeds the model's limit of "
-                f"{float(thickness_limit):g} mm")
+                f"{limit:g} mm")
     return None
 
 

@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from dicom_ai.imaging.resize import Aspect
+
 #: Normalizations of :mod:`dicom_ai.imaging` a classification bundle can ask for.
 CLASSIFICATION_INPUTS = ("xray", "fundus", "dermoscopy")
 
@@ -93,7 +95,7 @@ class ClassificationSpec:
 
     input: str
     size: tuple[int, int]
-    aspect: str
+    aspect: Aspect
     labels: tuple[str, ...]
     temperature: float
     decision: Decision
@@ -102,6 +104,30 @@ class ClassificationSpec:
     accepts: Accepts
     finding_site: Code | None = None
     gradcam_layer: str | None = None
+    input_fit: InputFit | None = None
+
+
+@dataclass(frozen=True)
+class BoxRule:
+    """Which heatmap peaks of a positive image become boxes (``boxes``)."""
+
+    max_boxes: int
+    min_score: float
+    iou_threshold: float
+
+
+@dataclass(frozen=True)
+class FractureSpec:
+    """Everything an ``xr-fracture`` bundle declares."""
+
+    size: tuple[int, int]
+    stride: int
+    temperature: float
+    decision: Decision
+    boxes: BoxRule
+    codes: Mapping[str, Code]
+    accepts: Accepts
+    finding_site: Code | None = None
     input_fit: InputFit | None = None
 
 
@@ -226,6 +252,90 @@ def _input_fit(raw: Any, problems: list[str]) -> InputFit | None:
     return InputFit(layers, str(raw.get("stats", "")), threshold or 0.0)
 
 
+def _size(pre: Mapping[str, Any], problems: list[str]) -> tuple[int, int]:
+    size = pre.get("size")
+    if not (isinstance(size, list) and len(size) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
+        problems.append(f"preprocessing.size must be [height, width] in pixels, got {size!r}")
+        return (1, 1)
+    return (int(size[0]), int(size[1]))
+
+
+def _temperature(block: Mapping[str, Any], problems: list[str], *, required: bool = False
+                 ) -> float:
+    if required and "temperature" not in block:
+        problems.append("temperature is missing")
+        return 1.0
+    temperature = _number(block.get("temperature", 1.0), "temperature", problems)
+    if temperature is not None and temperature <= 0:
+        problems.append(f"temperature must be positive, got {temperature}")
+    return float(temperature or 1.0)
+
+
+def _codes(block: Mapping[str, Any], needed: list[str], problems: list[str]
+           ) -> dict[str, Code]:
+    raw_codes = block.get("codes")
+    raw_codes = raw_codes if isinstance(raw_codes, Mapping) else {}
+    missing = [lab for lab in needed if lab not in raw_codes]
+    if missing:
+        problems.append(f"no finding code for label(s) {', '.join(missing)}")
+    codes: dict[str, Code] = {}
+    # Codes for labels a task adds itself (multiple_fractures) are parsed too when given.
+    for lab in [*needed, *(k for k in raw_codes if k not in needed)]:
+        if lab in raw_codes and (code := _code(raw_codes[lab], f"codes.{lab}", problems)):
+            codes[lab] = code
+    return codes
+
+
+def _site(block: Mapping[str, Any], problems: list[str]) -> Code | None:
+    if block.get("finding_site") is None:
+        return None
+    return _code(block["finding_site"], "finding_site", problems)
+
+
+def parse_fracture(block: Mapping[str, Any]) -> FractureSpec:
+    """The ``dicom_ai`` block of an ``xr-fracture`` bundle.
+
+    Raises
+    ------
+    SpecError
+        Listing every problem found.
+    """
+    problems: list[str] = []
+    accepts = parse_accepts(block, problems)
+    if block.get("input") != "xray":
+        problems.append(f"input must be 'xray', got {block.get('input')!r}")
+    pre = block.get("preprocessing")
+    pre = pre if isinstance(pre, Mapping) else {}
+    size = _size(pre, problems)
+    if pre.get("aspect") != "pad":
+        problems.append(f"preprocessing.aspect must be 'pad' (boxes map back through the "
+                        f"padding), got {pre.get('aspect')!r}")
+    stride = pre.get("stride")
+    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+        problems.append(f"preprocessing.stride (the heatmap's) must be a positive integer, "
+                        f"got {stride!r}")
+        stride = 1
+    temperature = _temperature(block, problems, required=True)
+    decision = _decision(block.get("decision"), ("fracture",), problems)
+    if decision.kind != "threshold":
+        problems.append("decision must be a threshold on 'fracture'")
+    raw = block.get("boxes")
+    raw = raw if isinstance(raw, Mapping) else {}
+    numbers = {key: _number(raw.get(key), f"boxes.{key}", problems)
+               for key in ("max_boxes", "min_score", "iou_threshold")}
+    codes = _codes(block, ["fracture"], problems)
+    site = _site(block, problems)
+    fit = _input_fit(block.get("input_fit"), problems)
+    if problems:
+        raise SpecError(problems)
+    return FractureSpec(
+        size=size, stride=int(stride), temperature=temperature, decision=decision,
+        boxes=BoxRule(int(numbers["max_boxes"] or 0), float(numbers["min_score"] or 0.0),
+                      float(numbers["iou_threshold"] or 0.0)),
+        codes=codes, accepts=accepts, finding_site=site, input_fit=fit)
+
+
 def parse_classification(block: Mapping[str, Any]) -> ClassificationSpec:
     """The ``dicom_ai`` block of a ``classification`` bundle.
 
@@ -241,35 +351,18 @@ def parse_classification(block: Mapping[str, Any]) -> ClassificationSpec:
         problems.append(f"input must be one of {', '.join(CLASSIFICATION_INPUTS)}, got {kind!r}")
     pre = block.get("preprocessing")
     pre = pre if isinstance(pre, Mapping) else {}
-    size = pre.get("size")
-    if not (isinstance(size, list) and len(size) == 2
-            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
-        problems.append(f"preprocessing.size must be [height, width] in pixels, got {size!r}")
-        size = [1, 1]
+    size = _size(pre, problems)
     aspect = pre.get("aspect", "pad")
     if aspect not in ("pad", "stretch"):
         problems.append(f"preprocessing.aspect must be 'pad' or 'stretch', got {aspect!r}")
     labels = _strings(block.get("labels"), "labels", problems, required=True)
     if len(labels) < 2 or len(set(labels)) != len(labels):
         problems.append("a classification bundle lists at least two distinct labels")
-    temperature = _number(block.get("temperature", 1.0), "temperature", problems)
-    if temperature is not None and temperature <= 0:
-        problems.append(f"temperature must be positive, got {temperature}")
+    temperature = _temperature(block, problems)
     decision = _decision(block.get("decision"), labels, problems)
     derived = _derived(block.get("derived_findings"), labels, problems)
-    raw_codes = block.get("codes")
-    raw_codes = raw_codes if isinstance(raw_codes, Mapping) else {}
-    codes: dict[str, Code] = {}
-    needed = [*labels, *(d.label for d in derived)]
-    missing = [lab for lab in needed if lab not in raw_codes]
-    if missing:
-        problems.append(f"no finding code for label(s) {', '.join(missing)}")
-    for lab in needed:
-        if lab in raw_codes and (code := _code(raw_codes[lab], f"codes.{lab}", problems)):
-            codes[lab] = code
-    site = None
-    if block.get("finding_site") is not None:
-        site = _code(block["finding_site"], "finding_site", problems)
+    codes = _codes(block, [*labels, *(d.label for d in derived)], problems)
+    site = _site(block, problems)
     layer = block.get("gradcam_layer")
     if layer is not None and not isinstance(layer, str):
         problems.append("gradcam_layer must name a layer")
@@ -277,7 +370,8 @@ def parse_classification(block: Mapping[str, Any]) -> ClassificationSpec:
     if problems:
         raise SpecError(problems)
     return ClassificationSpec(
-        input=str(kind), size=(int(size[0]), int(size[1])), aspect=str(aspect), labels=labels,
-        temperature=float(temperature or 1.0), decision=decision, derived_findings=derived,
+        input=str(kind), size=size, aspect="stretch" if aspect == "stretch" else "pad",
+        labels=labels,
+        temperature=temperature, decision=decision, derived_findings=derived,
         codes=codes, accepts=accepts, finding_site=site,
         gradcam_layer=layer if isinstance(layer, str) else None, input_fit=fit)

@@ -8,17 +8,26 @@ import numpy as np
 
 from dicom_ai.inference.classify import caption, decide, decision_score, explained_class
 from dicom_ai.inference.runner import calibrated_softmax
+from dicom_ai.inference.spec import ClassificationSpec, parse_classification
 
-BINARY: dict[str, Any] = {"labels": ["normal", "pneumonia"],
-                          "decision": {"kind": "threshold", "label": "pneumonia",
-                                       "threshold": 0.3}}
-GRADES: dict[str, Any] = {
-    "labels": [f"dr_grade_{i}" for i in range(5)],
-    "decision": {"kind": "argmax"},
-    "derived_findings": [{"label": "referable_dr",
-                          "sum_of": ["dr_grade_2", "dr_grade_3", "dr_grade_4"],
-                          "threshold": 0.4}],
-}
+
+def _spec(**block: Any) -> ClassificationSpec:
+    labels = block["labels"]
+    derived = [d["label"] for d in block.get("derived_findings", [])]
+    return parse_classification({
+        "task": "classification", "input": "xray", "accepts": {"modality": ["CR"]},
+        "preprocessing": {"size": [8, 8]},
+        "codes": {lab: {"value": lab, "scheme": "99TEST", "meaning": lab}
+                  for lab in [*labels, *derived]},
+        **block})
+
+
+BINARY = _spec(labels=["normal", "pneumonia"],
+               decision={"kind": "threshold", "label": "pneumonia", "threshold": 0.3})
+GRADES = _spec(labels=[f"dr_grade_{i}" for i in range(5)], decision={"kind": "argmax"},
+               derived_findings=[{"label": "referable_dr",
+                                  "sum_of": ["dr_grade_2", "dr_grade_3", "dr_grade_4"],
+                                  "threshold": 0.4}])
 
 
 def probs(*values: float) -> np.ndarray:

@@ -16,6 +16,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from dicom_ai.dicom.model import Instance
 from dicom_ai.imaging.dermoscopy import lesion_mask, model_input, require_colour, shades_of_gray
 from dicom_ai.inference.classify import prepare
+from dicom_ai.inference.spec import parse_classification
 from dicom_ai.train.datasets import DERM_LABELS, dermoscopy_model_input, load_isic
 from dicom_ai.train.recipes import RECIPES
 
@@ -120,8 +121,10 @@ def test_dicom_path_matches_training_path(tmp_path: Path) -> None:
     Image.fromarray(rgb).save(tmp_path / "lesion.png")
     instance = _dermoscopic_file(tmp_path / "lesion.dcm", rgb)
     recipe = RECIPES["derm-lesion"]
-    block: dict[str, Any] = dict(recipe.dicom_ai)
-    bundle: Any = SimpleNamespace(dicom_ai=block, name=recipe.name)
+    block: dict[str, Any] = {**recipe.dicom_ai, "labels": list(recipe.labels),
+                             "derived_findings": [{**d, "threshold": 0.5}
+                                                  for d in recipe.dicom_ai["derived_findings"]]}
+    bundle: Any = SimpleNamespace(spec=parse_classification(block), name=recipe.name)
     prepared = prepare(bundle, instance)
     trained_on = dermoscopy_model_input(tmp_path / "lesion.png", recipe.size)
     assert np.array_equal(prepared.model_input, trained_on)

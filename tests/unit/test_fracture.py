@@ -18,15 +18,15 @@ from pydicom.dataset import Dataset
 from dicom_ai.config import InferenceSettings
 from dicom_ai.dicom.model import Instance, Series
 from dicom_ai.inference import routing
-from dicom_ai.inference.bundle import BundleError, load_bundle
+from dicom_ai.inference.bundle import BundleError, _validate_block, load_bundle
 from dicom_ai.inference.fracture import (
     analyse_fracture,
     body_part_site,
     display_marker,
     reported_boxes,
-    validate_block,
 )
 from dicom_ai.inference.fracture_net import Box, FractureNet, decode_boxes, iou, nms, to_source
+from dicom_ai.inference.spec import BoxRule, SpecError, parse_fracture
 from dicom_ai.train import fracture as tf
 from dicom_ai.train.recipes import CXR_PNEUMONIA
 from tests.conftest import MakeDicom
@@ -195,22 +195,35 @@ def test_body_part_site() -> None:
 
 def test_reported_boxes_and_markers() -> None:
     boxes = [Box(0, 0, 1, 1, 0.2), Box(2, 2, 3, 3, 0.5), Box(4, 4, 5, 5, 0.1)]
-    cfg = {"min_score": 0.3, "max_boxes": 5}
-    assert reported_boxes(boxes, False, cfg) == []
-    assert reported_boxes(boxes, True, cfg) == boxes[:2]
+    rule = BoxRule(max_boxes=5, min_score=0.3, iou_threshold=0.3)
+    assert reported_boxes(boxes, False, rule) == []
+    assert reported_boxes(boxes, True, rule) == boxes[:2]
+    assert reported_boxes(boxes, True, BoxRule(1, 0.0, 0.3)) == boxes[:1]
     # Source 100×200 shown at 50×100: half in both directions, whole pixels covering the box.
     assert display_marker((10.0, 21.0, 31.0, 40.0), (100, 200), (50, 100)) == (10, 5, 20, 16)
 
 
-def test_validate_block_refuses_incomplete_bundles() -> None:
+def test_fracture_spec_refuses_incomplete_bundles_with_every_problem() -> None:
     block = tf.dicom_ai_block(1.2, 0.4)
-    validate_block("x", block)
-    for broken in ({**block, "decision": {"kind": "threshold", "label": "fracture"}},
-                   {**block, "boxes": {}}, {**block, "codes": {}},
-                   {**block, "preprocessing": {"size": [256, 256], "aspect": "stretch",
-                                               "stride": 4}}):
-        with pytest.raises(BundleError):
-            validate_block("x", broken)
+    spec = parse_fracture(block)
+    assert spec.decision.threshold == pytest.approx(0.4) and spec.temperature == 1.2
+    assert spec.boxes.max_boxes == block["boxes"]["max_boxes"]
+    for broken, problem in (
+            ({**block, "decision": {"kind": "threshold", "label": "fracture"}},
+             "decision.threshold"),
+            ({**block, "boxes": {}}, "boxes.max_boxes"), ({**block, "codes": {}}, "fracture"),
+            ({**block, "preprocessing": {"size": [256, 256], "aspect": "stretch", "stride": 4}},
+             "aspect")):
+        with pytest.raises(BundleError, match=problem):
+            _validate_block("x", broken)
+    everything = {**block, "boxes": {}, "codes": {}, "temperature": 0,
+                  "preprocessing": {"size": [256], "aspect": "stretch"}}
+    with pytest.raises(SpecError) as caught:
+        parse_fracture(everything)
+    text = "; ".join(caught.value.problems)
+    for part in ("boxes.max_boxes", "boxes.min_score", "boxes.iou_threshold", "fracture",
+                 "temperature must be positive", "preprocessing.size", "aspect", "stride"):
+        assert part in text, part
 
 
 def _tiny_bundle(root: Path, threshold: float) -> Path:

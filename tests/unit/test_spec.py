@@ -76,3 +76,50 @@ def test_bundle_load_refuses_with_the_list() -> None:
     with pytest.raises(BundleError, match=r"accepts\.min_instances must be a positive integer"):
         _validate_block("ct", {"task": "ct-lung", "accepts": {"modality": ["CT"],
                                                              "min_instances": 0}})
+
+
+def test_shipped_fracture_block_parses_and_loads_with_typed_rules() -> None:
+    import torch
+
+    from dicom_ai.inference.bundle import load_bundle
+    from dicom_ai.inference.spec import FractureSpec
+
+    raw = block("xr-fracture")
+    bundle = load_bundle(MODELS / "xr-fracture", device=torch.device("cpu"))
+    assert isinstance(bundle.spec, FractureSpec)
+    assert bundle.accepts == bundle.spec.accepts
+    assert bundle.spec.size == tuple(raw["preprocessing"]["size"])
+    assert bundle.spec.stride == raw["preprocessing"]["stride"]
+    assert bundle.spec.boxes.min_score == raw["boxes"]["min_score"]
+    assert bundle.spec.codes["fracture"].value == raw["codes"]["fracture"]["value"]
+    assert bundle.accepts.body_part_examined == tuple(raw["accepts"]["body_part_examined"])
+
+
+def test_fracture_bundle_refused_with_every_problem() -> None:
+    raw = copy.deepcopy(block("xr-fracture"))
+    del raw["boxes"]["min_score"]
+    raw["preprocessing"]["stride"] = "4"
+    raw["decision"] = {"kind": "argmax"}
+    raw["accepts"]["modality"] = "CR"
+    with pytest.raises(BundleError) as caught:
+        _validate_block("frac", raw)
+    text = str(caught.value)
+    for part in ("boxes.min_score must be a number", "preprocessing.stride",
+                 "decision must be a threshold on 'fracture'",
+                 "accepts.modality must be a list of strings"):
+        assert part in text, part
+
+
+def test_routing_takes_parsed_rules_and_refuses_invalid_raw_rules() -> None:
+    from dicom_ai.inference.routing import as_accepts, not_applicable, unfit
+    from tests.unit.test_routing import series as make_series
+
+    accepts = parse_classification(block("cxr-pneumonia")).accepts
+    series = make_series(BodyPartExamined="CHEST", ViewPosition="LL")
+    assert not_applicable(accepts, series) is None
+    assert unfit(accepts, series) == "view position LL is not a frontal (PA/AP) view"
+    # The raw block gives the same answers, parsed on the way in.
+    assert unfit(block("cxr-pneumonia")["accepts"], series) == unfit(accepts, series)
+    assert as_accepts(accepts) is accepts
+    with pytest.raises(SpecError, match=r"accepts\.modality is missing.*min_instances"):
+        as_accepts({"min_instances": -1})
