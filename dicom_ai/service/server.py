@@ -52,6 +52,9 @@ log = logging.getLogger(__name__)
 #: the log instead of spinning the CPU.
 RESTART_INTERVAL_S = 5.0
 
+#: Seconds the children have, together, to finish their current work when the service stops.
+STOP_TIMEOUT_S = 30.0
+
 #: The lock file in ``storage.directory`` held by the running service.
 LOCK_NAME = "serve.lock"
 
@@ -248,8 +251,10 @@ class Service:
             sweeper.stop()
             sweeper.join(timeout=30)
         self._stop_children.set()
+        # One deadline for all: the children finish their current study side by side.
+        deadline = time.monotonic() + STOP_TIMEOUT_S
         for name, proc in self._children.items():
-            proc.join(timeout=30)
+            proc.join(timeout=max(0.0, deadline - time.monotonic()))
             if proc.is_alive():
                 log.warning("%s did not stop in time; terminating", name)
                 proc.terminate()
