@@ -17,6 +17,7 @@ test's temp dir. The serve, Orthanc, storescu and browser helpers are those of
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import shutil
@@ -70,6 +71,18 @@ def http_get(url: str, **headers: str) -> tuple[int, bytes]:
             return int(response.status), bytes(response.read())
     except urllib.error.HTTPError as error:
         return int(error.code), bytes(error.read())
+
+
+def raw_status(port: int, target: str) -> int:
+    """The status of a GET of ``target`` sent exactly as written (no client normalization)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.putrequest("GET", target, skip_accept_encoding=True)
+        connection.putheader("Authorization", f"Bearer {TOKEN}")
+        connection.endheaders()
+        return connection.getresponse().status
+    finally:
+        connection.close()
 
 
 def settled(serve: Serve, study: str) -> bool:
@@ -127,6 +140,10 @@ def test_status_page_in_chromium_after_a_study(tmp_path: Path) -> None:
             assert http_get(f"{base}/?token=wrong")[0] == 401
             status, body = http_get(f"{base}/", Authorization=f"Bearer {TOKEN}")
             assert status == 200 and study.encode() in body
+            for target in ("/thumbnails/../index.sqlite.png", "/thumbnails/%2e%2e/%2e%2e.png",
+                           f"/thumbnails/{study}/..%2F..%2Findex.sqlite.png",
+                           f"/thumbnails/{study}/../../index.png"):
+                assert raw_status(http_port, target) in (400, 404), target
             shot = Path(os.environ.get("STATUS_PAGE_SCREENSHOT") or tmp_path / "status-page.png")
             seen = browse(f"{base}/?token={TOKEN}", tmp_path, shot)
         finally:
