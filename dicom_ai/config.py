@@ -122,8 +122,8 @@ class WorkerSettings:
     max_attempts: int = 3
     poll_interval_s: float = 1.0
     #: Worker processes, each with its own copy of the models; 0 sizes the pool from the usable
-    #: CPUs and the available memory (:func:`dicom_ai.service.lanes.default_processes`: 2 on a
-    #: 2-CPU machine, at most 4). With 2 or more, one serves single-image studies only, so a
+    #: CPUs and the available memory (:func:`dicom_ai.service.lanes.default_processes`: CPUs − 1,
+    #: at least 2, at most 4, 2 GB each). With 2 or more, one serves single-image studies only, so a
     #: chest X-ray never waits for a CT.
     processes: int = 0
     #: CPU priority of the workers: "batch" (SCHED_BATCH, nice 10), "idle" (SCHED_IDLE: starves

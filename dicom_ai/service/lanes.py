@@ -13,11 +13,15 @@ Every job gets a *lane* when it is queued (:func:`lane_for`, :func:`study_lane`)
 The service runs several worker processes (:func:`plan_workers`). Each claims the oldest job of
 the lanes it serves, fast before bulk (:func:`dicom_ai.service.worker.claim_job`). With two or
 more workers the first serves the fast lane only, so a chest X-ray never waits for a CT, however
-many CTs are queued or running. With one worker (a single usable CPU, or
-``worker.processes = 1``) a fast job still never waits behind a *queued* CT: it is taken before
-any bulk job, and waits at most for the CT running at the time. A bulk job is never starved by a
-stream of fast ones: after :data:`BULK_AGING_S` in the queue it is taken in arrival order with
-them.
+many CTs are queued or running; on a single CPU the two share it and the X-ray still finishes in
+about twice its own time instead of after the CT. With one worker (``worker.processes = 1``, or
+memory for only one) a fast job still never waits behind a *queued* CT: it is taken before any
+bulk job, and waits at most for the CT running at the time. Running it *between* phases of that
+CT is not done: the CT path is one pass (volume, lung mask, sliding-window inference, candidates,
+SEG and SR) whose intermediate state (hundreds of MB) has no point to park at, while a second
+process gives the same result for the memory of one more copy of the models. A bulk job is never
+starved by a stream of fast ones: after :data:`BULK_AGING_S` in the queue it is taken in arrival
+order with them.
 """
 
 from __future__ import annotations
@@ -142,9 +146,9 @@ def available_memory() -> int | None:
 def default_processes(cpus: int, memory: int | None) -> int:
     """How many worker processes the machine takes (``worker.processes = 0``).
 
-    One per usable CPU but the listener's, at least two where there are two CPUs (the reserved
-    fast-lane worker is idle but for the second a single-image study takes, so it costs memory,
-    not CPU), at most :data:`MAX_AUTO_PROCESSES`, and no more than the available memory holds at
+    One per usable CPU but the listener's, but at least two (the reserved fast-lane worker is idle
+    but for the second a single-image study takes, so it costs memory, not CPU), at most
+    :data:`MAX_AUTO_PROCESSES`, and no more than the available memory holds at
     :data:`WORKER_MEMORY_BYTES` each.
 
     Parameters
@@ -154,7 +158,7 @@ def default_processes(cpus: int, memory: int | None) -> int:
     memory:
         Available bytes, or None when not known.
     """
-    count = 1 if cpus < 2 else min(MAX_AUTO_PROCESSES, max(2, cpus - 1))
+    count = min(MAX_AUTO_PROCESSES, max(2, cpus - 1))
     if memory is not None:
         count = min(count, max(1, memory // WORKER_MEMORY_BYTES))
     return count

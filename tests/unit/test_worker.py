@@ -325,8 +325,9 @@ def test_an_index_of_an_earlier_version_gets_the_lane_columns(tmp_path: Path) ->
 
 
 @pytest.mark.parametrize(("cpus", "memory", "processes"), [
-    (1, None, 1), (2, None, 2), (3, None, 2), (4, None, 3), (16, None, 4),
-    (16, 3 * WORKER_MEMORY_BYTES, 3), (4, WORKER_MEMORY_BYTES // 2, 1)])
+    (1, None, 2), (2, None, 2), (3, None, 2), (4, None, 3), (16, None, 4),
+    (16, 3 * WORKER_MEMORY_BYTES, 3), (1, WORKER_MEMORY_BYTES, 1),
+    (4, WORKER_MEMORY_BYTES // 2, 1)])
 def test_default_processes(cpus: int, memory: int | None, processes: int) -> None:
     assert default_processes(cpus, memory) == processes
 
