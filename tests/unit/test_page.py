@@ -286,3 +286,35 @@ def test_ago() -> None:
     assert [ago(NOW - s, NOW) for s in (5, 119, 120, 7199, 7200, 3 * 86400)] == \
         ["5 s", "119 s", "2 min", "119 min", "2 h", "3 d"]
     assert ago(NOW + 10, NOW) == "0 s"
+
+
+def test_measurements_candidates_and_rejections(storage: Storage) -> None:
+    study = "1.2.3"
+    conn = db.connect(storage.root / "index.sqlite")
+    _insert_study(conn, study)
+    conn.close()
+    (storage.root / "outputs" / study).mkdir()
+    (storage.root / "outputs" / study / "findings.json").write_bytes(findings_bytes({
+        "study_instance_uid": study, "results": [
+            {"series_instance_uid": "1.2.3.1", "model": {"name": "ct-lung", "version": "0.2.0"},
+             "status": "ok", "outputs": ["seg-1.2.3.9.dcm", "sr-1.2.3.8.dcm"], "findings": [
+                 {"label": "lung_volume", "value": 4523.12345, "unit": "ml"},
+                 {"label": "nodule", "probability": 0.31, "positive": False,
+                  "operating_point": 0.5, "center_mm": [1.0, 2.0, 3.0]}]},
+            {"series_instance_uid": "1.2.3.2", "model": {"name": "ct-lung", "version": "0.2.0"},
+             "status": "rejected", "reason": "slice thickness 10 mm above 5 mm",
+             "findings": [], "outputs": []},
+            {"series_instance_uid": "../../x", "model": "not a mapping", "status": 7,
+             "findings": "none", "outputs": [1, None]}]}))
+    page = page_text(storage)
+    assert "<td>lung_volume</td><td class=num></td><td class=num></td><td></td>" \
+           "<td class=num>4523.12 ml</td>" in page
+    assert "<td>nodule</td><td class=num>0.310</td><td class=num>0.500</td><td>negative</td>" \
+        in page
+    assert '<span class="badge rejected">rejected</span>' in page
+    assert "Reason: slice thickness 10 mm above 5 mm" in page
+    # A malformed result is shown as unknown, with nothing of its malformed values.
+    assert "../../x" not in page and "not a mapping" not in page
+    assert page.count("<h3>?") == 1
+    # Only SC files become thumbnails.
+    assert "/thumbnails/1.2.3/" not in page
