@@ -1,4 +1,5 @@
-"""One accepted association: negotiation (PS3.8 §7.1), then C-ECHO and C-STORE until release.
+"""One accepted association: negotiation (PS3.8 §7.1), then C-ECHO, C-STORE and (MPPS)
+N-CREATE/N-SET until release.
 
 The listener runs one :class:`Association` per TCP connection, in its own thread, with blocking
 reads. pynetdicom supplies the association codecs — A-ASSOCIATE PDUs and presentation context
@@ -46,13 +47,17 @@ from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
 from dicom_ai import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from dicom_ai.dicom.uid import is_valid_uid
+from dicom_ai.service import metrics
 from dicom_ai.service.dimse import (
     C_ECHO_RQ,
     C_STORE_RQ,
+    N_CREATE_RQ,
+    N_SET_RQ,
     Command,
     Response,
     decode_command,
 )
+from dicom_ai.service.mpps import DataSetBuffer, NormalizedFunction, NormalizedRequest
 from dicom_ai.service.ul import (
     RELEASE_RP,
     AbortReason,
@@ -210,6 +215,8 @@ class AcceptorPolicy:
     slots:
         Concurrent associations, in all and per calling AE title; a request beyond them is
         rejected (transient, local limit).
+    normalized:
+        Serves N-CREATE and N-SET (the MPPS SCP); ``None`` when its context is not offered.
     """
 
     ae_title: str
@@ -220,6 +227,7 @@ class AcceptorPolicy:
     request_timeout: float
     association_deadline: float
     slots: Slots = field(compare=False)
+    normalized: NormalizedFunction | None = field(default=None, compare=False)
 
     def check(self, rq: A_ASSOCIATE_RQ) -> Rejection | None:
         """The rejection an A-ASSOCIATE-RQ earns from its header alone, or ``None``."""
@@ -238,11 +246,12 @@ class AcceptorPolicy:
 @dataclass
 class _Message:
     """A DIMSE request being received: its command set, then its data set (C-STORE: into
-    ``data``; any other command's data set is dropped)."""
+    ``data``; N-CREATE/N-SET: into ``buffer``; any other command's data set is dropped)."""
 
     context_id: int
     command: Command
     data: IncomingData | None = None
+    buffer: DataSetBuffer | None = None
 
 
 class Association:
@@ -286,6 +295,7 @@ class Association:
                 refused = self.policy.slots.acquire(self.calling_aet)
                 if refused is None:
                     slot = self.calling_aet
+                    metrics.association_opened()
                 else:
                     rejection = Rejection(0x02, 0x03, 0x02, refused)
             if rejection is not None:
@@ -318,6 +328,7 @@ class Association:
                 self._discard(self._message.data)
             if slot is not None:
                 self.policy.slots.release(slot)
+                metrics.association_closed()
             if self.stored or self.refused:
                 log.info("association from %s ended: %d instances stored, %d refused",
                          self.calling_aet, self.stored, self.refused)
@@ -365,6 +376,7 @@ class Association:
         rj = A_ASSOCIATE_RJ()
         rj.from_primitive(primitive)
         log.warning("association from %s rejected: %s", self.calling_aet, rejection.why)
+        metrics.association_rejected(rejection.result, rejection.source, rejection.diagnostic)
         self._send_quietly(rj.encode())
 
     def _accept(self, rq: A_ASSOCIATE_RQ) -> None:
@@ -439,6 +451,8 @@ class Association:
                         else:
                             if message.command.command_field == C_STORE_RQ:
                                 message.data = self._begin_store(message)
+                            elif message.command.command_field in (N_CREATE_RQ, N_SET_RQ):
+                                message.buffer = DataSetBuffer()
                             self._message = message
                 elif message is None:
                     raise ProtocolError("data set fragment without a command",
@@ -446,6 +460,8 @@ class Association:
                 else:
                     if message.data is not None:
                         message.data.add(pdv.fragment)
+                    elif message.buffer is not None:
+                        message.buffer.add(pdv.fragment)
                     if pdv.is_last:
                         self._message = None
                         self._dispatch(message)
@@ -457,6 +473,7 @@ class Association:
             rsp = Response(C_ECHO_RQ, command.message_id, str(context.abstract_syntax), 0x0000)
         elif command.command_field == C_STORE_RQ:
             outcome = self._finish_store(message.data)
+            metrics.store_answered(outcome.status, outcome.comment)
             if outcome.status == 0x0000:
                 self.stored += 1
             else:
@@ -467,12 +484,35 @@ class Association:
                            outcome.status, sop_instance_uid=_echo(
                                command.affected_sop_instance_uid),
                            error_comment=outcome.comment)
+        elif (command.command_field in (N_CREATE_RQ, N_SET_RQ)
+              and self.policy.normalized is not None):
+            rsp = self._normalized(message, str(context.transfer_syntax[0]))
         else:
-            # Only Storage and Verification contexts are ever accepted.
+            # Only Storage, Verification and (with a handler) MPPS contexts are accepted.
             raise ProtocolError(f"DIMSE command 0x{command.command_field:04x} is not served "
                                 "here", AbortReason.UNEXPECTED_PDU_PARAMETER)
         for pdu in command_pdus(message.context_id, rsp.encode(), self.peer_max_pdu):
             self.sock.sendall(pdu)
+
+    def _normalized(self, message: _Message, transfer_syntax: str) -> Response:
+        """Answer an N-CREATE (Affected SOP UIDs) or N-SET (Requested SOP UIDs)."""
+        command = message.command
+        creating = command.command_field == N_CREATE_RQ
+        sop_class = (command.affected_sop_class_uid if creating
+                     else command.requested_sop_class_uid)
+        handler = self.policy.normalized
+        if handler is None:  # pragma: no cover - dispatched only with a handler
+            raise ProtocolError("N-CREATE/N-SET without a handler",
+                                AbortReason.UNEXPECTED_PDU_PARAMETER)
+        result = handler(NormalizedRequest(
+            calling_aet=self.calling_aet, command_field=command.command_field,
+            sop_class_uid=sop_class,
+            sop_instance_uid=(command.affected_sop_instance_uid if creating
+                              else command.requested_sop_instance_uid),
+            transfer_syntax=transfer_syntax), message.buffer)
+        return Response(command.command_field, command.message_id, _echo(sop_class),
+                        result.status, sop_instance_uid=result.sop_instance_uid,
+                        error_comment=result.comment, error_id=result.error_id)
 
     def _begin_store(self, message: _Message) -> IncomingData:
         """Where the data set of a C-STORE goes: the store function, or a refusal."""

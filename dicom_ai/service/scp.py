@@ -1,4 +1,4 @@
-"""The DICOM listener: C-ECHO and C-STORE, durable before acknowledged.
+"""The DICOM listener: C-ECHO and C-STORE, durable before acknowledged; MPPS N-CREATE/N-SET.
 
 The C-STORE handler runs in the association's thread (:mod:`dicom_ai.service.association`) and
 does the least it can: check free disk, parse the few filing attributes from the encoded bytes (no
@@ -9,6 +9,7 @@ one; one over ``scp.maximum_message_mb`` is refused. Every storage SOP class is 
 forwarding a study sends SR, KOS, presentation states, segmentations…) and stored; which series a
 model analyses is the pipeline's decision. Our own results coming back are acknowledged and
 dropped, never stored or analysed again. Models run in the worker process, never here.
+Modality Performed Procedure Steps are served by :mod:`dicom_ai.service.mpps`.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from pynetdicom.presentation import PresentationContext, build_context
 
 from dicom_ai.config import SCPSettings, Settings
 from dicom_ai.dicom.errors import DicomInputError
+from dicom_ai.service import audit
 from dicom_ai.service.association import (
     ARTIM_TIMEOUT,
     PROCESSING_FAILURE,
@@ -62,6 +64,7 @@ from dicom_ai.service.association import (
     StoreStatus,
     error_site,
 )
+from dicom_ai.service.mpps import MPPS_SOP_CLASS, MppsHandler, NormalizedFunction
 from dicom_ai.service.spool import (
     InstanceKeys,
     PartialInstance,
@@ -323,7 +326,7 @@ class IncomingInstance:
 
     def _store(self, store: Callable[[], object], keys: InstanceKeys) -> StoreStatus:
         try:
-            store()
+            stored = store()
         except OSError as exc:
             return self._storage_error(exc, keys)
         except sqlite3.Error as exc:
@@ -333,6 +336,9 @@ class IncomingInstance:
             log.error("C-STORE %s not indexed: %s", keys.sop_instance_uid, type(exc).__name__)
             return StoreStatus(PROCESSING_FAILURE, "local index error")
         log.debug("stored %s", keys.sop_instance_uid)
+        audit.received(self.handler.spool.root, keys, calling_aet=self.request.calling_aet,
+                       transfer_syntax=self.request.transfer_syntax,
+                       new=getattr(stored, "new", True))
         return StoreStatus(SUCCESS)
 
     @staticmethod
@@ -344,8 +350,9 @@ class IncomingInstance:
         return StoreStatus(PROCESSING_FAILURE, "local storage error")
 
 
-def supported_contexts() -> list[PresentationContext]:
-    """Our presentation contexts: each storage class with every syntax we decode, plus C-ECHO.
+def supported_contexts(*, mpps: bool = False) -> list[PresentationContext]:
+    """Our presentation contexts: each storage class with every syntax we decode, plus C-ECHO,
+    plus Modality Performed Procedure Step when ``mpps``.
 
     Storage classes no model reads are accepted with the same syntaxes: they are stored as sent,
     and a syntax we could not decode does not matter for them.
@@ -353,13 +360,18 @@ def supported_contexts() -> list[PresentationContext]:
     contexts = [build_context(sop_class, list(TRANSFER_SYNTAXES))
                 for sop_class in STORAGE_SOP_CLASSES]
     contexts.append(build_context(VERIFICATION, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]))
+    if mpps:
+        contexts.append(build_context(MPPS_SOP_CLASS,
+                                      [ExplicitVRLittleEndian, ImplicitVRLittleEndian]))
     return contexts
 
 
-def acceptor_policy(scp: SCPSettings) -> AcceptorPolicy:
-    """What the listener accepts, from the ``scp`` settings."""
+def acceptor_policy(scp: SCPSettings, *,
+                    normalized: NormalizedFunction | None = None) -> AcceptorPolicy:
+    """What the listener accepts, from the ``scp`` settings; ``normalized`` serves MPPS."""
     return AcceptorPolicy(
-        ae_title=scp.ae_title, contexts=supported_contexts(),
+        normalized=normalized,
+        ae_title=scp.ae_title, contexts=supported_contexts(mpps=normalized is not None),
         allowed_calling_aets=frozenset(a.strip() for a in scp.allowed_calling_aets),
         maximum_pdu_size=scp.maximum_pdu_size, network_timeout=scp.network_timeout,
         request_timeout=scp.request_timeout_s, association_deadline=scp.association_deadline_s,
@@ -472,6 +484,11 @@ class Listener(socketserver.ThreadingTCPServer):
                                         daemon=True)
         self._thread.start()
 
+    @property
+    def accepting(self) -> bool:
+        """Whether the accept loop runs on an open socket (``/healthz``, ``/readyz``)."""
+        return self._thread is not None and self._thread.is_alive() and self.fileno() != -1
+
     def stop(self, grace_s: float = SHUTDOWN_GRACE_S) -> None:
         """Stop accepting, let open associations finish for ``grace_s``, then cut them off.
 
@@ -522,7 +539,8 @@ def start_scp(settings: Settings, spool: Spool, *,
                            free_bytes=free_bytes)
     tls = settings.scp.tls
     listener = Listener((settings.scp.bind_address, settings.scp.port),
-                        acceptor_policy(settings.scp), handler,
+                        acceptor_policy(settings.scp, normalized=MppsHandler(spool.db_path)),
+                        handler,
                         server_context(tls) if tls.enabled else None)
     listener.start()
     log.info("listening as %s on %s:%d%s", settings.scp.ae_title, settings.scp.bind_address,
