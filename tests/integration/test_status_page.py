@@ -110,7 +110,8 @@ def browse(url: str, work: Path, screenshot: Path) -> dict[str, Any]:
     return seen
 
 
-def test_status_page_in_chromium_after_a_study(tmp_path: Path) -> None:
+def test_status_page_in_chromium_after_a_study(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
     folder = planted_study(tmp_path / "study")
     study = str(pydicom.dcmread(next(folder.glob("*.dcm")), stop_before_pixels=True)
                 .StudyInstanceUID)
@@ -121,9 +122,10 @@ def test_status_page_in_chromium_after_a_study(tmp_path: Path) -> None:
         (tmp_path / "serve").mkdir()
         serve = Serve(tmp_path / "serve", [dimse(pacs), closed], initial_backoff_s=0.2,
                       max_backoff_s=0.5, retry_horizon_s=1.0)
-        with serve.config.open("a") as config:
-            config.write(f'[http]\nbind_address = "127.0.0.1"\nport = {http_port}\n'
-                         f'token = "{TOKEN}"\n')
+        # The environment overrides whatever [http] the shared config writer puts in the file.
+        monkeypatch.setenv("DICOM_AI_HTTP_BIND_ADDRESS", "127.0.0.1")
+        monkeypatch.setenv("DICOM_AI_HTTP_PORT", str(http_port))
+        monkeypatch.setenv("DICOM_AI_HTTP_TOKEN", TOKEN)
         try:
             serve.start()
 
