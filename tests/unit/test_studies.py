@@ -10,13 +10,20 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+from pydicom.uid import (
+    CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 from test_spool import encoded
 
 from dicom_ai.config import Settings, load_settings, validate
 from dicom_ai.service import db
 from dicom_ai.service.spool import Spool, parse_keys
 from dicom_ai.service.studies import (
+    FACTS_PREFIX,
     KEY_OBJECT_SELECTION,
     LONG,
     NEUTRAL,
@@ -29,12 +36,14 @@ from dicom_ai.service.studies import (
     SINGLE,
     Assembler,
     CompletionRules,
+    InstanceFacts,
     _complete,
     classify,
     complete_due_studies,
     complete_quiet_studies,
     inspect_new_instances,
     queue_unprocessed,
+    read_facts,
     read_manifest,
     record_arrival,
 )
@@ -423,3 +432,34 @@ def test_rules_from_settings_and_their_validation() -> None:
     loaded = load_settings(None, env=env)
     assert (loaded.studies.maximum_wait_s, loaded.studies.single_image_quiet_period_s) == (
         900.0, 1.5)
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian,
+                                    DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian])
+def test_read_facts_in_every_transfer_syntax(tmp_path: Path, syntax: str) -> None:
+    # A deflated data set goes through pydicom, the others through the element walk.
+    path = tmp_path / "i.dcm"
+    for attrs, kind in (({"Modality": "OP"}, SINGLE), ({"Modality": "OP", "NumberOfFrames": 8},
+                                                       LONG)):
+        ds = pydicom.dcmread(BytesIO(encoded("1.2.3.1", SOPClassUID=OP8,
+                                             NumberOfSeriesRelatedInstances=4,
+                                             NumberOfStudyRelatedInstances=9, **attrs)))
+        ds.file_meta.TransferSyntaxUID = syntax
+        del ds.PixelData  # pydicom converts no pixel data to big endian
+        pydicom.dcmwrite(path, ds, enforce_file_format=True,
+                         little_endian=syntax != ExplicitVRBigEndian)
+        assert read_facts(path, OP8) == InstanceFacts(kind, study_related_instances=9,
+                                                      series_related_instances=4), syntax
+
+
+def test_read_facts_past_a_long_header(tmp_path: Path) -> None:
+    # Number of Frames beyond the walked prefix (a long sequence before it): pydicom finds it.
+    ds = pydicom.dcmread(BytesIO(encoded("1.2.3.1", SOPClassUID=OP8, Modality="OP",
+                                         NumberOfFrames=3)))
+    item = Dataset()
+    item.CodeMeaning = "x" * 60
+    ds.ProcedureCodeSequence = [item] * 2000
+    path = tmp_path / "i.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    assert path.stat().st_size > FACTS_PREFIX
+    assert read_facts(path, OP8).kind == LONG
