@@ -15,6 +15,7 @@ whether the study came from disk or over the network.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -69,6 +70,9 @@ class StudyOutcome:
     failed_files: dict[str, str] = field(default_factory=dict)
     #: Language of the Impression (``output.language``).
     language: str = "en"
+    #: Seconds each model (by name) spent analysing the study's series: decoding, the network
+    #: and post-processing (the service's ``dicom_ai_inference_seconds``).
+    inference_seconds: dict[str, float] = field(default_factory=dict)
 
     def findings_document(self) -> dict[str, Any]:
         """The ``findings.json`` document of this study."""
@@ -111,6 +115,7 @@ def analyse_series(series: Series, models: Sequence[Bundle], settings: Settings,
             result = ModelResult(series=series, model=bundle.info, status="rejected",
                                  started=started, reason=unfit)
         else:
+            began = time.perf_counter()
             try:
                 result, failed = _analyser(bundle.task)(bundle, series, started,
                                                         settings.inference)
@@ -119,6 +124,8 @@ def analyse_series(series: Series, models: Sequence[Bundle], settings: Settings,
                                              status="rejected", started=started,
                                              reason=exc.reason), {}
             outcome.failed_files.update(failed)
+            outcome.inference_seconds[bundle.name] = (
+                outcome.inference_seconds.get(bundle.name, 0.0) + time.perf_counter() - began)
         log.info("series %s: %s %s → %s%s", series.series_instance_uid, bundle.name,
                  bundle.version, result.status, f" ({result.reason})" if result.reason else "")
         outcome.results.append(result)

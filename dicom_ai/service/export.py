@@ -36,7 +36,7 @@ from pynetdicom.pdu import A_ASSOCIATE_RJ
 
 from dicom_ai.config import DestinationSettings, ExportSettings, Settings
 from dicom_ai.logs import log_failure
-from dicom_ai.service import audit, db
+from dicom_ai.service import audit, db, metrics
 from dicom_ai.service.process import child_setup, orphaned
 from dicom_ai.service.tls import client_context
 
@@ -282,6 +282,7 @@ def record_results(conn: sqlite3.Connection, items: Sequence[Delivery],
                             pending_for, failures, error, settings.retry_horizon_s)
                 events.append((item, "late", {"attempts": failures,
                                               "pending_s": round(pending_for, 1)}))
+        metrics.record_deliveries(conn, items, results, now)
     if audit_root is not None:
         for item, event, fields in events:
             _audit(audit_root, item, event, now=now, **fields)
@@ -330,6 +331,8 @@ class Exporter:
                     self.conn.executemany(
                         "UPDATE outbound SET state = 'dead', last_error = ? WHERE id = ?",
                         [(results[i.id], i.id) for i in batch])
+                    metrics.record_deliveries(self.conn, batch, results, time.time(),
+                                              attempted=False)
                 log.error("%d deliveries to %s are dead letters: destination no longer "
                           "configured", len(batch), name)
                 for item in batch:
