@@ -16,6 +16,7 @@ from pydicom.uid import (
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    UID,
 )
 from test_spool import encoded
 
@@ -444,7 +445,7 @@ def test_read_facts_in_every_transfer_syntax(tmp_path: Path, syntax: str) -> Non
         ds = pydicom.dcmread(BytesIO(encoded("1.2.3.1", SOPClassUID=OP8,
                                              NumberOfSeriesRelatedInstances=4,
                                              NumberOfStudyRelatedInstances=9, **attrs)))
-        ds.file_meta.TransferSyntaxUID = syntax
+        ds.file_meta.TransferSyntaxUID = UID(syntax)
         del ds.PixelData  # pydicom converts no pixel data to big endian
         pydicom.dcmwrite(path, ds, enforce_file_format=True,
                          little_endian=syntax != ExplicitVRBigEndian)
