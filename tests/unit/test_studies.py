@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import sqlite3
+import subprocess
 from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
@@ -22,6 +25,7 @@ from test_spool import encoded
 
 from dicom_ai.config import Settings, load_settings, validate
 from dicom_ai.service import db
+from dicom_ai.service.scp import start_scp
 from dicom_ai.service.spool import Spool, parse_keys
 from dicom_ai.service.studies import (
     FACTS_PREFIX,
@@ -464,3 +468,33 @@ def test_read_facts_past_a_long_header(tmp_path: Path) -> None:
     ds.save_as(path, enforce_file_format=True)
     assert path.stat().st_size > FACTS_PREFIX
     assert read_facts(path, OP8).kind == LONG
+
+
+@pytest.mark.skipif(not shutil.which("storescu"), reason="needs DCMTK (apt: dcmtk)")
+def test_a_manifest_sent_by_dcmtk_completes_the_study(tmp_path: Path) -> None:
+    # DCMTK's storescu as the PACS: three CT images and the manifest listing them, in one
+    # association, to the real listener; the manifest completes the study at once.
+    settings = Settings()
+    settings.scp.port = 0
+    settings.storage.minimum_free_mb = 1
+    spool = Spool(tmp_path / "spool")
+    server = start_scp(settings, spool)
+    files = []
+    for i, data in enumerate([encoded(f"1.2.3.{i + 1}", study=STUDY, series=S1)
+                              for i in range(3)]
+                             + [manifest("1.2.9.1", {S1: ["1.2.3.1", "1.2.3.2", "1.2.3.3"]})]):
+        files.append(tmp_path / f"{i}.dcm")
+        files[-1].write_bytes(data)
+    try:
+        result = subprocess.run(
+            ["storescu", "-aet", "PACS", "-aec", "DICOMAI", "127.0.0.1",
+             str(server.server_address[1]), *map(str, files)], capture_output=True, text=True,
+            timeout=60, env=dict(os.environ, TCP_NODELAY="1"))
+        assert result.returncode == 0, result.stderr
+        conn = db.connect(spool.db_path)
+        (last,) = conn.execute("SELECT last_received FROM studies").fetchone()
+        assert due(spool, conn, float(last)) == [(STUDY, 1, RULE_MANIFEST)]
+        conn.close()
+    finally:
+        server.stop()
+        spool.close()
