@@ -700,20 +700,20 @@ class Assembler(threading.Thread):
         try:
             while not self._stop_event.wait(self._tick):
                 try:
-                    completed = self.tick(conn, time.time())
+                    self.tick(conn, time.time())
                 except sqlite3.Error as exc:
                     # A busy or failing index must not end assembly for good; try next tick.
                     log_failure(log, "study assembly failed; retrying", exc)
-                    continue
-                for completion in completed:
-                    self._announce(conn, completion)
         finally:
             conn.close()
 
     def tick(self, conn: sqlite3.Connection, now: float) -> list[Completion]:
-        """One round: inspect what arrived, complete what is due, now and then forget old MPPS."""
+        """One round: inspect what arrived, complete and announce what is due, now and then
+        forget old MPPS objects."""
         inspect_new_instances(conn, self._db_path.parent)
         completed = complete_due_studies(conn, now, self._rules)
+        for completion in completed:
+            self._announce(conn, completion)
         if now - self._pruned_at >= _MPPS_PRUNE_INTERVAL_S:
             self._pruned_at = now
             forget_old_mpps(conn, now)

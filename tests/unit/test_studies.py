@@ -24,7 +24,7 @@ from pydicom.uid import (
 from test_spool import encoded
 
 from dicom_ai.config import Settings, load_settings, validate
-from dicom_ai.service import db
+from dicom_ai.service import audit, db
 from dicom_ai.service.scp import start_scp
 from dicom_ai.service.spool import Spool, parse_keys
 from dicom_ai.service.studies import (
@@ -420,6 +420,12 @@ def test_assembler_tick_completes_and_audits(spool: Spool, conn: sqlite3.Connect
     (completion,) = assembler.tick(conn, 102.0)
     assert (completion.rule, completion.instance_count, completion.wait_s) == (
         RULE_QUIET_SINGLE_IMAGE, 1, 2.0)
+    events = {e["event"]: e for e in audit.read_events(spool.root, STUDY)}
+    assert {k: events["complete"][k] for k in ("rule", "generation", "instance_count",
+                                               "quiet_period_s", "wait_s")} == {
+        "rule": "quiet-single-image", "generation": 1, "instance_count": 1,
+        "quiet_period_s": 2.0, "wait_s": 2.0}
+    assert "job_queued" in events
 
 
 def test_rules_from_settings_and_their_validation() -> None:
