@@ -7,8 +7,11 @@ import json
 import logging
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
+import tomllib
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
@@ -17,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom.uid import CTImageStorage
 
@@ -26,6 +30,8 @@ from dicom_ai.service.http import HTTPEndpoint, Response, start_endpoint
 from dicom_ai.service.scp import Listener, disk_free_bytes, start_scp
 from dicom_ai.service.server import LOCK_NAME, lock_storage
 from dicom_ai.service.spool import Spool
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 
 
 class Child(threading.Thread):
@@ -323,3 +329,41 @@ def test_http_settings_from_toml_and_environment(tmp_path: Path) -> None:
         load_settings(None, env={"DICOM_AI_HTTP_PORT": "70000"})
     with pytest.raises(SettingsError, match=r"http\.enabled"):
         load_settings(None, env={"DICOM_AI_HTTP_ENABLED": "maybe"})
+
+
+
+def healthcheck_command() -> str:
+    """The Dockerfile's HEALTHCHECK command, its continuation lines joined."""
+    text = (DEPLOY / "Dockerfile").read_text().replace("\\\n", " ")
+    line = next(line for line in text.splitlines() if line.startswith("HEALTHCHECK "))
+    return line.split(" CMD ", 1)[1].strip()
+
+
+def test_the_container_health_check_command_follows_readiness(running: Running) -> None:
+    # The command exactly as Docker runs it (/bin/sh -c), with the image's python3 (here: ours).
+    command = healthcheck_command().replace("python3 ", f"{sys.executable} ", 1)
+    env = {"DICOM_AI_HTTP_PORT": str(running.endpoint.address[1]), "PATH": "/usr/bin:/bin"}
+    assert subprocess.run(["/bin/sh", "-c", command], env=env, timeout=30).returncode == 0
+    running.children["exporter"].end()
+    assert subprocess.run(["/bin/sh", "-c", command], env=env, timeout=30,
+                          capture_output=True).returncode == 1
+
+
+def test_kubernetes_probes_ask_the_endpoint_on_its_port(running: Running) -> None:
+    deployment = yaml.safe_load((DEPLOY / "k8s" / "deployment.yaml").read_text())
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    configmap = yaml.safe_load((DEPLOY / "k8s" / "configmap.yaml").read_text())
+    http_settings = tomllib.loads(configmap["data"]["dicom-ai.toml"])["http"]
+    # The kubelet probes the pod's address: the endpoint must listen on all interfaces there.
+    assert http_settings["bind_address"] == "0.0.0.0"
+    assert ports["http"] == http_settings["port"]
+    paths: dict[str, str] = {}
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        get_action = container[probe]["httpGet"]
+        assert get_action["port"] == "http"
+        paths[probe] = get_action["path"]
+    assert paths == {"startupProbe": "/healthz", "livenessProbe": "/healthz",
+                     "readinessProbe": "/readyz"}
+    for path in set(paths.values()):
+        assert get(running.url + path)[0] == 200
