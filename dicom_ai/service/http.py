@@ -49,9 +49,8 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from dicom_ai.config import Settings
-from dicom_ai.service import db
 from dicom_ai.service.association import error_site
-from dicom_ai.service.metrics import LISTENER_METRICS, FreeBytes, IndexCollector
+from dicom_ai.service.metrics import LISTENER_METRICS, FreeBytes, IndexCollector, read_only
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +97,7 @@ class Response:
 def json_response(status: int, document: Mapping[str, Any]) -> Response:
     """A JSON answer."""
     return Response(status, "application/json",
-                    json.dumps(document, indent=2, sort_keys=False).encode() + b"\n")
+                    json.dumps(document, indent=2).encode() + b"\n")
 
 
 @dataclass(frozen=True)
@@ -230,7 +229,7 @@ class ServiceHealth:
         if not self.destinations:
             return []
         try:
-            conn = db.connect(self.root / "index.sqlite")
+            conn = read_only(self.root / "index.sqlite")
             try:
                 rows = {str(r[0]): tuple(int(v or 0) for v in r[1:]) for r in conn.execute(
                     "SELECT destination, SUM(state = 'pending'), "

@@ -29,6 +29,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
+from urllib.parse import quote
 
 from prometheus_client import Counter, Gauge
 from prometheus_client.core import (
@@ -40,7 +41,6 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from dicom_ai import __version__
-from dicom_ai.service import db
 
 log = logging.getLogger(__name__)
 
@@ -274,6 +274,19 @@ def record_deliveries(conn: sqlite3.Connection, items: Sequence[DeliveryLike],
 
 FreeBytes = Callable[[Path], int]
 
+#: Seconds a scrape waits for the index (a reader in WAL mode waits only for a checkpoint).
+READ_TIMEOUT_S = 5.0
+
+
+def read_only(path: Path) -> sqlite3.Connection:
+    """A read-only connection to the index, for scrapes and probes.
+
+    Read-only, it never waits for a writer's lock (WAL readers do not) and never creates the
+    database or its schema: a missing index is an error, not a new empty one.
+    """
+    return sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True,
+                           timeout=READ_TIMEOUT_S, isolation_level=None)
+
 
 class IndexCollector(Collector):
     """Reads the index (and the spool's file system) at every scrape.
@@ -333,7 +346,7 @@ class IndexCollector(Collector):
         yield family
 
     def _index(self) -> Iterator[Metric]:
-        conn = db.connect(self.root / "index.sqlite")
+        conn = read_only(self.root / "index.sqlite")
         try:
             now = time.time()
             yield from self._state(conn, now)

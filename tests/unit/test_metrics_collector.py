@@ -310,3 +310,24 @@ def test_listener_counts_received_refused_and_associations(tmp_path: Path) -> No
     assert count("dicom_ai_associations_rejected_total",
                  reason="called_ae_not_recognised") - rejected == 1
     assert count("dicom_ai_associations_open") == 0
+
+
+def test_a_scrape_neither_waits_for_a_writer_nor_sees_its_uncommitted_rows(
+        conn: sqlite3.Connection, root: Path) -> None:
+    add_job(conn, "1.1", "done", lane="fast")
+    conn.execute("BEGIN IMMEDIATE")  # the worker in the middle of a transaction
+    try:
+        add_job(conn, "1.2", "done", lane="fast")
+        started = time.monotonic()
+        samples = scrape(collector(root))
+        assert time.monotonic() - started < metrics.READ_TIMEOUT_S
+        assert value(samples, "dicom_ai_jobs", state="done", lane="fast") == 1
+    finally:
+        conn.execute("COMMIT")
+    assert value(scrape(collector(root)), "dicom_ai_jobs", state="done", lane="fast") == 2
+
+
+def test_a_missing_index_is_not_created_by_a_scrape(tmp_path: Path) -> None:
+    samples = scrape(collector(tmp_path))
+    assert value(samples, "dicom_ai_index_up") == 0
+    assert not (tmp_path / "index.sqlite").exists()
