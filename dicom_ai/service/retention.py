@@ -12,7 +12,7 @@ A study's audit trail (:mod:`~dicom_ai.service.audit`) outlives its files: the s
 a study writes its ``purged`` event, and removes the trail itself only once its last event is
 older than ``storage.audit_retention_days`` (365 days by default; 0 keeps every trail) and the
 study is no longer in the index. The trail is what answers "which model version analysed this
-study, and was the result acknowledged?" weeks after the spool let the study go; at about 250
+study, and was the result acknowledged?" weeks after the spool let the study go; at about 450
 bytes per received instance it costs little next to the images.
 """
 
