@@ -5,7 +5,10 @@ dead letters, spool), and the listener's in-memory counters over a real associat
 from __future__ import annotations
 
 import math
+import re
+import shutil
 import sqlite3
+import subprocess
 import time
 from collections.abc import Iterator
 from io import BytesIO
@@ -13,6 +16,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom.uid import ComprehensiveSRStorage, CTImageStorage, ExplicitVRLittleEndian
@@ -331,3 +335,57 @@ def test_a_missing_index_is_not_created_by_a_scrape(tmp_path: Path) -> None:
     samples = scrape(collector(tmp_path))
     assert value(samples, "dicom_ai_index_up") == 0
     assert not (tmp_path / "index.sqlite").exists()
+
+
+PROMETHEUS = Path(__file__).resolve().parents[2] / "deploy" / "prometheus"
+RULES = PROMETHEUS / "dicom-ai-alerts.yml"
+needs_promtool = pytest.mark.skipif(shutil.which("promtool") is None,
+                                    reason="promtool not installed (apt: prometheus)")
+
+
+def populated_exposition(conn: sqlite3.Connection, root: Path) -> str:
+    """/metrics text with a sample in every family (stored, state and listener metrics)."""
+    job = add_job(conn, "1.2.3", "done")
+    add_study(conn, "1.2.3", last_received=0.0)
+    add_outbound(conn, job, "1.2.3", "1.2.3.1", ComprehensiveSRStorage)
+    with db.transaction(conn):
+        record_job(conn, job, "CR", {"cxr-pneumonia": 1.0}, done=True)
+    items = due_deliveries(conn, root, time.time())
+    record_results(conn, items, {items[0].id: None}, ExportSettings(), time.time())
+    metrics.store_answered(0xA700, "out of resources: disk almost full")
+    metrics.association_rejected(0x01, 0x01, 0x03)
+    registry = CollectorRegistry(auto_describe=False)
+    for listener_metric in metrics.LISTENER_METRICS:
+        registry.register(listener_metric)
+    registry.register(collector(root))
+    return generate_latest(registry).decode()
+
+
+@needs_promtool
+def test_exposition_passes_promtools_naming_lint(conn: sqlite3.Connection, root: Path) -> None:
+    text = populated_exposition(conn, root)
+    done = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.returncode == 0 and not done.stdout.strip(), done.stdout + done.stderr
+
+
+@needs_promtool
+def test_alert_rules_are_valid_and_their_unit_tests_pass() -> None:
+    for command in (["promtool", "check", "rules", RULES.name],
+                    ["promtool", "test", "rules", "dicom-ai-alerts.test.yml"]):
+        done = subprocess.run(command, cwd=PROMETHEUS, capture_output=True, text=True,
+                              timeout=120, check=False)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_every_metric_an_alert_uses_is_exposed_and_every_alert_documented(
+        conn: sqlite3.Connection, root: Path) -> None:
+    exposed = {family.name for family in text_string_to_metric_families(
+        populated_exposition(conn, root))} | {"dicom_ai_ready"}  # the endpoint's health gauge
+    rules = yaml.safe_load(RULES.read_text())["groups"][0]["rules"]
+    operations = (PROMETHEUS.parents[1] / "docs" / "operations.md").read_text()
+    for rule in rules:
+        for name in re.findall(r"\bdicom_ai_\w+", rule["expr"]):
+            family = re.sub(r"_(total|bucket|count|sum)$", "", name)
+            assert family in exposed, (rule["alert"], name)
+        assert f"`{rule['alert']}`" in operations, rule["alert"]
