@@ -107,6 +107,14 @@ def test_fields_that_could_carry_identity_are_refused_without_naming_the_value(
     assert "1970" not in caplog.text
 
 
+def test_a_reason_quoting_a_value_is_redacted(tmp_path: Path) -> None:
+    assert audit.record(tmp_path, STUDY, "send_failed", destination="pacs",
+                        sop_instance_uid="1.2.3", attempt=1,
+                        reason="C-STORE status 0xA900 (Patient ID 'PID-AUDIT-4711' differs)")
+    (event,) = audit.read_events(tmp_path, STUDY)
+    assert event["reason"] == "C-STORE status 0xA900 (Patient ID '…' differs)"
+
+
 @pytest.mark.parametrize("uid", ["../../etc/passwd", "1.2/../3", "Doe^Jane", "", "1.02.3",
                                  "1." * 40 + "1"])
 def test_a_study_uid_that_is_not_a_uid_names_no_file(tmp_path: Path, uid: str) -> None:
