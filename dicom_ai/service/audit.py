@@ -230,7 +230,7 @@ def record(root: Path, study_instance_uid: str, event: str, *, now: float | None
     return True
 
 
-def received(root: Path, keys: _Keys, *, calling_aet: str, transfer_syntax: str,
+def received(root: Path, keys: _Keys, *, calling_aet: str, transfer_syntax: str | None,
              new: bool = True) -> bool:
     """Record one stored instance (never raises).
 
@@ -241,9 +241,9 @@ def received(root: Path, keys: _Keys, *, calling_aet: str, transfer_syntax: str,
     keys:
         The instance's filing keys (:class:`~dicom_ai.service.spool.InstanceKeys`).
     calling_aet:
-        The sender's AE title.
+        The sender's AE title; empty for an instance the start-up scan indexed.
     transfer_syntax:
-        The transfer syntax UID it was sent in.
+        The transfer syntax UID it was sent in; None when unknown (start-up scan).
     new:
         False when the SOP Instance UID was already stored (sent again).
     """

@@ -134,9 +134,9 @@ def _describe(event: Mapping[str, Any], run: Sequence[Mapping[str, Any]]) -> lis
         again = sum(1 for r in run if r.get("new") is False)
         what = (f"{len(run)} instances" if len(run) > 1 else str(e.get("sop_instance_uid")))
         sender = e.get("calling_aet") or "(start-up scan)"
+        kinds = [_uid_name(e.get(k)) for k in ("sop_class_uid", "transfer_syntax_uid")]
         text = (f"{what} of series {e.get('series_instance_uid')} from {sender} "
-                f"({_uid_name(e.get('sop_class_uid'))}, "
-                f"{_uid_name(e.get('transfer_syntax_uid'))})")
+                f"({', '.join(k for k in kinds if k)})")
         if len(run) > 1:
             text += f", last at {_clock(run[-1])[11:]}"
         if again:

@@ -15,13 +15,14 @@ from pathlib import Path
 import pydicom
 import pytest
 from pynetdicom import AE
+from test_spool import encoded
 
 from dicom_ai.config import DestinationSettings, Settings
 from dicom_ai.dicom.uid import InvalidUIDError
 from dicom_ai.service import audit, db
 from dicom_ai.service.export import Exporter, make_senders
 from dicom_ai.service.scp import start_scp
-from dicom_ai.service.spool import InstanceKeys, Spool
+from dicom_ai.service.spool import InstanceKeys, Spool, parse_keys
 from dicom_ai.service.status import show_trail
 from dicom_ai.service.studies import Assembler, CompletionRules
 from dicom_ai.service.worker import Worker, pipeline_processor
@@ -129,6 +130,23 @@ def test_a_study_uid_that_is_not_a_uid_names_no_file(tmp_path: Path, uid: str) -
 def test_unknown_event_is_refused(tmp_path: Path) -> None:
     assert audit.record(tmp_path, STUDY, "teleported") is False
     assert not audit.audit_path(tmp_path, STUDY).exists()
+
+
+def test_an_instance_indexed_by_the_start_up_scan_is_in_the_trail(tmp_path: Path) -> None:
+    orphan = encoded("1.2.3.9", study=STUDY)
+    spool = Spool(tmp_path)
+    # A crash after the rename and before the insert leaves a whole, unindexed file.
+    spool.instance_path(parse_keys(orphan)).parent.mkdir(parents=True)
+    spool.instance_path(parse_keys(orphan)).write_bytes(orphan)
+    assert spool.reindex() == 1
+    spool.close()
+    (event,) = audit.read_events(tmp_path, STUDY)
+    assert (event["event"], event["sop_instance_uid"], event["calling_aet"],
+            event["transfer_syntax_uid"]) == ("received", "1.2.3.9", "", None)
+    out = io.StringIO()
+    assert show_trail(tmp_path, STUDY, out=out) == 0
+    assert "1.2.3.9 of series" in out.getvalue()
+    assert "from (start-up scan) (CT Image Storage)" in out.getvalue()
 
 
 def test_a_failing_write_is_logged_and_never_raises(tmp_path: Path,
