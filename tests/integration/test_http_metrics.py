@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -105,3 +106,8 @@ def test_metrics_and_probes_after_a_study_went_through(tmp_path: Path) -> None:
     done = sum(v for (name, labels), v in got.items()
                if name == "dicom_ai_jobs" and ("state", "done") in labels)
     assert done == 1
+    if shutil.which("promtool"):
+        # Prometheus' own lint of names, types and help on the whole scrape.
+        lint = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True,
+                              text=True, timeout=60, check=False)
+        assert lint.returncode == 0 and not lint.stdout.strip(), lint.stdout + lint.stderr
