@@ -118,8 +118,7 @@ SINGLE, LONG, NEUTRAL = "single", "long", "neutral"
 
 _MODALITY, _NUMBER_OF_FRAMES = 0x00080060, 0x00280008
 _STUDY_SERIES, _STUDY_INSTANCES, _SERIES_INSTANCES = 0x00201206, 0x00201208, 0x00201209
-_FACT_TAGS = (0x00080016, _MODALITY, _STUDY_SERIES, _STUDY_INSTANCES, _SERIES_INSTANCES,
-              _NUMBER_OF_FRAMES)
+_FACT_TAGS = (_MODALITY, _STUDY_SERIES, _STUDY_INSTANCES, _SERIES_INSTANCES, _NUMBER_OF_FRAMES)
 #: Leading bytes of a file whose header is walked for the facts (the facts lie in its first
 #: kilobytes unless a long sequence comes before them).
 FACTS_PREFIX = 64 * 1024

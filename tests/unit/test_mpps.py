@@ -203,6 +203,17 @@ def test_completed_step_completes_the_study_when_its_instances_arrived(
     assert PATIENT_NAME not in caplog.text and PATIENT_ID not in caplog.text
 
 
+def test_a_step_completes_a_study_once(running: Running, assoc: Association) -> None:
+    assert status_of(assoc, "create", create_attributes()).Status == 0x0000
+    assert assoc.send_c_store(ct("1.2.3.1")).Status == 0x0000
+    assert status_of(assoc, "set", set_attributes("COMPLETED", ["1.2.3.1"])).Status == 0x0000
+    assert tick(running, last_arrival(running)) == [(STUDY, RULE_MPPS)]
+    # A late instance re-opens the study; the consumed step does not complete it again at once.
+    assert assoc.send_c_store(ct("1.2.3.9")).Status == 0x0000
+    assert tick(running, last_arrival(running) + 1.0) == []
+    assert tick(running, last_arrival(running) + 30.0) == [(STUDY, RULE_QUIET)]
+
+
 def test_discontinued_step_processes_what_arrived(running: Running,
                                                    assoc: Association) -> None:
     assert status_of(assoc, "create", create_attributes()).Status == 0x0000

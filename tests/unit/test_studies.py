@@ -24,7 +24,7 @@ from pydicom.uid import (
 from test_spool import encoded
 
 from dicom_ai.config import Settings, load_settings, validate
-from dicom_ai.service import audit, db
+from dicom_ai.service import audit, db, studies
 from dicom_ai.service.scp import start_scp
 from dicom_ai.service.spool import Spool, parse_keys
 from dicom_ai.service.studies import (
@@ -504,3 +504,8 @@ def test_a_manifest_sent_by_dcmtk_completes_the_study(tmp_path: Path) -> None:
     finally:
         server.stop()
         spool.close()
+
+
+def test_every_rule_is_in_the_conformance_statement() -> None:
+    text = (Path(__file__).resolve().parents[2] / "docs" / "conformance-statement.md").read_text()
+    assert [rule for rule in studies.RULES if f"| `{rule}` |" not in text] == []
