@@ -382,10 +382,11 @@ def retry_dead(conn: sqlite3.Connection, now: float, destination: str | None = N
             "pending_since = ?, late = 0 WHERE state = 'dead' AND (? IS NULL OR destination = ?) "
             "RETURNING study_instance_uid, sop_instance_uid, destination",
             (now, now, destination, destination)).fetchall()
-    if audit_root is not None:
-        for study, sop, dest in rows:
-            audit.record(audit_root, str(study), "requeued", now=now, destination=str(dest),
-                         sop_instance_uid=str(sop))
+        # Before the commit: the running exporter cannot send (and audit "sent") a row sooner.
+        if audit_root is not None:
+            for study, sop, dest in rows:
+                audit.record(audit_root, str(study), "requeued", now=now,
+                             destination=str(dest), sop_instance_uid=str(sop))
     return len(rows)
 
 
