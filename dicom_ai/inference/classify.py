@@ -120,6 +120,7 @@ def prepare(bundle: Bundle, instance: Instance) -> PreparedImage:
         if kind == "dermoscopy":
             rgb = fundus.rgb_from_dataset(frame, instance.header)
             dermoscopy.require_colour(rgb)
+            dermoscopy.require_not_fundus(rgb)
             # Shown as it was photographed; the stretched network input maps back onto the
             # whole image.
             return PreparedImage(instance, dermoscopy.model_input(rgb, size),

@@ -175,3 +175,53 @@ def test_grey_pictures_in_colour_are_refused() -> None:
     tinted = grey.copy()
     tinted[..., 0] = np.minimum(grey[..., 0].astype(np.int64) + 2, 255).astype(np.uint8)
     require_colour(tinted)
+
+
+def test_colour_stats_and_fundus_rule_by_hand() -> None:
+    from dicom_ai.imaging.dermoscopy import colour_stats, require_not_fundus
+
+    # Half black (dark share 0.5), half (200, 100, 50): blue chromaticity 50/350 = 0.143.
+    rgb = np.zeros((2, 2, 3), dtype=np.uint8)
+    rgb[0] = (200, 100, 50)
+    stats = colour_stats(rgb)
+    assert stats.dark_share == 0.5 and stats.blue == pytest.approx(50 / 350)
+    with pytest.raises(ValueError, match="fundus"):
+        require_not_fundus(rgb)
+    # Orange-red inside a black surround (blue 0.25 < 0.30, dark 0.5 > 0.15): a fundus.
+    rgb[0] = (180, 120, 100)
+    with pytest.raises(ValueError, match="fundus"):
+        require_not_fundus(rgb)
+    # The same colour filling the picture is skin-like (blue 0.25 ≥ 0.19, no surround).
+    require_not_fundus(np.broadcast_to(np.array([180, 120, 100], dtype=np.uint8),
+                                       (4, 4, 3)).copy())
+
+
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+
+
+@pytest.mark.skipif(not (DATA / "skin" / "isic2017").is_dir()
+                    or not (DATA / "fundus").is_dir(), reason="../shared/data is not present")
+def test_fundus_rule_on_real_photographs() -> None:
+    """The rates the model card states: ISIC 2017 validation (never used to choose the rule)
+    1 of 148 refused; RetinaMNIST validation 113 of 120 and DRIVE 40 of 40 refused."""
+    import csv
+
+    from dicom_ai.imaging.dermoscopy import require_not_fundus
+
+    def refused(rgb: np.ndarray) -> bool:
+        try:
+            require_not_fundus(rgb)
+        except ValueError:
+            return True
+        return False
+
+    root = DATA / "skin" / "isic2017"
+    with (root / "labels.csv").open(encoding="utf-8", newline="") as fh:
+        val = [r["path"] for r in csv.DictReader(fh) if r["split"] == "val"]
+    isic = [refused(np.asarray(Image.open(root / p).convert("RGB"))) for p in val]
+    assert (sum(isic), len(isic)) == (1, 148)
+    retina = np.load(DATA / "fundus" / "retinamnist28_trainval.npz")["val_images"]
+    assert (sum(refused(im) for im in retina), len(retina)) == (113, 120)
+    drive = sorted((DATA / "fundus" / "drive").glob("*/*.jpg"))
+    assert (sum(refused(np.asarray(Image.open(p).convert("RGB"))) for p in drive),
+            len(drive)) == (40, 40)

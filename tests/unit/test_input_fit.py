@@ -178,15 +178,16 @@ def _vl_photograph(path: Path, rgb: np.ndarray) -> Path:
 def test_shipped_derm_model_rejects_other_photographs_and_grey_films(tmp_path: Path) -> None:
     from dicom_ai.dicom.errors import DicomInputError
 
-    others = [CORPUS / f for f in (
-        "pydicom-data/SC_rgb.dcm",                             # colour test pattern
-        "pydicom-data/US1_UNCI.dcm",                           # colour ultrasound
-        "pydicom_test_files/examples_rgb_color.dcm")]          # ultrasound, RGB
-    scores, threshold = _scores("derm-lesion", others)
-    assert all(s > threshold for s in scores), scores
+    scores, threshold = _scores("derm-lesion", [CORPUS / "pydicom-data" / "SC_rgb.dcm"])
+    assert all(s > threshold for s in scores), scores                # colour test pattern
+    bundle = load_bundle(REPO / "models" / "derm-lesion", device=torch.device("cpu"))
+    # Colour ultrasound (a warm-tinted sector on black) is refused by the fundus rule before
+    # the network sees it.
+    for name in ("pydicom-data/US1_UNCI.dcm", "pydicom_test_files/examples_rgb_color.dcm"):
+        with pytest.raises(DicomInputError, match="fundus"):
+            prepare(bundle, Instance(CORPUS / name, read_header(CORPUS / name)))
     # Radiographs exported as colour VL photographs labelled as skin: the grey film in RGB is
     # refused before the network sees it.
-    bundle = load_bundle(REPO / "models" / "derm-lesion", device=torch.device("cpu"))
     for folder in ("cxr01", "cxr03", "fracture01"):
         grey = presentation_grey(REPO / "sample_studies" / folder / "1.dcm")
         path = _vl_photograph(tmp_path / f"{folder}.dcm", np.repeat(grey[..., None], 3, axis=-1))
@@ -196,6 +197,18 @@ def test_shipped_derm_model_rejects_other_photographs_and_grey_films(tmp_path: P
     path = CORPUS / "pydicom_test_files" / "examples_ybr_color.dcm"
     with pytest.raises(DicomInputError, match="grey"):
         prepare(bundle, Instance(path, read_header(path)))
+    # Fundus photographs labelled as skin VL photographs are refused by their colour and
+    # black surround before the network sees them (dicom_ai.imaging.dermoscopy).
+    from dicom_ai.dicom.pixels import decode
+    from dicom_ai.imaging.fundus import rgb_from_dataset
+
+    for folder in ("fundus01", "fundus02", "fundus03"):
+        source = Instance(REPO / "sample_studies" / folder / "1.dcm",
+                          read_header(REPO / "sample_studies" / folder / "1.dcm"))
+        rgb = rgb_from_dataset(decode(source), source.header)
+        path = _vl_photograph(tmp_path / f"{folder}.dcm", rgb)
+        with pytest.raises(DicomInputError, match="fundus"):
+            prepare(bundle, Instance(path, read_header(path)))
     samples = sorted((REPO / "sample_studies").glob("derm0*/1.dcm"))
     scores, threshold = _scores("derm-lesion", samples)
     assert len(scores) == 3 and all(s <= threshold for s in scores), scores
