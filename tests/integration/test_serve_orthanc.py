@@ -10,6 +10,7 @@ The models directory is the repository's ``models/`` (``DICOMAI_TEST_MODELS`` ov
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
 import signal
@@ -140,11 +141,11 @@ class Serve:
         finally:
             conn.close()
 
-    def cli(self, command: str) -> str:
-        """Run ``dicom-ai COMMAND --config …`` beside the service; its standard output."""
+    def cli(self, command: str, *args: str) -> str:
+        """Run ``dicom-ai COMMAND --config … ARGS`` beside the service; its standard output."""
         env = dict(os.environ, PYTHONPATH=str(REPO))
         return subprocess.run(
-            [sys.executable, "-m", "dicom_ai.cli", command, "--config", str(self.config)],
+            [sys.executable, "-m", "dicom_ai.cli", command, "--config", str(self.config), *args],
             cwd=self.workdir, env=env, capture_output=True, text=True, check=True).stdout
 
     def status(self) -> str:
@@ -325,3 +326,42 @@ def test_destination_refusing_us_ends_in_dead_letters(workdir: Path,
         wait_for("re-queued results delivered", lambda: serve.index(
             "SELECT COUNT(*) = SUM(state = 'delivered') FROM outbound")[0][0] == 1)
         assert results_in_pacs(pacs, study_uid(folder)) is not None
+    assert_audit_trail(serve, folder)
+
+
+def assert_audit_trail(serve: Serve, folder: Path) -> None:
+    """The study's audit trail, written by four processes (listener, worker, exporter and the
+    ``retry`` command), tells the whole story in order and holds no patient identity."""
+    uid = study_uid(folder)
+    results = {r[0] for r in serve.index("SELECT sop_instance_uid FROM outbound")}
+
+    def trail() -> list[dict[str, Any]] | None:
+        events = [json.loads(line) for line in serve.cli("status", uid, "--json").splitlines()]
+        acked = {e["sop_instance_uid"] for e in events if e["event"] == "acknowledged"}
+        return events if acked == results else None
+
+    events = wait_for("every result acknowledged in the audit trail", trail, timeout=30)
+    kinds = [e["event"] for e in events]
+    sources = sorted(f for f in folder.rglob("*.dcm"))
+    assert kinds[:len(sources)] == ["received"] * len(sources)
+    assert {e["sop_instance_uid"] for e in events[:len(sources)]} == {
+        str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in sources}
+    assert {e["calling_aet"] for e in events[:len(sources)]} == {"MODALITY"}
+    analysed = events[kinds.index("analysed")]
+    assert kinds.index("complete") < kinds.index("analysed") < kinds.index("sent")
+    assert {r["sop_instance_uid"] for r in analysed["results"]} == results
+    assert all(m["name"] and m["version"] for m in analysed["models"])
+    for sop in results:
+        mine = [e["event"] for e in events if e.get("sop_instance_uid") == sop]
+        assert mine[0] == "sent" and mine[-2:] == ["sent", "acknowledged"]
+        assert mine.index("send_failed") < mine.index("dead") < mine.index("requeued")
+    by_event = {e["event"]: e["pid"] for e in events}
+    assert len({by_event[k] for k in ("received", "analysed", "dead", "requeued")}) == 4
+    text = serve.cli("status", uid)
+    assert "dead letter after" in text and "by pacs: stored" in text
+    for f in sources:
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        for value in (ds.get("PatientName"), ds.get("PatientID"), ds.get("PatientBirthDate")):
+            if value:
+                assert str(value) not in text
+                assert str(value) not in (serve.storage / "audit" / f"{uid}.jsonl").read_text()
