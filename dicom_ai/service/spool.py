@@ -43,7 +43,7 @@ from dicom_ai import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from dicom_ai.dicom.elements import ScanError, encode_element, even_text, top_level_values
 from dicom_ai.dicom.errors import MissingAttributeError, UnreadableFileError
 from dicom_ai.dicom.uid import is_valid_uid as is_uid
-from dicom_ai.service import db, studies
+from dicom_ai.service import audit, db, studies
 
 log = logging.getLogger(__name__)
 
@@ -457,6 +457,8 @@ class Spool:
                 log.warning("start-up scan: %s is superseded by a later copy; left unindexed", rel)
                 continue
             self._index(keys, path, path.stat().st_size, "", time.time())
+            # The sender and transfer syntax are unknown here; the trail says "start-up scan".
+            audit.received(self.root, keys, calling_aet="", transfer_syntax=None)
             uids.add(keys.sop_instance_uid)
             added += 1
         return added

@@ -233,14 +233,14 @@ class Worker:
                              str(ds.SOPClassUID), str(path.relative_to(self.spool.root)), dest,
                              now, now))
                 state = "done"
+                # Before the commit, so that the trail has it before the exporter's first "sent".
+                audit.analysed(self.spool.root, job.study_instance_uid, job_id=job.id,
+                               generation=job.generation, datasets=processed.datasets,
+                               findings=processed.findings)
             metrics.record_job(conn, job.id, processed.modality, processed.inference_seconds,
                                done=state == "done")
         log.info("job %d %s: %d result objects", job.id, state, len(outputs))
-        if state == "done":
-            audit.analysed(self.spool.root, job.study_instance_uid, job_id=job.id,
-                           generation=job.generation, datasets=processed.datasets,
-                           findings=processed.findings)
-        else:
+        if state == "superseded":
             audit.record(self.spool.root, job.study_instance_uid, "superseded", job_id=job.id,
                          generation=job.generation)
         return JobReport(job, state, outputs)
