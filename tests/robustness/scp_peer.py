@@ -28,6 +28,7 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 from pynetdicom.presentation import build_context
 
 from dicom_ai.dicom.elements import top_level_values
+from dicom_ai.service.requestor import associate
 from dicom_ai.service.ul import PDU, PDUType, read_pdu
 
 #: Identity planted in every instance the peers send; no log line may contain any of it.
@@ -199,7 +200,7 @@ def store_with_pynetdicom(port: int, sops: Iterable[str], calling: str = "MODALI
     ae = AE(ae_title=calling)
     ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
-    assoc = ae.associate("127.0.0.1", port, ae_title=CALLED)
+    assoc = associate(ae, "127.0.0.1", port, ae_title=CALLED)
     outcomes: list[Outcome] = []
     if not assoc.is_established:
         return [Outcome(sop, False) for sop in sops]

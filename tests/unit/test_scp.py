@@ -34,6 +34,7 @@ from pynetdicom.association import Association
 from test_spool import STUDY, encoded
 
 from dicom_ai.config import DestinationSettings, Settings, TLSSettings
+from dicom_ai.service import requestor
 from dicom_ai.service.association import StoreRequest
 from dicom_ai.service.export import Delivery, DimseSender
 from dicom_ai.service.scp import (
@@ -93,7 +94,7 @@ def associate(port: int, *, calling: str = "MODALITY", called: str = "DICOMAI",
     ae = AE(ae_title=calling)
     for uid in contexts:
         ae.add_requested_context(uid, ExplicitVRLittleEndian)
-    return ae.associate("127.0.0.1", port, ae_title=called, tls_args=tls)
+    return requestor.associate(ae, "127.0.0.1", port, ae_title=called, tls_args=tls)
 
 
 def ct(sop: str, **attrs: Any) -> Dataset:
@@ -331,7 +332,7 @@ def test_compressed_and_uncompressed_syntaxes_are_stored_as_sent(scp_factory: St
     datasets = {ts: pydicom.dcmread(path) for ts, path in files.items()}
     for ts, ds in datasets.items():
         ae.add_requested_context(ds.SOPClassUID, ts)
-    assoc = ae.associate("127.0.0.1", running.port, ae_title="DICOMAI")
+    assoc = requestor.associate(ae, "127.0.0.1", running.port, ae_title="DICOMAI")
     assert assoc.is_established
     for ts, ds in datasets.items():
         assert assoc.send_c_store(ds).Status == 0x0000, ts
