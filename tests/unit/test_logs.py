@@ -81,3 +81,20 @@ def test_json_format_is_a_setting_checked_like_the_others() -> None:
     assert load_settings(env={"DICOM_AI_LOG_FORMAT": "json"}).log_format == "json"
     with pytest.raises(SettingsError, match="log_format: one of text, json"):
         load_settings(env={"DICOM_AI_LOG_FORMAT": "xml"})
+
+
+CHILD_SCRIPT = r"""
+import logging, os
+from dicom_ai.config import load_settings
+from dicom_ai.service.process import child_setup
+child_setup(load_settings(env={"DICOM_AI_LOG_FORMAT": "json"}), os.getppid(), "exporter")
+logging.getLogger("dicom_ai.service.export").info("pacs: 2 of 2 delivered")
+"""
+
+
+def test_service_child_processes_log_in_the_configured_format() -> None:
+    run = subprocess.run([sys.executable, "-c", CHILD_SCRIPT], capture_output=True, text=True,
+                         timeout=60, cwd=REPO)
+    assert run.returncode == 0, run.stderr[-2000:]
+    (record,) = [json.loads(line) for line in run.stderr.splitlines()]
+    assert (record["process"], record["message"]) == ("exporter", "pacs: 2 of 2 delivered")
