@@ -50,7 +50,7 @@ from prometheus_client.registry import Collector
 
 from dicom_ai.config import Settings
 from dicom_ai.service.association import error_site
-from dicom_ai.service.metrics import LISTENER_METRICS, FreeBytes, IndexCollector, read_only
+from dicom_ai.service.metrics import MAIN_PROCESS_METRICS, FreeBytes, IndexCollector, read_only
 
 log = logging.getLogger(__name__)
 
@@ -462,7 +462,7 @@ def build_registry(health: ServiceHealth, index: IndexCollector) -> CollectorReg
     """The registry of ``/metrics``: listener counters, the index, health, and the main process's
     ``process_*`` / ``python_*`` metrics."""
     registry = CollectorRegistry(auto_describe=False)
-    for collector in LISTENER_METRICS:
+    for collector in MAIN_PROCESS_METRICS:
         registry.register(collector)
     registry.register(index)
     registry.register(HealthCollector(health))

@@ -3,9 +3,10 @@
 The service is several processes (listener and assembler in the main process, worker and exporter
 children), and the endpoint runs in the main process. Two sources make up what it shows:
 
-- The listener counts in memory (it runs in the endpoint's process): instances received and
-  refused by reason, associations accepted, rejected by reason, and open. These counters start
-  at zero with the process, as Prometheus counters do.
+- The main process counts in memory (the listener and the supervisor run in the endpoint's
+  process): instances received and refused by reason, associations accepted, rejected by reason,
+  and open, child processes restarted. These counters start at zero with the process, as
+  Prometheus counters do.
 - Everything the children do is counted in the SQLite index, in the same transaction as the work
   it counts (:func:`add_count`, :func:`observe`): studies completed, deliveries attempted, failed,
   delivered, late and dead, inference seconds per model, end-to-end seconds per modality. Stored
@@ -95,9 +96,15 @@ ASSOCIATIONS_REJECTED = Counter("dicom_ai_associations_rejected",
                                 "A-ASSOCIATE-RJ sent, by reason", ["reason"], registry=None)
 ASSOCIATIONS_OPEN = Gauge("dicom_ai_associations_open", "Associations open now",
                           registry=None)
-LISTENER_METRICS: tuple[Collector, ...] = (INSTANCES_RECEIVED, INSTANCES_REFUSED,
-                                           ASSOCIATIONS_ACCEPTED, ASSOCIATIONS_REJECTED,
-                                           ASSOCIATIONS_OPEN)
+#: Counted by the supervisor (main process): a crash loop shows here even when each restarted
+#: child lives long enough to pass readiness between crashes.
+CHILD_RESTARTS = Counter("dicom_ai_child_restarts",
+                         "Child processes (workers, exporter) restarted after they exited",
+                         ["process"], registry=None)
+#: The in-memory instruments of the main process.
+MAIN_PROCESS_METRICS: tuple[Collector, ...] = (INSTANCES_RECEIVED, INSTANCES_REFUSED,
+                                               ASSOCIATIONS_ACCEPTED, ASSOCIATIONS_REJECTED,
+                                               ASSOCIATIONS_OPEN, CHILD_RESTARTS)
 
 #: C-STORE failure statuses (PS3.4 B.2.3, PS3.7 C.4) → reason label.
 _REFUSAL_REASONS = {0xA700: "out_of_resources", 0xA900: "sop_class_mismatch",
@@ -146,6 +153,11 @@ def association_opened() -> None:
 def association_closed() -> None:
     """An accepted association ended and gave its slot back."""
     ASSOCIATIONS_OPEN.dec()
+
+
+def child_restarted(name: str) -> None:
+    """The supervisor restarts the child process ``name``."""
+    CHILD_RESTARTS.labels(name).inc()
 
 
 # --- stored counters and histograms (any process, in the caller's transaction) --------------

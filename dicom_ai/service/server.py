@@ -36,7 +36,7 @@ from pathlib import Path
 from types import FrameType
 
 from dicom_ai.config import Settings
-from dicom_ai.service import db, page, studies
+from dicom_ai.service import db, metrics, page, studies
 from dicom_ai.service.export import exporter_main
 from dicom_ai.service.http import start_endpoint
 from dicom_ai.service.lanes import WorkerPlan, available_memory, default_processes, plan_workers
@@ -165,6 +165,7 @@ class Service:
             if time.monotonic() - self._started_at[name] < RESTART_INTERVAL_S:
                 continue
             log.error("%s process exited with code %s; restarting", name, proc.exitcode)
+            metrics.child_restarted(name)
             if name in self.workers:
                 self._requeue_of(proc)
             self._start_child(name)

@@ -5,8 +5,10 @@ dead letters, spool), and the listener's in-memory counters over a real associat
 from __future__ import annotations
 
 import math
+import os
 import re
 import shutil
+import signal
 import sqlite3
 import subprocess
 import time
@@ -38,6 +40,7 @@ from dicom_ai.service.metrics import (
     refusal_reason,
 )
 from dicom_ai.service.scp import disk_free_bytes, start_scp
+from dicom_ai.service.server import Service
 from dicom_ai.service.spool import Spool
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -271,6 +274,14 @@ def test_refusal_reasons_are_a_fixed_set(status: int, comment: str, reason: str)
     assert refusal_reason(status, comment) == reason
 
 
+def count(metric: str, **labels: str) -> float:
+    """A main-process instrument's sample now (0 before its first count)."""
+    registry = CollectorRegistry()
+    for collector in metrics.MAIN_PROCESS_METRICS:
+        registry.register(collector)
+    return registry.get_sample_value(metric, labels) or 0.0
+
+
 def test_listener_counts_received_refused_and_associations(tmp_path: Path) -> None:
     settings = Settings()
     settings.scp.port = 0
@@ -278,12 +289,6 @@ def test_listener_counts_received_refused_and_associations(tmp_path: Path) -> No
     spool = Spool(tmp_path / "spool")
     listener = start_scp(settings, spool)
     port = int(listener.server_address[1])
-
-    def count(metric: str, **labels: str) -> float:
-        registry = CollectorRegistry()
-        for collector in metrics.LISTENER_METRICS:
-            registry.register(collector)
-        return registry.get_sample_value(metric, labels) or 0.0
 
     received = count("dicom_ai_instances_received_total")
     refused = count("dicom_ai_instances_refused_total", reason="cannot_understand")
@@ -355,7 +360,7 @@ def populated_exposition(conn: sqlite3.Connection, root: Path) -> str:
     metrics.store_answered(0xA700, "out of resources: disk almost full")
     metrics.association_rejected(0x01, 0x01, 0x03)
     registry = CollectorRegistry(auto_describe=False)
-    for listener_metric in metrics.LISTENER_METRICS:
+    for listener_metric in metrics.MAIN_PROCESS_METRICS:
         registry.register(listener_metric)
     registry.register(collector(root))
     return generate_latest(registry).decode()
@@ -389,3 +394,28 @@ def test_every_metric_an_alert_uses_is_exposed_and_every_alert_documented(
             family = re.sub(r"_(total|bucket|count|sum)$", "", name)
             assert family in exposed, (rule["alert"], name)
         assert f"`{rule['alert']}`" in operations, rule["alert"]
+
+
+def test_the_supervisor_counts_a_restarted_child(tmp_path: Path) -> None:
+    settings = Settings()
+    settings.storage.directory = str(tmp_path)
+    settings.worker.poll_interval_s = 0.1
+    db.connect(tmp_path / "index.sqlite").close()
+    service = Service(settings)
+    before = count("dicom_ai_child_restarts_total", process="exporter")
+    try:
+        service._start_child("exporter")
+        first = service._children["exporter"]
+        assert first.pid is not None
+        os.kill(first.pid, signal.SIGKILL)
+        first.join(timeout=30)
+        service._started_at["exporter"] -= 60  # past the restart interval
+        service._supervise()
+        assert service._children["exporter"].pid != first.pid
+    finally:
+        service._stop_children.set()
+        for proc in service._children.values():
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+    assert count("dicom_ai_child_restarts_total", process="exporter") - before == 1
