@@ -13,7 +13,7 @@ default). It serves:
     ``storage.minimum_free_mb``), the listener, every child process (worker(s), exporter) alive,
     and each destination not late (a delivery to it failing for longer than
     ``export.late_after_s``, from the outbound table). 200 or 503; the JSON body lists every
-    check. ``?exclude=NAME`` leaves a check out — a name (``worker``), or a group
+    check. ``?exclude=NAME`` leaves a check out — a name (``worker-2``), or a group
     (``destinations`` for all ``destinations/…``), as Kubernetes' own ``/readyz?exclude=`` does.
 
 Other paths go to routes mounted with :meth:`HTTPEndpoint.add_route` (the status page at ``/``).
