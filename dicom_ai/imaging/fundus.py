@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset
-from pydicom.pixels.processing import apply_color_lut
+from pydicom.pixels.processing import apply_color_lut, convert_color_space
 from scipy import ndimage
 
 from dicom_ai.imaging.resize import resize_2d
@@ -22,8 +22,15 @@ def ybr_full_to_rgb(ybr: npt.NDArray[np.generic], bits: int = 8) -> UInt8Array:
     """YCbCr (full range, PS3.3 C.7.6.3.1.2, ITU-R BT.601 coefficients) → RGB uint8.
 
     ``R = Y + 1.402 (Cr - h)``, ``G = Y - 0.344136 (Cb - h) - 0.714136 (Cr - h)``,
-    ``B = Y + 1.772 (Cb - h)`` with ``h = 2**(bits-1)``; results rounded and clipped.
+    ``B = Y + 1.772 (Cb - h)`` with ``h = 2**(bits-1)``; results rounded and clipped. Eight-bit
+    samples go through pydicom's ``convert_color_space`` (which converts only 8 bits; it
+    differs from the rounding here by one level in about 0.02 % of uniformly random samples),
+    16-bit ones (OP) through the formulas here.
     """
+    if bits == 8:
+        rgb8: UInt8Array = convert_color_space(np.asarray(ybr, dtype=np.uint8), "YBR_FULL",
+                                               "RGB")
+        return rgb8
     arr = ybr.astype(np.float64)
     half = float(2 ** (bits - 1))
     y, cb, cr = arr[..., 0], arr[..., 1] - half, arr[..., 2] - half

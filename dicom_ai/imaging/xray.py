@@ -3,6 +3,13 @@
 The order follows the DICOM grayscale pipeline (PS3.4 N.2): Modality LUT (rescale or Modality
 LUT Sequence) → VOI LUT (VOI LUT Sequence or window) → MONOCHROME1 inversion. All functions
 are pure; :func:`presentation_from_dataset` reads the parameters from a header.
+
+The Modality LUT and the window are pydicom's (:func:`pydicom.pixels.apply_modality_lut`,
+:func:`pydicom.pixels.apply_windowing`: LINEAR, LINEAR_EXACT and SIGMOID as PS3.3
+C.11.2.1.2–3 define them). A VOI LUT Sequence is applied here: pydicom's ``apply_voi`` indexes
+an 8-bit LUT through a uint8 array, so inputs 256 or more past the first mapped value wrap
+around instead of taking the last entry (``tests/unit/test_xray.py`` shows it), and it warns
+on the floating-point values a rescale produces.
 """
 
 from __future__ import annotations
@@ -12,17 +19,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
+from pydicom.pixels.processing import apply_modality_lut, apply_windowing
 
 from dicom_ai.imaging.resize import Aspect, resize_2d
 
 FloatArray = npt.NDArray[np.float64]
-
-
-def rescale(stored: npt.NDArray[np.generic], slope: float = 1.0,
-            intercept: float = 0.0) -> FloatArray:
-    """Modality LUT as a linear rescale: ``slope * stored + intercept``."""
-    return stored.astype(np.float64) * float(slope) + float(intercept)
 
 
 def apply_lut(values: npt.NDArray[np.generic], descriptor: Sequence[int],
@@ -42,26 +45,39 @@ def apply_lut(values: npt.NDArray[np.generic], descriptor: Sequence[int],
     return mapped
 
 
-def window_linear(values: npt.NDArray[np.generic], center: float, width: float) -> FloatArray:
-    """VOI window with the LINEAR function of PS3.3 C.11.2.1.2.1, output in [0, 1].
+#: Output range of the window computed by pydicom (16-bit unsigned), scaled to [0, 1] here.
+_WINDOW_TOP = 65535.0
 
-    ``x <= c - 0.5 - (w-1)/2`` → 0; ``x > c - 0.5 + (w-1)/2`` → 1; otherwise
-    ``((x - (c - 0.5)) / (w - 1) + 0.5)``.
+
+def window(values: npt.NDArray[np.generic], center: float, width: float,
+           function: str = "LINEAR") -> FloatArray:
+    """VOI window, output in [0, 1]: ``LINEAR`` (PS3.3 C.11.2.1.2.1), ``LINEAR_EXACT``
+    (C.11.2.1.3.2) or ``SIGMOID`` (C.11.2.1.3.1), computed by pydicom's ``apply_windowing``.
+
+    LINEAR: ``x <= c - 0.5 - (w-1)/2`` → 0, ``x > c - 0.5 + (w-1)/2`` → 1, otherwise
+    ``(x - (c - 0.5)) / (w - 1) + 0.5``; LINEAR_EXACT the same with ``c`` and ``w`` as given;
+    SIGMOID ``1 / (1 + exp(-4 (x - c) / w))``.
+
+    Raises
+    ------
+    ValueError
+        A width below 1 (LINEAR) or not positive (LINEAR_EXACT, SIGMOID), or another function.
     """
-    if width < 1:
-        raise ValueError(f"window width must be >= 1, got {width}")
-    x = values.astype(np.float64)
-    if width == 1:
-        return (x > center - 0.5).astype(np.float64)
-    y = (x - (center - 0.5)) / (width - 1) + 0.5
-    return np.clip(y, 0.0, 1.0)
+    ds = Dataset()
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsStored = 16
+    ds.PixelRepresentation = 0
+    # FD, not the attributes' DS: a computed centre may need more than DS's 16 characters.
+    ds.add(DataElement(0x00281050, "FD", float(center)))
+    ds.add(DataElement(0x00281051, "FD", float(width)))
+    ds.VOILUTFunction = function
+    out: FloatArray = apply_windowing(values.astype(np.float64), ds) / _WINDOW_TOP
+    return out
 
 
-def window_sigmoid(values: npt.NDArray[np.generic], center: float, width: float) -> FloatArray:
-    """VOI window with the SIGMOID function of PS3.3 C.11.2.1.3.1, output in (0, 1)."""
-    if width <= 0:
-        raise ValueError(f"window width must be > 0, got {width}")
-    return 1.0 / (1.0 + np.exp(-4.0 * (values.astype(np.float64) - center) / width))
+def window_linear(values: npt.NDArray[np.generic], center: float, width: float) -> FloatArray:
+    """The LINEAR :func:`window`."""
+    return window(values, center, width, "LINEAR")
 
 
 def scale_to_unit(values: npt.NDArray[np.generic], low: float, high: float) -> FloatArray:
@@ -140,14 +156,9 @@ def voi_from_header(header: Dataset) -> VOI:
 
 
 def modality_values(stored: npt.NDArray[np.generic], header: Dataset) -> FloatArray:
-    """Stored values → modality values (Modality LUT Sequence, else Rescale Slope/Intercept)."""
-    seq = header.get("ModalityLUTSequence")
-    if seq:
-        desc, data = lut_from_item(seq[0])
-        return apply_lut(stored, desc, data)
-    slope = float(header.get("RescaleSlope", 1.0) or 1.0)
-    intercept = float(header.get("RescaleIntercept", 0.0) or 0.0)
-    return rescale(stored, slope, intercept)
+    """Stored values → modality values (Modality LUT Sequence, else Rescale Slope/Intercept),
+    by pydicom's ``apply_modality_lut``."""
+    return np.asarray(apply_modality_lut(stored, header), dtype=np.float64)
 
 
 def apply_voi(values: FloatArray, voi: VOI) -> FloatArray:
@@ -157,9 +168,7 @@ def apply_voi(values: FloatArray, voi: VOI) -> FloatArray:
         # The descriptor's third value is the bit depth of the LUT's entries.
         return scale_to_unit(out, 0.0, float(2**voi.lut_descriptor[2] - 1))
     if voi.kind == "window":
-        if voi.function == "SIGMOID":
-            return window_sigmoid(values, voi.center, voi.width)
-        return window_linear(values, voi.center, voi.width)
+        return window(values, voi.center, voi.width, voi.function)
     return scale_to_unit(values, voi.low, voi.high)
 
 

@@ -95,7 +95,8 @@ def test_fundus_rgb_and_ybr_full(photometric: str) -> None:
     rgb = _fundus_image()
     pixels = rgb if photometric == "RGB" else _rgb_to_ybr_full(rgb)
     ds = _round_trip(image_dataset(pixels, Modality="OP", PhotometricInterpretation=photometric))
-    # Stored values as they are in the file; the conversion is ours, not pydicom's.
+    # Stored values as they are in the file, converted by fundus.ybr_full_to_rgb (pydicom's
+    # convert_color_space for 8 bits).
     stored = ds.pixel_array if photometric == "RGB" else pydicom.pixels.pixel_array(
         ds, raw=True)
     decoded = (stored if photometric == "RGB" else fundus.ybr_full_to_rgb(stored))

@@ -1,5 +1,7 @@
 """Projection radiography grayscale pipeline, pinned with values worked out by hand
-(PS3.3 C.11.1 Modality LUT, C.11.2.1.2.1 LINEAR and C.11.2.1.3.1 SIGMOID VOI functions)."""
+(PS3.3 C.11.1 Modality LUT, C.11.2.1.2.1 LINEAR, C.11.2.1.3.1 SIGMOID and C.11.2.1.3.2
+LINEAR_EXACT VOI functions): the Modality LUT and windows are pydicom's, so these hand-worked
+values are what pydicom's functions must give."""
 
 from __future__ import annotations
 
@@ -7,8 +9,9 @@ import math
 
 import numpy as np
 import pytest
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_ai.imaging.xray import (
     VOI,
@@ -19,10 +22,9 @@ from dicom_ai.imaging.xray import (
     model_input,
     presentation_from_8bit,
     presentation_from_dataset,
-    rescale,
     voi_from_header,
+    window,
     window_linear,
-    window_sigmoid,
 )
 
 
@@ -39,18 +41,35 @@ def test_linear_window_full_12_bit_and_width_one() -> None:
     assert np.allclose(window_linear(np.array([0, 4095]), 2048, 4096), [0, 1])
     # w = 1 is a threshold at c − 0.5.
     assert window_linear(np.array([9, 9.5, 10]), 10, 1).tolist() == [0, 0, 1]
-    with pytest.raises(ValueError, match="width"):
+    with pytest.raises(ValueError, match="Window Width"):
         window_linear(np.array([0]), 10, 0.5)
+
+
+def test_linear_exact_window_c50_w100() -> None:
+    # PS3.3 C.11.2.1.3.2: x <= c − w/2 → 0, x > c + w/2 → 1, else (x − c)/w + 0.5 — no
+    # half-pixel shift and no w − 1 as in LINEAR.
+    x = np.array([-1, 0, 0.5, 25, 50, 99.5, 100, 100.5])
+    assert np.allclose(window(x, 50, 100, "LINEAR_EXACT"),
+                       [0, 0, 0.005, 0.25, 0.5, 0.995, 1, 1])
+    # LINEAR on the same window differs: (25 − 49.5)/99 + 0.5.
+    assert window(np.array([25.0]), 50, 100)[0] == pytest.approx((25 - 49.5) / 99 + 0.5)
+    with pytest.raises(ValueError, match="greater than 0"):
+        window(x, 50, 0, "LINEAR_EXACT")
+    header = _header(WindowCenter=50, WindowWidth=100, VOILUTFunction="LINEAR_EXACT",
+                     BitsStored=8)
+    out = presentation_from_dataset(np.array([0, 25, 100], dtype=np.uint8), header)
+    assert np.allclose(out, [0, 0.25, 1])
 
 
 def test_sigmoid_window() -> None:
     # 1 / (1 + exp(−4 (x − c) / w)): x = c → 0.5, x = c ± w/4 → 1/(1 + e^∓1).
-    out = window_sigmoid(np.array([50.0, 75.0, 25.0]), 50, 100)
+    out = window(np.array([50.0, 75.0, 25.0]), 50, 100, "SIGMOID")
     assert np.allclose(out, [0.5, 1 / (1 + math.exp(-1)), 1 / (1 + math.e)])
 
 
 def test_rescale_and_invert() -> None:
-    assert rescale(np.array([0, 50], dtype=np.uint16), 2.0, -100.0).tolist() == [-100.0, 0.0]
+    header = _header(RescaleSlope=2, RescaleIntercept=-100)
+    assert modality_values(np.array([0, 50], dtype=np.uint16), header).tolist() == [-100.0, 0.0]
     assert invert(np.array([0.0, 0.25, 1.0])).tolist() == [1.0, 0.75, 0.0]
 
 
@@ -156,6 +175,9 @@ def test_modality_lut_sequence_as_16_bit_words() -> None:
     item.LUTDescriptor = [3, 0, 16]
     item.add_new(0x00283006, "OW", np.array([100, 200, 300], dtype="<u2").tobytes())
     header = _header(ModalityLUTSequence=Sequence([item]))
+    # OW words are read in the data set's byte order (pydicom asks the transfer syntax).
+    header.file_meta = FileMetaDataset()
+    header.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     assert modality_values(np.array([0, 1, 2, 5]), header).tolist() == [100, 200, 300, 300]
 
 
@@ -166,3 +188,21 @@ def test_lut_item_without_descriptor_is_a_value_error() -> None:
 
     with pytest.raises(ValueError, match="without LUT Descriptor"):
         lut_from_item(Dataset())
+
+
+def test_pydicom_voi_lut_wraps_8_bit_luts_so_ours_is_used() -> None:
+    """Why the VOI LUT Sequence is not pydicom's: its apply_voi indexes an 8-bit LUT through
+    uint8, so an input 256 past the first mapped value wraps to the first entry."""
+    from pydicom.pixels.processing import apply_voi
+
+    item = Dataset()
+    item.LUTDescriptor = [4, 10, 8]
+    item.add_new(0x00283006, "US", [0, 100, 200, 255])
+    header = _header(VOILUTSequence=Sequence([item]))
+    stored = np.array([12, 266], dtype=np.uint16)
+    assert apply_voi(stored, header).tolist() == [200, 0]
+    assert np.allclose(apply_voi_here(stored, header), [200 / 255, 1.0])
+
+
+def apply_voi_here(stored: np.ndarray, header: Dataset) -> np.ndarray:
+    return apply_voi(modality_values(stored, header), voi_from_header(header))
