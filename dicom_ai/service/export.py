@@ -38,6 +38,7 @@ from dicom_ai.config import DestinationSettings, ExportSettings, Settings
 from dicom_ai.logs import log_failure
 from dicom_ai.service import audit, db, metrics
 from dicom_ai.service.process import child_setup, orphaned
+from dicom_ai.service.requestor import associate
 from dicom_ai.service.tls import client_context
 
 log = logging.getLogger(__name__)
@@ -123,9 +124,11 @@ class DimseSender:
                 rejection.append(f"association rejected: {reason}")
 
         tls_args = (client_context(dest.tls), dest.host) if dest.tls.enabled else None
-        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args,
-                             evt_handlers=[(evt.EVT_PDU_RECV, on_pdu),
-                                           (evt.EVT_CONN_OPEN, lambda _: connected.append(True))])
+        # requestor.associate: pynetdicom's reactor can otherwise take a C-STORE response meant
+        # for this thread (notes in dicom_ai/service/requestor.py).
+        assoc = associate(ae, dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args,
+                          evt_handlers=[(evt.EVT_PDU_RECV, on_pdu),
+                                        (evt.EVT_CONN_OPEN, lambda _: connected.append(True))])
         if not assoc.is_established:
             why = rejection[0] if rejection else ("association aborted" if connected
                                                   else "cannot connect")

@@ -21,6 +21,7 @@ from dicom_ai.config import DestinationSettings, Settings
 from dicom_ai.dicom.uid import InvalidUIDError
 from dicom_ai.service import audit, db
 from dicom_ai.service.export import Exporter, make_senders
+from dicom_ai.service.requestor import associate
 from dicom_ai.service.scp import start_scp
 from dicom_ai.service.spool import InstanceKeys, Spool, parse_keys
 from dicom_ai.service.status import show_trail
@@ -240,7 +241,7 @@ def test_one_study_through_listener_assembler_worker_and_exporter(tmp_path: Path
         study = str(ds.StudyInstanceUID)
         ae = AE(ae_title="MODALITY")
         ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
-        assoc = ae.associate("127.0.0.1", int(listener.server_address[1]), ae_title="DICOMAI")
+        assoc = associate(ae, "127.0.0.1", int(listener.server_address[1]), ae_title="DICOMAI")
         assert assoc.is_established
         try:
             assert assoc.send_c_store(ds).Status == 0x0000
