@@ -43,7 +43,13 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
-from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
+from prometheus_client import (
+    CollectorRegistry,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
@@ -503,6 +509,9 @@ def start_endpoint(settings: Settings, *, listener: ListenerLike,
                            destinations=destinations)
     index = IndexCollector(root, destinations=destinations, minimum_free_bytes=minimum,
                            free_bytes=free_bytes)
+    # A ``*_created`` series per counter only doubles what a scraper stores: Prometheus sees a
+    # counter reset by its value dropping.
+    disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in prometheus-client
     try:
         endpoint = HTTPEndpoint((http.bind_address, http.port),
                                 registry=build_registry(health, index), health=health)

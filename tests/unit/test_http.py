@@ -192,6 +192,7 @@ def test_metrics_are_prometheus_text_with_the_readiness_gauge(running: Running) 
     assert status == 200
     assert headers["Content-Type"].startswith("text/plain; version=")
     families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+    assert b"_created" not in body  # no second series per counter
     for name in ("dicom_ai_instances_received", "dicom_ai_associations_open", "dicom_ai_jobs",
                  "dicom_ai_queue_depth", "dicom_ai_spool_free_bytes", "dicom_ai_ready",
                  "dicom_ai_inference_seconds", "dicom_ai_end_to_end_seconds",
