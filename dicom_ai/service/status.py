@@ -18,6 +18,8 @@ from typing import Any, TextIO
 
 from pydicom.uid import UID
 
+from dicom_ai.service import queries
+
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A plain-text table with left-aligned columns and a dashed rule under the headers."""
@@ -55,51 +57,40 @@ def render(conn: sqlite3.Connection, *, now: float | None = None, limit: int = 2
     now = time.time() if now is None else now
     parts: list[str] = []
 
-    studies = conn.execute(
-        "SELECT s.study_instance_uid, s.state, s.generation, s.instance_count, s.last_received, "
-        "(SELECT j.state FROM jobs j WHERE j.study_instance_uid = s.study_instance_uid "
-        " ORDER BY j.generation DESC, j.id DESC LIMIT 1) "
-        "FROM studies s ORDER BY s.last_received DESC LIMIT ?", (limit,)).fetchall()
-    total = conn.execute("SELECT COUNT(*) FROM studies").fetchone()[0]
+    studies = queries.recent_studies(conn, limit)
+    total = queries.study_count(conn)
     parts.append(f"Studies ({total}, latest {len(studies)} shown)")
     parts.append(table(["study instance uid", "state", "gen", "instances", "last instance",
-                        "job"], [(r[0], r[1], r[2], r[3], _age(r[4], now), r[5] or "")
+                        "job"], [(r.study_instance_uid, r.state, r.generation, r.instance_count,
+                                  _age(r.last_received, now), r.job_state or "")
                                  for r in studies]))
 
-    counts = dict(conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
-    parts.append("\nJobs: " + ", ".join(f"{s} {counts.get(s, 0)}" for s in
-                                        ("queued", "running", "done", "failed", "superseded")))
-    open_jobs = conn.execute(
-        "SELECT id, study_instance_uid, generation, state, attempts, outputs, last_error "
-        "FROM jobs WHERE state IN ('queued', 'running', 'failed') ORDER BY id DESC LIMIT ?",
-        (limit,)).fetchall()
+    counts = queries.job_counts(conn)
+    parts.append("\nJobs: " + ", ".join(f"{s} {n}" for s, n in counts.items()))
+    open_jobs = queries.open_jobs(conn, limit)
     if open_jobs:
         parts.append(table(["job", "study instance uid", "gen", "state", "attempts", "outputs",
-                            "last error"], [tuple(r) for r in open_jobs]))
+                            "last error"], open_jobs))
 
-    queue = conn.execute(
-        "SELECT destination, SUM(state = 'pending'), SUM(state = 'delivered'), "
-        "SUM(state = 'dead') FROM outbound GROUP BY destination ORDER BY destination").fetchall()
+    queue = queries.destinations(conn)
     parts.append("\nOutbound queue")
     parts.append(table(["destination", "pending", "delivered", "dead"],
-                       [tuple(r) for r in queue]) if queue else "(empty)")
-    dead = conn.execute(
-        "SELECT destination, sop_instance_uid, attempts, last_error FROM outbound "
-        "WHERE state = 'dead' ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+                       [(d.destination, d.pending, d.delivered, d.dead) for d in queue])
+                 if queue else "(empty)")
+    dead = queries.dead_letters(conn, limit)
     if dead:
         parts.append("\nDead letters (not retried automatically; `dicom-ai retry` after fixing "
                      "the destination)")
         parts.append(table(["destination", "sop instance uid", "attempts", "last error"],
-                           [tuple(r) for r in dead]))
-    pending = conn.execute(
-        "SELECT destination, sop_instance_uid, attempts, next_attempt_at, last_error "
-        "FROM outbound WHERE state = 'pending' AND attempts > 0 ORDER BY id LIMIT ?",
-        (limit,)).fetchall()
+                           [(d.destination, d.sop_instance_uid, d.attempts, d.last_error)
+                            for d in dead]))
+    pending = queries.retrying(conn, limit)
     if pending:
         parts.append("\nRetrying")
         parts.append(table(["destination", "sop instance uid", "attempts", "next try in",
                             "last error"],
-                           [(r[0], r[1], r[2], f"{max(0, int(r[3] - now))}s", r[4])
+                           [(r.destination, r.sop_instance_uid, r.attempts,
+                             f"{max(0, int(r.next_attempt_at - now))}s", r.last_error)
                             for r in pending]))
     return "\n".join(parts) + "\n"
 
