@@ -13,11 +13,19 @@ data set arrives, for a large one — and renamed), so a crash leaves either not
 instance. An instance whose index row cannot be written (disk full) is removed again: the sender
 is told it failed, and nothing of it remains. The start-up scan (:meth:`Spool.reindex`) indexes any
 whole instance whose row was lost to a crash between rename and insert.
+
+Instances committed at the same time — several associations storing at once — share the last two
+steps (:class:`GroupCommit`): each fdatasyncs and renames its own file (concurrent fdatasyncs join
+the same journal commit in the kernel), then one of them fsyncs every directory the group renamed
+into, once each, and writes all the group's index rows in one transaction. Each instance still
+returns only after its file, its name and its row are durable; if a step of the group fails, every
+instance of the group fails and none is acknowledged.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import logging
 import os
@@ -29,7 +37,7 @@ import time
 import zlib
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
 
@@ -250,6 +258,99 @@ def durable_write(target: Path, chunks: Sequence[bytes | memoryview], *, tmp_dir
     return size
 
 
+#: What an index row holds besides its keys: (path, size, calling AE title, arrival time).
+IndexRow = tuple[InstanceKeys, Path, int, str, float]
+
+
+@dataclass
+class _Member:
+    """One instance waiting in a :class:`GroupCommit`: its row in, its outcome out."""
+
+    row: IndexRow
+    done: bool = False
+    new: bool = False
+    error: BaseException | None = field(default=None, repr=False)
+
+
+class GroupCommit:
+    """Directory fsyncs and index commits shared by the instances committed at the same time.
+
+    The first instance to arrive leads: it takes every instance waiting at that moment (itself
+    included), fsyncs each of their directories once, writes their rows in one transaction, and
+    wakes them. Instances arriving meanwhile wait and form the next group, led by one of them. No
+    thread of its own and no timer: a lone instance is committed at once, and the busier the
+    spool, the larger the groups.
+
+    Parameters
+    ----------
+    spool:
+        Whose index the rows go to.
+    """
+
+    def __init__(self, spool: Spool) -> None:
+        self._spool = spool
+        self._changed = threading.Condition()
+        self._waiting: list[_Member] = []
+        self._leading = False
+        #: Groups committed and instances in them (``instances / groups`` is the mean size).
+        self.groups = 0
+        self.instances = 0
+
+    def commit(self, row: IndexRow) -> bool:
+        """Make ``row``'s directory entry durable and index it, with whoever commits meanwhile.
+
+        Parameters
+        ----------
+        row:
+            The instance, its file already fdatasync'ed and renamed into place.
+
+        Returns
+        -------
+        bool
+            Whether the instance is new (see :meth:`Spool._index`).
+
+        Raises
+        ------
+        OSError, sqlite3.Error
+            A step of the group failed (a copy of its error); no row of the group was written.
+        """
+        member = _Member(row)
+        with self._changed:
+            self._waiting.append(member)
+            while not member.done and self._leading:
+                self._changed.wait()
+            if not member.done:
+                self._leading = True
+                group, self._waiting = self._waiting, []
+        if not member.done:
+            try:
+                self._commit_group(group)
+            finally:
+                with self._changed:
+                    self._leading = False
+                    self._changed.notify_all()
+        if member.error is not None:
+            raise member.error
+        return member.new
+
+    def _commit_group(self, group: list[_Member]) -> None:
+        try:
+            for directory in dict.fromkeys(m.row[1].parent for m in group):
+                fsync_dir(directory)
+            news = self._spool._index_rows([m.row for m in group])
+        except BaseException as exc:
+            # Each waiting thread raises its own copy: one exception object raised in several
+            # threads would collect their tracebacks into one.
+            for m in group:
+                m.error = exc if m is group[0] else copy.copy(exc)
+            news = [False] * len(group)
+        self.groups += 1
+        self.instances += len(group)
+        for m, new in zip(group, news, strict=True):
+            m.new = new
+            m.done = True
+
+
 @dataclass(frozen=True)
 class Stored:
     """Outcome of :meth:`Spool.store`: where the instance lies and whether it was new."""
@@ -279,6 +380,7 @@ class Spool:
         self._lock = threading.Lock()
         self._dir_lock = threading.Lock()
         self._known_dirs: set[Path] = set()
+        self.group_commit = GroupCommit(self)
         # A study is never purged while one of its instances is being stored, and a store waits
         # while its study is being purged.
         self._studies = threading.Condition()
@@ -410,21 +512,30 @@ class Spool:
 
     def _index(self, keys: InstanceKeys, path: Path, size: int, calling_aet: str,
                now: float) -> bool:
-        row = (keys.study_instance_uid, keys.series_instance_uid, keys.sop_class_uid,
-               str(path.relative_to(self.root)), size, calling_aet, now, keys.sop_instance_uid)
+        return self._index_rows([(keys, path, size, calling_aet, now)])[0]
+
+    def _index_rows(self, rows: Sequence[IndexRow]) -> list[bool]:
+        """Index instances in one transaction; for each, whether it is new."""
+        news: list[bool] = []
         with self._lock, db.transaction(self._conn) as conn:
-            # One statement for a new instance, the common case; a second for one sent again.
-            new = conn.execute(
-                "INSERT OR IGNORE INTO instances (study_instance_uid, series_instance_uid, "
-                "sop_class_uid, path, size, calling_aet, received_at, sop_instance_uid) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row).rowcount == 1
-            if not new:
-                conn.execute(
-                    "UPDATE instances SET study_instance_uid = ?, series_instance_uid = ?, "
-                    "sop_class_uid = ?, path = ?, size = ?, calling_aet = ?, received_at = ? "
-                    "WHERE sop_instance_uid = ?", row)
-            studies.record_arrival(conn, keys.study_instance_uid, now, new_instance=new)
-        return new
+            for keys, path, size, calling_aet, now in rows:
+                row = (keys.study_instance_uid, keys.series_instance_uid, keys.sop_class_uid,
+                       str(path.relative_to(self.root)), size, calling_aet, now,
+                       keys.sop_instance_uid)
+                # One statement for a new instance, the common case; a second for one sent
+                # again.
+                new = conn.execute(
+                    "INSERT OR IGNORE INTO instances (study_instance_uid, series_instance_uid, "
+                    "sop_class_uid, path, size, calling_aet, received_at, sop_instance_uid) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row).rowcount == 1
+                if not new:
+                    conn.execute(
+                        "UPDATE instances SET study_instance_uid = ?, series_instance_uid = ?, "
+                        "sop_class_uid = ?, path = ?, size = ?, calling_aet = ?, "
+                        "received_at = ? WHERE sop_instance_uid = ?", row)
+                studies.record_arrival(conn, keys.study_instance_uid, now, new_instance=new)
+                news.append(new)
+        return news
 
     def reindex(self) -> int:
         """Index whole instances found on disk without a row, and drop partial files.
@@ -501,8 +612,10 @@ class PartialInstance:
     def commit(self, now: float | None = None) -> Stored:
         """Make the file durable, file it under ``incoming/`` and index it.
 
-        On return the instance is safe to acknowledge. If the index row cannot be written (disk
-        full, a broken database), the file is removed again unless it replaced an instance already
+        On return the instance is safe to acknowledge. Its directory fsync and index row are
+        shared with the instances committed at the same time (:class:`GroupCommit`). If the
+        directory fsync or the index row fails (disk full, a broken database), the file is
+        removed again unless it replaced an instance already
         indexed under the same path, and the error is raised: the sender is told the store failed,
         so nothing may remain that the start-up scan would index. A SOP Instance UID received
         again replaces the file but does not re-open a completed study: DICOM gives changed
@@ -532,9 +645,8 @@ class PartialInstance:
             self.discard()
             raise
         try:
-            fsync_dir(path.parent)
-            new = self.spool._index(keys, path, self.size, self.calling_aet,
-                                    time.time() if now is None else now)
+            new = self.spool.group_commit.commit(
+                (keys, path, self.size, self.calling_aet, time.time() if now is None else now))
         except BaseException:
             if not replaced:
                 path.unlink(missing_ok=True)

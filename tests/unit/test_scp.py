@@ -518,12 +518,12 @@ def test_index_full_answers_out_of_resources_and_leaves_no_file(
     index, because the sender was told the store failed."""
     running = scp_factory()
 
-    def full(*_args: object, **_kwargs: object) -> bool:
+    def full(*_args: object, **_kwargs: object) -> list[bool]:
         exc = sqlite3.OperationalError("database or disk is full")
         exc.sqlite_errorcode = 13  # type: ignore[attr-defined]
         raise exc
 
-    monkeypatch.setattr(running.spool, "_index", full)
+    monkeypatch.setattr(running.spool, "_index_rows", full)
     assoc = associate(running.port)
     rsp = assoc.send_c_store(ct("1.2.3.124"))
     assert rsp.Status == 0xA700 and "disk full" in rsp.ErrorComment

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import sqlite3
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
 from io import BytesIO
 from pathlib import Path
 
@@ -13,7 +19,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian
 
 from dicom_ai.dicom.errors import MissingAttributeError, UnreadableFileError
-from dicom_ai.service.spool import Spool, durable_write, is_uid, parse_keys, study_paths
+from dicom_ai.service import db
+from dicom_ai.service.spool import Spool, Stored, durable_write, is_uid, parse_keys, study_paths
 
 STUDY = "1.2.826.0.1.3680043.8.498.10"
 SERIES = "1.2.826.0.1.3680043.8.498.10.1"
@@ -137,3 +144,127 @@ def test_ensure_dir_creates_nested_directories(tmp_path: Path) -> None:
     deep = tmp_path / "outputs" / "1.2" / "3.4"
     spool.ensure_dir(deep)
     assert deep.is_dir()
+
+
+#: Instances stored at once in the group commit tests.
+CONCURRENT = 8
+
+
+def wait_until(what: str, probe: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not probe():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.001)
+
+
+class Storing:
+    """Threads each storing one instance into the same series directory of ``spool``, with
+    ``os.fsync`` counted per path; the first directory fsync is held until released, so that
+    the instances arriving meanwhile are known to wait for the same, second group."""
+
+    def __init__(self, spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.spool = spool
+        self.series_dir = spool.incoming / STUDY / SERIES
+        self.fsyncs: Counter[str] = Counter()
+        self.transactions = 0
+        self.first_held = threading.Event()
+        self.release = threading.Event()
+        self.fail_second: OSError | sqlite3.Error | None = None
+        self.results: dict[str, Stored | BaseException] = {}
+        fsync, transaction = os.fsync, db.transaction
+        count_lock = threading.Lock()
+
+        def counted_fsync(fd: int) -> None:
+            path = os.readlink(f"/proc/self/fd/{fd}")
+            with count_lock:
+                self.fsyncs[path] += 1
+                calls = self.fsyncs[path]
+            if path == str(self.series_dir):
+                if calls == 1:
+                    self.first_held.set()
+                    assert self.release.wait(10.0)
+                elif isinstance(self.fail_second, OSError):
+                    raise self.fail_second
+            fsync(fd)
+
+        def counted_transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+            self.transactions += 1
+            if self.transactions == 2 and isinstance(self.fail_second, sqlite3.Error):
+                raise self.fail_second
+            return transaction(conn)
+
+        monkeypatch.setattr(os, "fsync", counted_fsync)
+        monkeypatch.setattr(db, "transaction", counted_transaction)
+
+    def store(self, sop: str) -> threading.Thread:
+        def run() -> None:
+            try:
+                self.results[sop] = self.spool.store([encoded(sop)], parse_keys(encoded(sop)),
+                                                     calling_aet="CT")
+            except BaseException as exc:  # reported through results, asserted by the test
+                self.results[sop] = exc
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        return thread
+
+    def run(self) -> list[str]:
+        """Store CONCURRENT instances: one alone, held in its directory fsync, then the rest
+        while it is held. Returns the SOP Instance UIDs of the rest."""
+        first = self.store("1.2.3.50")
+        assert self.first_held.wait(10.0)
+        rest = [f"1.2.3.{51 + n}" for n in range(CONCURRENT - 1)]
+        threads = [self.store(sop) for sop in rest]
+        wait_until("the others to wait for the group",
+                   lambda: len(self.spool.group_commit._waiting) == len(rest))
+        self.release.set()
+        for thread in (first, *threads):
+            thread.join(10.0)
+            assert not thread.is_alive()
+        return rest
+
+
+def test_concurrent_commits_share_one_directory_fsync_and_one_transaction(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spool = Spool(tmp_path / "storage")
+    spool.ensure_dir(spool.incoming / STUDY / SERIES)
+    storing = Storing(spool, monkeypatch)
+    rest = storing.run()
+    assert all(isinstance(r, Stored) and r.new for r in storing.results.values()), \
+        storing.results
+    # CONCURRENT instances: two directory fsyncs and two index transactions, not CONCURRENT.
+    assert storing.fsyncs[str(storing.series_dir)] == 2
+    assert storing.transactions == 2
+    assert (spool.group_commit.groups, spool.group_commit.instances) == (2, CONCURRENT)
+    rows = {r[0] for r in spool._conn.execute("SELECT sop_instance_uid FROM instances")}
+    assert rows == {"1.2.3.50", *rest}
+    assert spool._conn.execute("SELECT instance_count FROM studies").fetchone()[0] == CONCURRENT
+    spool.close()
+
+
+@pytest.mark.parametrize("failure", [
+    OSError(errno.EIO, "Input/output error"),
+    sqlite3.OperationalError("database or disk is full")])
+def test_a_failed_group_commit_fails_every_member_and_leaves_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        failure: OSError | sqlite3.Error) -> None:
+    spool = Spool(tmp_path / "storage")
+    spool.ensure_dir(spool.incoming / STUDY / SERIES)
+    storing = Storing(spool, monkeypatch)
+    storing.fail_second = failure
+    rest = storing.run()
+    assert isinstance(storing.results["1.2.3.50"], Stored)
+    for sop in rest:
+        error = storing.results[sop]
+        assert isinstance(error, type(failure)) and error.args == failure.args, error
+    # Only the first group's instance is indexed, and only its file is left.
+    rows = {r[0] for r in spool._conn.execute("SELECT sop_instance_uid FROM instances")}
+    assert rows == {"1.2.3.50"}
+    assert {p.name for p in storing.series_dir.iterdir()} == {"1.2.3.50.dcm"}
+    assert not list(spool.tmp.iterdir())
+    spool.close()
+    # Nothing the members were told had failed comes back at a restart.
+    restarted = Spool(tmp_path / "storage")
+    assert restarted.reindex() == 0
+    restarted.close()
