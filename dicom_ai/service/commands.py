@@ -35,6 +35,11 @@ def _cmd_status(args: argparse.Namespace) -> int:
         from dicom_ai.service.status import show_trail
 
         return show_trail(Path(settings.storage.directory), args.study, as_json=args.json)
+    if getattr(args, "json", False):
+        print(f"dicom-ai status: --json exports one study's audit trail; give its STUDY_UID (every "
+              f"study's trail is a file under {Path(settings.storage.directory) / 'audit'})",
+              file=sys.stderr)
+        return 2
     path = Path(settings.storage.directory) / "index.sqlite"
     if not path.is_file():
         print(f"no index at {path}: the service has not run with this storage directory",

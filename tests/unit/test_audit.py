@@ -14,15 +14,17 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.uid import CTImageStorage
 from pynetdicom import AE
 from test_spool import encoded
 
 from dicom_ai.config import DestinationSettings, Settings
 from dicom_ai.dicom.uid import InvalidUIDError
 from dicom_ai.service import audit, db
+from dicom_ai.service.association import StoreRequest
 from dicom_ai.service.export import Exporter, make_senders
 from dicom_ai.service.requestor import associate
-from dicom_ai.service.scp import start_scp
+from dicom_ai.service.scp import StoreHandler, start_scp
 from dicom_ai.service.spool import InstanceKeys, Spool, parse_keys
 from dicom_ai.service.status import show_trail
 from dicom_ai.service.studies import Assembler, CompletionRules
@@ -161,6 +163,23 @@ def test_a_failing_write_is_logged_and_never_raises(tmp_path: Path,
                               findings=None) is False
     assert caplog.text.count("not written") == 3
     assert "NotADirectoryError" in caplog.text
+
+
+def test_a_store_succeeds_when_its_audit_line_cannot_be_written(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    spool = Spool(tmp_path)
+    (tmp_path / audit.AUDIT_DIR).write_text("a file where the directory should be")
+    data = encoded("1.2.3.101", study=STUDY)
+    meta = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).file_meta
+    dataset = memoryview(data)[132 + 12 + meta.FileMetaInformationGroupLength:]
+    handler = StoreHandler(spool, minimum_free_mb=0, own_manufacturer="dicom-ai")
+    incoming = handler(StoreRequest("CT1", CTImageStorage, "1.2.3.101", meta.TransferSyntaxUID))
+    incoming.add(dataset)
+    with caplog.at_level(logging.ERROR, logger="dicom_ai"):
+        assert incoming.finish().status == 0x0000
+    assert "audit event received not written" in caplog.text
+    assert spool.instance_path(parse_keys(data)).is_file()
+    spool.close()
 
 
 def test_a_torn_last_line_is_skipped(tmp_path: Path) -> None:

@@ -167,3 +167,10 @@ def test_status_unknown_or_malformed_study_fails_clearly(
     assert args.func(args) == code
     captured = capsys.readouterr()
     assert message in captured.err and captured.out == ""
+
+
+def test_status_json_without_a_study_says_what_it_needs(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = status_args(tmp_path, "--json")
+    assert args.func(args) == 2
+    assert "give its STUDY_UID" in capsys.readouterr().err
