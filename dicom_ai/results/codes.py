@@ -28,6 +28,15 @@ PRIVATE_SCHEME_NAMES = {
 }
 
 
+#: "More than one fracture on the image" (xr-fracture reports it when it draws more than one
+#: box). No SNOMED CT concept for it could be verified from the sources at hand: one table
+#: gives 373062004 "Multiple fractures (disorder)", but three independent sources use that
+#: identifier for "Device used (finding)". So it is a private code of this scheme, with a
+#: meaning a reader understands, until a verified SNOMED CT code replaces it.
+MULTIPLE_FRACTURES: dict[str, str] = {"value": "MULTFX", "scheme": PRIVATE_SCHEME,
+                                      "meaning": "Multiple fractures"}
+
+
 def concept(spec: CodeSpec) -> CodedConcept:
     """A bundle ``CodeSpec`` as a highdicom coded concept.
 

@@ -48,6 +48,7 @@ from dicom_ai.imaging import xray
 from dicom_ai.imaging.resize import content_box
 from dicom_ai.inference.fracture_net import STRIDE, Box, decode_boxes, iou
 from dicom_ai.inference.input_fit import FeatureTap, fit_statistics, mahalanobis
+from dicom_ai.results.codes import MULTIPLE_FRACTURES
 from dicom_ai.train.augment import AugmentConfig, affine_matrices, intensity
 from dicom_ai.train.calibrate import fit_temperature, threshold_for_sensitivity
 from dicom_ai.train.loop import device, learning_rate
@@ -81,6 +82,11 @@ SIZE_WEIGHT = 0.5
 FEATURE_LAYERS = ("stages.0", "stages.1", "stages.2", "stages.3")
 INPUT_FIT_PERCENTILE = 99.5
 #: SNOMED CT 125605004 "Fracture of bone" (the root of the fracture disorders).
+#: Bundle version and what each version changed.
+VERSION = "1.0.1"
+CHANGELOG = (("1.0.1", 'codes: multiple_fractures as the private code 99DICOMAI MULTFX "Multiple '
+                       'fractures" (same weights)'),
+             ("1.0.0", "first release"))
 FRACTURE_CODE = {"value": "125605004", "scheme": "SCT", "meaning": "Fracture of bone"}
 
 
@@ -477,9 +483,9 @@ def dicom_ai_block(temperature: float, threshold: float,
         "boxes": {"max_boxes": 5, "min_score": BOX_SCORE, "iou_threshold": 0.3,
                   "criterion": "the top heatmap peak of a positive image, plus further peaks "
                                f"with probability >= {BOX_SCORE:g}"},
-        # "multiple_fractures" has no SNOMED CT code we could verify offline: the SR codes it
-        # in the private scheme (dicom_ai.results.codes.private_code).
-        "codes": {"fracture": FRACTURE_CODE},
+        # "multiple_fractures" has no verified SNOMED CT code: a private one
+        # (dicom_ai.results.codes.MULTIPLE_FRACTURES says why).
+        "codes": {"fracture": FRACTURE_CODE, "multiple_fractures": dict(MULTIPLE_FRACTURES)},
         "finding_site": {"value": "66019005", "scheme": "SCT", "meaning": "Extremity"},
     }
     if fit_threshold is not None:
@@ -502,8 +508,8 @@ def metadata(temperature: float, threshold: float, eval_metrics: dict[str, Any],
     return {
         "schema": META_SCHEMA,
         "name": NAME,
-        "version": "1.0.0",
-        "changelog": {"1.0.0": "first release"},
+        "version": VERSION,
+        "changelog": dict(CHANGELOG),
         "monai_version": monai.__version__,
         "pytorch_version": torch.__version__.split("+")[0],
         "numpy_version": np.__version__,

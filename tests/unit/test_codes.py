@@ -74,3 +74,19 @@ def test_private_code_keeps_long_labels_whole() -> None:
     assert code.value == "lung_volume_left_ml_extra"
     assert code.scheme_designator == codes.PRIVATE_SCHEME
     assert "LongCodeValue" in code
+
+
+def test_shipped_fracture_bundle_codes_multiple_fractures_privately() -> None:
+    import json
+    from pathlib import Path
+
+    from dicom_ai.results.codes import MULTIPLE_FRACTURES, PRIVATE_SCHEME, finding_concept
+
+    meta = json.loads((Path(__file__).resolve().parents[2] / "models" / "xr-fracture"
+                       / "configs" / "metadata.json").read_text())
+    concept = finding_concept("multiple_fractures", meta["dicom_ai"]["codes"])
+    assert (concept.value, concept.scheme_designator, concept.meaning) == (
+        "MULTFX", PRIVATE_SCHEME, "Multiple fractures")
+    assert meta["dicom_ai"]["codes"]["multiple_fractures"] == MULTIPLE_FRACTURES
+    # A private code stays within Code Value's 16 characters.
+    assert len(MULTIPLE_FRACTURES["value"]) <= 16
