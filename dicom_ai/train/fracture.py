@@ -81,12 +81,12 @@ SIZE_WEIGHT = 0.5
 #: percentile of validation distances above which an image is not judged.
 FEATURE_LAYERS = ("stages.0", "stages.1", "stages.2", "stages.3")
 INPUT_FIT_PERCENTILE = 99.5
-#: SNOMED CT 125605004 "Fracture of bone" (the root of the fracture disorders).
 #: Bundle version and what each version changed.
 VERSION = "1.0.1"
 CHANGELOG = (("1.0.1", 'codes: multiple_fractures as the private code 99DICOMAI MULTFX "Multiple '
                        'fractures" (same weights)'),
              ("1.0.0", "first release"))
+#: SNOMED CT 125605004 "Fracture of bone" (the root of the fracture disorders).
 FRACTURE_CODE = {"value": "125605004", "scheme": "SCT", "meaning": "Fracture of bone"}
 
 
