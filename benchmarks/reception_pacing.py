@@ -3,7 +3,8 @@
 The listener of ``dicom-ai serve`` (in this process) receives the 200 CT instances of
 ``cstore_receive.py`` from DCMTK ``storescu``, sent again and again while a worker-like process
 runs the real pipeline over the sample CT study (torch on all usable cores but one, as ``serve``
-sets it up). Set-ups, ``--runs`` analyses each:
+sets it up). Set-ups, one analysis each in every one of ``--runs`` rounds (the set-ups take turns,
+so a change in the machine's background load falls on all of them alike):
 
 * ``none``: no analysis running, reception alone;
 * ``normal``: the worker at normal priority;
@@ -14,7 +15,7 @@ sets it up). Set-ups, ``--runs`` analyses each:
 
 For each it prints the median reception rate during the analyses and its ratio to ``none``, and
 the median analysis time and its ratio to the same analysis with nothing being received (normal
-priority, measured first). The worker's set-up is :func:`dicom_ai.service.process.set_priority`
+priority, once per round). The worker's set-up is :func:`dicom_ai.service.process.set_priority`
 and ``leave_listener_a_core``, the functions ``dicom-ai serve`` uses. Usage::
 
     python benchmarks/reception_pacing.py [--models models] [--runs 3] [--setups batch,idle]
@@ -77,56 +78,68 @@ def analyse_on_request(models: Path, setup: str, go: Event, done: Queue[float]) 
         go.clear()
 
 
-def measure(scratch: Path, files: list[Path], models: Path, setup: str,
-            runs: int) -> tuple[list[float], list[float]]:
-    """Reception rates (instances/s per send) and analysis seconds of one set-up."""
-    ctx = multiprocessing.get_context("spawn")
+class Analyser:
+    """A worker-like process of one set-up, warmed up, analysing once per :meth:`start`."""
+
+    def __init__(self, models: Path, setup: str) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.go, self.done = ctx.Event(), ctx.Queue()
+        self.process = ctx.Process(target=analyse_on_request,
+                                   args=(models, setup, self.go, self.done), daemon=True)
+        self.process.start()
+        self.done.get(timeout=MAX_ANALYSIS_S)  # the warm-up analysis
+
+    def start(self) -> None:
+        self.go.set()
+
+    def finished(self) -> bool:
+        return not self.done.empty()
+
+    def seconds(self) -> float:
+        return float(self.done.get(timeout=MAX_ANALYSIS_S))
+
+    def close(self) -> None:
+        self.process.terminate()
+        self.process.join()
+
+
+def measure(scratch: Path, files: list[Path], models: Path, setups: list[str],
+            runs: int) -> dict[str, tuple[list[float], list[float]]]:
+    """Reception rates (instances/s per send) and analysis seconds of each set-up.
+
+    The set-ups take turns in every round (reception alone, the analysis alone, then each
+    set-up), so a change in the machine's background load during the benchmark falls on all of
+    them alike.
+    """
     settings = Settings()
     settings.scp.port = 0
     settings.storage.minimum_free_mb = 256
-    spool = Spool(scratch / f"spool-{setup}")
+    spool = Spool(scratch / "spool")
     listener = start_scp(settings, spool)
     port = int(listener.server_address[1])
-    rates: list[float] = []
-    analyses: list[float] = []
+    results: dict[str, tuple[list[float], list[float]]] = {
+        setup: ([], []) for setup in ["none", "alone", *setups]}
+    analysers = {setup: Analyser(models, setup) for setup in ["normal", *setups]}
     try:
-        if setup == "none":
-            return [N_INSTANCES / storescu(port, "DICOMAI", files) for _ in range(runs)], []
-        go, done = ctx.Event(), ctx.Queue()
-        worker = ctx.Process(target=analyse_on_request, args=(models, setup, go, done),
-                             daemon=True)
-        worker.start()
-        done.get(timeout=MAX_ANALYSIS_S)  # the warm-up analysis
         for _ in range(runs):
-            go.set()
-            for _ in range(MAX_SENDS):
-                rates.append(N_INSTANCES / storescu(port, "DICOMAI", files))
-                if not done.empty():
-                    break
-            analyses.append(done.get(timeout=MAX_ANALYSIS_S))
-        worker.terminate()
-        worker.join()
-        return rates, analyses
+            results["none"][0].extend(N_INSTANCES / storescu(port, "DICOMAI", files)
+                                      for _ in range(3))
+            analysers["normal"].start()
+            results["alone"][1].append(analysers["normal"].seconds())
+            for setup in setups:
+                analyser = analysers[setup]
+                analyser.start()
+                for _ in range(MAX_SENDS):
+                    results[setup][0].append(N_INSTANCES / storescu(port, "DICOMAI", files))
+                    if analyser.finished():
+                        break
+                results[setup][1].append(analyser.seconds())
+        return results
     finally:
+        for analyser in analysers.values():
+            analyser.close()
         listener.stop()
         spool.close()
-
-
-def alone(models: Path, runs: int) -> list[float]:
-    """Analysis seconds with nothing being received (normal priority)."""
-    ctx = multiprocessing.get_context("spawn")
-    go, done = ctx.Event(), ctx.Queue()
-    worker = ctx.Process(target=analyse_on_request, args=(models, "normal", go, done),
-                         daemon=True)
-    worker.start()
-    done.get(timeout=MAX_ANALYSIS_S)
-    seconds = []
-    for _ in range(runs):
-        go.set()
-        seconds.append(done.get(timeout=MAX_ANALYSIS_S))
-    worker.terminate()
-    worker.join()
-    return seconds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,12 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="pacing-bench-") as tmp:
         scratch = Path(tmp)
         files = copies(ct_slices(scratch), scratch / "bench", N_INSTANCES)
-        base_analysis = statistics.median(alone(args.models, args.runs))
-        results = {setup: measure(scratch, files, args.models, setup, args.runs)
-                   for setup in ["none", *setups]}
+        results = measure(scratch, files, args.models, setups, args.runs)
     base_rate = statistics.median(results["none"][0])
+    base_analysis = statistics.median(results["alone"][1])
     print(f"{N_INSTANCES} CT instances per send, storescu → dicom-ai listener, while the CT "
-          f"pipeline analyses the sample study; medians of {args.runs} analyses, "
+          f"pipeline analyses the sample study; medians of {args.runs} rounds, "
           f"{len(usable_cpus())} usable CPUs")
     print(f"  {'no analysis running':34s} {base_rate:7.1f} instances/s")
     print(f"  {'analysis alone, nothing received':34s} {base_analysis:7.1f} s")

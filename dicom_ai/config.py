@@ -129,7 +129,8 @@ class WorkerSettings:
     #: CPU priority of the workers: "batch" (SCHED_BATCH, nice 10), "idle" (SCHED_IDLE: starves
     #: beside any busy process) or "normal". See ``dicom_ai.service.process.set_priority``.
     priority: str = "batch"
-    #: Keep the workers off one CPU (when there are two or more) so the listener always has one.
+    #: Keep the workers that take CTs off one CPU (when there are two or more) so the listener
+    #: always has one; the fast-lane worker's jobs last seconds and it runs anywhere.
     listener_core: bool = True
 
 

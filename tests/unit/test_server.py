@@ -16,6 +16,7 @@ from test_spool import encoded
 from dicom_ai.config import Settings
 from dicom_ai.service import db
 from dicom_ai.service.lanes import BULK, FAST
+from dicom_ai.service.process import usable_cpus
 from dicom_ai.service.server import Service, ServiceError, lock_storage
 from dicom_ai.service.spool import Spool, parse_keys
 from dicom_ai.service.worker import ProcessedStudy, Processor
@@ -140,6 +141,11 @@ def test_a_dead_worker_is_restarted_and_only_its_job_requeued(tmp_path: Path) ->
         wait_for(lambda: held() == 1, "the bulk job to be held")
         queue("1.2.3.1", FAST)
         wait_for(lambda: held() == 2, "both jobs to be held")
+        # Only the worker that takes CTs keeps off the listener's CPU.
+        cpus = set(usable_cpus())
+        assert os.sched_getaffinity(pids["worker-1"]) == cpus
+        assert os.sched_getaffinity(pids["worker-2"]) == (
+            cpus - {min(cpus)} if len(cpus) > 1 else cpus)
         assert jobs() == {FAST: ("running", 1, pids["worker-1"]),
                           BULK: ("running", 1, pids["worker-2"])}
         os.kill(pids["worker-2"], signal.SIGKILL)
