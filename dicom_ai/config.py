@@ -211,6 +211,10 @@ class LimitsSettings:
     #: decoder allocates. 1024 MiB holds a 2000-frame 512 × 512 16-bit enhanced CT; a site
     #: with larger multi-frame objects (breast tomosynthesis) raises it.
     max_decoded_mb: int = 1024
+    #: Largest CT volume one series may be assembled into, in MiB: slices × Rows × Columns ×
+    #: 4 bytes (float32 Hounsfield units), checked from the headers before any slice is decoded.
+    #: 2048 MiB holds 2048 slices of 512 × 512; each slice is also bounded by max_decoded_mb.
+    max_volume_mb: int = 2048
 
 
 @dataclass
@@ -426,6 +430,8 @@ def validate(settings: Settings) -> list[str]:
         problems.append("inference.batch_size: must be at least 1")
     if settings.limits.max_decoded_mb < 1:
         problems.append("limits.max_decoded_mb: must be at least 1")
+    if settings.limits.max_volume_mb < 1:
+        problems.append("limits.max_volume_mb: must be at least 1")
     if not 0 <= settings.http.port < 65536:
         problems.append(f"http.port: must be 0 (a free port) or 1–65535, got {settings.http.port}")
     if settings.http.enabled and not settings.http.bind_address:

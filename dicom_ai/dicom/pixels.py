@@ -66,6 +66,9 @@ _MIB = 1024 * 1024
 #: The decode limit in force (bytes); see :func:`decode_limit`.
 _MAX_DECODED_BYTES: ContextVar[int] = ContextVar(
     "max_decoded_bytes", default=LimitsSettings().max_decoded_mb * _MIB)
+#: The volume limit in force (bytes); see :func:`decode_limit` and :func:`check_volume_size`.
+_MAX_VOLUME_BYTES: ContextVar[int] = ContextVar(
+    "max_volume_bytes", default=LimitsSettings().max_volume_mb * _MIB)
 #: Fragments whose codestream header is checked (one per frame is usual).
 _MAX_FRAGMENTS_CHECKED = 100_000
 #: Segments walked to find a JPEG SOF marker (real files have fewer than 20 before it).
@@ -352,19 +355,52 @@ def _jp2_codestream(data: bytes) -> bytes:
 
 
 @contextlib.contextmanager
-def decode_limit(max_decoded_mb: int) -> Iterator[None]:
+def decode_limit(max_decoded_mb: int, *, max_volume_mb: int | None = None) -> Iterator[None]:
     """Within the block, refuse to decode pixel data declaring more than ``max_decoded_mb``.
 
     Parameters
     ----------
     max_decoded_mb:
         ``limits.max_decoded_mb`` of the settings; outside any block, its default applies.
+    max_volume_mb:
+        ``limits.max_volume_mb``, for :func:`check_volume_size`; the limit in force outside the
+        block when not given.
     """
     token = _MAX_DECODED_BYTES.set(max_decoded_mb * _MIB)
+    volume = _MAX_VOLUME_BYTES.set(_MAX_VOLUME_BYTES.get() if max_volume_mb is None
+                                   else max_volume_mb * _MIB)
     try:
         yield
     finally:
+        _MAX_VOLUME_BYTES.reset(volume)
         _MAX_DECODED_BYTES.reset(token)
+
+
+def check_volume_size(slices: int, rows: int, columns: int, *, bytes_per_voxel: int) -> None:
+    """Refuse a volume larger than ``limits.max_volume_mb`` before it is allocated.
+
+    One image is bounded by ``limits.max_decoded_mb``; a series of thousands of valid slices
+    stacked into one array is not, so its declared size is checked from the headers first.
+
+    Parameters
+    ----------
+    slices, rows, columns:
+        The volume's shape, from the slices' headers.
+    bytes_per_voxel:
+        Size of one voxel of the array to be allocated.
+
+    Raises
+    ------
+    PixelDecodeError
+        The volume would exceed the limit in force (see :func:`decode_limit`).
+    """
+    declared = slices * rows * columns * bytes_per_voxel
+    limit = _MAX_VOLUME_BYTES.get()
+    if declared > limit:
+        raise PixelDecodeError(
+            f"declared volume {slices} slices x {rows} x {columns} x {bytes_per_voxel} "
+            f"byte(s) ({declared / _MIB:.0f} MiB) exceeds limits.max_volume_mb "
+            f"({limit // _MIB} MiB)")
 
 
 def _check_length(ds: Dataset, instance: Instance) -> None:

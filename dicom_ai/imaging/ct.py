@@ -22,7 +22,7 @@ from scipy import ndimage
 
 from dicom_ai.dicom.errors import PixelDecodeError, SeriesGeometryError
 from dicom_ai.dicom.model import Instance, Series
-from dicom_ai.dicom.pixels import decode
+from dicom_ai.dicom.pixels import check_volume_size, decode
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -297,13 +297,16 @@ def build_volume(series: Series, *, max_tilt_deg: float = 0.5) -> CTVolume:
         Missing geometry attributes, multi-frame instances, or a stack
         :func:`check_geometry` rejects.
     PixelDecodeError
-        A slice cannot be decoded.
+        A slice cannot be decoded, or the volume would exceed ``limits.max_volume_mb``
+        (checked from the headers, before any slice is decoded).
     """
     instances = list(series.instances)
     geometry = [_geometry(i) for i in instances]
     spacing_z = check_geometry(geometry, max_tilt_deg=max_tilt_deg)
     first = geometry[0]
     order = sort_by_position([g.position for g in geometry], first.orientation)
+    check_volume_size(len(order), first.rows, first.columns,
+                      bytes_per_voxel=np.dtype(np.float32).itemsize)
     hu = np.empty((len(order), first.rows, first.columns), dtype=np.float32)
     for z, k in enumerate(order):
         stored = decode(instances[k])
