@@ -48,58 +48,28 @@ from dicom_ai.imaging import xray
 from dicom_ai.imaging.resize import content_box
 from dicom_ai.inference.fracture_net import STRIDE, Box, decode_boxes, iou
 from dicom_ai.inference.input_fit import FeatureTap, fit_statistics, mahalanobis
-from dicom_ai.results.codes import MULTIPLE_FRACTURES
 from dicom_ai.train.augment import AugmentConfig, affine_matrices, intensity
 from dicom_ai.train.calibrate import fit_temperature, threshold_for_sensitivity
-from dicom_ai.train.loop import device, learning_rate
+from dicom_ai.train.loop import LoopConfig, device, learning_rate
 from dicom_ai.train.metrics import binary_auc, bootstrap_ci, expected_calibration_error
+from dicom_ai.train.recipes import FRACTURE_MIN_SENSITIVITY, XR_FRACTURE
 from dicom_ai.train.run import build_network
 
 FloatArray = npt.NDArray[np.float32]
 
-NAME = "xr-fracture"
+RECIPE = XR_FRACTURE
+NAME = RECIPE.name
 DATA_SUBDIR = Path("fracture") / "fracatlas"
-SIZE = (256, 256)
+SIZE = RECIPE.size
 CACHE_VERSION = "1"
-NETWORK_DEF: dict[str, Any] = {
-    "_target_": "dicom_ai.inference.fracture_net.FractureNet", "in_channels": 1,
-    "widths": [24, 32, 64, 128, 192], "fpn_channels": 64, "dropout": 0.2}
-#: Limb radiographs arrive in any orientation and either side: flips are label-preserving.
-AUGMENT = AugmentConfig(rotate_deg=15.0, scale=(0.85, 1.15), translate=0.05, hflip=True,
-                        vflip=True, brightness=0.08, contrast=(0.8, 1.2), gamma=(0.75, 1.3))
 #: A top box hits when it overlaps a radiologist's box by this IoU, or its centre lies inside.
 HIT_IOU = 0.25
-#: Operating point of the image-level decision.
-MIN_SENSITIVITY = 0.90
-#: Further boxes (beyond the top one) are reported at or above this heatmap peak probability.
-BOX_SCORE = 0.3
 BOOTSTRAP_RESAMPLES = 2000
 #: Loss weights of the heatmap and the size regression next to the image-level BCE.
 HEAT_WEIGHT = 1.0
 SIZE_WEIGHT = 0.5
-#: Layers whose pooled features feed the input-fit check (shallow to deep), and the
-#: percentile of validation distances above which an image is not judged.
-FEATURE_LAYERS = ("stages.0", "stages.1", "stages.2", "stages.3")
+#: Percentile of validation input-fit distances above which an image is not judged.
 INPUT_FIT_PERCENTILE = 99.5
-#: Bundle version and what each version changed.
-VERSION = "1.0.1"
-CHANGELOG = (("1.0.1", 'codes: multiple_fractures as the private code 99DICOMAI MULTFX "Multiple '
-                       'fractures" (same weights)'),
-             ("1.0.0", "first release"))
-#: SNOMED CT 125605004 "Fracture of bone" (the root of the fracture disorders).
-FRACTURE_CODE = {"value": "125605004", "scheme": "SCT", "meaning": "Fracture of bone"}
-
-
-@dataclass(frozen=True)
-class LoopSettings:
-    """Optimisation of one run."""
-
-    minutes: float = 65.0
-    max_epochs: int = 200
-    batch_size: int = 16
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
-    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -377,11 +347,11 @@ def load_checkpoint(path: Path, net: nn.Module, opt: torch.optim.Optimizer,
     return TrainState(**ck["state"]), ck["best"]
 
 
-def train(net: nn.Module, train_set: FractureSet, val_set: FractureSet, cfg: LoopSettings, *,
-          checkpoint: Path, resume: bool = False, aug: AugmentConfig = AUGMENT,
+def train(net: nn.Module, train_set: FractureSet, val_set: FractureSet, cfg: LoopConfig, *,
+          checkpoint: Path, resume: bool = False, aug: AugmentConfig = RECIPE.augment,
           log: Callable[[str], None] = print) -> TrainState:
-    """Train ``net`` in place until ``cfg.minutes`` of training (summed over resumed runs) or
-    ``cfg.max_epochs`` are spent; on return it holds the best validation epoch's weights.
+    """Train ``net`` in place until ``cfg.max_minutes`` of training (summed over resumed runs)
+    or ``cfg.epochs`` are spent; on return it holds the best validation epoch's weights.
 
     The learning-rate schedule runs on the larger of the fraction of epochs and the fraction
     of the time budget done, so a slow machine still anneals.
@@ -395,10 +365,10 @@ def train(net: nn.Module, train_set: FractureSet, val_set: FractureSet, cfg: Loo
     if resume and checkpoint.exists():
         state, best = load_checkpoint(checkpoint, net, opt, gen)
         log(f"resumed after epoch {state.epoch} ({state.seconds / 60:.1f} min spent)")
-    budget = cfg.minutes * 60.0
+    budget = cfg.max_minutes * 60.0
     steps = max(1, len(train_set.labels) // cfg.batch_size)
     size = (train_set.images.shape[2], train_set.images.shape[3])
-    while state.epoch < cfg.max_epochs and state.seconds < budget:
+    while state.epoch < cfg.epochs and state.seconds < budget:
         t0 = time.monotonic()
         net.train()
         order = torch.randperm(len(train_set.labels), generator=gen).numpy()
@@ -406,7 +376,7 @@ def train(net: nn.Module, train_set: FractureSet, val_set: FractureSet, cfg: Loo
         lr, done = cfg.lr, 0
         for b in range(steps):
             spent = state.seconds + time.monotonic() - t0
-            progress = max((state.epoch + b / steps) / cfg.max_epochs, spent / budget)
+            progress = max((state.epoch + b / steps) / cfg.epochs, spent / budget)
             if progress >= 1.0:
                 break
             lr = learning_rate(progress, cfg.lr, warmup=0.05)
@@ -450,46 +420,15 @@ def train(net: nn.Module, train_set: FractureSet, val_set: FractureSet, cfg: Loo
     return state
 
 
-#: Body Part Examined values (PS3.16 CID 4031 code meanings as DICOM writes them) of the
-#: extremities and joints FracAtlas covers and their neighbours.
-BODY_PARTS = ["EXTREMITY", "UPPER EXTREMITY", "LOWER EXTREMITY", "ARM", "LEG", "HAND", "FINGER",
-              "THUMB", "WRIST", "FOREARM", "ELBOW", "HUMERUS", "UPPER ARM", "SHOULDER",
-              "CLAVICLE", "SCAPULA", "HIP", "PELVIS", "FEMUR", "THIGH", "KNEE", "PATELLA",
-              "TIBIA", "FIBULA", "LOWER LEG", "ANKLE", "FOOT", "TOE", "HEEL", "CALCANEUS"]
-
-
 def dicom_ai_block(temperature: float, threshold: float,
                    fit_threshold: float | None = None) -> dict[str, Any]:
-    """The ``dicom_ai`` block of ``configs/metadata.json`` (with the input-fit check when
-    ``fit_threshold`` is given)."""
-    block = {
-        "task": "xr-fracture",
-        "input": "xray",
-        "intended_input": "radiographs of hand, wrist, arm, shoulder, hip, leg, ankle or foot",
-        "accepts": {
-            "modality": ["CR", "DX"],
-            "sop_class_uid": ["1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1",
-                              "1.2.840.10008.5.1.4.1.1.1.1.1"],
-            "photometric_interpretation": ["MONOCHROME1", "MONOCHROME2"],
-            "body_part_examined": BODY_PARTS,
-            "reject_image_type": ["LOCALIZER"],
-        },
-        "preprocessing": {"size": list(SIZE), "aspect": "pad", "stride": STRIDE},
-        "labels": ["fracture"],
-        "temperature": round(temperature, 6),
-        "decision": {"kind": "threshold", "label": "fracture", "threshold": round(threshold, 6),
-                     "criterion": f"highest threshold with sensitivity >= {MIN_SENSITIVITY:g} "
-                                  "on the FracAtlas valid split"},
-        "boxes": {"max_boxes": 5, "min_score": BOX_SCORE, "iou_threshold": 0.3,
-                  "criterion": "the top heatmap peak of a positive image, plus further peaks "
-                               f"with probability >= {BOX_SCORE:g}"},
-        # "multiple_fractures" has no verified SNOMED CT code: a private one
-        # (dicom_ai.results.codes.MULTIPLE_FRACTURES says why).
-        "codes": {"fracture": FRACTURE_CODE, "multiple_fractures": dict(MULTIPLE_FRACTURES)},
-        "finding_site": {"value": "66019005", "scheme": "SCT", "meaning": "Extremity"},
-    }
+    """The ``dicom_ai`` block of ``configs/metadata.json``: the recipe's, with the fitted
+    temperature and threshold (and the input-fit check when ``fit_threshold`` is given)."""
+    block = copy.deepcopy(RECIPE.dicom_ai)
+    block["temperature"] = round(temperature, 6)
+    block["decision"]["threshold"] = round(threshold, 6)
     if fit_threshold is not None:
-        block["input_fit"] = {"kind": "mahalanobis", "layer": list(FEATURE_LAYERS),
+        block["input_fit"] = {"kind": "mahalanobis", "layer": list(RECIPE.feature_layers),
                               "stats": "models/input_fit.pt",
                               "threshold": round(fit_threshold, 4),
                               "criterion": f"{INPUT_FIT_PERCENTILE:g}th percentile of "
@@ -508,14 +447,13 @@ def metadata(temperature: float, threshold: float, eval_metrics: dict[str, Any],
     return {
         "schema": META_SCHEMA,
         "name": NAME,
-        "version": VERSION,
-        "changelog": dict(CHANGELOG),
+        "version": RECIPE.version,
+        "changelog": dict(RECIPE.changelog),
         "monai_version": monai.__version__,
         "pytorch_version": torch.__version__.split("+")[0],
         "numpy_version": np.__version__,
         "required_packages_version": {"dicom-ai": dicom_ai.__version__},
-        "task": "Fracture detection (image-level probability and boxes) on musculoskeletal "
-                "radiographs (CR/DX)",
+        "task": RECIPE.description,
         "description": f"Fracture detection on limb radiographs. {dicom_ai.DISCLAIMER}. "
                        "Research use only.",
         "authors": "dicom-ai contributors",
@@ -554,7 +492,7 @@ def metadata(temperature: float, threshold: float, eval_metrics: dict[str, Any],
 
 def load_trained(bundle: Path) -> nn.Module:
     """The bundle's network with its weights, in eval mode."""
-    net = build_network(NETWORK_DEF)
+    net = build_network(RECIPE.network_def)
     net.load_state_dict(torch.load(bundle / "models" / "model.pt", map_location="cpu",
                                    weights_only=True))
     return net.eval()
@@ -566,10 +504,10 @@ def export(bundle: Path, train_set: FractureSet, val_set: FractureSet,
     the input-fit statistics on the training images' features, measure, and write
     ``models/input_fit.pt``, ``configs/metadata.json`` and ``configs/inference.json``."""
     net = load_trained(bundle)
-    with FeatureTap(net, FEATURE_LAYERS) as tap:
+    with FeatureTap(net, RECIPE.feature_layers) as tap:
         pred = predict(net, val_set.images)
     val_features = tap.features
-    with FeatureTap(net, FEATURE_LAYERS) as tap:
+    with FeatureTap(net, RECIPE.feature_layers) as tap:
         predict(net, train_set.images)
     stats = fit_statistics(tap.features.double().numpy())
     fit_threshold = float(np.percentile(mahalanobis(val_features, stats),
@@ -578,13 +516,13 @@ def export(bundle: Path, train_set: FractureSet, val_set: FractureSet,
     two = np.stack([np.zeros_like(pred.logits), pred.logits], axis=1)
     temperature = fit_temperature(two, val_set.labels)
     p = 1.0 / (1.0 + np.exp(-pred.logits / temperature))
-    threshold = threshold_for_sensitivity(val_set.labels, p, MIN_SENSITIVITY)
+    threshold = threshold_for_sensitivity(val_set.labels, p, FRACTURE_MIN_SENSITIVITY)
     metrics = quality(val_set, pred, temperature=temperature, threshold=threshold)
     (bundle / "configs").mkdir(parents=True, exist_ok=True)
     (bundle / "configs" / "metadata.json").write_text(
         json.dumps(metadata(temperature, threshold, metrics, fit_threshold), indent=2) + "\n")
     (bundle / "configs" / "inference.json").write_text(json.dumps(
-        {"imports": ["$import dicom_ai.inference.fracture_net"], "network_def": NETWORK_DEF},
+        {"imports": ["$import dicom_ai.inference.fracture_net"], "network_def": RECIPE.network_def},
         indent=2) + "\n")
     log(f"{NAME}: temperature {temperature:.3f}, threshold {threshold:.4f}, input-fit "
         f"threshold {fit_threshold:.2f}")
@@ -635,8 +573,8 @@ def command_train(args: argparse.Namespace) -> int:
     print(f"{NAME}: train {len(train_set.labels)} ({int(train_set.labels.sum())} fractured), "
           f"valid {len(val_set.labels)} ({int(val_set.labels.sum())}); input {SIZE}",
           flush=True)
-    cfg = LoopSettings(minutes=args.minutes, max_epochs=args.epochs)
-    net = build_network(NETWORK_DEF)
+    cfg = dataclasses.replace(RECIPE.loop, max_minutes=args.minutes, epochs=args.epochs)
+    net = build_network(RECIPE.network_def)
     checkpoint = cache / f"{NAME}-checkpoint.pt"
     state = train(net, train_set, val_set, cfg, checkpoint=checkpoint, resume=args.resume,
                   log=lambda s: print(s, flush=True))
@@ -644,8 +582,9 @@ def command_train(args: argparse.Namespace) -> int:
     (out / "docs").mkdir(parents=True, exist_ok=True)
     torch.save(net.cpu().state_dict(), out / "models" / "model.pt")
     (out / "docs" / "training.json").write_text(json.dumps({
-        "recipe": NAME, "loop": dataclasses.asdict(cfg), "augment": dataclasses.asdict(AUGMENT),
-        "size": list(SIZE), "network_def": NETWORK_DEF,
+        "recipe": NAME, "loop": dataclasses.asdict(cfg),
+        "augment": dataclasses.asdict(RECIPE.augment),
+        "size": list(SIZE), "network_def": RECIPE.network_def,
         "train_images": len(train_set.labels), "val_images": len(val_set.labels),
         "state": dataclasses.asdict(state),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -683,9 +622,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train (or resume) and write the bundle")
     t.add_argument("--out", default=f"models/{NAME}")
-    t.add_argument("--minutes", type=float, default=LoopSettings.minutes,
+    t.add_argument("--minutes", type=float, default=RECIPE.loop.max_minutes,
                    help="training wall-clock budget, summed over resumed runs")
-    t.add_argument("--epochs", type=int, default=LoopSettings.max_epochs)
+    t.add_argument("--epochs", type=int, default=RECIPE.loop.epochs)
     t.add_argument("--resume", action="store_true", help="continue from the checkpoint")
     t.set_defaults(func=command_train)
     x = sub.add_parser("export", help="recalibrate and rewrite the configs")

@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from dicom_ai.inference.fracture_net import STRIDE
+from dicom_ai.results.codes import MULTIPLE_FRACTURES
 from dicom_ai.train.augment import CXR, DERMOSCOPY, FUNDUS, AugmentConfig
 from dicom_ai.train.datasets import CXR_LABELS, DERM_LABELS, FUNDUS_LABELS
 from dicom_ai.train.loop import LoopConfig
@@ -41,10 +43,17 @@ class Recipe:
     labels: tuple[str, ...]
     augment: AugmentConfig
     loop: LoopConfig
-    gradcam_layer: str
+    #: Layer of the Grad-CAM explanation; None where the task explains itself otherwise (the
+    #: fracture detector shows its heatmap).
+    gradcam_layer: str | None
     feature_layers: tuple[str, ...]
+    #: The bundle's ``dicom_ai`` block less what is fitted after training (temperature,
+    #: thresholds, input-fit statistics).
     dicom_ai: dict[str, Any]
     warm_start: WarmStart | None = None
+    #: Bundle version written to ``metadata.json``, and what each version changed.
+    version: str = "1.0.0"
+    changelog: tuple[tuple[str, str], ...] = (("1.0.0", "first release"),)
 
 
 CXR_PNEUMONIA = Recipe(
@@ -210,6 +219,74 @@ DERM_LESION = Recipe(
     warm_start=WarmStart(
         sha256="73abeac3e7c7cec7e5e45f25bc30d0f8bfc648559576a6273b70b65a97e2db2b",
         source="derm-lesion 1.0.0: git show a288954:models/derm-lesion/models/model.pt"),
+    version="1.1.0",
+    changelog=(("1.1.0", "a second cosine cycle (60 min) from the 1.0.0 weights, epoch chosen "
+                         "on the mean melanoma + seborrheic keratosis AUC"),
+               ("1.0.0", "first release")),
 )
 
+#: Body Part Examined values (PS3.16 CID 4031 code meanings as DICOM writes them) of the
+#: extremities and joints FracAtlas covers and their neighbours.
+FRACTURE_BODY_PARTS = [
+    "EXTREMITY", "UPPER EXTREMITY", "LOWER EXTREMITY", "ARM", "LEG", "HAND", "FINGER", "THUMB",
+    "WRIST", "FOREARM", "ELBOW", "HUMERUS", "UPPER ARM", "SHOULDER", "CLAVICLE", "SCAPULA",
+    "HIP", "PELVIS", "FEMUR", "THIGH", "KNEE", "PATELLA", "TIBIA", "FIBULA", "LOWER LEG",
+    "ANKLE", "FOOT", "TOE", "HEEL", "CALCANEUS"]
+#: Operating point of the fracture detector's image-level decision.
+FRACTURE_MIN_SENSITIVITY = 0.90
+#: Further boxes (beyond the top one) are reported at or above this heatmap peak probability.
+FRACTURE_BOX_SCORE = 0.3
+
+#: Trained by :mod:`dicom_ai.train.fracture` (its own loop: image BCE + centre heatmap + box
+#: size, which reads ``epochs``, ``batch_size``, ``lr``, ``weight_decay``, ``max_minutes`` and
+#: ``seed`` of ``loop``), not by :func:`dicom_ai.train.run.train_model`.
+XR_FRACTURE = Recipe(
+    name="xr-fracture",
+    description="Fracture detection (image-level probability and boxes) on musculoskeletal "
+                "radiographs (CR/DX)",
+    network_def={"_target_": "dicom_ai.inference.fracture_net.FractureNet", "in_channels": 1,
+                 "widths": [24, 32, 64, 128, 192], "fpn_channels": 64, "dropout": 0.2},
+    size=(256, 256),
+    labels=("fracture",),
+    # Limb radiographs arrive in any orientation and either side: flips are label-preserving.
+    augment=AugmentConfig(rotate_deg=15.0, scale=(0.85, 1.15), translate=0.05, hflip=True,
+                          vflip=True, brightness=0.08, contrast=(0.8, 1.2), gamma=(0.75, 1.3)),
+    loop=LoopConfig(epochs=200, batch_size=16, lr=2e-3, weight_decay=1e-4, max_minutes=65.0),
+    gradcam_layer=None,
+    feature_layers=("stages.0", "stages.1", "stages.2", "stages.3"),
+    dicom_ai={
+        "task": "xr-fracture",
+        "input": "xray",
+        "intended_input": "radiographs of hand, wrist, arm, shoulder, hip, leg, ankle or foot",
+        "accepts": {
+            "modality": ["CR", "DX"],
+            "sop_class_uid": ["1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1",
+                              "1.2.840.10008.5.1.4.1.1.1.1.1"],
+            "photometric_interpretation": ["MONOCHROME1", "MONOCHROME2"],
+            "body_part_examined": FRACTURE_BODY_PARTS,
+            "reject_image_type": ["LOCALIZER"],
+        },
+        "preprocessing": {"size": [256, 256], "aspect": "pad", "stride": STRIDE},
+        "labels": ["fracture"],
+        "decision": {"kind": "threshold", "label": "fracture",
+                     "criterion": f"highest threshold with sensitivity >= "
+                                  f"{FRACTURE_MIN_SENSITIVITY:g} on the FracAtlas valid split"},
+        "boxes": {"max_boxes": 5, "min_score": FRACTURE_BOX_SCORE, "iou_threshold": 0.3,
+                  "criterion": "the top heatmap peak of a positive image, plus further peaks "
+                               f"with probability >= {FRACTURE_BOX_SCORE:g}"},
+        # SNOMED CT 125605004 "Fracture of bone" (the root of the fracture disorders);
+        # "multiple_fractures" has no verified SNOMED CT code: a private one
+        # (dicom_ai.results.codes.MULTIPLE_FRACTURES says why).
+        "codes": {"fracture": {"value": "125605004", "scheme": "SCT",
+                               "meaning": "Fracture of bone"},
+                  "multiple_fractures": dict(MULTIPLE_FRACTURES)},
+        "finding_site": {"value": "66019005", "scheme": "SCT", "meaning": "Extremity"},
+    },
+    version="1.0.1",
+    changelog=(("1.0.1", 'codes: multiple_fractures as the private code 99DICOMAI MULTFX '
+                         '"Multiple fractures" (same weights)'),
+               ("1.0.0", "first release")),
+)
+
+#: The classification recipes :func:`dicom_ai.train.run.train_model` trains.
 RECIPES = {r.name: r for r in (CXR_PNEUMONIA, FUNDUS_DR, DERM_LESION)}

@@ -28,6 +28,7 @@ from dicom_ai.inference.fracture import (
 from dicom_ai.inference.fracture_net import Box, FractureNet, decode_boxes, iou, nms, to_source
 from dicom_ai.inference.spec import BoxRule, SpecError, parse_fracture
 from dicom_ai.train import fracture as tf
+from dicom_ai.train.loop import LoopConfig
 from dicom_ai.train.recipes import CXR_PNEUMONIA
 from tests.conftest import MakeDicom
 
@@ -131,7 +132,7 @@ def test_resumed_training_equals_an_uninterrupted_run(tmp_path: Path) -> None:
     data = tf.FractureSet(images, np.array([i % 2 for i in range(8)]), boxes, ("hand",) * 8,
                           tuple(f"{i}.jpg" for i in range(8)))
     # A budget that never binds: the schedule then depends on steps only.
-    cfg = tf.LoopSettings(minutes=1e9, max_epochs=2, batch_size=4)
+    cfg = LoopConfig(epochs=2, batch_size=4, lr=2e-3, max_minutes=1e9)
 
     def net() -> torch.nn.Module:
         torch.manual_seed(1)
