@@ -54,17 +54,19 @@ install_peers() {
     # The integration tests talk to real peers: Orthanc (+ DICOMweb plugin), DCMTK, dicom3tools,
     # PixelMed's validators (libpixelmed-java does not pull a JRE itself), and OHIF Viewer in
     # Chromium (tests/integration/test_ohif.py installs OHIF and playwright-core from npm into
-    # ~/.cache/dicom-ai/ohif itself).
+    # ~/.cache/dicom-ai/ohif itself), and Prometheus's promtool (lints /metrics, tests the alert
+    # rules in deploy/prometheus/; the server it comes with is never started).
     local plugin=/usr/share/orthanc/plugins/libOrthancDicomWeb.so
     local pixelmed=/usr/share/java/pixelmed.jar
     if ! { command -v Orthanc >/dev/null && command -v storescu >/dev/null \
         && command -v dciodvfy >/dev/null && [ -e "$plugin" ] && [ -e "$pixelmed" ] \
-        && command -v java >/dev/null && [ -x /usr/bin/chromium ]; }; then
+        && command -v java >/dev/null && [ -x /usr/bin/chromium ] && command -v promtool >/dev/null; }; then
         log "installing apt peers: orthanc dcmtk dicom3tools orthanc-dicomweb libpixelmed-java" \
-            "default-jre-headless chromium"
+            "default-jre-headless chromium prometheus"
         as_root apt-get update -qq
         as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-            orthanc dcmtk dicom3tools orthanc-dicomweb libpixelmed-java default-jre-headless chromium
+            orthanc dcmtk dicom3tools orthanc-dicomweb libpixelmed-java default-jre-headless chromium \
+            prometheus
     fi
     # playwright-core needs node >= 20, newer than Debian 12's nodejs: use the one installed.
     if ! command -v node >/dev/null || ! command -v npm >/dev/null; then

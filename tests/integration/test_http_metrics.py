@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from orthanc import free_port, orthanc_available, start_orthanc
+from orthanc import orthanc_available, start_orthanc
 from prometheus_client.parser import text_string_to_metric_families
 from test_serve_orthanc import (
     SAMPLES,
@@ -58,13 +58,10 @@ def test_metrics_and_probes_after_a_study_went_through(tmp_path: Path) -> None:
     folder = SAMPLES / "cxr01"
     sent = len(list(folder.rglob("*.dcm")))
     uid = study_uid(folder)
-    http_port = free_port()
-    base = f"http://127.0.0.1:{http_port}"
     with start_orthanc(tmp_path / "pacs") as pacs:
         (tmp_path / "serve").mkdir()
         serve = Serve(tmp_path / "serve", [dimse(pacs)])
-        with serve.config.open("a") as config:
-            config.write(f"[http]\nport = {http_port}\n")
+        base = f"http://127.0.0.1:{serve.http_port}"
         try:
             serve.start()
             wait_for("/healthz", lambda: fetch(base + "/healthz")[0] == 200, timeout=30)

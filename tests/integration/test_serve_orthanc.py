@@ -64,8 +64,8 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout: float = RESULT_T
         time.sleep(every)
 
 
-def config_text(storage: Path, port: int, destinations: list[dict[str, Any]],
-                **export: float) -> str:
+def config_text(storage: Path, port: int, destinations: list[dict[str, Any]], *,
+                http_port: int, **export: float) -> str:
     lines = [
         'log_level = "INFO"',
         "[scp]", 'ae_title = "DICOMAI"', 'bind_address = "127.0.0.1"', f"port = {port}",
@@ -73,6 +73,9 @@ def config_text(storage: Path, port: int, destinations: list[dict[str, Any]],
         "[storage]", f'directory = "{storage}"', "minimum_free_mb = 64",
         "[studies]", "quiet_period_s = 2.0",
         "[worker]", "poll_interval_s = 0.2",
+        # A free port of its own: the default 9110 would be fought over by every serve a test
+        # starts (and by anything else on the machine).
+        "[http]", f"port = {http_port}",
         "[inference]", f'models_dir = "{MODELS}"', 'device = "auto"', "num_threads = 2",
         "[export]", *(f"{k} = {v}" for k, v in export.items()),
     ]
@@ -95,9 +98,11 @@ class Serve:
                  port: int | None = None, **export: float) -> None:
         self.workdir = workdir
         self.port = port or free_port()
+        self.http_port = free_port()
         self.storage = workdir / "storage"
         self.config = workdir / "dicom-ai.toml"
-        self.config.write_text(config_text(self.storage, self.port, destinations, **export))
+        self.config.write_text(config_text(self.storage, self.port, destinations,
+                                             http_port=self.http_port, **export))
         self.log = workdir / "serve.log"
         self.process: subprocess.Popen[bytes] | None = None
 
