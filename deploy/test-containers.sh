@@ -172,6 +172,9 @@ health_is() {
 write_configs() {
     # The shipped examples with this run's free ports (and nothing else changed).
     AI_PORT=$(free_port)
+    # Host networking: the HTTP endpoint (and so the health check) would otherwise take 9110,
+    # and could ask whatever else holds it.
+    export DICOM_AI_HTTP_PORT=$(free_port)
     ORTHANC_DICOM=$(free_port)
     ORTHANC_HTTP=$(free_port)
     sed "s/^port = 4242$/port = $ORTHANC_DICOM/" deploy/dicom-ai.example.toml >"$WORK/dicom-ai.toml"
@@ -197,6 +200,7 @@ test_run() {
     docker run -d --name "$name" --network host --init --read-only --tmpfs /tmp \
         --health-interval 2s --health-start-period 120s \
         -e DICOM_AI_SCP_BIND_ADDRESS=127.0.0.1 -e DICOM_AI_SCP_PORT="$AI_PORT" \
+        -e DICOM_AI_HTTP_PORT="$DICOM_AI_HTTP_PORT" \
         -v "$WORK/dicom-ai.toml:/etc/dicom-ai/dicom-ai.toml:ro" -v "$name:/var/lib/dicom-ai" \
         "$IMAGE" >/dev/null
     wait_for 120 "C-ECHO to the container" echo_ok "$AI_PORT"
