@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Retrain, re-export and evaluate the shipped classification bundles on a CUDA GPU.
+# Retrain, re-export and evaluate the shipped 2D bundles on a CUDA GPU.
 #
 # The recipes are the same as on the CPU (dicom_ai/train/recipes.py); the training loop puts the
 # network and every batch on CUDA whenever torch sees a GPU, so only the wall time changes.
@@ -20,9 +20,31 @@ PY
 
 # The CPU only decodes the cached arrays and augments batches; a few threads keep the GPU fed.
 THREADS="${THREADS:-4}"
-for model in cxr-pneumonia fundus-dr derm-lesion; do
+
+# A warm-started recipe (derm-lesion 1.1.0, xr-fracture 1.1.0) begins from weights git keeps at
+# the revision its WarmStart names; `dicom-ai train --init` checks their SHA-256.
+init_args() {
+    "${PYTHON}" - "$1" "${CACHE}" <<'PY'
+import subprocess, sys
+from pathlib import Path
+from dicom_ai.train.recipes import RECIPES, XR_FRACTURE
+name, cache = sys.argv[1], Path(sys.argv[2])
+recipe = XR_FRACTURE if name == "xr-fracture" else RECIPES[name]
+if recipe.warm_start is not None:
+    ws = recipe.warm_start
+    out = cache / f"{name}-init-{ws.sha256[:12]}.pt"
+    cache.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(subprocess.run(["git", "show", f"{ws.revision}:{ws.path}"],
+                                   capture_output=True, check=True).stdout)
+    print(f"--init {out}")
+PY
+}
+
+for model in cxr-pneumonia fundus-dr derm-lesion xr-fracture; do
     start=$(date +%s)
-    dicom-ai train "${model}" --data "${DATA}" --cache "${CACHE}" --threads "${THREADS}"
+    # shellcheck disable=SC2046
+    dicom-ai train "${model}" --data "${DATA}" --cache "${CACHE}" --threads "${THREADS}" \
+        $(init_args "${model}")
     echo "${model}: trained and exported in $(( $(date +%s) - start )) s"
     dicom-ai evaluate "models/${model}" --data "${DATA}" --cache "${CACHE}" \
         --plots "models/${model}/docs"

@@ -80,7 +80,9 @@ def run_train(args: argparse.Namespace) -> int:
                               "export" if args.export_only else "train",
                               "--out", str(args.out or Path("models") / FRACTURE_MODEL),
                               *(["--epochs", str(args.epochs)]
-                                if args.epochs and not args.export_only else [])])
+                                if args.epochs and not args.export_only else []),
+                              *(["--init", str(args.init)]
+                                if args.init and not args.export_only else [])])
     if args.model == CT_MODEL:
         from dicom_ai.train import ct_nodules
 

@@ -53,7 +53,7 @@ from dicom_ai.train.calibrate import fit_temperature, threshold_for_sensitivity
 from dicom_ai.train.loop import LoopConfig, device, learning_rate
 from dicom_ai.train.metrics import binary_auc, bootstrap_ci, expected_calibration_error
 from dicom_ai.train.recipes import FRACTURE_MIN_SENSITIVITY, XR_FRACTURE
-from dicom_ai.train.run import build_network
+from dicom_ai.train.run import build_network, warm_start_weights
 
 FloatArray = npt.NDArray[np.float32]
 
@@ -575,6 +575,9 @@ def command_train(args: argparse.Namespace) -> int:
           flush=True)
     cfg = dataclasses.replace(RECIPE.loop, max_minutes=args.minutes, epochs=args.epochs)
     net = build_network(RECIPE.network_def)
+    if RECIPE.warm_start is not None:
+        net.load_state_dict(warm_start_weights(RECIPE, Path(args.init) if args.init else None))
+        print(f"{NAME}: warm start from {RECIPE.warm_start.source}", flush=True)
     checkpoint = cache / f"{NAME}-checkpoint.pt"
     state = train(net, train_set, val_set, cfg, checkpoint=checkpoint, resume=args.resume,
                   log=lambda s: print(s, flush=True))
@@ -585,6 +588,7 @@ def command_train(args: argparse.Namespace) -> int:
         "recipe": NAME, "loop": dataclasses.asdict(cfg),
         "augment": dataclasses.asdict(RECIPE.augment),
         "size": list(SIZE), "network_def": RECIPE.network_def,
+        "warm_start": dataclasses.asdict(RECIPE.warm_start) if RECIPE.warm_start else None,
         "train_images": len(train_set.labels), "val_images": len(val_set.labels),
         "state": dataclasses.asdict(state),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -626,6 +630,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="training wall-clock budget, summed over resumed runs")
     t.add_argument("--epochs", type=int, default=RECIPE.loop.epochs)
     t.add_argument("--resume", action="store_true", help="continue from the checkpoint")
+    t.add_argument("--init", help="weights a warm-started recipe begins from (checked against "
+                                  "the recipe's SHA-256)")
     t.set_defaults(func=command_train)
     x = sub.add_parser("export", help="recalibrate and rewrite the configs")
     x.add_argument("--out", default=f"models/{NAME}")

@@ -15,7 +15,7 @@ from dicom_ai.train.run import build_network, warm_start_weights
 
 def _recipe_for(path: Path) -> Recipe:
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    return dataclasses.replace(DERM_LESION, warm_start=WarmStart(digest, "a test file"))
+    return dataclasses.replace(DERM_LESION, warm_start=WarmStart(digest, "HEAD", "init.pt"))
 
 
 def test_warm_start_loads_the_named_weights(tmp_path: Path) -> None:
@@ -46,5 +46,25 @@ def test_warm_start_refuses_other_weights_and_a_missing_file(tmp_path: Path) -> 
 
 def test_shipped_derm_recipe_names_the_1_0_0_weights() -> None:
     assert DERM_LESION.warm_start is not None
-    assert "a288954" in DERM_LESION.warm_start.source
+    assert DERM_LESION.warm_start.source == \
+        "git show a288954:models/derm-lesion/models/model.pt"
     assert len(DERM_LESION.warm_start.sha256) == 64
+
+
+@pytest.mark.parametrize("name", ["derm-lesion", "xr-fracture"])
+def test_warm_start_weights_are_in_the_repository_history(name: str) -> None:
+    """The weights a recipe starts from are the ones git keeps where it says."""
+    import shutil
+    import subprocess
+
+    from dicom_ai.train.recipes import RECIPES, XR_FRACTURE
+
+    recipe = XR_FRACTURE if name == "xr-fracture" else RECIPES[name]
+    assert recipe.warm_start is not None
+    repo = Path(__file__).resolve().parents[2]
+    if shutil.which("git") is None or not (repo / ".git").exists():
+        pytest.skip("no git checkout")
+    blob = subprocess.run(["git", "show", f"{recipe.warm_start.revision}:"
+                                          f"{recipe.warm_start.path}"],
+                          cwd=repo, capture_output=True, check=True, timeout=60).stdout
+    assert hashlib.sha256(blob).hexdigest() == recipe.warm_start.sha256
