@@ -19,7 +19,7 @@ memory for only one) a fast job still never waits behind a *queued* CT: it is ta
 bulk job, and waits at most for the CT running at the time. Running it *between* phases of that
 CT is not done: the CT path is one pass (volume, lung mask, sliding-window inference, candidates,
 SEG and SR) whose intermediate state (hundreds of MB) has no point to park at, while a second
-process gives the same result for the memory of one more copy of the models. A bulk job is never
+process gives the same result for the memory of one more idle worker. A bulk job is never
 starved by a stream of fast ones: after :data:`BULK_AGING_S` in the queue it is taken in arrival
 order with them.
 """
@@ -66,9 +66,9 @@ FAST_MODALITIES = frozenset({"CR", "DX", "MG", "IO", "PX", "OP", "XC", "DMS", "O
 #: CPUs so finely that each one gets slower than the queue gets shorter.
 MAX_AUTO_PROCESSES = 4
 
-#: Memory one worker may need: the models (≈ 30 MB) and the peak of the CT path, whose bound
-#: for a 1,000-slice CT is 2 GB. The pool never plans more workers than this divides into the
-#: available memory.
+#: Memory one worker may need: 450 MB resident idle with the five models loaded (torch
+#: included), and the peak of the CT path, whose bound for a 1,000-slice CT is 2 GB. The pool
+#: never plans more workers than this divides into the available memory.
 WORKER_MEMORY_BYTES = 2 << 30
 
 
