@@ -236,6 +236,7 @@ def test_a_bulk_job_waiting_long_ranks_with_the_fast_ones(tmp_path: Path) -> Non
 def test_the_reserved_fast_worker_never_claims_a_bulk_job(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
     conn = db.connect(spool.db_path)
+    # Queued in 1970: long past the aging that ranks a bulk job with the fast ones.
     ct = queue(conn, "1.1", BULK, 100.0)
     processor = Recorder([])
     fast_only = Worker(conn, spool, processor, destinations=[], max_attempts=3, lanes=[FAST])
