@@ -16,10 +16,10 @@ whole instance whose row was lost to a crash between rename and insert.
 
 Instances committed at the same time — several associations storing at once — share the last two
 steps (:class:`GroupCommit`): each fdatasyncs and renames its own file (concurrent fdatasyncs join
-the same journal commit in the kernel), then one of them fsyncs every directory the group renamed
-into, once each, and writes all the group's index rows in one transaction. Each instance still
-returns only after its file, its name and its row are durable; if a step of the group fails, every
-instance of the group fails and none is acknowledged.
+the same journal commit in the kernel); instances renamed into one directory while it is being
+fsync'ed share its next fsync (directories in parallel), and the rows waiting for the index go in
+one transaction. Each instance still returns only after its file, its name and its row are
+durable; if a shared step fails, every instance sharing it fails and none is acknowledged.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
+from typing import Generic, TypeVar
 
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
@@ -261,43 +262,114 @@ def durable_write(target: Path, chunks: Sequence[bytes | memoryview], *, tmp_dir
 #: What an index row holds besides its keys: (path, size, calling AE title, arrival time).
 IndexRow = tuple[InstanceKeys, Path, int, str, float]
 
+T = TypeVar("T")
+R = TypeVar("R")
+
 
 @dataclass
-class _Member:
-    """One instance waiting in a :class:`GroupCommit`: its row in, its outcome out."""
+class _Round(Generic[T, R]):
+    """One shared operation of a :class:`Coalescing`: the items it covers, then its outcome."""
 
-    row: IndexRow
+    items: list[T] = field(default_factory=list)
+    results: list[R] = field(default_factory=list)
     done: bool = False
-    new: bool = False
     error: BaseException | None = field(default=None, repr=False)
 
 
-class GroupCommit:
-    """Directory fsyncs and index commits shared by the instances committed at the same time.
+class Coalescing(Generic[T, R]):
+    """One operation done once for every caller that asked for it before it started.
 
-    The first instance to arrive leads: it takes every instance waiting at that moment (itself
-    included), fsyncs each of their directories once, writes their rows in one transaction, and
-    wakes them. Instances arriving meanwhile wait and form the next group, led by one of them. No
-    thread of its own and no timer: a lone instance is committed at once, and the busier the
-    spool, the larger the groups.
+    A caller joins the round that has not started yet. If no round is running, it runs that one
+    at once — for everyone who joined it — otherwise it waits; callers arriving meanwhile join
+    the next round, run by one of them when the current one ends. No thread of its own and no
+    timer: a lone caller runs at once, and the busier the spool, the larger the rounds.
+
+    Parameters
+    ----------
+    operation:
+        Does the work for a round's items, in order, and returns one result per item.
+    """
+
+    def __init__(self, operation: Callable[[list[T]], list[R]]) -> None:
+        self._operation = operation
+        self._changed = threading.Condition()
+        self._next: _Round[T, R] = _Round()
+        self._running = False
+        #: Rounds run and items in them (``items / rounds`` is the mean size of a round).
+        self.rounds = 0
+        self.items = 0
+
+    def submit(self, item: T) -> R:
+        """The operation's result for ``item``, from a round that started after this call.
+
+        Raises
+        ------
+        BaseException
+            What the round's operation raised (a copy of it for all but one of its callers):
+            every caller of a failed round fails.
+        """
+        with self._changed:
+            mine = self._next
+            index = len(mine.items)
+            mine.items.append(item)
+            while not mine.done and self._running:
+                self._changed.wait()
+            lead = not mine.done
+            if lead:
+                self._running = True
+                self._next = _Round()
+        if lead:
+            self._run(mine)
+        if mine.error is not None:
+            raise mine.error if index == 0 else copy.copy(mine.error)
+        return mine.results[index]
+
+    def idle(self) -> bool:
+        """Whether no round is running and nobody waits."""
+        with self._changed:
+            return not self._running and not self._next.items
+
+    def _run(self, current: _Round[T, R]) -> None:
+        try:
+            results = self._operation(current.items)
+        except BaseException as exc:
+            # Each caller raises its own copy: one exception object raised in several threads
+            # would collect their tracebacks into one.
+            current.error = exc
+        else:
+            current.results = results
+        with self._changed:
+            self.rounds += 1
+            self.items += len(current.items)
+            current.done = True
+            self._running = False
+            self._changed.notify_all()
+
+
+class GroupCommit:
+    """The directory fsyncs and index commits of instances committed at the same time, shared.
+
+    Each instance's directory entry is made durable by an fsync of its directory that started
+    after its rename: instances renamed into one directory while an fsync of it runs share the
+    next one, and different directories are fsync'ed in parallel, never one behind another. Its
+    row then goes into the next index transaction, with every row waiting for it.
 
     Parameters
     ----------
     spool:
-        Whose index the rows go to.
+        Whose directories and index.
     """
 
     def __init__(self, spool: Spool) -> None:
-        self._spool = spool
-        self._changed = threading.Condition()
-        self._waiting: list[_Member] = []
-        self._leading = False
-        #: Groups committed and instances in them (``instances / groups`` is the mean size).
-        self.groups = 0
-        self.instances = 0
+        self._lock = threading.Lock()
+        self._directories: dict[Path, Coalescing[None, None]] = {}
+        self.index: Coalescing[IndexRow, bool] = Coalescing(lambda rows: spool._index_rows(rows))
+        #: Directory fsyncs done, and the instances they made durable.
+        self.fsyncs = 0
+        self.fsynced = 0
 
     def commit(self, row: IndexRow) -> bool:
-        """Make ``row``'s directory entry durable and index it, with whoever commits meanwhile.
+        """Make ``row``'s directory entry durable, then index it.
 
         Parameters
         ----------
@@ -307,48 +379,38 @@ class GroupCommit:
         Returns
         -------
         bool
-            Whether the instance is new (see :meth:`Spool._index`).
+            Whether the instance is new (see :meth:`Spool._index_rows`).
 
         Raises
         ------
         OSError, sqlite3.Error
-            A step of the group failed (a copy of its error); no row of the group was written.
+            The directory fsync or the transaction shared with others failed; the row is not
+            written.
         """
-        member = _Member(row)
-        with self._changed:
-            self._waiting.append(member)
-            while not member.done and self._leading:
-                self._changed.wait()
-            if not member.done:
-                self._leading = True
-                group, self._waiting = self._waiting, []
-        if not member.done:
-            try:
-                self._commit_group(group)
-            finally:
-                with self._changed:
-                    self._leading = False
-                    self._changed.notify_all()
-        if member.error is not None:
-            raise member.error
-        return member.new
-
-    def _commit_group(self, group: list[_Member]) -> None:
+        directory = row[1].parent
+        with self._lock:
+            fsync = self._directories.get(directory)
+            if fsync is None:
+                fsync = self._directories[directory] = Coalescing(self._fsync(directory))
         try:
-            for directory in dict.fromkeys(m.row[1].parent for m in group):
-                fsync_dir(directory)
-            news = self._spool._index_rows([m.row for m in group])
-        except BaseException as exc:
-            # Each waiting thread raises its own copy: one exception object raised in several
-            # threads would collect their tracebacks into one.
-            for m in group:
-                m.error = exc if m is group[0] else copy.copy(exc)
-            news = [False] * len(group)
-        self.groups += 1
-        self.instances += len(group)
-        for m, new in zip(group, news, strict=True):
-            m.new = new
-            m.done = True
+            fsync.submit(None)
+        finally:
+            with self._lock:
+                # Dropped once idle, so that the map does not grow with every series ever
+                # received; a caller still holding it only shares with fewer.
+                if fsync.idle() and self._directories.get(directory) is fsync:
+                    del self._directories[directory]
+        return self.index.submit(row)
+
+    def _fsync(self, directory: Path) -> Callable[[list[None]], list[None]]:
+        def run(items: list[None]) -> list[None]:
+            fsync_dir(directory)
+            with self._lock:
+                self.fsyncs += 1
+                self.fsynced += len(items)
+            return [None] * len(items)
+
+        return run
 
 
 @dataclass(frozen=True)
@@ -389,6 +451,10 @@ class Spool:
 
     def close(self) -> None:
         """Close the index connection."""
+        group, index = self.group_commit, self.group_commit.index
+        if index.rounds:
+            log.info("group commit: %d instances in %d index transactions; %d in %d directory "
+                     "fsyncs", index.items, index.rounds, group.fsynced, group.fsyncs)
         with self._lock:
             self._conn.close()
 

@@ -160,8 +160,9 @@ def wait_until(what: str, probe: Callable[[], bool], timeout: float = 10.0) -> N
 
 class Storing:
     """Threads each storing one instance into the same series directory of ``spool``, with
-    ``os.fsync`` counted per path; the first directory fsync is held until released, so that
-    the instances arriving meanwhile are known to wait for the same, second group."""
+    ``os.fsync`` and index transactions counted. The first instance's directory fsync is held
+    until the others wait for that directory, and its index transaction until they wait for the
+    index: the others are then known to share the second fsync and the second transaction."""
 
     def __init__(self, spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
         self.spool = spool
@@ -190,6 +191,10 @@ class Storing:
 
         def counted_transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
             self.transactions += 1
+            if self.transactions == 1 and not isinstance(self.fail_second, OSError):
+                wait_until("the others to wait for the index",
+                           lambda: len(self.spool.group_commit.index._next.items)
+                           == CONCURRENT - 1)
             if self.transactions == 2 and isinstance(self.fail_second, sqlite3.Error):
                 raise self.fail_second
             return transaction(conn)
@@ -216,8 +221,9 @@ class Storing:
         assert self.first_held.wait(10.0)
         rest = [f"1.2.3.{51 + n}" for n in range(CONCURRENT - 1)]
         threads = [self.store(sop) for sop in rest]
-        wait_until("the others to wait for the group",
-                   lambda: len(self.spool.group_commit._waiting) == len(rest))
+        directory = self.spool.group_commit._directories[self.series_dir]
+        wait_until("the others to wait for the directory",
+                   lambda: len(directory._next.items) == len(rest))
         self.release.set()
         for thread in (first, *threads):
             thread.join(10.0)
@@ -236,7 +242,10 @@ def test_concurrent_commits_share_one_directory_fsync_and_one_transaction(
     # CONCURRENT instances: two directory fsyncs and two index transactions, not CONCURRENT.
     assert storing.fsyncs[str(storing.series_dir)] == 2
     assert storing.transactions == 2
-    assert (spool.group_commit.groups, spool.group_commit.instances) == (2, CONCURRENT)
+    group = spool.group_commit
+    assert (group.fsyncs, group.fsynced) == (2, CONCURRENT)
+    assert (group.index.rounds, group.index.items) == (2, CONCURRENT)
+    assert not group._directories, "an idle directory is dropped"
     rows = {r[0] for r in spool._conn.execute("SELECT sop_instance_uid FROM instances")}
     assert rows == {"1.2.3.50", *rest}
     assert spool._conn.execute("SELECT instance_count FROM studies").fetchone()[0] == CONCURRENT
