@@ -75,10 +75,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_port(port: int, timeout: float = START_TIMEOUT_S) -> None:
-    """Return once something accepts connections on ``127.0.0.1:port``."""
+def wait_port(port: int, timeout: float = START_TIMEOUT_S,
+              proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Return once something accepts connections on ``127.0.0.1:port`` (``proc``: the process
+    that should listen; its exit is an error at once)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the receiver exited with {proc.returncode} before listening")
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return
@@ -270,6 +274,9 @@ def serve_config(scratch: Path, name: str, port: int, models: Path, quiet_period
         "worker": ["poll_interval_s = 0.2"],
         "inference": [f'models_dir = "{models}"'],
     }
+    if hasattr(Settings().studies, "maximum_wait_s"):
+        # The forced completion must not come before the quiet period.
+        sections["studies"].append(f"maximum_wait_s = {max(600.0, quiet_period_s)}")
     if hasattr(Settings(), "http"):
         # Several benchmark services run side by side; none needs the HTTP endpoint.
         sections["http"] = ["enabled = false"]
@@ -297,7 +304,10 @@ def start_serve(scratch: Path, name: str, models: Path, quiet_period_s: float,
                                 stderr=subprocess.STDOUT)
     receiver = Receiver("dicom-ai serve (fsync)", port, "DICOMAI", proc)
     try:
-        wait_port(port)
+        try:
+            wait_port(port, proc=proc)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}: {log_path.read_text(errors='replace')[-2000:]}") from exc
         # Measured after the worker has imported torch and loaded the models: that start-up
         # would otherwise compete with the first sends.
         deadline = time.monotonic() + START_TIMEOUT_S

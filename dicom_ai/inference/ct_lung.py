@@ -2,7 +2,9 @@
 
 Per series: HU volume (:func:`dicom_ai.imaging.ct.build_volume`) → is it a usable chest CT
 (header rules of the bundle, then the image: enough lung-density air inside the body) → lung
-segmentation and measurements (:mod:`dicom_ai.imaging.lung`) → the bundle's 2.5D network over
+segmentation and measurements (:mod:`dicom_ai.imaging.lung`; on a thin-slice series over every
+k-th slice, at most the network's slice spacing apart: :func:`segmentation_view`) → the bundle's
+2.5D network over
 every axial slice of the volume resampled to the bundle's spacing → a probability map → 3D
 connected components that lie in the lungs (:class:`SearchArea`: the peak and most voxels in
 each lung closed per slice, their soft tissue not mostly below the lung bases) → each candidate's
@@ -352,6 +354,30 @@ def nearest_on_grid(values: npt.NDArray[ScalarT], volume: CTVolume, grid: CTVolu
     return values[np.ix_(*idx)]
 
 
+def segmentation_view(volume: CTVolume, max_spacing_mm: float) -> CTVolume:
+    """Every k-th slice of ``volume`` (a view of its array, no copy), k the largest whole
+    number that keeps the slices at most ``max_spacing_mm`` apart; ``volume`` itself when its
+    slices are more than half that apart already.
+
+    Parameters
+    ----------
+    volume
+        The source volume.
+    max_spacing_mm
+        Largest distance between the slices of the view (the network's z spacing).
+
+    Returns
+    -------
+    CTVolume
+        Same origin and direction; spacing ``k ·`` the source's along z; every k-th instance.
+    """
+    k = max(1, int(np.floor(max_spacing_mm / volume.spacing[0] + 1e-6)))
+    if k == 1:
+        return volume
+    return CTVolume(volume.hu[::k], (volume.spacing[0] * k, volume.spacing[1], volume.spacing[2]),
+                    volume.origin, volume.direction, volume.instances[::k])
+
+
 def search_area(masks: LungMasks, volume: CTVolume, grid: CTVolume) -> SearchArea:
     """The :class:`SearchArea` of a segmented volume, on the network's grid (computed on the
     source voxels, where the lung border is sharpest, then sampled)."""
@@ -476,17 +502,21 @@ def analyse_volume(bundle: Bundle, volume: CTVolume, settings: InferenceSettings
     if max_spacing is not None and volume.spacing[0] > float(max_spacing) * 1.01:
         return (f"slices are {volume.spacing[0]:.2f} mm apart, over the model's limit of "
                 f"{float(max_spacing):g} mm", [], [])
-    masks = segment_lungs(volume.hu, volume.spacing, volume.direction)
+    # The lungs are segmented on slices as far apart as the network reads them: on a thin-slice
+    # series the full-resolution segmentation needs ~15 bytes per voxel (two 3D labellings),
+    # which for 1,000 slices of 512² is 4 GB on top of the volume.
+    coarse = segmentation_view(volume, pre.spacing[0])
+    masks = segment_lungs(coarse.hu, coarse.spacing, coarse.direction)
     reason = not_chest_reason(masks)
     if reason is not None:
         return reason, [], []
-    findings = measurement_findings(masks, volume)
+    findings = measurement_findings(masks, coarse)
     grid = resample(volume, pre.spacing)
     prob = probability_map(bundle.network, model_input(grid.hu, pre), device=bundle.device,
                            batch_size=settings.batch_size, amp=settings.amp)
     thresholds = block["thresholds"]
     candidates = find_candidates(prob, float(thresholds["candidate"]),
-                                 region=search_area(masks, volume, grid),
+                                 region=search_area(masks, coarse, grid),
                                  min_voxels=int(thresholds.get("min_voxels", 1)))
     candidates = calibrated(candidates[:int(thresholds.get("max_candidates", 10))],
                             Calibration.from_block(block.get("calibration")))
@@ -553,4 +583,4 @@ __all__ = ["Calibration", "Candidate", "Preprocessing", "SearchArea", "VolumeAna
            "extent_mm", "find_candidates", "hu_to_unit", "in_plane_diameter_mm",
            "key_slice_explanation", "lesion_label", "measurement_findings", "model_input",
            "nearest_on_grid", "not_chest_reason", "probability_map", "search_area",
-           "shown_candidates", "validate_block"]
+           "segmentation_view", "shown_candidates", "validate_block"]

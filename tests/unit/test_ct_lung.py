@@ -20,7 +20,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from dicom_ai.config import InferenceSettings, Settings
 from dicom_ai.dicom.model import Instance, Series
-from dicom_ai.imaging.ct import build_volume
+from dicom_ai.imaging.ct import CTVolume, build_volume
 from dicom_ai.imaging.lung import segment_lungs
 from dicom_ai.inference.bundle import Bundle, BundleError
 from dicom_ai.inference.ct_lung import (
@@ -32,8 +32,10 @@ from dicom_ai.inference.ct_lung import (
     find_candidates,
     in_plane_diameter_mm,
     lesion_label,
+    measurement_findings,
     model_input,
     probability_map,
+    segmentation_view,
     validate_block,
 )
 from dicom_ai.inference.findings import ModelInfo, ModelResult
@@ -399,3 +401,40 @@ def test_sample_ct_candidates_lie_in_the_lungs() -> None:
     assert top.center_mm is not None
     np.testing.assert_allclose(np.array(top.center_mm), np.array([-63.65, -98.76, 187.15]),
                                atol=5.0)
+
+
+def _thin(hu: npt.NDArray[np.float32], repeat: int) -> CTVolume:
+    """``hu`` with each slice repeated ``repeat`` times at ``1 / repeat`` of the spacing."""
+    instances = tuple(Instance(path=Path(f"{k}.dcm"), header=Dataset())
+                      for k in range(hu.shape[0] * repeat))
+    return CTVolume(np.repeat(hu, repeat, axis=0), (SPACING[0] / repeat, *SPACING[1:]), ORIGIN,
+                    np.eye(3), instances)
+
+
+def test_segmentation_view_keeps_a_series_already_at_the_network_spacing() -> None:
+    volume = _thin(chest_phantom([]), 1)
+    assert segmentation_view(volume, SPACING[0]) is volume
+    # Slices more than half the limit apart cannot be thinned without exceeding it.
+    assert segmentation_view(volume, 1.9 * SPACING[0]) is volume
+
+
+def test_segmentation_view_is_every_kth_slice_without_a_copy() -> None:
+    volume = _thin(chest_phantom([]), 5)
+    view = segmentation_view(volume, SPACING[0])
+    assert view.hu.shape == (SHAPE[0], *SHAPE[1:])
+    assert np.shares_memory(view.hu, volume.hu)
+    assert view.spacing == pytest.approx(SPACING)
+    assert view.instances == volume.instances[::5]
+    assert np.array_equal(view.hu, volume.hu[::5])
+    assert view.origin == volume.origin
+
+
+def test_lung_measurements_of_a_thin_series_match_its_full_resolution() -> None:
+    """A thin-slice series measured on the view gives the measurements of every slice."""
+    full = _thin(chest_phantom([]), 4)
+    view = segmentation_view(full, SPACING[0])
+    on_view = measurement_findings(segment_lungs(view.hu, view.spacing, view.direction), view)
+    on_full = measurement_findings(segment_lungs(full.hu, full.spacing, full.direction), full)
+    for a, b in zip(on_view, on_full, strict=True):
+        assert a.label == b.label
+        assert a.value == pytest.approx(b.value, rel=1e-6, abs=1e-6)
