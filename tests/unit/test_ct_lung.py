@@ -438,3 +438,24 @@ def test_lung_measurements_of_a_thin_series_match_its_full_resolution() -> None:
     for a, b in zip(on_view, on_full, strict=True):
         assert a.label == b.label
         assert a.value == pytest.approx(b.value, rel=1e-6, abs=1e-6)
+
+
+class AutocastProbe(torch.nn.Module):
+    """Logits 0 everywhere; records whether autocast was on and the input dtype."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[bool, torch.dtype]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append((torch.is_autocast_enabled(x.device.type), x.dtype))
+        return torch.zeros_like(x[:, :1])
+
+
+def test_probability_map_on_the_cpu_stays_float32_when_amp_is_asked() -> None:
+    probe = AutocastProbe()
+    inputs = np.zeros((3, 3, 20, 20), dtype=np.float32)
+    prob = probability_map(probe, inputs, device=torch.device("cpu"), batch_size=2, amp=True)
+    assert prob.dtype == np.float32 and prob.shape == (3, 20, 20)
+    assert np.all(prob == 0.5)
+    assert probe.seen == [(False, torch.float32), (False, torch.float32)]
