@@ -56,6 +56,8 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
 T = TypeVar("T")
 #: Seconds the test processor spends on a study.
 PROCESSING_S = 2.0
+#: Peak resident memory allowed to the service process (listener, assembler, supervisor).
+SERVICE_RSS_BOUND_MIB = 400
 
 
 def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 30.0) -> T:
@@ -125,6 +127,14 @@ def children_of(pid: int) -> list[int]:
     return found
 
 
+def peak_rss_mib(pid: int) -> float:
+    """VmHWM of a live process, MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM in /proc status")
+
+
 def alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
@@ -173,6 +183,8 @@ class ServiceRun:
         self.settings.export.destinations = [DestinationSettings(
             name="pacs", ae_title="PACS", host="127.0.0.1", port=pacs_port)]
         self.process: SpawnProcess | None = None
+        #: The service process's peak resident memory at each kill.
+        self.peak_rss_mib: list[float] = []
 
     @property
     def port(self) -> int:
@@ -197,6 +209,7 @@ class ServiceRun:
         assert self.process is not None and self.process.pid is not None
         children = children_of(self.process.pid)
         assert len(children) >= 2, "worker and exporter not found"
+        self.peak_rss_mib.append(peak_rss_mib(self.process.pid))
         os.kill(self.process.pid, signal.SIGKILL)
         self.process.join(10)
         wait_for("the children to end with the service",
@@ -257,6 +270,11 @@ def test_kill9_while_receiving_loses_nothing_acknowledged(service: ServiceRun) -
     assert acknowledged, "nothing was acknowledged before the kills"
     service.stop()
     assert_consistent(service.root, acknowledged)
+    # The listener's process (no models: they live in the worker) stays small however it is
+    # stopped, and writes nowhere but its storage directory and its log.
+    print(f"service peak RSS at the kills: {service.peak_rss_mib} MiB")
+    assert max(service.peak_rss_mib) < SERVICE_RSS_BOUND_MIB
+    assert {p.name for p in service.root.parent.iterdir()} == {"storage", "serve.log"}
 
 
 def test_kill9_while_processing_resumes_the_job(service: ServiceRun, pacs: Pacs) -> None:
