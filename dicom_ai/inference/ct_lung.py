@@ -72,6 +72,10 @@ MAX_BELOW_BASES_SHARE = 0.5
 RAW_EPS = 1e-7
 #: Network input spatial sides must be multiples of this (four 2× poolings of a U-Net).
 SIZE_MULTIPLE = 16
+#: Largest batch of slices on the CPU: the shipped 2.5D U-Net on 240² slices ran no faster at
+#: 16 than at 4 on 2 cores (3 images/s each), and 16 held 440 MB more activations — the peak of
+#: a 1,000-slice CT (``benchmarks/inference_throughput.py``).
+CPU_MAX_BATCH = 4
 
 
 @dataclass(frozen=True)
@@ -512,8 +516,10 @@ def analyse_volume(bundle: Bundle, volume: CTVolume, settings: InferenceSettings
         return reason, [], []
     findings = measurement_findings(masks, coarse)
     grid = resample(volume, pre.spacing)
+    batch = settings.batch_size if bundle.device.type == "cuda" \
+        else min(settings.batch_size, CPU_MAX_BATCH)
     prob = probability_map(bundle.network, model_input(grid.hu, pre), device=bundle.device,
-                           batch_size=settings.batch_size, amp=settings.amp)
+                           batch_size=batch, amp=settings.amp)
     thresholds = block["thresholds"]
     candidates = find_candidates(prob, float(thresholds["candidate"]),
                                  region=search_area(masks, coarse, grid),
