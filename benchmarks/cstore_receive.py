@@ -199,6 +199,16 @@ class Receiver:
     called: str
     proc: subprocess.Popen[bytes]
     times: dict[str, list[float]] = field(default_factory=dict)
+    log: Path | None = None
+
+    def group_commit(self) -> str:
+        """The service's own group-commit summary, logged when it stops (empty if none)."""
+        if self.log is None or not self.log.exists():
+            return ""
+        lines = [line.split("group commit:", 1)[1].strip()
+                 for line in self.log.read_text(errors="replace").splitlines()
+                 if "group commit:" in line]
+        return lines[-1] if lines else ""
 
     def stop(self) -> None:
         """Terminate the receiver and wait for it (killed after 20 s)."""
@@ -302,7 +312,7 @@ def start_serve(scratch: Path, name: str, models: Path, quiet_period_s: float,
         proc = subprocess.Popen([sys.executable, "-m", "dicom_ai.cli", "serve", "--config",
                                  str(config)], env=dict(ENV, PYTHONPATH=str(REPO)), stdout=log,
                                 stderr=subprocess.STDOUT)
-    receiver = Receiver("dicom-ai serve (fsync)", port, "DICOMAI", proc)
+    receiver = Receiver("dicom-ai serve (fsync)", port, "DICOMAI", proc, log=log_path)
     try:
         try:
             wait_port(port, proc=proc)
@@ -454,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             for r in receivers:
                 r.stop()
+        commits = receivers[2].group_commit()
         busy_rows: list[str] = []
         if args.busy:
             busy_rows = busy_phase(scratch, slices, args, one, four, counts)
@@ -467,6 +478,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Orthanc settings: {json.dumps(ORTHANC_SETTINGS)} (SQLite index on the same disk)")
     if args.serve_setting:
         print(f"serve settings added: {', '.join(args.serve_setting)}")
+    if commits:
+        print(f"serve (worker idle) group commit, from its log: {commits}")
     print()
     for line in (table(receivers, storescp, counts, "worker idle")
                  + ratios(ours, [storescp, orthanc], counts) + busy_rows):
