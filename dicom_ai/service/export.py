@@ -22,7 +22,6 @@ import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -400,9 +399,9 @@ def next_due_in(conn: sqlite3.Connection, now: float) -> float | None:
     return None if row is None or row[0] is None else max(0.0, float(row[0]) - now)
 
 
-def exporter_main(settings: Settings, stop: EventType, parent_pid: int) -> None:
-    """Entry point of the exporter process: deliver until ``stop``."""
-    child_setup(settings, parent_pid, "exporter")
+def exporter_main(settings: Settings, parent_pid: int) -> None:
+    """Entry point of the exporter process: deliver until SIGTERM."""
+    stop = child_setup(settings, parent_pid, "exporter")
     root = Path(settings.storage.directory)
     conn = db.connect(root / "index.sqlite")
     exporter = Exporter(conn, root, make_senders(settings), settings.export)

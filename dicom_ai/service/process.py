@@ -8,6 +8,8 @@ import logging
 import os
 import signal
 import sys
+import threading
+from types import FrameType
 
 from dicom_ai.config import Settings
 from dicom_ai.logs import configure_logging
@@ -120,9 +122,29 @@ def leave_listener_a_core() -> str:
     return f"CPUs {','.join(map(str, cpus[1:]))} (CPU {cpus[0]} left to the listener)"
 
 
-def child_setup(settings: Settings, parent_pid: int, name: str) -> None:
-    """Common start of a service child process: die with the parent, logging as configured."""
+def child_setup(settings: Settings, parent_pid: int, name: str) -> threading.Event:
+    """Common start of a service child process: die with the parent, logging as configured.
+
+    SIGTERM is the child's stop request, whoever sends it: the service (one child at a time) or
+    a service manager signalling the whole process group (systemd's ``KillMode=control-group``,
+    ``docker stop`` with ``--init``). The handler only sets the returned event, so the current
+    job or delivery round finishes first. No multiprocessing primitive is shared with the
+    parent for this: a ``multiprocessing.Event`` that a child died waiting on (SIGKILL, the OOM
+    killer) makes the parent's ``set()`` block for ever.
+
+    Returns
+    -------
+    threading.Event
+        Set when this process is asked to stop.
+    """
     die_with_parent(parent_pid)
+    stop = threading.Event()
+
+    def request_stop(_signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
     # SIGINT goes to the whole process group on Ctrl-C; the parent decides when children stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     configure_logging(settings.log_level, process=name, fmt=settings.log_format)
+    return stop

@@ -116,7 +116,6 @@ class Service:
         self.free_bytes = free_bytes
         self.root = Path(settings.storage.directory)
         self._ctx = multiprocessing.get_context("spawn")
-        self._stop_children = self._ctx.Event()
         self._stopping = threading.Event()
         self._children: dict[str, SpawnProcess] = {}
         self._started_at: dict[str, float] = {}
@@ -146,11 +145,11 @@ class Service:
         parent = os.getpid()
         if name in self.workers:
             proc = self._ctx.Process(target=worker_main, name=f"dicom-ai-{name}", args=(
-                self.settings, self._stop_children, parent, self.processor_factory,
+                self.settings, parent, self.processor_factory,
                 self.workers[name]))
         else:
             proc = self._ctx.Process(target=exporter_main, name="dicom-ai-exporter",
-                                     args=(self.settings, self._stop_children, parent))
+                                     args=(self.settings, parent))
         proc.start()
         self._children[name] = proc
         self._started_at[name] = time.monotonic()
@@ -178,6 +177,23 @@ class Service:
                                        by_shutdown=by_shutdown, worker_pid=proc.pid)
         finally:
             conn.close()
+
+    def stop_children(self) -> None:
+        """Ask every child to stop (SIGTERM) and wait for them under one deadline.
+
+        They finish their current study or delivery round side by side; one still running at the
+        deadline is killed (its job is re-queued by the caller).
+        """
+        for proc in self._children.values():
+            if proc.is_alive():
+                proc.terminate()
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for name, proc in self._children.items():
+            proc.join(timeout=max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                log.warning("%s did not stop in time; killing it", name)
+                proc.kill()
+                proc.join(timeout=5)
 
     def run(self) -> int:
         """Lock, recover, start everything, and serve until SIGTERM or SIGINT.
@@ -251,15 +267,7 @@ class Service:
         if sweeper is not None:
             sweeper.stop()
             sweeper.join(timeout=30)
-        self._stop_children.set()
-        # One deadline for all: the children finish their current study side by side.
-        deadline = time.monotonic() + STOP_TIMEOUT_S
-        for name, proc in self._children.items():
-            proc.join(timeout=max(0.0, deadline - time.monotonic()))
-            if proc.is_alive():
-                log.warning("%s did not stop in time; terminating", name)
-                proc.terminate()
-                proc.join(timeout=5)
+        self.stop_children()
         requeued = sum(self._requeue_of(proc, by_shutdown=True)
                        for name, proc in self._children.items()
                        if name in self.workers and not proc.is_alive())

@@ -23,7 +23,6 @@ import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
 from typing import Any
 
@@ -291,10 +290,10 @@ def pipeline_processor(settings: Settings) -> Processor:
     return process
 
 
-def worker_main(settings: Settings, stop: EventType, parent_pid: int,
+def worker_main(settings: Settings, parent_pid: int,
                 processor_factory: Callable[[Settings], Processor] = pipeline_processor,
                 plan: WorkerPlan | None = None) -> None:
-    """Entry point of a worker process: load models once, then run jobs until ``stop``.
+    """Entry point of a worker process: load models once, then run jobs until SIGTERM.
 
     The process lowers its CPU priority (``worker.priority``,
     :func:`~dicom_ai.service.process.set_priority`) and, with ``worker.listener_core``, a worker
@@ -307,8 +306,6 @@ def worker_main(settings: Settings, stop: EventType, parent_pid: int,
     ----------
     settings:
         All settings.
-    stop:
-        Set by the service to stop.
     parent_pid:
         The service's PID.
     processor_factory:
@@ -317,7 +314,7 @@ def worker_main(settings: Settings, stop: EventType, parent_pid: int,
         Its place in the pool (lanes, threads); None: one worker serving every lane.
     """
     plan = plan or WorkerPlan("worker", LANES, settings.inference.num_threads)
-    child_setup(settings, parent_pid, plan.name)
+    stop = child_setup(settings, parent_pid, plan.name)
     if not settings.worker.listener_core:
         where = "every CPU (worker.listener_core = false)"
     elif BULK not in plan.lanes:

@@ -413,9 +413,5 @@ def test_the_supervisor_counts_a_restarted_child(tmp_path: Path) -> None:
         service._supervise()
         assert service._children["exporter"].pid != first.pid
     finally:
-        service._stop_children.set()
-        for proc in service._children.values():
-            proc.join(timeout=30)
-            if proc.is_alive():
-                proc.kill()
+        service.stop_children()
     assert count("dicom_ai_child_restarts_total", process="exporter") - before == 1

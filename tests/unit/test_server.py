@@ -160,9 +160,52 @@ def test_a_dead_worker_is_restarted_and_only_its_job_requeued(tmp_path: Path) ->
         (tmp_path / "release").touch()
         wait_for(lambda: {s for s, _, _ in jobs().values()} == {"done"}, "both jobs done")
     finally:
-        service._stop_children.set()
+        service.stop_children()
+    assert jobs() == {FAST: ("done", 1, pids["worker-1"]), BULK: ("done", 2, new_pid)}
+
+
+def ready_processor(settings: Settings) -> Processor:
+    """Notes its process in ``ready/`` once loaded (the worker is then idle in its poll loop)."""
+    ready = Path(settings.storage.directory) / "ready"
+    ready.mkdir(exist_ok=True)
+    (ready / str(os.getpid())).touch()
+
+    def process(paths: Sequence[Path]) -> ProcessedStudy:
+        return ProcessedStudy([])
+
+    return process
+
+
+def test_children_stop_on_sigterm_and_a_killed_child_cannot_block_the_stop(
+        tmp_path: Path) -> None:
+    """systemd's KillMode=control-group and ``docker stop`` signal every process of the group:
+    each child then stops by itself (exit code 0, not death by signal). A child killed while
+    idle (SIGKILL, the OOM killer) shares no lock with the service, so the service's stop of
+    the others still returns at once (a multiprocessing.Event waited on by a killed child
+    made it block for ever)."""
+    settings = Settings()
+    settings.storage.directory = str(tmp_path)
+    settings.worker.processes = 2
+    settings.worker.poll_interval_s = 0.1
+    service = Service(settings, processor_factory=ready_processor)
+    try:
+        for name in (*service.workers, "exporter"):
+            service._start_child(name)
+        children = dict(service._children)
+        wait_for(lambda: len(list((tmp_path / "ready").glob("*"))) == 2
+                 if (tmp_path / "ready").exists() else False, "both workers loaded")
+        killed, signalled = children["worker-1"], children["worker-2"]
+        assert killed.pid is not None and signalled.pid is not None
+        os.kill(killed.pid, signal.SIGKILL)
+        killed.join(timeout=30)
+        os.kill(signalled.pid, signal.SIGTERM)
+        signalled.join(timeout=30)
+        assert (killed.exitcode, signalled.exitcode) == (-signal.SIGKILL, 0)
+        started = time.monotonic()
+        service.stop_children()
+        assert time.monotonic() - started < 20
+        assert children["exporter"].exitcode == 0
+    finally:
         for proc in service._children.values():
-            proc.join(timeout=30)
             if proc.is_alive():
                 proc.kill()
-    assert jobs() == {FAST: ("done", 1, pids["worker-1"]), BULK: ("done", 2, new_pid)}
