@@ -140,7 +140,8 @@ def run_study(study: Study, models: Sequence[Bundle], settings: Settings, *,
     started = started or datetime.now().astimezone()
     outcome = StudyOutcome(study_instance_uid=study.study_instance_uid,
                            language=settings.output.language)
-    with decode_limit(settings.limits.max_decoded_mb):
+    with decode_limit(settings.limits.max_decoded_mb,
+                      max_volume_mb=settings.limits.max_volume_mb):
         for series in study.series:
             analyse_series(series, models, settings, started, outcome)
     # One SR per study and model: the results of one model on the study's series together.

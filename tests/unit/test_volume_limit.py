@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from pydicom.uid import CTImageStorage
 
+from dicom_ai import pipeline
 from dicom_ai.config import Settings, validate
 from dicom_ai.dicom.collect import collect
 from dicom_ai.dicom.errors import PixelDecodeError
@@ -54,3 +55,25 @@ def test_max_volume_mb_must_be_positive() -> None:
     settings = Settings()
     settings.limits.max_volume_mb = 0
     assert "limits.max_volume_mb: must be at least 1" in validate(settings)
+
+
+def test_the_pipeline_applies_the_configured_volume_limit(
+        make_dicom: MakeDicom, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``run_study`` analyses every series under the settings' limits, not the defaults."""
+    series = series_of_three(make_dicom)
+    refusals: list[str] = []
+
+    def build(series: Series, *_args: object) -> None:
+        try:
+            ct.build_volume(series)
+        except PixelDecodeError as exc:
+            refusals.append(exc.reason)
+
+    monkeypatch.setattr(pipeline, "analyse_series", build)
+    settings = Settings()
+    settings.limits.max_volume_mb = 2
+    (study,) = collect([instance.path for instance in series.instances]).studies
+    pipeline.run_study(study, [], settings)
+    assert refusals == [
+        "declared volume 3 slices x 512 x 512 x 4 byte(s) (3 MiB) exceeds "
+        "limits.max_volume_mb (2 MiB)"]
