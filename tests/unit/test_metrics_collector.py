@@ -39,6 +39,7 @@ from dicom_ai.service.metrics import (
     record_job,
     refusal_reason,
 )
+from dicom_ai.service.requestor import associate
 from dicom_ai.service.scp import disk_free_bytes, start_scp
 from dicom_ai.service.server import Service
 from dicom_ai.service.spool import Spool
@@ -297,7 +298,7 @@ def test_listener_counts_received_refused_and_associations(tmp_path: Path) -> No
     try:
         ae = AE(ae_title="MODALITY")
         ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-        assoc = ae.associate("127.0.0.1", port, ae_title="DICOMAI")
+        assoc = associate(ae, "127.0.0.1", port, ae_title="DICOMAI")
         assert assoc.is_established
         assert count("dicom_ai_associations_open") >= 1
         for n in (1, 2):
@@ -308,7 +309,7 @@ def test_listener_counts_received_refused_and_associations(tmp_path: Path) -> No
                                                  StudyInstanceUID=None)))
         assert assoc.send_c_store(broken).Status == 0xC000
         assoc.release()
-        wrong = ae.associate("127.0.0.1", port, ae_title="SOMEONE")
+        wrong = associate(ae, "127.0.0.1", port, ae_title="SOMEONE")
         assert wrong.is_rejected
     finally:
         listener.stop()

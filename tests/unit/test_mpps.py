@@ -26,6 +26,7 @@ from dicom_ai.service.mpps import (
     MppsHandler,
     NormalizedRequest,
 )
+from dicom_ai.service.requestor import associate
 from dicom_ai.service.scp import Listener, start_scp, supported_contexts
 from dicom_ai.service.spool import Spool
 from dicom_ai.service.studies import (
@@ -78,8 +79,8 @@ def assoc(running: Running) -> Iterator[Association]:
     ae = AE(ae_title="MODALITY")
     ae.add_requested_context(MPPS_SOP_CLASS, ExplicitVRLittleEndian)
     ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-    association = ae.associate("127.0.0.1", running.port, ae_title="DICOMAI",
-                               evt_handlers=[(evt.EVT_DIMSE_RECV, _received)])
+    association = associate(ae, "127.0.0.1", running.port, ae_title="DICOMAI",
+                            evt_handlers=[(evt.EVT_DIMSE_RECV, _received)])
     assert association.is_established
     yield association
     association.release()
