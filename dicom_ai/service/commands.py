@@ -87,8 +87,18 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
           f"{' mutual-TLS' if scp.tls.require_client_cert else ''}; callers: "
           f"{', '.join(scp.allowed_calling_aets) or 'any'}")
     print(f"  storage   {settings.storage.directory} (refuse below "
-          f"{settings.storage.minimum_free_mb} MB free); quiet period "
-          f"{settings.studies.quiet_period_s:g} s")
+          f"{settings.storage.minimum_free_mb} MB free)")
+    studies = settings.studies
+    print(f"  complete  MPPS, manifest or expected count at once; else quiet "
+          f"{studies.single_image_quiet_period_s:g} s (single-image) / "
+          f"{studies.quiet_period_s:g} s; at most {studies.maximum_wait_s:g} s")
+    worker = settings.worker
+    print(f"  workers   {worker.processes or 'sized from the machine'}, priority "
+          f"{worker.priority}{', listener keeps a CPU' if worker.listener_core else ''}")
+    web = settings.http
+    print("  http      " + (f"{web.bind_address}:{web.port} (/metrics /healthz /readyz, status "
+                             f"page{' with token' if web.token else ''})"
+                             if web.enabled else "off"))
     for dest in settings.export.destinations:
         where = dest.url if dest.kind == "stow" else f"{dest.ae_title}@{dest.host}:{dest.port}"
         print(f"  export    {dest.name}: {dest.kind} {where}{' TLS' if dest.tls.enabled else ''}")
