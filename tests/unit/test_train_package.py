@@ -31,7 +31,10 @@ def test_shipped_bundle_round_trip(name: str) -> None:
     meta = json.loads((root / "configs" / "metadata.json").read_text())
     config = json.loads((root / "configs" / "inference.json").read_text())
     assert set(meta) >= MONAI_KEYS
-    assert meta["version"] == "1.0.0" and meta["name"] == name
+    # The bundle is the one its recipe writes: same version and changelog.
+    recipe = RECIPES[name]
+    assert meta["version"] == recipe.version and meta["name"] == name
+    assert meta["changelog"] == dict(recipe.changelog)
     block = meta["dicom_ai"]
     assert block["labels"] == LABELS[name]
     assert set(block["codes"]) >= set(LABELS[name])
