@@ -48,7 +48,7 @@ import torch
 
 from dicom_ai.imaging.anatomy import explained_anatomy, lung_fields, restrict, share_inside
 from dicom_ai.inference.bundle import load_bundle
-from dicom_ai.inference.classify import explained_class
+from dicom_ai.inference.classify import classification_spec, explained_class
 from dicom_ai.inference.runner import calibrated_softmax, gradcam, predict_logits
 from dicom_ai.train.commands import DEFAULT_CACHE
 from dicom_ai.train.recipes import RECIPES
@@ -76,9 +76,10 @@ def measure(name: str, models: Path, data: Path, cache: Path, limit: int | None
         images, labels = images[keep], labels[keep]
     logits = predict_logits(bundle, list(images), batch_size=32, amp=False)
     probs = calibrated_softmax(logits, float(block.get("temperature", 1.0)))
+    spec = classification_spec(bundle)
     rows: list[dict[str, float]] = []
     for image, p, label in zip(images, probs, labels, strict=True):
-        cam = gradcam(bundle, image, explained_class(block, p.astype(np.float32)),
+        cam = gradcam(bundle, image, explained_class(spec, p.astype(np.float32)),
                       block["gradcam_layer"])
         mask = explained_anatomy(block["input"], image)
         if mask is None:
