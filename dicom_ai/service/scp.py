@@ -32,6 +32,7 @@ from typing import Any
 from pydicom.uid import (
     HTJ2K,
     JPEG2000,
+    Comprehensive3DSRStorage,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
@@ -46,6 +47,8 @@ from pydicom.uid import (
     JPEGLSLossless,
     JPEGLSNearLossless,
     RLELossless,
+    SecondaryCaptureImageStorage,
+    SegmentationStorage,
 )
 from pynetdicom import AllStoragePresentationContexts
 from pynetdicom.presentation import PresentationContext, build_context
@@ -75,6 +78,10 @@ from dicom_ai.service.spool import (
 from dicom_ai.service.tls import server_context
 
 log = logging.getLogger(__name__)
+
+#: The classes of what the pipeline writes (:mod:`dicom_ai.results`).
+OWN_RESULT_CLASSES = frozenset({Comprehensive3DSRStorage, SecondaryCaptureImageStorage,
+                                SegmentationStorage})
 
 #: Every storage SOP class pynetdicom knows (PS3.4 Annex B, GG, …): a study can hold any of them.
 STORAGE_SOP_CLASSES: tuple[str, ...] = tuple(
@@ -166,8 +173,10 @@ class StoreHandler:
     minimum_free_mb:
         Below this much free disk (after the instance), C-STORE answers 0xA700.
     own_manufacturer:
-        ``output.manufacturer``: objects carrying it are our own results, routed back by a PACS;
-        they are acknowledged and dropped, so that a routing rule cannot loop.
+        ``output.manufacturer``: SRs, Secondary Captures and segmentations carrying it are our
+        own results, routed back by a PACS; they are acknowledged and dropped, so that a routing
+        rule cannot loop. An image of another class is analysed whatever its manufacturer (a
+        test or teaching file may well name us).
     maximum_message_mb:
         ``scp.maximum_message_mb``: a larger data set is refused with 0xA700.
     free_bytes:
@@ -281,7 +290,8 @@ class IncomingInstance:
             return StoreStatus(CANNOT_UNDERSTAND, exc.reason)
         if keys.sop_class_uid != request.sop_class_uid:
             return StoreStatus(SOP_CLASS_MISMATCH, "SOP Class UID differs from the request")
-        if keys.manufacturer == self.handler.own_manufacturer:
+        if (keys.manufacturer == self.handler.own_manufacturer
+                and keys.sop_class_uid in OWN_RESULT_CLASSES):
             log.info("C-STORE of our own result %s acknowledged and discarded",
                      keys.sop_instance_uid)
             return StoreStatus(SUCCESS)

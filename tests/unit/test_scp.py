@@ -20,6 +20,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import (
+    Comprehensive3DSRStorage,
     ComprehensiveSRStorage,
     CTImageStorage,
     ExplicitVRLittleEndian,
@@ -200,17 +201,20 @@ def test_unusable_dataset_answers_cannot_understand(scp_factory: StartSCP) -> No
 
 
 def test_own_results_are_acknowledged_and_discarded(scp_factory: StartSCP) -> None:
-    """Our SC and SR forwarded back by a PACS: acknowledged (so the PACS is content), never
-    stored, so never analysed again."""
+    """Our SC, SR and SEG forwarded back by a PACS: acknowledged (so the PACS is content), never
+    stored, so never analysed again. An image of another class naming us as its manufacturer
+    (a teaching file, our own sample studies) is an input like any other."""
     running = scp_factory()
-    classes = (SecondaryCaptureImageStorage, ComprehensiveSRStorage)
-    assoc = associate(running.port, contexts=classes)
-    for n, sop_class in enumerate(classes):
+    classes = (SecondaryCaptureImageStorage, Comprehensive3DSRStorage, SegmentationStorage)
+    image = "1.2.840.10008.5.1.4.1.1.77.1.7"  # Dermoscopic Photography Image Storage
+    assoc = associate(running.port, contexts=(*classes, image))
+    for n, sop_class in enumerate((*classes, image)):
         ours = ct(f"1.2.3.105{n}", SOPClassUID=sop_class, Manufacturer="dicom-ai")
         ours.file_meta.MediaStorageSOPClassUID = sop_class
         assert assoc.send_c_store(ours).Status == 0x0000
-    assert not any(running.spool.incoming.iterdir())
     assoc.release()
+    conn = sqlite3.connect(running.spool.db_path)
+    assert [r[0] for r in conn.execute("SELECT sop_class_uid FROM instances")] == [image]
 
 
 def test_every_storage_class_a_study_holds_is_stored(scp_factory: StartSCP) -> None:
