@@ -54,7 +54,7 @@ from cstore_receive import (
 )
 from pydicom.uid import generate_uid
 
-from dicom_ai.config import OutputSettings, load_settings
+from dicom_ai.config import load_settings
 
 SAMPLES = REPO / "sample_studies"
 CT_SAMPLE = "ct-lung-pet-ct-dx-a0002"
@@ -70,7 +70,6 @@ RESULT_TIMEOUT_S, POLL_S = 300.0, 0.05
 PROPOSE = {"1.2.840.10008.1.2.5": ["-xr"], "1.2.840.10008.1.2.4.90": ["-xv"],
            "1.2.840.10008.1.2.4.80": ["-xt"], "1.2.840.10008.1.2.4.50": ["-xy"],
            "1.2.840.10008.1.2.4.70": ["-xs"], "1.2.840.10008.1.2.4.57": ["-xs"]}
-OWN_MANUFACTURER = OutputSettings().manufacturer
 ALONE = ("cxr01", "cxr02", "cxr03", "cxr04", "fundus01", "fundus02", "derm01", "fracture01",
          CT_SAMPLE, "ct-300")
 TARGETS_S = {"CXR": 2.0, "CT 300 slices": 20.0}
@@ -96,10 +95,6 @@ class Study:
         series: dict[str, str] = {}
         self.templates: list[bytes] = []
         for ds in datasets:
-            if ds.get("Manufacturer") == OWN_MANUFACTURER:
-                # The dermoscopy samples were written by our sample builder with our
-                # manufacturer; serve would discard them as its own results routed back.
-                ds.Manufacturer = ""
             ds.StudyInstanceUID = study
             ds.SeriesInstanceUID = series.setdefault(str(ds.SeriesInstanceUID),
                                                      f"{self.root}.1000000.{next(n)}")
