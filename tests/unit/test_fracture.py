@@ -271,3 +271,12 @@ def test_analysed_radiograph_findings_json(tmp_path: Path, make_dicom: MakeDicom
         assert f["image_uid"] == instance.SOPInstanceUID
     assert ("multiple_fractures" in [f["label"] for f in doc]) == (len(boxed) > 1)
     assert len(result.explanations) == 1 and len(result.explanations[0].markers) == len(boxed)
+
+
+def test_shipped_fracture_metadata_is_what_its_recipe_exports() -> None:
+    """The bundle's metadata is XR_FRACTURE's, with the fitted numbers it records."""
+    path = Path(__file__).resolve().parents[2] / "models" / "xr-fracture" / "configs"
+    meta = json.loads((path / "metadata.json").read_text())
+    block = meta["dicom_ai"]
+    assert tf.metadata(block["temperature"], block["decision"]["threshold"],
+                       meta["eval_metrics"], block["input_fit"]["threshold"]) == meta

@@ -51,7 +51,7 @@ def test_shipped_derm_recipe_names_the_1_0_0_weights() -> None:
     assert len(DERM_LESION.warm_start.sha256) == 64
 
 
-@pytest.mark.parametrize("name", ["derm-lesion", "xr-fracture"])
+@pytest.mark.parametrize("name", ["derm-lesion"])
 def test_warm_start_weights_are_in_the_repository_history(name: str) -> None:
     """The weights a recipe starts from are the ones git keeps where it says."""
     import shutil
