@@ -33,12 +33,11 @@ import json
 import logging
 import os
 import socket
-import socketserver
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
@@ -57,6 +56,7 @@ from prometheus_client.registry import Collector
 from dicom_ai.config import Settings
 from dicom_ai.service.association import error_site
 from dicom_ai.service.metrics import MAIN_PROCESS_METRICS, FreeBytes, IndexCollector, read_only
+from dicom_ai.service.tcp import BoundedThreadingTCPServer
 
 log = logging.getLogger(__name__)
 
@@ -319,41 +319,25 @@ class _RequestHandler(BaseHTTPRequestHandler):
         log.debug("http: " + format, *args)
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
+class _Server(BoundedThreadingTCPServer):
     request_queue_size = 32
 
     def __init__(self, address: tuple[str, int], endpoint: HTTPEndpoint) -> None:
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         self.endpoint = endpoint
-        self._connections = threading.BoundedSemaphore(MAX_CONNECTIONS)
-        super().__init__(address, _RequestHandler)
+        super().__init__(address, _RequestHandler, max_connections=MAX_CONNECTIONS)
 
     def server_bind(self) -> None:
-        # HTTPServer.server_bind resolves the host's FQDN, which can wait on DNS for seconds.
-        socketserver.TCPServer.server_bind(self)
+        # Not HTTPServer.server_bind: it resolves the host's FQDN, which can wait on DNS for
+        # seconds.
+        super().server_bind()
         host, port = self.server_address[:2]
         self.server_name = str(host)
         self.server_port = int(port)
 
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._connections.acquire(blocking=False):
-            log.warning("http: connection closed unanswered: %d open", MAX_CONNECTIONS)
-            with contextlib.suppress(OSError):
-                request.close()
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._connections.release()
-            raise
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._connections.release()
+    def connection_refused(self, client_address: Any) -> None:
+        log.warning("http: connection closed unanswered: %d open", MAX_CONNECTIONS)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.debug("http: connection from %s ended with an error", client_address[0])

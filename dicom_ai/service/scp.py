@@ -75,6 +75,7 @@ from dicom_ai.service.spool import (
     parse_dataset_keys,
     part10_header,
 )
+from dicom_ai.service.tcp import BoundedThreadingTCPServer
 from dicom_ai.service.tls import server_context
 
 log = logging.getLogger(__name__)
@@ -398,7 +399,7 @@ CONNECTIONS_PER_SLOT = 4
 _REFUSAL_LOG_INTERVAL_S = 10.0
 
 
-class Listener(socketserver.ThreadingTCPServer):
+class Listener(BoundedThreadingTCPServer):
     """The TCP listener: one thread and one :class:`Association` per connection.
 
     Parameters
@@ -413,48 +414,31 @@ class Listener(socketserver.ThreadingTCPServer):
         Wraps each connection in TLS when given; the handshake runs in the connection's thread.
     """
 
-    daemon_threads = True
     allow_reuse_address = True
     # Connections arriving while an association is being set up queue in the kernel.
     request_queue_size = 64
 
     def __init__(self, address: tuple[str, int], policy: AcceptorPolicy, store: StoreFunction,
                  tls: ssl.SSLContext | None = None) -> None:
-        super().__init__(address, socketserver.BaseRequestHandler, bind_and_activate=True)
+        super().__init__(address, socketserver.BaseRequestHandler,
+                         max_connections=CONNECTIONS_PER_SLOT * policy.slots.total)
         self.policy = policy
         self.store = store
         self.tls = tls
         self._thread: threading.Thread | None = None
         self._active: dict[threading.Thread, socket.socket] = {}
         self._active_lock = threading.Lock()
-        self._connections = threading.BoundedSemaphore(
-            CONNECTIONS_PER_SLOT * policy.slots.total)
         self._closed_for_limit = 0
         self._limit_logged_at = -_REFUSAL_LOG_INTERVAL_S
 
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._connections.acquire(blocking=False):
-            self._closed_for_limit += 1
-            now = time.monotonic()
-            if now - self._limit_logged_at >= _REFUSAL_LOG_INTERVAL_S:
-                self._limit_logged_at = now
-                log.warning("connection from %s closed: %d connections open (%d closed so far)",
-                            client_address[0], CONNECTIONS_PER_SLOT * self.policy.slots.total,
-                            self._closed_for_limit)
-            with contextlib.suppress(OSError):
-                request.close()
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._connections.release()
-            raise
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._connections.release()
+    def connection_refused(self, client_address: Any) -> None:
+        self._closed_for_limit += 1
+        now = time.monotonic()
+        if now - self._limit_logged_at >= _REFUSAL_LOG_INTERVAL_S:
+            self._limit_logged_at = now
+            log.warning("connection from %s closed: %d connections open (%d closed so far)",
+                        client_address[0], CONNECTIONS_PER_SLOT * self.policy.slots.total,
+                        self._closed_for_limit)
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         sock: socket.socket = request
