@@ -12,6 +12,7 @@
 import fs from 'node:fs';
 import { createRequire } from 'node:module';
 import path from 'node:path';
+import { launch } from './chromium.mjs';
 
 const [planPath, resultPath] = process.argv.slice(2);
 const plan = JSON.parse(fs.readFileSync(planPath, 'utf8'));
@@ -24,18 +25,7 @@ const deadline = Date.now() + plan.budgetMs;
 let studyDeadline = deadline;
 const left = () => Math.max(1000, Math.min(plan.timeoutMs, studyDeadline - Date.now()));
 
-// Chromium as root needs --no-sandbox; the rest keep it from calling home or doing first-run work.
-const context = await chromium.launchPersistentContext(plan.userDataDir, {
-  executablePath: plan.chromium,
-  headless: true,
-  args: [
-    '--no-sandbox',
-    '--disable-gpu',
-    '--disable-background-networking',
-    '--disable-component-update',
-    '--disable-sync',
-    '--no-first-run',
-  ],
+const context = await launch(chromium, plan, {
   viewport: { width: 1400, height: 900 },
   timeout: left(),
 });

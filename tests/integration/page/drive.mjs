@@ -11,23 +11,13 @@
 import fs from 'node:fs';
 import { createRequire } from 'node:module';
 import path from 'node:path';
+import { launch } from '../ohif/chromium.mjs';
 
 const [planPath, resultPath] = process.argv.slice(2);
 const plan = JSON.parse(fs.readFileSync(planPath, 'utf8'));
 const { chromium } = createRequire(path.join(plan.nodeModules, 'x.js'))('playwright-core');
 
-// Chromium as root needs --no-sandbox; the rest keep it from calling home or doing first-run work.
-const context = await chromium.launchPersistentContext(plan.userDataDir, {
-  executablePath: plan.chromium,
-  headless: true,
-  args: [
-    '--no-sandbox',
-    '--disable-gpu',
-    '--disable-background-networking',
-    '--disable-component-update',
-    '--disable-sync',
-    '--no-first-run',
-  ],
+const context = await launch(chromium, plan, {
   viewport: { width: 1200, height: 900 },
   timeout: plan.timeoutMs,
 });
