@@ -192,17 +192,26 @@ async function visitReport(page, dsUids, report, errors) {
     }
     const drawn = entry.measurements.filter((m) => m.loaded && m.imageId).length;
     if (drawn > 0) {
-      // OHIF sometimes paints the image before the SR's annotations and draws them only on the
-      // next annotation render; a reader's pointer moving over the image triggers one. About one
-      // report in ten stays undrawn on this 2-core machine even so (reopening the report in the
-      // same page does not help): such a study is marked and opened once more in a new page.
-      const box = await page.locator('[data-cy="viewport-pane"]').first().boundingBox();
-      let wiggle = 0;
-      entry.undrawn = !(await until(async () => {
-        wiggle = 10 - wiggle;
-        await page.mouse.move(box.x + box.width / 2 + wiggle, box.y + box.height / 2);
-        return (await viewportState(page)).textsInDom > 0;
-      }, Math.min(left(), UNDRAWN_MS)));
+      // OHIF sometimes paints the image before the SR's annotations are in the tool state and
+      // draws them only on the viewport's next render; any pan, zoom or resize by the reader
+      // gives one. In Chromium 156 a pointer moving over the image no longer does, so the
+      // driver asks the viewport for that one render (recorded) when the annotations are in
+      // cornerstoneTools' state and still not drawn after a moment. Seen on most visits when
+      // several studies are opened in one browser, on none when a study is opened alone.
+      const texts = async () => (await viewportState(page)).textsInDom > 0;
+      if (!(await until(texts, Math.min(left(), 2000)))) {
+        entry.renderRequested = await page.evaluate(() => {
+          const v = window.cornerstone.getRenderingEngines().flatMap((e) => e.getViewports())
+            .find((vp) => vp.id === 'default');
+          const annotations = window.cornerstoneTools?.annotation?.state?.getAllAnnotations?.();
+          if (!v || !annotations?.length) {
+            return false;
+          }
+          v.render();
+          return true;
+        });
+      }
+      entry.undrawn = !(await until(texts, Math.min(left(), UNDRAWN_MS)));
     }
     entry.steps.push(await viewportState(page));
     if (report.screenshot) {
