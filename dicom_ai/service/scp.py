@@ -414,7 +414,6 @@ class Listener(BoundedThreadingTCPServer):
         Wraps each connection in TLS when given; the handshake runs in the connection's thread.
     """
 
-    allow_reuse_address = True
     # Connections arriving while an association is being set up queue in the kernel.
     request_queue_size = 64
 

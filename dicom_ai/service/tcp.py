@@ -27,6 +27,9 @@ class BoundedThreadingTCPServer(socketserver.ThreadingTCPServer):
     """
 
     daemon_threads = True
+    # A restarted service must get its port back while connections it closed are in TIME_WAIT
+    # (the health check's, a modality's): without SO_REUSEADDR the bind fails for a minute.
+    allow_reuse_address = True
 
     def __init__(self, address: tuple[str, int], handler: type[socketserver.BaseRequestHandler],
                  *, max_connections: int) -> None:
