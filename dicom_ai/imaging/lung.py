@@ -33,6 +33,7 @@ marks.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -134,11 +135,31 @@ def _disk(radius_px: int) -> BoolArray:
     return disk
 
 
-def _fill_slices(mask: BoolArray) -> BoolArray:
-    out = np.empty_like(mask)
+def _per_slice(mask: BoolArray, margin: int,
+               operation: Callable[[BoolArray], BoolArray]) -> BoolArray:
+    """``operation`` applied to each slice of ``mask``, on the slice's bounding box of True
+    pixels widened by ``margin`` (clipped to the slice); False outside it and on empty slices.
+
+    The result is the operation on the whole slice whenever the operation changes nothing
+    farther than ``margin`` from the mask and sees the slice border only as background, which
+    holds for the fills, closings and distance thresholds here. One lung's box is a fraction
+    of the slice, and the slices above and below the lungs are skipped.
+    """
+    out = np.zeros_like(mask)
+    rows_any: BoolArray = np.any(mask, axis=2)
+    cols_any: BoolArray = np.any(mask, axis=1)
     for k in range(mask.shape[0]):
-        out[k] = ndimage.binary_fill_holes(mask[k])
+        rows, cols = np.nonzero(rows_any[k])[0], np.nonzero(cols_any[k])[0]
+        if rows.size == 0:
+            continue
+        box = (slice(max(0, int(rows[0]) - margin), int(rows[-1]) + margin + 1),
+               slice(max(0, int(cols[0]) - margin), int(cols[-1]) + margin + 1))
+        out[k][box] = operation(mask[k][box])
     return out
+
+
+def _fill_slices(mask: BoolArray) -> BoolArray:
+    return _per_slice(mask, 1, ndimage.binary_fill_holes)
 
 
 def _largest_component(mask: BoolArray) -> BoolArray:
@@ -172,25 +193,23 @@ def body_mask(hu: FloatArray, threshold: float = BODY_THRESHOLD_HU) -> BoolArray
 def _remove_airways(candidates: BoolArray, body: BoolArray,
                     spacing: tuple[float, float, float], lr_axis: int) -> BoolArray:
     pixel_area = spacing[1] * spacing[2]
+    # In-plane left-right axis of the slices: 1 → columns, 0 → rows (axial or coronal slices).
+    lr_in_plane = lr_axis - 1 if lr_axis > 0 else 1
     out = candidates.copy()
     for k in range(candidates.shape[0]):
         body_k = body[k]
         if not body_k.any():
             continue
-        # In-plane left-right axis of the slice: 1 → columns, 0 → rows (axial or coronal slices).
-        lr_in_plane = lr_axis - 1 if lr_axis > 0 else 1
-        coords = np.nonzero(body_k)[lr_in_plane]
+        coords = np.nonzero(body_k.any(axis=1 - lr_in_plane))[0]
         centre, width = 0.5 * (coords.min() + coords.max()), float(coords.max() - coords.min() + 1)
         labels, n = ndimage.label(candidates[k])
         if n == 0:
             continue
-        index = np.arange(1, n + 1)
         areas = np.bincount(labels.ravel())[1:] * pixel_area
-        centroids = ndimage.center_of_mass(candidates[k], labels, index)
-        for label, area, com in zip(index, areas, centroids, strict=True):
-            central = abs(com[lr_in_plane] - centre) <= AIRWAY_CENTRAL_FRACTION * width
-            if central and area <= AIRWAY_MAX_AREA_MM2:
-                out[k][labels == label] = False
+        centroids = np.asarray(ndimage.center_of_mass(candidates[k], labels, np.arange(1, n + 1)))
+        central = np.abs(centroids[:, lr_in_plane] - centre) <= AIRWAY_CENTRAL_FRACTION * width
+        airway = np.concatenate(([False], central & (areas <= AIRWAY_MAX_AREA_MM2)))
+        out[k] &= ~airway[labels]
     return out
 
 
@@ -232,13 +251,14 @@ def _smooth_side(mask: BoolArray, spacing: tuple[float, float, float]) -> BoolAr
     disk = _disk(radius_px)
     max_hole_px = MAX_HOLE_MM2 / (spacing[1] * spacing[2])
     pad = disk.shape[0]
-    out = np.empty_like(mask)
-    for k in range(mask.shape[0]):
+
+    def smooth(mask2d: BoolArray) -> BoolArray:
         # Pad so the closing's erosion does not eat a lung that touches the slice border.
-        padded = np.pad(mask[k], pad)
+        padded = np.pad(mask2d, pad)
         closed = ndimage.binary_closing(padded, structure=disk)[pad:-pad, pad:-pad]
-        out[k] = _fill_small_holes(closed | mask[k], max_hole_px)
-    return out
+        return _fill_small_holes(closed | mask2d, max_hole_px)
+
+    return _per_slice(mask, 2 * pad + 1, smooth)
 
 
 def segment_lungs(hu: FloatArray, spacing: tuple[float, float, float],
@@ -342,15 +362,17 @@ def close_in_plane(mask: BoolArray, radius_mm: float,
     by the radius so the erosion does not eat a mask that touches its border.
     """
     pad = int(np.ceil(radius_mm / min(spacing[1], spacing[2]))) + 1
-    out = np.zeros_like(mask)
-    for k in range(mask.shape[0]):
-        if not mask[k].any():
-            continue
-        padded = np.pad(mask[k], pad)
+
+    def close(mask2d: BoolArray) -> BoolArray:
+        padded = np.pad(mask2d, pad)
         dilated = ndimage.distance_transform_edt(~padded, sampling=spacing[1:]) <= radius_mm
         closed = ndimage.distance_transform_edt(dilated, sampling=spacing[1:]) > radius_mm
-        out[k] = ndimage.binary_fill_holes(closed[pad:-pad, pad:-pad] | mask[k])
-    return out
+        filled: BoolArray = ndimage.binary_fill_holes(closed[pad:-pad, pad:-pad] | mask2d)
+        return filled
+
+    # The dilation reaches ``pad`` pixels beyond the mask, and the erosion asks no farther than
+    # ``pad`` beyond the dilation.
+    return _per_slice(mask, 2 * pad + 1, close)
 
 
 def search_region(masks: LungMasks, spacing: tuple[float, float, float],
