@@ -266,6 +266,32 @@ def probability_map(network: torch.nn.Module, inputs: FloatArray, *, device: tor
     return out
 
 
+def _peaks_and_centres(prob: FloatArray, labels: npt.NDArray[np.integer], n: int
+                       ) -> tuple[npt.NDArray[np.float64], list[tuple[int, ...]],
+                                  npt.NDArray[np.float64]]:
+    """Per label 1…n: the highest probability, its voxel (the first in raster order where
+    several share it: float32 sigmoids reach exactly 1.0) and the probability-weighted centroid
+    (n × 3).
+
+    Over the labelled voxels only: ``scipy.ndimage.maximum_position`` sorts the whole volume,
+    which was most of the candidate search.
+    """
+    flat = np.flatnonzero(labels)
+    lab = labels.ravel()[flat]
+    p = prob.ravel()[flat].astype(np.float64)
+    peaks = np.full(n + 1, -np.inf)
+    np.maximum.at(peaks, lab, p)
+    at_peak = np.flatnonzero(p == peaks[lab])
+    _, first = np.unique(lab[at_peak], return_index=True)
+    peak_at = [tuple(int(v) for v in np.unravel_index(flat[at_peak[i]], prob.shape))
+               for i in first]
+    weight = np.bincount(lab, weights=p, minlength=n + 1)[1:]
+    coords = np.unravel_index(flat, prob.shape)
+    centres = np.stack([np.bincount(lab, weights=p * c, minlength=n + 1)[1:] for c in coords],
+                       axis=1) / weight[:, None]
+    return peaks[1:], peak_at, centres
+
+
 def find_candidates(prob: FloatArray, threshold: float, *,
                     region: SearchArea | None = None, min_voxels: int = 1) -> list[Candidate]:
     """Connected regions of ``prob >= threshold`` that lie in ``region``.
@@ -291,10 +317,7 @@ def find_candidates(prob: FloatArray, threshold: float, *,
     labels, n = ndimage.label(prob >= threshold, structure=np.ones((3, 3, 3), dtype=bool))
     if n == 0:
         return []
-    index = np.arange(1, n + 1)
-    peaks = ndimage.maximum(prob, labels, index)
-    peak_at = ndimage.maximum_position(prob, labels, index)
-    centres = ndimage.center_of_mass(prob, labels, index)
+    peaks, peak_at, centres = _peaks_and_centres(prob, labels, n)
     boxes = ndimage.find_objects(labels)
     sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
     if region is not None:

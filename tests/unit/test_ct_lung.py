@@ -262,6 +262,23 @@ def test_find_candidates_orders_filters_and_boxes() -> None:
         pytest.approx([0.9])
 
 
+def test_a_candidate_peak_shared_by_voxels_is_the_first_in_raster_order() -> None:
+    # Two voxels at exactly 1.0 (as float32 sigmoids give): the peak that must lie inside the
+    # search area is the first of them, so the answer does not depend on a sort's tie order.
+    prob = np.zeros((2, 4, 4), dtype=np.float32)
+    prob[0, 1, 1:3] = 1.0
+    prob[1, 1, 1] = 0.6
+    inside = np.zeros(prob.shape, dtype=bool)
+    area = SearchArea(inside=inside, below_bases=np.zeros_like(inside),
+                      soft_tissue=np.ones_like(inside))
+    inside[0, 1, 2] = inside[1, 1, 1] = True  # 2 of 3 voxels, but not the first peak
+    assert find_candidates(prob, 0.5, region=area) == []
+    inside[0, 1, 1] = True
+    (found,) = find_candidates(prob, 0.5, region=area)
+    # Centroid weighted by probability: z = 0.6 / 2.6, y = 1, x = (1 + 2 + 0.6) / 2.6.
+    assert found.centre == pytest.approx((0.6 / 2.6, 1.0, 3.6 / 2.6))
+
+
 def test_a_candidate_needs_its_peak_and_most_voxels_inside() -> None:
     prob = np.zeros((3, 10, 10), dtype=np.float32)
     prob[1, 2:6, 2:6] = 0.6  # 16 voxels
