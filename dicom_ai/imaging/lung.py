@@ -205,9 +205,12 @@ def _remove_airways(candidates: BoolArray, body: BoolArray,
         labels, n = ndimage.label(candidates[k])
         if n == 0:
             continue
-        areas = np.bincount(labels.ravel())[1:] * pixel_area
-        centroids = np.asarray(ndimage.center_of_mass(candidates[k], labels, np.arange(1, n + 1)))
-        central = np.abs(centroids[:, lr_in_plane] - centre) <= AIRWAY_CENTRAL_FRACTION * width
+        counts = np.bincount(labels.ravel())[1:]
+        position = np.broadcast_to(np.arange(labels.shape[lr_in_plane]).reshape(
+            (-1, 1) if lr_in_plane == 0 else (1, -1)), labels.shape)
+        centroid = np.bincount(labels.ravel(), weights=position.ravel())[1:] / counts
+        central = np.abs(centroid - centre) <= AIRWAY_CENTRAL_FRACTION * width
+        areas = counts * pixel_area
         airway = np.concatenate(([False], central & (areas <= AIRWAY_MAX_AREA_MM2)))
         out[k] &= ~airway[labels]
     return out
