@@ -56,7 +56,8 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
 T = TypeVar("T")
 #: Seconds the test processor spends on a study.
 PROCESSING_S = 2.0
-#: Peak resident memory allowed to the service process (listener, assembler, supervisor).
+#: Peak resident memory allowed to the service process (listener, assembler, supervisor) and to
+#: each of its children (the worker runs the timed processor here, not the models).
 SERVICE_RSS_BOUND_MIB = 400
 
 
@@ -183,7 +184,7 @@ class ServiceRun:
         self.settings.export.destinations = [DestinationSettings(
             name="pacs", ae_title="PACS", host="127.0.0.1", port=pacs_port)]
         self.process: SpawnProcess | None = None
-        #: The service process's peak resident memory at each kill.
+        #: The peak resident memory of the service process and of each child at each kill.
         self.peak_rss_mib: list[float] = []
 
     @property
@@ -209,7 +210,7 @@ class ServiceRun:
         assert self.process is not None and self.process.pid is not None
         children = children_of(self.process.pid)
         assert len(children) >= 2, "worker and exporter not found"
-        self.peak_rss_mib.append(peak_rss_mib(self.process.pid))
+        self.peak_rss_mib.extend(peak_rss_mib(pid) for pid in [self.process.pid, *children])
         os.kill(self.process.pid, signal.SIGKILL)
         self.process.join(10)
         wait_for("the children to end with the service",
@@ -223,6 +224,13 @@ class ServiceRun:
                 self.process.kill()
                 self.process.join()
             assert self.process.exitcode == 0
+
+    def assert_bounded_and_contained(self) -> None:
+        """Every process stayed under the memory bound, and nothing was written beside the
+        storage directory and the log."""
+        print(f"peak RSS at the kills (service, children): {self.peak_rss_mib} MiB")
+        assert self.peak_rss_mib and max(self.peak_rss_mib) < SERVICE_RSS_BOUND_MIB
+        assert {p.name for p in self.root.parent.iterdir()} == {"storage", "serve.log"}
 
     def index(self, sql: str) -> list[tuple[Any, ...]]:
         conn = sqlite3.connect(self.root / "index.sqlite")
@@ -270,11 +278,7 @@ def test_kill9_while_receiving_loses_nothing_acknowledged(service: ServiceRun) -
     assert acknowledged, "nothing was acknowledged before the kills"
     service.stop()
     assert_consistent(service.root, acknowledged)
-    # The listener's process (no models: they live in the worker) stays small however it is
-    # stopped, and writes nowhere but its storage directory and its log.
-    print(f"service peak RSS at the kills: {service.peak_rss_mib} MiB")
-    assert max(service.peak_rss_mib) < SERVICE_RSS_BOUND_MIB
-    assert {p.name for p in service.root.parent.iterdir()} == {"storage", "serve.log"}
+    service.assert_bounded_and_contained()
 
 
 def test_kill9_while_processing_resumes_the_job(service: ServiceRun, pacs: Pacs) -> None:
@@ -290,6 +294,7 @@ def test_kill9_while_processing_resumes_the_job(service: ServiceRun, pacs: Pacs)
         "SELECT COUNT(*) FROM outbound WHERE state = 'delivered'")[0][0] == 1)
     assert service.index("SELECT state, attempts FROM jobs") == [("done", 2)]
     assert pacs.received == [service.index("SELECT sop_instance_uid FROM outbound")[0][0]]
+    service.assert_bounded_and_contained()
 
 
 def test_kill9_while_exporting_delivers_every_result(tmp_path: Path) -> None:
@@ -311,6 +316,7 @@ def test_kill9_while_exporting_delivers_every_result(tmp_path: Path) -> None:
         ours = {r[0] for r in run.index("SELECT sop_instance_uid FROM outbound")}
         # Sent again after the kill is harmless: the same UIDs, one instance each in a PACS.
         assert set(slow.received) == ours
+        run.assert_bounded_and_contained()
     finally:
         run.stop()
         slow.stop()
