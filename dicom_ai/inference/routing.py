@@ -102,6 +102,19 @@ def _anatomic_regions(header: Any) -> list[tuple[str, str, str]]:
     return regions
 
 
+#: A rejection reason names at most this many of the values a model reads: it is shown in the
+#: SR, the replay table and the log, and the model card has the whole list.
+REASON_MAX_VALUES = 5
+
+
+def listed(values: Sequence[str]) -> str:
+    """``values`` joined for a reason, the first :data:`REASON_MAX_VALUES` and a count of the
+    rest ("A, B, C, D, E and 3 more")."""
+    shown = ", ".join(values[:REASON_MAX_VALUES])
+    rest = len(values) - REASON_MAX_VALUES
+    return f"{shown} and {rest} more" if rest > 0 else shown
+
+
 def _anatomy_unfit(accepts: Accepts, series: Series, body_part: str) -> str | None:
     """The anatomic region rules of :func:`unfit`."""
     regions = _anatomic_regions(series.header)
@@ -122,7 +135,7 @@ def _anatomy_unfit(accepts: Accepts, series: Series, body_part: str) -> str | No
         # The region rules above already refused a region that is not the model's.
         if body_part not in parts and not (allowed and regions):
             return (f"an image of SOP class {sop_class} is read only when Body Part Examined "
-                    f"({', '.join(sorted(parts))}) or the Anatomic Region Sequence says it "
+                    f"({listed(sorted(parts))}) or the Anatomic Region Sequence says it "
                     f"shows what the model reads")
     return None
 
@@ -168,7 +181,7 @@ def unfit(rules: Rules, series: Series) -> str | None:
     # An absent Body Part Examined is common (it is Type 3 in many IODs): the image-based
     # input-fit check decides then.
     if body_parts and body_part and body_part not in _upper_set(body_parts):
-        return f"body part examined is {body_part}, the model reads {', '.join(body_parts)}"
+        return f"body part examined is {body_part}, the model reads {listed(body_parts)}"
     anatomy = _anatomy_unfit(accepts, series, body_part)
     if anatomy:
         return anatomy

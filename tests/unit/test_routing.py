@@ -7,7 +7,7 @@ from pathlib import Path
 from pydicom.dataset import Dataset
 
 from dicom_ai.dicom.model import Instance, Series
-from dicom_ai.inference.routing import not_applicable, skip_reason, unfit
+from dicom_ai.inference.routing import listed, not_applicable, skip_reason, unfit
 
 CXR_ACCEPTS = {
     "modality": ["CR", "DX"],
@@ -59,6 +59,10 @@ def test_fit_rules() -> None:
     assert unfit(CXR_ACCEPTS, series()) is None
     assert unfit(CXR_ACCEPTS, series(BodyPartExamined="HAND")) == \
         "body part examined is HAND, the model reads CHEST"
+    parts = ["HAND", "WRIST", "ELBOW", "SHOULDER", "HIP", "KNEE", "ANKLE", "FOOT"]
+    assert unfit({**CXR_ACCEPTS, "body_part_examined": parts},
+                 series(BodyPartExamined="CHEST")) == \
+        "body part examined is CHEST, the model reads HAND, WRIST, ELBOW, SHOULDER, HIP and 3 more"
     assert unfit(CXR_ACCEPTS, series(ViewPosition="LL")) == \
         "view position LL is not a frontal (PA/AP) view"
     assert unfit(CXR_ACCEPTS, series(ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"])) == \
@@ -79,3 +83,9 @@ def test_skip_reason() -> None:
     assert skip_reason(s, []) == "no model is installed"
     assert skip_reason(s, ["modality MR", "photometric interpretation RGB"]) == \
         "no model accepts this series: modality MR; photometric interpretation RGB"
+
+
+def test_a_reason_lists_five_values_and_counts_the_rest() -> None:
+    assert listed(["A"]) == "A"
+    assert listed(["A", "B", "C", "D", "E"]) == "A, B, C, D, E"
+    assert listed(["A", "B", "C", "D", "E", "F"]) == "A, B, C, D, E and 1 more"
