@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 
 
@@ -47,6 +49,12 @@ def free_port() -> int:
 def orthanc_available() -> bool:
     """True when the ``Orthanc`` executable is installed."""
     return shutil.which("Orthanc") is not None
+
+
+#: The mark of a test that stores into Orthanc with DCMTK or has serve deliver to it.
+NEEDS_ORTHANC_AND_DCMTK = pytest.mark.skipif(
+    not (orthanc_available() and shutil.which("storescu")),
+    reason="needs Orthanc and DCMTK (apt: orthanc dcmtk)")
 
 
 @dataclass

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from orthanc import orthanc_available, start_orthanc
+from orthanc import NEEDS_ORTHANC_AND_DCMTK, start_orthanc
 from prometheus_client.parser import text_string_to_metric_families
 from test_serve_orthanc import (
     SAMPLES,
@@ -29,8 +29,7 @@ from test_serve_orthanc import (
 
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.skipif(not (orthanc_available() and shutil.which("storescu")),
-                       reason="needs Orthanc and DCMTK (apt: orthanc dcmtk)"),
+    NEEDS_ORTHANC_AND_DCMTK,
 ]
 
 

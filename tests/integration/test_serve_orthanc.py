@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shutil
 import signal
 import socket
 import sqlite3
@@ -26,17 +25,16 @@ from typing import Any, TypeVar
 import pydicom
 import pytest
 from orthanc import (
+    NEEDS_ORTHANC_AND_DCMTK,
     Orthanc,
     end_with_this_process,
     free_port,
-    orthanc_available,
     start_orthanc,
 )
 
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.skipif(not (orthanc_available() and shutil.which("storescu")),
-                       reason="needs Orthanc and DCMTK (apt: orthanc dcmtk)"),
+    NEEDS_ORTHANC_AND_DCMTK,
 ]
 
 REPO = Path(__file__).resolve().parents[2]

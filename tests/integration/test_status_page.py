@@ -30,7 +30,7 @@ from typing import Any
 
 import pydicom
 import pytest
-from orthanc import end_with_this_process, free_port, orthanc_available, start_orthanc
+from orthanc import NEEDS_ORTHANC_AND_DCMTK, end_with_this_process, free_port, start_orthanc
 from test_ohif import CACHE, CHROMIUM, install_driver
 from test_serve_orthanc import SAMPLES, Serve, dimse, wait_for
 
@@ -39,8 +39,7 @@ from tests.identity import leaks
 
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.skipif(not (orthanc_available() and shutil.which("storescu")),
-                       reason="needs Orthanc and DCMTK (apt: orthanc dcmtk)"),
+    NEEDS_ORTHANC_AND_DCMTK,
     pytest.mark.skipif(not CHROMIUM.exists() or shutil.which("npm") is None,
                        reason="/usr/bin/chromium and node/npm needed"),
 ]
