@@ -195,6 +195,9 @@ def _remove_airways(candidates: BoolArray, body: BoolArray,
     pixel_area = spacing[1] * spacing[2]
     # In-plane left-right axis of the slices: 1 → columns, 0 → rows (axial or coronal slices).
     lr_in_plane = lr_axis - 1 if lr_axis > 0 else 1
+    # Each pixel's index along that axis, for the regions' centroids.
+    position = np.broadcast_to(np.arange(candidates.shape[1 + lr_in_plane]).reshape(
+        (-1, 1) if lr_in_plane == 0 else (1, -1)), candidates.shape[1:]).ravel()
     out = candidates.copy()
     for k in range(candidates.shape[0]):
         body_k = body[k]
@@ -206,9 +209,7 @@ def _remove_airways(candidates: BoolArray, body: BoolArray,
         if n == 0:
             continue
         counts = np.bincount(labels.ravel())[1:]
-        position = np.broadcast_to(np.arange(labels.shape[lr_in_plane]).reshape(
-            (-1, 1) if lr_in_plane == 0 else (1, -1)), labels.shape)
-        centroid = np.bincount(labels.ravel(), weights=position.ravel())[1:] / counts
+        centroid = np.bincount(labels.ravel(), weights=position)[1:] / counts
         central = np.abs(centroid - centre) <= AIRWAY_CENTRAL_FRACTION * width
         areas = counts * pixel_area
         airway = np.concatenate(([False], central & (areas <= AIRWAY_MAX_AREA_MM2)))
