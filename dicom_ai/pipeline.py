@@ -112,17 +112,15 @@ def analyse_series(series: Series, models: Sequence[Bundle], settings: Settings,
     for bundle in applicable:
         unfit = routing.unfit(bundle.dicom_ai["accepts"], series)
         if unfit is not None:
-            result = ModelResult(series=series, model=bundle.info, status="rejected",
-                                 started=started, reason=unfit)
+            result = ModelResult.rejected(series, bundle.info, started, unfit)
         else:
             began = time.perf_counter()
             try:
                 result, failed = _analyser(bundle.task)(bundle, series, started,
                                                         settings.inference)
             except DicomInputError as exc:
-                result, failed = ModelResult(series=series, model=bundle.info,
-                                             status="rejected", started=started,
-                                             reason=exc.reason), {}
+                result, failed = ModelResult.rejected(series, bundle.info, started,
+                                                      exc.reason), {}
             outcome.failed_files.update(failed)
             outcome.inference_seconds[bundle.name] = (
                 outcome.inference_seconds.get(bundle.name, 0.0) + time.perf_counter() - began)

@@ -457,11 +457,6 @@ def shown_candidates(pairs: Sequence[tuple[Candidate, Finding]]
     return [(c, f) for c, f in pairs if f.positive] or list(pairs[:1])
 
 
-def _rejected(bundle: Bundle, series: Series, started: datetime, reason: str) -> ModelResult:
-    return ModelResult(series=series, model=bundle.info, status="rejected", started=started,
-                       reason=reason)
-
-
 def measurement_findings(masks: LungMasks, volume: CTVolume) -> list[Finding]:
     """The four lung measurements as findings (labels and UCUM units of ``findings.json``)."""
     m = measure_lungs(volume.hu, masks, volume.spacing)
@@ -572,11 +567,12 @@ def analyse_ct_series(bundle: Bundle, series: Series, started: datetime,
         volume = build_volume(series)
     except SeriesGeometryError as exc:
         failed = {str(exc.path): exc.reason} if exc.path is not None else {}
-        return _rejected(bundle, series, started, f"not one regular CT volume: {exc.reason}"), \
+        return ModelResult.rejected(series, bundle.info, started,
+                                    f"not one regular CT volume: {exc.reason}"), \
             failed
     reason, findings, explanations = analyse(volume)
     if reason is not None:
-        return _rejected(bundle, series, started, reason), {}
+        return ModelResult.rejected(series, bundle.info, started, reason), {}
     return ModelResult(series=series, model=bundle.info, status="ok", started=started,
                        findings=findings, explanations=explanations), {}
 

@@ -165,6 +165,13 @@ class ModelResult:
     reason: str | None = None
     outputs: list[str] = field(default_factory=list)
 
+    @classmethod
+    def rejected(cls, series: Series, model: ModelInfo, started: datetime,
+                 reason: str) -> ModelResult:
+        """The model did not judge ``series``, for ``reason`` (said in the SR and the log)."""
+        return cls(series=series, model=model, status="rejected", started=started,
+                   reason=reason)
+
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "series_instance_uid": self.series.series_instance_uid,

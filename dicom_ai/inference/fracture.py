@@ -196,8 +196,7 @@ def analyse_fracture(bundle: Bundle, series: Series, started: datetime,
     prepared, failed = prepare_series(bundle, series)
 
     def rejected(reason: str) -> tuple[ModelResult, dict[str, str]]:
-        return ModelResult(series=series, model=bundle.info, status="rejected", started=started,
-                           reason=reason), failed
+        return ModelResult.rejected(series, bundle.info, started, reason), failed
 
     if not prepared:
         return rejected("no image of the series could be decoded: "
