@@ -23,6 +23,9 @@ before each send so that no receiver pays for another's deferred writeback):
 With ``--busy`` (default on) a second phase repeats storescp against a second ``serve`` whose
 worker analyses CT studies meanwhile (the load a real site has). Each figure is the median over
 ``--runs`` trials; the machine (CPUs, load average before and after) is printed with the table.
+A second table gives the CPU time per instance of each receiver (its process tree, from
+``/proc``) and of the storescu senders: on a machine with few cores, sender and receiver share
+them, so a receiver's rate is bounded by the CPU both need per instance, whatever the load.
 ``--serve-setting section.key=value`` (repeatable) adds settings to the ``serve`` config, and
 ``DICOM_AI_*`` variables in the environment reach it too. Usage::
 
@@ -36,6 +39,7 @@ import itertools
 import json
 import os
 import re
+import resource
 import socket
 import sqlite3
 import statistics
@@ -199,6 +203,9 @@ class Receiver:
     called: str
     proc: subprocess.Popen[bytes]
     times: dict[str, list[float]] = field(default_factory=dict)
+    #: CPU seconds per send: the receiver's process tree, and the storescu processes.
+    cpu: dict[str, list[float]] = field(default_factory=dict)
+    sender_cpu: dict[str, list[float]] = field(default_factory=dict)
     log: Path | None = None
 
     def group_commit(self) -> str:
@@ -363,6 +370,42 @@ def bench_durability(scratch: Path, payloads: list[bytes], runs: int) -> list[fl
     return times
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_s(root: int) -> float:
+    """CPU seconds (user + system) used so far by process ``root`` and its descendants.
+
+    A live process counts its own time and that of the children it has reaped (``cutime``,
+    ``cstime``: storescp's per-association children once they exit); a reaped child has left
+    ``/proc``, so nothing is counted twice.
+    """
+    stats: dict[int, tuple[int, list[str]]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            text = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2:].split()
+        stats[int(entry.name)] = (int(fields[1]), fields)
+    tree, frontier = {root}, [root]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, (ppid, _) in stats.items() if ppid == parent]
+        tree.update(children)
+        frontier.extend(children)
+    ticks = sum(sum(int(v) for v in stats[pid][1][11:15]) for pid in tree if pid in stats)
+    return ticks / CLOCK_TICKS
+
+
+def children_cpu_s() -> float:
+    """CPU seconds of this process's reaped children (the storescu senders)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def trials(receivers: list[Receiver], one: Sends, four: Sends, scratch: Path, runs: int,
            during: Callable[[], None] | None = None) -> None:
     """``runs`` trials; in each every receiver gets one send of each case, order rotating."""
@@ -374,11 +417,14 @@ def trials(receivers: list[Receiver], one: Sends, four: Sends, scratch: Path, ru
                 os.sync()
                 if during is not None:
                     during()
+                cpu, sender = tree_cpu_s(receiver.proc.pid), children_cpu_s()
                 if len(groups) == 1:
                     elapsed = storescu(receiver.port, receiver.called, groups[0])
                 else:
                     elapsed = storescu_parallel(receiver.port, receiver.called, groups)
                 receiver.times.setdefault(case, []).append(elapsed)
+                receiver.cpu.setdefault(case, []).append(tree_cpu_s(receiver.proc.pid) - cpu)
+                receiver.sender_cpu.setdefault(case, []).append(children_cpu_s() - sender)
                 for files in groups:
                     for f in files:
                         f.unlink()
@@ -420,6 +466,19 @@ def table(receivers: list[Receiver], reference: Receiver, counts: dict[str, int]
         for case, n in counts.items():
             runs = sorted(n / t for t in r.times[case])
             cells.append(f"{rate(n, r.times[case]):.0f}/s ({runs[0]:.0f}–{runs[-1]:.0f})")
+        lines.append(f"| {r.name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def cpu_table(receivers: list[Receiver], counts: dict[str, int]) -> list[str]:
+    """Markdown rows: CPU milliseconds per instance of each receiver and of its senders."""
+    lines = ["", "| CPU per instance, ms (median of the sends) | "
+             + " | ".join(f"{c}: receiver / storescu" for c in counts) + " |",
+             "|---|" + "---|" * len(counts)]
+    for r in receivers:
+        cells = [f"{1000 * statistics.median(r.cpu[c]) / n:.2f} / "
+                 f"{1000 * statistics.median(r.sender_cpu[c]) / n:.2f}"
+                 for c, n in counts.items()]
         lines.append(f"| {r.name} | " + " | ".join(cells) + " |")
     return lines
 
@@ -488,7 +547,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"serve (worker idle) group commit, from its log: {commits}")
     print()
     for line in (table(receivers, storescp, counts, "worker idle")
-                 + ratios(ours, [storescp, orthanc], counts) + busy_rows):
+                 + ratios(ours, [storescp, orthanc], counts) + cpu_table(receivers, counts)
+                 + busy_rows):
         print(line)
     print()
     print("Targets: serve / storescp ≥ " + ", ".join(f"{v}× on {k}" for k, v in TARGETS.items())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -61,6 +62,23 @@ def test_sends_are_fresh_instances_with_the_same_pixels(tmp_path: Path) -> None:
     assert len(uids) == 12
     studies = {pydicom.dcmread(g[0]).StudyInstanceUID for g in (*first, *second)}
     assert len(studies) == 4
+
+
+#: A child that burns 0.3 s of CPU (process time, so a loaded machine cannot shorten it),
+#: reaps it, says so and waits: its parent's tree must hold the grandchild's CPU.
+_BURN = "import time\nwhile time.process_time() < 0.3: pass"
+_PARENT = (f"import subprocess, sys, time\nsubprocess.run([sys.executable, '-c', {_BURN!r}])\n"
+           "print('reaped', flush=True)\ntime.sleep(60)")
+
+
+def test_receiver_cpu_counts_children_it_has_reaped() -> None:
+    proc = subprocess.Popen([sys.executable, "-c", _PARENT], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "reaped\n"
+        assert 0.3 <= cstore_receive.tree_cpu_s(proc.pid) < 5.0
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_thin_ct_is_one_regular_stack_of_the_real_slices(tmp_path: Path) -> None:
