@@ -61,10 +61,34 @@ def _first_frame(stored: npt.NDArray[Any], header: Any) -> npt.NDArray[Any]:
     return stored[0] if frames > 1 else stored
 
 
-def prepare_series(bundle: Bundle, series: Series
-                   ) -> tuple[list[PreparedImage], dict[str, str]]:
+@dataclass(frozen=True)
+class PreparedSeries:
+    """The images of one series prepared for one bundle's analysis, begun at ``started``."""
+
+    series: Series
+    bundle: Bundle
+    started: datetime
+    #: Every image that decodes, in series order.
+    images: list[PreparedImage]
+    #: The instances that failed to decode: path → reason.
+    failed: dict[str, str]
+
+    def rejected(self, reason: str) -> tuple[ModelResult, dict[str, str]]:
+        """The series rejected with ``reason``, and the instances that failed to decode."""
+        return (ModelResult.rejected(self.series, self.bundle.info, self.started, reason),
+                self.failed)
+
+    def undecodable(self) -> tuple[ModelResult, dict[str, str]] | None:
+        """The rejection of a series none of whose images decodes; None if one does."""
+        if self.images:
+            return None
+        return self.rejected("no image of the series could be decoded: "
+                             + "; ".join(sorted(set(self.failed.values()))))
+
+
+def prepare_series(bundle: Bundle, series: Series, started: datetime) -> PreparedSeries:
     """Every image of ``series`` that decodes, prepared for ``bundle``, and the instances that
-    failed to decode (path → reason)."""
+    failed to decode."""
     failed: dict[str, str] = {}
     prepared: list[PreparedImage] = []
     for instance in series.instances:
@@ -72,7 +96,7 @@ def prepare_series(bundle: Bundle, series: Series
             prepared.append(prepare(bundle, instance))
         except DicomInputError as exc:
             failed[str(instance.path)] = exc.reason
-    return prepared, failed
+    return PreparedSeries(series, bundle, started, prepared, failed)
 
 
 def classification_spec(bundle: Bundle) -> ClassificationSpec:
@@ -216,14 +240,10 @@ def analyse_images(bundle: Bundle, series: Series, started: datetime,
     of whose images fail or are unfit is ``rejected`` with the reason.
     """
     spec = classification_spec(bundle)
-    prepared, failed = prepare_series(bundle, series)
-
-    def rejected(reason: str) -> tuple[ModelResult, dict[str, str]]:
-        return ModelResult.rejected(series, bundle.info, started, reason), failed
-
-    if not prepared:
-        return rejected("no image of the series could be decoded: "
-                        + "; ".join(sorted(set(failed.values()))))
+    series_inputs = prepare_series(bundle, series, started)
+    if (undecodable := series_inputs.undecodable()) is not None:
+        return undecodable
+    prepared = series_inputs.images
     inputs = [p.model_input for p in prepared]
     if spec.input_fit is not None:
         scores, logits = input_fit.score_and_logits(bundle, inputs,
@@ -231,7 +251,7 @@ def analyse_images(bundle: Bundle, series: Series, started: datetime,
                                                     amp=settings.amp)
         keep, reason = input_fit.fitting(scores, spec.input_fit)
         if reason is not None:
-            return rejected(reason)
+            return series_inputs.rejected(reason)
         prepared = [prepared[i] for i in keep]
         logits = logits[keep]
     else:
@@ -259,4 +279,4 @@ def analyse_images(bundle: Bundle, series: Series, started: datetime,
     shown_on = prepared[best].instance.SOPInstanceUID
     return ModelResult(series=series, model=bundle.info, status="ok", started=started,
                        findings=[replace(f, image_uid=shown_on) for f in per_image[best]],
-                       explanations=explanations), failed
+                       explanations=explanations), series_inputs.failed

@@ -193,21 +193,17 @@ def analyse_fracture(bundle: Bundle, series: Series, started: datetime,
     of whose images fail or are unlike the training data is ``rejected`` with the reason.
     """
     spec = fracture_spec(bundle)
-    prepared, failed = prepare_series(bundle, series)
-
-    def rejected(reason: str) -> tuple[ModelResult, dict[str, str]]:
-        return ModelResult.rejected(series, bundle.info, started, reason), failed
-
-    if not prepared:
-        return rejected("no image of the series could be decoded: "
-                        + "; ".join(sorted(set(failed.values()))))
+    series_inputs = prepare_series(bundle, series, started)
+    if (undecodable := series_inputs.undecodable()) is not None:
+        return undecodable
+    prepared = series_inputs.images
     inputs = [p.model_input for p in prepared]
     if spec.input_fit is not None:
         scores, (logits, heats, sizes) = input_fit.scored(
             bundle, spec.input_fit, lambda: forward(bundle, inputs, settings.batch_size))
         keep, reason = input_fit.fitting(scores, spec.input_fit)
         if reason is not None:
-            return rejected(reason)
+            return series_inputs.rejected(reason)
         prepared = [prepared[i] for i in keep]
         logits, heats, sizes = logits[keep], heats[keep], sizes[keep]
     else:
@@ -230,4 +226,4 @@ def analyse_fracture(bundle: Bundle, series: Series, started: datetime,
                           for b in source_boxes)))
     best = int(np.argmax(probabilities))
     return ModelResult(series=series, model=bundle.info, status="ok", started=started,
-                       findings=per_image[best], explanations=explanations), failed
+                       findings=per_image[best], explanations=explanations), series_inputs.failed
