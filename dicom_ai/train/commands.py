@@ -112,7 +112,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from dicom_ai.train.loop import predict_logits
     from dicom_ai.train.package import load_network
     from dicom_ai.train.recipes import RECIPES
-    from dicom_ai.train.run import load_splits
+    from dicom_ai.train.run import bundle_recipe, load_splits
 
     torch.set_num_threads(1)
     bundle = Path(args.model_dir)
@@ -126,7 +126,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if name not in RECIPES:
         print(f"evaluate knows the validation data of {sorted(RECIPES)}, not {name!r}")
         return 2
-    recipe = RECIPES[name]
+    recipe = bundle_recipe(meta)
     _, val = load_splits(recipe, _data_dir(args.data), _cache_dir(args.cache))
     logits = predict_logits(load_network(recipe, bundle), val.images)
     report = build_report(meta, val.labels, logits)

@@ -17,7 +17,7 @@ from torch import nn
 
 from dicom_ai.train.datasets import ImageSet, load_cxr, load_fundus, load_isic, split_by_patient
 from dicom_ai.train.loop import History, fit
-from dicom_ai.train.recipes import Recipe
+from dicom_ai.train.recipes import RECIPES, Recipe
 
 #: Fraction of Kermany patients held out for validation, and the seed of that split.
 CXR_VAL_FRACTION = 0.15
@@ -47,6 +47,21 @@ def load_splits(recipe: Recipe, data_dir: Path, cache_dir: Path) -> tuple[ImageS
         return full.subset(train_idx), full.subset(val_idx)
     return load_fundus(data_dir / "fundus" / "retinamnist28_trainval.npz", recipe.size,
                        cache_dir)
+
+
+def bundle_recipe(meta: dict[str, Any]) -> Recipe:
+    """The recipe of a bundle's model at the input size the bundle says (its
+    ``configs/metadata.json``), so that a bundle is evaluated as it runs, whatever size the
+    recipe in this checkout trains at.
+
+    Raises
+    ------
+    KeyError
+        The bundle is not one of :data:`~dicom_ai.train.recipes.RECIPES`.
+    """
+    recipe = RECIPES[str(meta.get("name"))]
+    rows, cols = meta["dicom_ai"]["preprocessing"]["size"]
+    return dataclasses.replace(recipe, size=(int(rows), int(cols)))
 
 
 def train_model(recipe: Recipe, *, data_dir: Path, cache_dir: Path, out_dir: Path,

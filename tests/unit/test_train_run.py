@@ -1,4 +1,5 @@
-"""Warm starts: a recipe that begins from earlier weights accepts only those weights."""
+"""Warm starts: a recipe that begins from earlier weights accepts only those weights; a bundle
+is evaluated at the input size it says."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from dicom_ai.train.recipes import DERM_LESION, Recipe, WarmStart
-from dicom_ai.train.run import build_network, warm_start_weights
+from dicom_ai.train.run import build_network, bundle_recipe, warm_start_weights
 
 
 def _recipe_for(path: Path) -> Recipe:
@@ -68,3 +69,19 @@ def test_warm_start_weights_are_in_the_repository_history(name: str) -> None:
                                           f"{recipe.warm_start.path}"],
                           cwd=repo, capture_output=True, check=True, timeout=60).stdout
     assert hashlib.sha256(blob).hexdigest() == recipe.warm_start.sha256
+
+
+def test_a_bundle_is_evaluated_at_its_own_input_size() -> None:
+    """The shipped bundle says its size; a recipe trained at another keeps everything else."""
+    import json
+
+    repo = Path(__file__).resolve().parents[2]
+    meta = json.loads((repo / "models" / "derm-lesion" / "configs" / "metadata.json").read_text())
+    size = tuple(meta["dicom_ai"]["preprocessing"]["size"])
+    other = (size[0] + 32, size[1] + 32)
+    meta["dicom_ai"]["preprocessing"]["size"] = list(other)
+    recipe = bundle_recipe(meta)
+    assert recipe.size == other
+    assert dataclasses.replace(recipe, size=DERM_LESION.size) == DERM_LESION
+    with pytest.raises(KeyError):
+        bundle_recipe({**meta, "name": "no-such-model"})
