@@ -115,13 +115,28 @@ def top_level_values(data: bytes, tags: Collection[int], *, implicit_vr: bool,
     ScanError
         See the class.
     """
+    return scan_top_level(data, tags, implicit_vr=implicit_vr, little_endian=little_endian)[0]
+
+
+def scan_top_level(data: bytes, tags: Collection[int], *, implicit_vr: bool,
+                   little_endian: bool) -> tuple[dict[int, bytes], bool]:
+    """:func:`top_level_values`, and whether the walk went past the largest wanted tag.
+
+    When it did, a wanted tag absent from the values is absent from the data set; when it did
+    not, ``data`` ended first and a leading part may not have reached it.
+
+    Raises
+    ------
+    ScanError
+        See the class.
+    """
     walk = _Walk(data, implicit_vr=implicit_vr, little_endian=little_endian)
     last = max(tags)
     found: dict[int, bytes] = {}
     while walk.pos < len(data):
         tag, vr, length = walk.header()
         if tag > last:
-            break
+            return found, True
         if length == UNDEFINED_LENGTH:
             walk.skip_undefined(vr)
             continue
@@ -129,7 +144,7 @@ def top_level_values(data: bytes, tags: Collection[int], *, implicit_vr: bool,
         walk.skip(length)
         if tag in tags:
             found[tag] = data[start:walk.pos]
-    return found
+    return found, False
 
 
 _SHORT_EXPLICIT = struct.Struct("<HH2sH")

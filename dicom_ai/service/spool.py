@@ -38,6 +38,7 @@ import zlib
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from io import BytesIO
 from pathlib import Path
 from typing import Generic, TypeVar
@@ -49,7 +50,13 @@ from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID
 
 from dicom_ai import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
-from dicom_ai.dicom.elements import ScanError, encode_element, even_text, top_level_values
+from dicom_ai.dicom.elements import (
+    ScanError,
+    encode_element,
+    even_text,
+    scan_top_level,
+    top_level_values,
+)
 from dicom_ai.dicom.errors import MissingAttributeError, UnreadableFileError
 from dicom_ai.dicom.uid import is_valid_uid as is_uid
 from dicom_ai.service import audit, db, studies
@@ -60,6 +67,8 @@ _KEY_TAGS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClas
              "Manufacturer")
 _KEY_TAG_NUMBERS: list[BaseTag | int] = [Tag(k) for k in _KEY_TAGS]
 _LAST_KEY_TAG = max(_KEY_TAG_NUMBERS)
+#: What the listener's walk of a data set reads: the filing keys and the completion facts.
+_WALKED_TAGS = frozenset(int(t) for t in _KEY_TAG_NUMBERS) | frozenset(studies.FACT_TAGS)
 
 
 def _after_keys(tag: BaseTag, _vr: str | None, _length: int) -> bool:
@@ -77,6 +86,9 @@ class InstanceKeys:
     sop_instance_uid: str
     sop_class_uid: str
     manufacturer: str
+    #: What completion reads from the instance, when the walk that read the keys could decide it
+    #: (:func:`dicom_ai.service.studies.facts_at_reception`); else the assembler reads the file.
+    facts: studies.InstanceFacts | None = None
 
 
 def parse_keys(data: bytes) -> InstanceKeys:
@@ -101,6 +113,8 @@ def parse_keys(data: bytes) -> InstanceKeys:
 def parse_dataset_keys(data: bytes, transfer_syntax: str) -> InstanceKeys:
     """:func:`parse_keys` for a data set as a C-STORE carries it: no preamble, no file meta.
 
+    The same walk reads the instance's completion facts where it can (``InstanceKeys.facts``).
+
     Parameters
     ----------
     data:
@@ -108,23 +122,46 @@ def parse_dataset_keys(data: bytes, transfer_syntax: str) -> InstanceKeys:
     transfer_syntax:
         The presentation context's transfer syntax.
     """
-    syntax = UID(transfer_syntax)
-    if syntax.is_deflated:
+    implicit_vr, little_endian, deflated = _encoding(transfer_syntax)
+    if deflated:
         # A leading part of a deflate stream inflates to a leading part of the data set.
         try:
             data = zlib.decompressobj(-zlib.MAX_WBITS).decompress(data)
         except zlib.error as exc:
             raise UnreadableFileError("deflated data set cannot be inflated") from exc
     try:
-        raw = top_level_values(data, _KEY_TAG_NUMBERS, implicit_vr=syntax.is_implicit_VR,
-                               little_endian=syntax.is_little_endian)
+        raw, passed = scan_top_level(data, _WALKED_TAGS, implicit_vr=implicit_vr,
+                                     little_endian=little_endian)
+    except ScanError:
+        return _walked_keys(data, implicit_vr, little_endian)
+    values = _text_values(raw)
+    return _keys(values, studies.facts_at_reception(raw, values["SOPClassUID"], passed=passed))
+
+
+def _walked_keys(data: bytes, implicit_vr: bool, little_endian: bool) -> InstanceKeys:
+    """The filing keys alone: from a walk that stops at them, else from pydicom."""
+    try:
+        raw = top_level_values(data, _KEY_TAG_NUMBERS, implicit_vr=implicit_vr,
+                               little_endian=little_endian)
     except ScanError:
         # pydicom reads what the walk leaves alone, or names the problem.
         return _keys(_dataset_values(lambda: read_dataset(
-            BytesIO(data), syntax.is_implicit_VR, syntax.is_little_endian,
+            BytesIO(data), implicit_vr, little_endian,
             stop_when=_after_keys, specific_tags=_KEY_TAG_NUMBERS)))
-    return _keys({keyword: raw.get(tag, b"").decode("latin-1").rstrip("\0").strip()
-                  for keyword, tag in zip(_KEY_TAGS, _KEY_TAG_NUMBERS, strict=True)})
+    return _keys(_text_values(raw))
+
+
+@lru_cache(maxsize=64)
+def _encoding(transfer_syntax: str) -> tuple[bool, bool, bool]:
+    """Implicit VR, little endian, deflated: pydicom's answer, kept (the negotiated syntaxes are
+    few, and a ``UID`` validates its value every time one is made)."""
+    syntax = UID(transfer_syntax)
+    return syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated
+
+
+def _text_values(raw: dict[int, bytes]) -> dict[str, str]:
+    return {keyword: raw.get(tag, b"").decode("latin-1").rstrip("\0").strip()
+            for keyword, tag in zip(_KEY_TAGS, _KEY_TAG_NUMBERS, strict=True)}
 
 
 def _dataset_values(read: Callable[[], Dataset]) -> dict[str, str]:
@@ -138,7 +175,7 @@ def _dataset_values(read: Callable[[], Dataset]) -> dict[str, str]:
         raise UnreadableFileError(f"data set cannot be parsed ({type(exc).__name__})") from exc
 
 
-def _keys(values: dict[str, str]) -> InstanceKeys:
+def _keys(values: dict[str, str], facts: studies.InstanceFacts | None = None) -> InstanceKeys:
     if not any(values.values()):
         raise UnreadableFileError("not a DICOM data set")
     for key in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
@@ -147,7 +184,8 @@ def _keys(values: dict[str, str]) -> InstanceKeys:
         if not is_uid(values[key]):
             raise UnreadableFileError(f"{key} is not a valid UID")
     return InstanceKeys(values["StudyInstanceUID"], values["SeriesInstanceUID"],
-                        values["SOPInstanceUID"], values["SOPClassUID"], values["Manufacturer"])
+                        values["SOPInstanceUID"], values["SOPClassUID"], values["Manufacturer"],
+                        facts)
 
 
 def part10_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str,
@@ -600,6 +638,10 @@ class Spool:
                         "sop_class_uid = ?, path = ?, size = ?, calling_aet = ?, "
                         "received_at = ? WHERE sop_instance_uid = ?", row)
                 studies.record_arrival(conn, keys.study_instance_uid, now, new_instance=new)
+                # An instance sent again keeps what its first arrival recorded.
+                if new and keys.facts is not None:
+                    studies.record_facts(conn, keys.sop_instance_uid, keys.study_instance_uid,
+                                         keys.series_instance_uid, keys.facts)
                 news.append(new)
         return news
 

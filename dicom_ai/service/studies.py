@@ -1,10 +1,12 @@
 """Study assembly: when a study is complete, decided per study by the first rule that applies.
 
 DICOM has no general "end of study" message. What a study's instances, a PACS's manifest or the
-modality itself say about it decides, and a quiet period covers the rest. Each tick of the
-:class:`Assembler` reads what it needs from the instances that arrived since the last one
-(:func:`inspect_new_instances`), then applies, to each study still receiving, the first of these
-rules that holds (:func:`complete_due_studies`):
+modality itself say about it decides, and a quiet period covers the rest. The listener records
+what an instance says (:func:`record_facts`) as it indexes it, from the same walk of the header
+that reads its filing keys; each tick of the :class:`Assembler` reads it from the files of the
+instances it was not recorded for (manifests, headers the walk leaves to pydicom, instances
+indexed by the start-up scan; :func:`inspect_new_instances`), then applies, to each study
+still receiving, the first of these rules that holds (:func:`complete_due_studies`):
 
 ``mpps``
     A Modality Performed Procedure Step that names the study (:mod:`dicom_ai.service.mpps`) is
@@ -58,6 +60,7 @@ import sqlite3
 import struct
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,7 +70,7 @@ from pydicom.tag import BaseTag
 from pydicom.uid import UID
 
 from dicom_ai.config import StudySettings
-from dicom_ai.dicom.elements import ScanError, top_level_values
+from dicom_ai.dicom.elements import ScanError, scan_top_level, top_level_values
 from dicom_ai.dicom.uid import is_valid_uid
 from dicom_ai.logs import log_failure
 from dicom_ai.service import audit, db
@@ -118,7 +121,8 @@ SINGLE, LONG, NEUTRAL = "single", "long", "neutral"
 
 _MODALITY, _NUMBER_OF_FRAMES = 0x00080060, 0x00280008
 _STUDY_SERIES, _STUDY_INSTANCES, _SERIES_INSTANCES = 0x00201206, 0x00201208, 0x00201209
-_FACT_TAGS = (_MODALITY, _STUDY_SERIES, _STUDY_INSTANCES, _SERIES_INSTANCES, _NUMBER_OF_FRAMES)
+#: The tags :class:`InstanceFacts` are read from.
+FACT_TAGS = (_MODALITY, _STUDY_SERIES, _STUDY_INSTANCES, _SERIES_INSTANCES, _NUMBER_OF_FRAMES)
 #: Leading bytes of a file whose header is walked for the facts (the facts lie in its first
 #: kilobytes unless a long sequence comes before them).
 FACTS_PREFIX = 64 * 1024
@@ -263,15 +267,39 @@ def read_facts(path: Path, sop_class_uid: str) -> InstanceFacts:
     try:
         with path.open("rb") as f:
             head = f.read(FACTS_PREFIX)
-        values = _walk_facts(head, complete=len(head) < FACTS_PREFIX,
-                             frames_matter=sop_class_uid in SINGLE_IMAGE_SOP_CLASSES
-                             or sop_class_uid == SECONDARY_CAPTURE)
     except OSError:
         return InstanceFacts(LONG)
-    if values is None:
+    facts = _walk_facts(head, sop_class_uid, complete=len(head) < FACTS_PREFIX)
+    if facts is None:
         values = _pydicom_facts(path)
-        if values is None:
-            return InstanceFacts(LONG)
+        facts = None if values is None else facts_from_values(values, sop_class_uid,
+                                                               passed=True)
+    return facts or InstanceFacts(LONG)
+
+
+def facts_from_values(values: Mapping[int, bytes], sop_class_uid: str, *,
+                      passed: bool) -> InstanceFacts | None:
+    """The facts of the raw values a header walk found for :data:`FACT_TAGS`.
+
+    Parameters
+    ----------
+    values:
+        Raw values by tag (absent tags omitted).
+    sop_class_uid:
+        The instance's SOP Class UID.
+    passed:
+        Whether the walk went past :data:`FACT_TAGS` (or read the whole header), so that an
+        absent tag is absent from the instance.
+
+    Returns
+    -------
+    InstanceFacts or None
+        ``None`` when the facts cannot be decided: Number of Frames, which decides the kind of
+        a single-image SOP Class, may lie beyond the bytes walked.
+    """
+    frames_matter = sop_class_uid in SINGLE_IMAGE_SOP_CLASSES or sop_class_uid == SECONDARY_CAPTURE
+    if frames_matter and not passed and _NUMBER_OF_FRAMES not in values:
+        return None
     modality = values.get(_MODALITY, b"").decode("latin-1").strip("\0 ")
     return InstanceFacts(
         classify(sop_class_uid, modality, _count(values.get(_NUMBER_OF_FRAMES))),
@@ -280,8 +308,21 @@ def read_facts(path: Path, sop_class_uid: str) -> InstanceFacts:
         series_related_instances=_count(values.get(_SERIES_INSTANCES)))
 
 
-def _walk_facts(head: bytes, *, complete: bool, frames_matter: bool) -> dict[int, bytes] | None:
-    """The fact tags' raw values from a file's leading bytes; ``None``: ask pydicom."""
+def facts_at_reception(values: Mapping[int, bytes], sop_class_uid: str, *,
+                       passed: bool) -> InstanceFacts | None:
+    """The facts the listener can record as it indexes an instance (see :func:`record_facts`).
+
+    Same as :func:`facts_from_values`, except that a Key Object Selection gets ``None``: a
+    manifest's list needs the whole object, which :func:`inspect_new_instances` reads from the
+    file, as it does for every instance whose facts were not recorded at reception.
+    """
+    if sop_class_uid == KEY_OBJECT_SELECTION:
+        return None
+    return facts_from_values(values, sop_class_uid, passed=passed)
+
+
+def _walk_facts(head: bytes, sop_class_uid: str, *, complete: bool) -> InstanceFacts | None:
+    """The facts from a file's leading bytes; ``None``: ask pydicom."""
     if head[128:132] != b"DICM":
         return None
     try:
@@ -291,22 +332,20 @@ def _walk_facts(head: bytes, *, complete: bool, frames_matter: bool) -> dict[int
         syntax = UID(meta[0x00020010].decode("ascii").strip("\0 "))
         if syntax.is_deflated or not syntax.is_transfer_syntax:
             return None
-        values = top_level_values(head[start:], _FACT_TAGS, implicit_vr=syntax.is_implicit_VR,
-                                  little_endian=syntax.is_little_endian)
+        values, passed = scan_top_level(head[start:], FACT_TAGS,
+                                        implicit_vr=syntax.is_implicit_VR,
+                                        little_endian=syntax.is_little_endian)
     except (ScanError, KeyError, struct.error, UnicodeDecodeError, ValueError):
         return None
-    # A header longer than the prefix may hide Number of Frames, which decides only here.
-    if frames_matter and not complete and _NUMBER_OF_FRAMES not in values:
-        return None
-    return values
+    return facts_from_values(values, sop_class_uid, passed=passed or complete)
 
 
 def _pydicom_facts(path: Path) -> dict[int, bytes] | None:
     try:
         with path.open("rb") as f:
-            ds = read_partial(f, stop_when=_after_facts, specific_tags=list(_FACT_TAGS))
+            ds = read_partial(f, stop_when=_after_facts, specific_tags=list(FACT_TAGS))
         return {tag: str(ds[tag].value if ds[tag].value is not None else "").encode("latin-1")
-                for tag in _FACT_TAGS if tag in ds and not ds[tag].VM > 1}
+                for tag in FACT_TAGS if tag in ds and not ds[tag].VM > 1}
     except (InvalidDicomError, ValueError, TypeError, EOFError, OSError, KeyError,
             NotImplementedError, AttributeError, UnicodeEncodeError):
         return None
@@ -395,22 +434,41 @@ def inspect_new_instances(conn: sqlite3.Connection, root: Path,
         return 0
     with db.transaction(conn):
         for sop_uid, study_uid, series_uid, facts, manifest in found:
-            conn.execute("INSERT OR REPLACE INTO instance_facts (sop_instance_uid, "
-                         "study_instance_uid, kind) VALUES (?, ?, ?)",
-                         (sop_uid, study_uid, facts.kind))
-            for source, key, count in (
-                    ("study-series", "", facts.study_related_series),
-                    ("study-instances", "", facts.study_related_instances),
-                    ("series-instances", series_uid, facts.series_related_instances)):
-                if count is not None:
-                    _expect(conn, study_uid, source, key, count)
-            for listed_study, instances in (manifest or {}).items():
-                _expect(conn, listed_study, "manifest", sop_uid, len(instances))
-                conn.executemany(
-                    "INSERT OR IGNORE INTO expected_instances (study_instance_uid, source_key, "
-                    "sop_instance_uid) VALUES (?, ?, ?)",
-                    [(listed_study, sop_uid, u) for u in sorted(instances)])
+            record_facts(conn, sop_uid, study_uid, series_uid, facts, manifest)
     return len(found)
+
+
+def record_facts(conn: sqlite3.Connection, sop_instance_uid: str, study_instance_uid: str,
+                 series_instance_uid: str, facts: InstanceFacts,
+                 manifest: Mapping[str, set[str]] | None = None) -> None:
+    """Record an instance's facts and the expectations they announce.
+
+    Parameters
+    ----------
+    conn:
+        Connection with an open write transaction.
+    sop_instance_uid, study_instance_uid, series_instance_uid:
+        The instance.
+    facts:
+        What it says.
+    manifest:
+        The instances it lists per study, when it is a manifest (:func:`read_manifest`).
+    """
+    conn.execute("INSERT OR REPLACE INTO instance_facts (sop_instance_uid, "
+                 "study_instance_uid, kind) VALUES (?, ?, ?)",
+                 (sop_instance_uid, study_instance_uid, facts.kind))
+    for source, key, count in (
+            ("study-series", "", facts.study_related_series),
+            ("study-instances", "", facts.study_related_instances),
+            ("series-instances", series_instance_uid, facts.series_related_instances)):
+        if count is not None:
+            _expect(conn, study_instance_uid, source, key, count)
+    for listed_study, instances in (manifest or {}).items():
+        _expect(conn, listed_study, "manifest", sop_instance_uid, len(instances))
+        conn.executemany(
+            "INSERT OR IGNORE INTO expected_instances (study_instance_uid, source_key, "
+            "sop_instance_uid) VALUES (?, ?, ?)",
+            [(listed_study, sop_instance_uid, u) for u in sorted(instances)])
 
 
 def _expect(conn: sqlite3.Connection, study_uid: str, source: str, key: str,

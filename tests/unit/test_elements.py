@@ -19,7 +19,13 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from dicom_ai.dicom.elements import ScanError, encode_element, even_text, top_level_values
+from dicom_ai.dicom.elements import (
+    ScanError,
+    encode_element,
+    even_text,
+    scan_top_level,
+    top_level_values,
+)
 
 STUDY, SERIES, SOP = 0x0020000D, 0x0020000E, 0x00080018
 CORPUS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "dicom"
@@ -75,6 +81,21 @@ def test_stops_after_the_last_wanted_tag_and_at_the_end() -> None:
     cut = data.index(b"1.2.3.4") - 8
     assert top_level_values(data[:cut], {STUDY, SERIES}, implicit_vr=False,
                             little_endian=True) == {STUDY: b"1.2.3\x00"}
+
+
+def test_scan_says_whether_an_absent_tag_is_absent_or_beyond_the_bytes() -> None:
+    data = encode(with_nested_sequences(), ExplicitVRLittleEndian)
+    series_number, after_rows = 0x00200011, 0x00280011
+    # Rows follows Series Number: the walk went past it, so Series Number is not there.
+    assert scan_top_level(data, {STUDY, series_number}, implicit_vr=False,
+                          little_endian=True) == ({STUDY: b"1.2.3\x00"}, True)
+    # The bytes end first (a prefix, or a data set whose last element comes before the tag):
+    # absence says nothing.
+    cut = data.index(b"1.2.3.4") - 8
+    assert scan_top_level(data[:cut], {STUDY, series_number}, implicit_vr=False,
+                          little_endian=True) == ({STUDY: b"1.2.3\x00"}, False)
+    assert scan_top_level(data, {after_rows}, implicit_vr=False, little_endian=True) == (
+        {}, False)
 
 
 @pytest.mark.parametrize("cut", [3, 9])

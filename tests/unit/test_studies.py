@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import sqlite3
+import struct
 import subprocess
 from collections.abc import Iterator
 from io import BytesIO
@@ -26,7 +27,7 @@ from test_spool import encoded
 from dicom_ai.config import Settings, load_settings, validate
 from dicom_ai.service import audit, db, studies
 from dicom_ai.service.scp import start_scp
-from dicom_ai.service.spool import Spool, parse_keys
+from dicom_ai.service.spool import Spool, parse_dataset_keys, parse_keys
 from dicom_ai.service.studies import (
     FACTS_PREFIX,
     KEY_OBJECT_SELECTION,
@@ -389,6 +390,42 @@ def test_an_arrival_between_evaluation_and_completion_keeps_the_study_open(
     with db.transaction(conn):
         assert _complete(conn, STUDY, 1, 99.0, RULE_QUIET, 110.0, 10.0) is None
     assert study_row(conn)[0] == "receiving"
+
+
+def dataset_of(part10: bytes) -> bytes:
+    """The data set of a Part 10 file, as a C-STORE carries it (no preamble, no file meta)."""
+    return part10[144 + struct.unpack_from("<L", part10, 140)[0]:]
+
+
+def test_the_listener_records_the_facts_its_walk_read(
+        spool: Spool, conn: sqlite3.Connection) -> None:
+    data = encoded("1.2.3.1", study=STUDY, series=S1, SOPClassUID=CR, Modality="CR",
+                   NumberOfStudyRelatedInstances=1)
+    keys = parse_dataset_keys(dataset_of(data), ExplicitVRLittleEndian)
+    assert keys.facts == InstanceFacts(SINGLE, study_related_instances=1)
+    spool.store([data], keys, calling_aet="MOD", now=100.0)
+    (rel,) = conn.execute("SELECT path FROM instances").fetchone()
+    # Nothing is read back from the file: completion works from what the listener recorded.
+    (spool.root / rel).unlink()
+    assert inspect_new_instances(conn, spool.root) == 0
+    assert due(spool, conn, 100.0) == [(STUDY, 1, RULE_INSTANCE_COUNT)]
+
+
+def test_facts_the_listener_cannot_decide_are_left_to_the_assembler() -> None:
+    cr = dataset_of(encoded("1.2.3.1", SOPClassUID=CR, Modality="CR"))
+    ct = dataset_of(encoded("1.2.3.2"))
+    # A prefix ending before Number of Frames (0028,0008) could be reached: a CR's kind depends
+    # on it, a CT's does not.
+    before = cr.index(b"MONOCHROME2") - 8
+    assert parse_dataset_keys(cr[:before], ExplicitVRLittleEndian).facts is None
+    assert parse_dataset_keys(ct[:ct.index(b"MONOCHROME2") - 8],
+                              ExplicitVRLittleEndian).facts == InstanceFacts(LONG)
+    # A prefix cut inside an element past the keys: the keys, from a walk that stops at them.
+    keys = parse_dataset_keys(cr[:before + 11], ExplicitVRLittleEndian)
+    assert (keys.sop_instance_uid, keys.facts) == ("1.2.3.1", None)
+    # A manifest's list needs the whole object.
+    kos = dataset_of(manifest("1.2.3.3", {S1: ["1.2.3.1"]}))
+    assert parse_dataset_keys(kos, ExplicitVRLittleEndian).facts is None
 
 
 def test_unreadable_instance_waits_the_long_quiet_period(
