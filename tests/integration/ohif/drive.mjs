@@ -226,14 +226,31 @@ async function visitReport(page, dsUids, report, errors) {
       for (let i = 0; i < all.length; i += 1) {
         await arrow.click({ timeout: left() });
         const index = (i + 1) % all.length;
-        const want = all[index].imageId;
-        const reached = await page.waitForFunction((imageId) => {
+        // Reached: the viewport shows the measurement's image and, when it has a label, that
+        // label. The labels of the image before stay in the SVG until the next render, so
+        // "some text" alone can be the previous image's (seen on a loaded machine).
+        const want = { imageId: all[index].imageId, label: all[index].labels[0]?.[0] ?? '' };
+        const shows = (ms) => page.waitForFunction(({ imageId, label }) => {
           const v = window.cornerstone.getRenderingEngines().flatMap((e) => e.getViewports())
             .find((vp) => vp.id === 'default');
-          return v?.getCurrentImageId?.() === imageId
-            && document.querySelectorAll('[data-cy="viewport-pane"] svg text').length > 0;
-        }, want, { timeout: left() }).then(() => true, () => false);
-        entry.steps.push({ ...(await viewportState(page)), measurement: index, reached });
+          const texts = [...document.querySelectorAll('[data-cy="viewport-pane"] svg text')]
+            .map((t) => t.textContent);
+          return v?.getCurrentImageId?.() === imageId && texts.length > 0
+            && (!label || texts.some((t) => t.includes(label)));
+        }, want, { timeout: ms }).then(() => true, () => false);
+        let reached = await shows(Math.min(left(), 2000));
+        const step = { measurement: index };
+        if (!reached) {
+          // As on opening the report: the one render a reader's pan or zoom would give.
+          step.renderRequested = await page.evaluate(() => {
+            const v = window.cornerstone.getRenderingEngines().flatMap((e) => e.getViewports())
+              .find((vp) => vp.id === 'default');
+            v?.render();
+            return Boolean(v);
+          });
+          reached = await shows(Math.min(left(), UNDRAWN_MS));
+        }
+        entry.steps.push({ ...(await viewportState(page)), ...step, reached });
         if (!reached) {
           break;
         }
