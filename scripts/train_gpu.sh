@@ -21,7 +21,7 @@ PY
 # The CPU only decodes the cached arrays and augments batches; a few threads keep the GPU fed.
 THREADS="${THREADS:-4}"
 
-# A warm-started recipe (derm-lesion 1.2.0) begins from weights git keeps at
+# A warm-started recipe (derm-lesion 1.3.0) begins from weights git keeps at
 # the revision its WarmStart names; `dicom-ai train --init` checks their SHA-256.
 init_args() {
     "${PYTHON}" - "$1" "${CACHE}" <<'PY'

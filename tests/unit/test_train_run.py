@@ -45,10 +45,10 @@ def test_warm_start_refuses_other_weights_and_a_missing_file(tmp_path: Path) -> 
         warm_start_weights(dataclasses.replace(DERM_LESION, warm_start=None), path)
 
 
-def test_shipped_derm_recipe_continues_the_1_1_0_weights() -> None:
+def test_shipped_derm_recipe_continues_the_1_2_0_weights() -> None:
     assert DERM_LESION.warm_start is not None
     assert DERM_LESION.warm_start.source == \
-        "git show cd4ef54:models/derm-lesion/models/model.pt"
+        "git show b29eeca:models/derm-lesion/models/model.pt"
     assert len(DERM_LESION.warm_start.sha256) == 64
 
 
