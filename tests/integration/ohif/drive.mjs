@@ -153,6 +153,21 @@ async function visitSegmentation(page, dsUids, seg) {
   return entry;
 }
 
+/** Asks the default viewport for one render when cornerstoneTools holds annotations for it
+ * (what a reader's pan or zoom gives); whether it did. */
+async function requestRender(page) {
+  return page.evaluate(() => {
+    const v = window.cornerstone.getRenderingEngines().flatMap((e) => e.getViewports())
+      .find((vp) => vp.id === 'default');
+    const annotations = window.cornerstoneTools?.annotation?.state?.getAllAnnotations?.();
+    if (!v || !annotations?.length) {
+      return false;
+    }
+    v.render();
+    return true;
+  });
+}
+
 async function visitReport(page, dsUids, report, errors) {
   const entry = { seriesInstanceUID: report.seriesInstanceUID, steps: [], measurements: null };
   const dsUid = await openSeries(page, dsUids, report.seriesInstanceUID);
@@ -200,16 +215,7 @@ async function visitReport(page, dsUids, report, errors) {
       // several studies are opened in one browser, on none when a study is opened alone.
       const texts = async () => (await viewportState(page)).textsInDom > 0;
       if (!(await until(texts, Math.min(left(), 2000)))) {
-        entry.renderRequested = await page.evaluate(() => {
-          const v = window.cornerstone.getRenderingEngines().flatMap((e) => e.getViewports())
-            .find((vp) => vp.id === 'default');
-          const annotations = window.cornerstoneTools?.annotation?.state?.getAllAnnotations?.();
-          if (!v || !annotations?.length) {
-            return false;
-          }
-          v.render();
-          return true;
-        });
+        entry.renderRequested = await requestRender(page);
       }
       entry.undrawn = !(await until(texts, Math.min(left(), UNDRAWN_MS)));
     }
@@ -242,12 +248,7 @@ async function visitReport(page, dsUids, report, errors) {
         const step = { measurement: index };
         if (!reached) {
           // As on opening the report: the one render a reader's pan or zoom would give.
-          step.renderRequested = await page.evaluate(() => {
-            const v = window.cornerstone.getRenderingEngines().flatMap((e) => e.getViewports())
-              .find((vp) => vp.id === 'default');
-            v?.render();
-            return Boolean(v);
-          });
+          step.renderRequested = await requestRender(page);
           reached = await shows(Math.min(left(), UNDRAWN_MS));
         }
         entry.steps.push({ ...(await viewportState(page)), ...step, reached });
