@@ -21,7 +21,8 @@ the images:
 - ``all_zero_maps``: images whose map is zero everywhere (Grad-CAM of a class the image gives
   no evidence for, e.g. "pneumonia" on many normal films); they are left out of the means;
 - ``bottom15``: the mean share of the map's mass in the lowest 15 % of rows (the film's lower
-  margin, where the chest X-ray maps were seen to be hottest);
+  margin, where the chest X-ray maps looked hottest while MONAI's default post-processing
+  inverted them);
 - for the chest X-ray, how many images had both lungs found in the image (the rest use the
   anatomical prior for one or both); for dermoscopy, ``lesion_found``, the share of images
   whose lesion was found rather than replaced by the central disk.

@@ -59,12 +59,30 @@ def calibrated_softmax(logits: npt.NDArray[np.floating],
 
 
 def gradcam(bundle: Bundle, image: FloatArray, class_index: int, layer: str) -> FloatArray:
-    """Grad-CAM map (H×W in [0, 1], the input's size) for ``class_index`` at ``layer``."""
+    """Grad-CAM map (H×W in [0, 1], the input's size) for ``class_index`` at ``layer``: 1
+    where the evidence for the class is strongest, 0 where there is none."""
     from monai.visualize.class_activation_maps import GradCAM
 
-    cam = GradCAM(nn_module=bundle.network, target_layers=layer)
+    # MONAI's default post-processing maps each map's maximum to 0 and its minimum to 1 (its
+    # docstring says so; Project-MONAI/tutorials#1796), which would paint the pixels that
+    # matter least hottest. The raw map (ReLU of the gradient-weighted activations, upsampled)
+    # is scaled here instead.
+    cam = GradCAM(nn_module=bundle.network, target_layers=layer, postprocessing=_unchanged)
     x = torch.from_numpy(np.ascontiguousarray(image[None], dtype=np.float32)).to(bundle.device)
     with torch.enable_grad():
         heat = cam(x=x, class_idx=class_index)
-    result: FloatArray = heat[0, 0].detach().float().cpu().numpy()
-    return np.nan_to_num(result, nan=0.0).clip(0.0, 1.0).astype(np.float32)
+    raw = np.nan_to_num(heat[0, 0].detach().float().cpu().numpy(), nan=0.0)
+    return unit_scaled(raw)
+
+
+def _unchanged(maps: torch.Tensor) -> torch.Tensor:
+    return maps
+
+
+def unit_scaled(values: npt.NDArray[np.floating]) -> FloatArray:
+    """``values`` mapped linearly so that their minimum is 0 and their maximum 1; all zeros
+    when they are constant."""
+    low, high = float(values.min()), float(values.max())
+    if high <= low:
+        return np.zeros(values.shape, dtype=np.float32)
+    return ((values - low) / (high - low)).astype(np.float32)

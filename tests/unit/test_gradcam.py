@@ -1,0 +1,57 @@
+"""Grad-CAM on a network small enough to work out by hand."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from dicom_ai.inference.bundle import Bundle
+from dicom_ai.inference.findings import ModelInfo
+from dicom_ai.inference.runner import gradcam, unit_scaled
+
+
+def _bundle() -> Bundle:
+    # logit 0 = +mean(x), logit 1 = −mean(x): a bright pixel is evidence for class 0 only.
+    net = nn.Sequential()
+    net.add_module("conv", nn.Conv2d(1, 1, 1, bias=False))
+    net.add_module("pool", nn.AdaptiveAvgPool2d(1))
+    net.add_module("flat", nn.Flatten())
+    net.add_module("fc", nn.Linear(1, 2))
+    with torch.no_grad():
+        net.conv.weight.fill_(1.0)
+        net.fc.weight.copy_(torch.tensor([[1.0], [-1.0]]))
+        net.fc.bias.zero_()
+    return Bundle(root=Path("."), metadata={}, dicom_ai={}, network=net.eval(),
+                  device=torch.device("cpu"), info=ModelInfo("m", "0", "2.25.1"),
+                  inference_config={})
+
+
+def _image() -> np.ndarray:
+    image = np.zeros((1, 4, 4), dtype=np.float32)
+    image[0, :2, :2] = 1.0
+    image[0, 2:, 2:] = 0.5
+    return image
+
+
+def test_gradcam_is_hottest_where_the_evidence_for_the_class_is() -> None:
+    # d logit0 / d conv output = 1/16 at every cell, so the channel weight is 1/16 and the map
+    # ReLU(A / 16) is 1/16 top left, 1/32 bottom right, 0 elsewhere; scaled: 1, 0.5, 0.
+    # (MONAI's default post-processing would give 0, 0.5 and 1.)
+    expected = np.zeros((4, 4), dtype=np.float32)
+    expected[:2, :2] = 1.0
+    expected[2:, 2:] = 0.5
+    assert gradcam(_bundle(), _image(), 0, "conv") == pytest.approx(expected)
+
+
+def test_gradcam_of_a_class_without_evidence_is_empty() -> None:
+    # Class 1's channel weight is −1/16: every cell of ReLU(−A / 16) is 0.
+    assert not gradcam(_bundle(), _image(), 1, "conv").any()
+
+
+def test_unit_scaled_maps_minimum_to_0_and_maximum_to_1() -> None:
+    assert unit_scaled(np.array([2.0, 4.0, 3.0])) == pytest.approx([0.0, 1.0, 0.5])
+    assert not unit_scaled(np.full((2, 2), 7.0)).any()
