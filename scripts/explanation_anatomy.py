@@ -7,7 +7,7 @@ the anatomy is the estimated lung fields (:func:`dicom_ai.imaging.anatomy.lung_f
 (:func:`dicom_ai.imaging.dermoscopy.lesion_mask`, a proxy: the data has no lesion masks). For
 every image the
 Grad-CAM of the class the product explains is computed exactly as the product does
-(:func:`dicom_ai.inference.runner.gradcam` on the bundle's layer) and the script prints, over
+(:func:`dicom_ai.inference.runner.gradcam` on the bundle's layers) and the script prints, over
 the images:
 
 - ``share``: the mean share of the map's mass inside the anatomy, unrestricted (what the model
@@ -81,7 +81,7 @@ def measure(name: str, models: Path, data: Path, cache: Path, limit: int | None
     rows: list[dict[str, float]] = []
     for image, p, label in zip(images, probs, labels, strict=True):
         cam = gradcam(bundle, image, explained_class(spec, p.astype(np.float32)),
-                      block["gradcam_layer"])
+                      spec.gradcam_layers)
         mask = explained_anatomy(block["input"], image)
         if mask is None:
             raise ValueError(f"{name}: no anatomy defined for input {block['input']!r}")
@@ -100,7 +100,7 @@ def measure(name: str, models: Path, data: Path, cache: Path, limit: int | None
             if block["input"] == "xray" else float("nan"),
             "lesion_found": _lesion_found(image)
             if block["input"] == "dermoscopy" else float("nan")})
-    return summarise(name, rows, block["gradcam_layer"])
+    return summarise(name, rows, spec.gradcam_layers)
 
 
 def _lesion_found(image: npt.NDArray[np.float32]) -> float:
@@ -110,7 +110,8 @@ def _lesion_found(image: npt.NDArray[np.float32]) -> float:
     return float(lesion_mask(image).found)
 
 
-def summarise(name: str, rows: Sequence[dict[str, float]], layer: str) -> dict[str, Any]:
+def summarise(name: str, rows: Sequence[dict[str, float]],
+              layers: Sequence[str]) -> dict[str, Any]:
     """Means over all images and per true class (images with an all-zero map are left out of
     the share means and counted)."""
     def means(subset: Sequence[dict[str, float]]) -> dict[str, float]:
@@ -124,7 +125,7 @@ def summarise(name: str, rows: Sequence[dict[str, float]], layer: str) -> dict[s
 
     classes = sorted({int(r["label"]) for r in rows})
     labels = list(RECIPES[name].labels)
-    return {"model": name, "layer": layer, "all": means(rows),
+    return {"model": name, "layers": list(layers), "all": means(rows),
             "by_class": {labels[c]: means([r for r in rows if int(r["label"]) == c])
                          for c in classes}}
 

@@ -179,11 +179,23 @@ def load_bundle(root: Path, *, device: torch.device) -> Bundle:
             pickle.UnpicklingError) as exc:
         raise BundleError(f"{name}: cannot build the network from its weights: "
                           f"{str(exc).splitlines()[0]}") from exc
+    modules = dict(network.named_modules())
+    if missing := [layer for layer in _named_layers(spec) if layer not in modules]:
+        raise BundleError(f"{name}: the network has no layer {', '.join(missing)} (named by "
+                          f"gradcam_layer or input_fit)")
     network.to(device).eval()
     info = ModelInfo(name=name, version=version, device_uid=device_uid(name, version, digest),
                      manufacturer=str(metadata.get("authors", "dicom-ai")))
     return Bundle(root=root, metadata=metadata, dicom_ai=block, network=network, device=device,
                   info=info, inference_config=config, spec=spec, accepts=accepts)
+
+
+def _named_layers(spec: ClassificationSpec | FractureSpec | None) -> list[str]:
+    """The layers a spec hooks (Grad-CAM, the input-fit features)."""
+    named = list(spec.gradcam_layers) if isinstance(spec, ClassificationSpec) else []
+    if spec is not None and spec.input_fit is not None:
+        named.extend(spec.input_fit.layers)
+    return named
 
 
 def discover(models_dir: Path) -> list[Path]:

@@ -263,9 +263,9 @@ def analyse_images(bundle: Bundle, series: Series, started: datetime,
     for image, probs, findings in zip(prepared, probabilities, per_image, strict=True):
         heat = None
         text = caption(spec, findings)
-        if spec.gradcam_layer:
+        if spec.gradcam_layers:
             cam = gradcam(bundle, image.model_input, explained_class(spec, probs),
-                          spec.gradcam_layer)
+                          spec.gradcam_layers)
             # Shown only over the anatomy that matters; how much of the unrestricted map lies
             # there is measured by scripts/explanation_anatomy.py and stated in the model card.
             anatomy_mask = explained_anatomy(spec.input, image.model_input, image.box)

@@ -58,20 +58,34 @@ def calibrated_softmax(logits: npt.NDArray[np.floating],
     return np.asarray(exp / exp.sum(axis=1, keepdims=True), dtype=np.float64)
 
 
-def gradcam(bundle: Bundle, image: FloatArray, class_index: int, layer: str) -> FloatArray:
-    """Grad-CAM map (H×W in [0, 1], the input's size) for ``class_index`` at ``layer``: 1
-    where the evidence for the class is strongest, 0 where there is none."""
+def gradcam(bundle: Bundle, image: FloatArray, class_index: int,
+            layers: Sequence[str]) -> FloatArray:
+    """Grad-CAM map (H×W in [0, 1], the input's size) for ``class_index``: the sum of the
+    maps at ``layers``, 1 where the evidence for the class is strongest, 0 where there is none.
+
+    An ensemble names one layer per member; each member's map enters unscaled, so it weighs
+    as much as its gradients say, as its logit does in the ensemble's mean.
+
+    Raises
+    ------
+    ValueError
+        ``layers`` is empty.
+    """
     from monai.visualize.class_activation_maps import GradCAM
 
-    # MONAI's default post-processing maps each map's maximum to 0 and its minimum to 1 (its
-    # docstring says so; Project-MONAI/tutorials#1796), which would paint the pixels that
-    # matter least hottest. The raw map (ReLU of the gradient-weighted activations, upsampled)
-    # is scaled here instead.
-    cam = GradCAM(nn_module=bundle.network, target_layers=layer, postprocessing=_unchanged)
+    if not layers:
+        raise ValueError("Grad-CAM needs at least one layer")
     x = torch.from_numpy(np.ascontiguousarray(image[None], dtype=np.float32)).to(bundle.device)
-    with torch.enable_grad():
-        heat = cam(x=x, class_idx=class_index)
-    raw = np.nan_to_num(heat[0, 0].detach().float().cpu().numpy(), nan=0.0)
+    raw = np.zeros(image.shape[1:], dtype=np.float64)
+    for layer in layers:
+        # MONAI's default post-processing maps each map's maximum to 0 and its minimum to 1
+        # (its docstring says so; Project-MONAI/tutorials#1796), which would paint the pixels
+        # that matter least hottest. The raw map (ReLU of the gradient-weighted activations,
+        # upsampled) is taken and scaled here instead.
+        cam = GradCAM(nn_module=bundle.network, target_layers=layer, postprocessing=_unchanged)
+        with torch.enable_grad():
+            heat = cam(x=x, class_idx=class_index)
+        raw += np.nan_to_num(heat[0, 0].detach().double().cpu().numpy(), nan=0.0)
     return unit_scaled(raw)
 
 

@@ -103,7 +103,8 @@ class ClassificationSpec:
     codes: Mapping[str, Code]
     accepts: Accepts
     finding_site: Code | None = None
-    gradcam_layer: str | None = None
+    #: Layers whose Grad-CAM maps are summed (one per ensemble member); empty: no Grad-CAM.
+    gradcam_layers: tuple[str, ...] = ()
     input_fit: InputFit | None = None
 
 
@@ -364,8 +365,8 @@ def parse_classification(block: Mapping[str, Any]) -> ClassificationSpec:
     codes = _codes(block, [*labels, *(d.label for d in derived)], problems)
     site = _site(block, problems)
     layer = block.get("gradcam_layer")
-    if layer is not None and not isinstance(layer, str):
-        problems.append("gradcam_layer must name a layer")
+    # One network names its layer; an ensemble lists one per member.
+    layers = (layer,) if isinstance(layer, str) else _strings(layer, "gradcam_layer", problems)
     fit = _input_fit(block.get("input_fit"), problems)
     if problems:
         raise SpecError(problems)
@@ -374,4 +375,4 @@ def parse_classification(block: Mapping[str, Any]) -> ClassificationSpec:
         labels=labels,
         temperature=temperature, decision=decision, derived_findings=derived,
         codes=codes, accepts=accepts, finding_site=site,
-        gradcam_layer=layer if isinstance(layer, str) else None, input_fit=fit)
+        gradcam_layers=layers, input_fit=fit)

@@ -85,7 +85,7 @@ class Predictions:
 
 def load_network(recipe: Recipe, bundle_dir: Path) -> nn.Module:
     """The recipe's network with the bundle's weights, in eval mode."""
-    net = build_network(recipe.network_def)
+    net = build_network(recipe.bundle_network_def)
     net.load_state_dict(torch.load(bundle_dir / "models" / "model.pt", map_location="cpu",
                                    weights_only=True))
     return net.eval()
@@ -103,8 +103,9 @@ def logits_and_features(net: nn.Module, layers: Sequence[str],
 def predictions(recipe: Recipe, net: nn.Module, train: ImageSet,
                 val: ImageSet) -> Predictions:
     """Everything calibration and the input-fit check need from the trained network."""
-    val_logits, val_features = logits_and_features(net, recipe.feature_layers, val.images)
-    _, train_features = logits_and_features(net, recipe.feature_layers, train.images)
+    val_logits, val_features = logits_and_features(net, recipe.bundle_feature_layers,
+                                                   val.images)
+    _, train_features = logits_and_features(net, recipe.bundle_feature_layers, train.images)
     return Predictions(val_logits, val_features, train_features)
 
 
@@ -160,8 +161,8 @@ def metadata(recipe: Recipe, *, temperature: float, decision: dict[str, Any],
         "temperature": round(temperature, 6),
         "decision": decision,
         "derived_findings": derived,
-        "gradcam_layer": recipe.gradcam_layer,
-        "input_fit": {"kind": "mahalanobis", "layer": list(recipe.feature_layers),
+        "gradcam_layer": list(recipe.bundle_gradcam_layers),
+        "input_fit": {"kind": "mahalanobis", "layer": list(recipe.bundle_feature_layers),
                       "stats": "models/input_fit.pt", "threshold": round(fit_threshold, 4),
                       "criterion": f"{INPUT_FIT_PERCENTILE:g}th percentile of validation "
                                    "scores"},
@@ -220,7 +221,9 @@ def export_bundle(recipe: Recipe, bundle_dir: Path, *, data_dir: Path, cache_dir
     (bundle_dir / "configs").mkdir(parents=True, exist_ok=True)
     torch.save(stats, bundle_dir / "models" / "input_fit.pt")
     (bundle_dir / "configs" / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
-    inference = {"imports": ["$import monai"], "network_def": recipe.network_def}
+    imports = ["$import monai"] + (["$import dicom_ai.inference.ensemble"]
+                                   if recipe.members > 1 else [])
+    inference = {"imports": imports, "network_def": recipe.bundle_network_def}
     (bundle_dir / "configs" / "inference.json").write_text(json.dumps(inference, indent=2)
                                                           + "\n")
     log(f"{recipe.name}: temperature {temperature:.3f}, decision {decision}, derived "

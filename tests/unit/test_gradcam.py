@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from dicom_ai.inference.bundle import Bundle
+from dicom_ai.inference.ensemble import LogitEnsemble, member_layers
 from dicom_ai.inference.findings import ModelInfo
 from dicom_ai.inference.runner import gradcam, unit_scaled
 
@@ -44,14 +45,46 @@ def test_gradcam_is_hottest_where_the_evidence_for_the_class_is() -> None:
     expected = np.zeros((4, 4), dtype=np.float32)
     expected[:2, :2] = 1.0
     expected[2:, 2:] = 0.5
-    assert gradcam(_bundle(), _image(), 0, "conv") == pytest.approx(expected)
+    assert gradcam(_bundle(), _image(), 0, ["conv"]) == pytest.approx(expected)
 
 
 def test_gradcam_of_a_class_without_evidence_is_empty() -> None:
     # Class 1's channel weight is −1/16: every cell of ReLU(−A / 16) is 0.
-    assert not gradcam(_bundle(), _image(), 1, "conv").any()
+    assert not gradcam(_bundle(), _image(), 1, ["conv"]).any()
 
 
 def test_unit_scaled_maps_minimum_to_0_and_maximum_to_1() -> None:
     assert unit_scaled(np.array([2.0, 4.0, 3.0])) == pytest.approx([0.0, 1.0, 0.5])
     assert not unit_scaled(np.full((2, 2), 7.0)).any()
+
+
+def _toy() -> nn.Module:
+    net = _bundle().network
+    assert isinstance(net, nn.Sequential)
+    return net
+
+
+def _ensemble_bundle(*members: nn.Module) -> Bundle:
+    return Bundle(root=Path("."), metadata={}, dicom_ai={}, network=LogitEnsemble(members),
+                  device=torch.device("cpu"), info=ModelInfo("m", "0", "2.25.1"),
+                  inference_config={})
+
+
+def test_ensemble_gradcam_sums_the_members_maps() -> None:
+    layers = member_layers("conv", 2)
+    single = gradcam(_bundle(), _image(), 0, ["conv"])
+    # A member repeated: each map is half the single network's (the mean halves the
+    # gradients), their sum the whole; scaled, the single network's map.
+    assert gradcam(_ensemble_bundle(_toy(), _toy()), _image(), 0, layers) == \
+        pytest.approx(single)
+    # A member with no evidence for class 0 (its logit 0 is −mean) adds a zero map.
+    against = _toy()
+    with torch.no_grad():
+        against.fc.weight.neg_()
+    assert gradcam(_ensemble_bundle(_toy(), against), _image(), 0, layers) == \
+        pytest.approx(single)
+
+
+def test_gradcam_needs_a_layer() -> None:
+    with pytest.raises(ValueError, match="at least one layer"):
+        gradcam(_bundle(), _image(), 0, [])

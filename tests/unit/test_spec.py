@@ -65,6 +65,19 @@ def test_every_problem_is_listed() -> None:
         assert part in text, part
 
 
+def test_gradcam_layer_is_one_name_or_a_list_of_names() -> None:
+    raw = copy.deepcopy(block("cxr-pneumonia"))
+    raw["gradcam_layer"] = "class_layers.relu"
+    assert parse_classification(raw).gradcam_layers == ("class_layers.relu",)
+    raw["gradcam_layer"] = ["members.0.layer4", "members.1.layer4"]
+    assert parse_classification(raw).gradcam_layers == ("members.0.layer4", "members.1.layer4")
+    del raw["gradcam_layer"]
+    assert parse_classification(raw).gradcam_layers == ()
+    raw["gradcam_layer"] = ["layer4", 4]
+    with pytest.raises(SpecError, match="gradcam_layer must be a list of strings"):
+        parse_classification(raw)
+
+
 def test_bundle_load_refuses_with_the_list() -> None:
     raw = copy.deepcopy(block("fundus-dr"))
     del raw["accepts"]["modality"]

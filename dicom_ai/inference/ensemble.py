@@ -1,0 +1,48 @@
+"""A deep ensemble: networks of one architecture trained from different seeds, their logits
+averaged (Lakshminarayanan et al., NeurIPS 2017).
+
+A bundle names it in ``configs/inference.json`` like any other network::
+
+    {"_target_": "dicom_ai.inference.ensemble.LogitEnsemble",
+     "members": [{"_target_": "monai.networks.nets.ResNet", ...}, ...]}
+
+so the state dict holds ``members.0.*`` … ``members.{n-1}.*`` and a member's layer is named
+``members.{k}.<layer>`` wherever a bundle names layers (Grad-CAM, the input-fit check).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+class LogitEnsemble(nn.Module):
+    """The mean of the members' logits.
+
+    Parameters
+    ----------
+    members
+        Networks that map the same input to logits of the same shape; at least one.
+
+    Raises
+    ------
+    ValueError
+        ``members`` is empty.
+    """
+
+    def __init__(self, members: Sequence[nn.Module]) -> None:
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Mean over the members of ``member(x)``."""
+        return torch.stack([member(x) for member in self.members]).mean(dim=0)
+
+
+def member_layers(layer: str, members: int) -> tuple[str, ...]:
+    """The names of ``layer`` in each of ``members`` ensemble members."""
+    return tuple(f"members.{k}.{layer}" for k in range(members))
