@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,10 @@ class Bundle:
     spec: ClassificationSpec | FractureSpec | None = None
     #: The parsed routing rules (``dicom_ai.accepts``) of every bundle :func:`load_bundle` loads.
     accepts: Accepts | None = None
+    #: MONAI Grad-CAM explainers by layer, made on first use by
+    #: :func:`dicom_ai.inference.runner.gradcam` and kept: each registers hooks on the network
+    #: that are never removed, so one made per image would add hooks to every later pass.
+    gradcams: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def name(self) -> str:

@@ -78,11 +78,15 @@ def gradcam(bundle: Bundle, image: FloatArray, class_index: int,
     x = torch.from_numpy(np.ascontiguousarray(image[None], dtype=np.float32)).to(bundle.device)
     raw = np.zeros(image.shape[1:], dtype=np.float64)
     for layer in layers:
-        # MONAI's default post-processing maps each map's maximum to 0 and its minimum to 1
-        # (its docstring says so; Project-MONAI/tutorials#1796), which would paint the pixels
-        # that matter least hottest. The raw map (ReLU of the gradient-weighted activations,
-        # upsampled) is taken and scaled here instead.
-        cam = GradCAM(nn_module=bundle.network, target_layers=layer, postprocessing=_unchanged)
+        cam = bundle.gradcams.get(layer)
+        if cam is None:
+            # MONAI's default post-processing maps each map's maximum to 0 and its minimum to
+            # 1 (its docstring says so; Project-MONAI/tutorials#1796), which would paint the
+            # pixels that matter least hottest. The raw map (ReLU of the gradient-weighted
+            # activations, upsampled) is taken and scaled here instead.
+            cam = GradCAM(nn_module=bundle.network, target_layers=layer,
+                          postprocessing=_unchanged)
+            bundle.gradcams[layer] = cam
         with torch.enable_grad():
             heat = cam(x=x, class_idx=class_index)
         raw += np.nan_to_num(heat[0, 0].detach().double().cpu().numpy(), nan=0.0)

@@ -26,7 +26,11 @@ def _bundle() -> Bundle:
         net.conv.weight.fill_(1.0)
         net.fc.weight.copy_(torch.tensor([[1.0], [-1.0]]))
         net.fc.bias.zero_()
-    return Bundle(root=Path("."), metadata={}, dicom_ai={}, network=net.eval(),
+    return _bundle_of(net.eval())
+
+
+def _bundle_of(net: nn.Module) -> Bundle:
+    return Bundle(root=Path("."), metadata={}, dicom_ai={}, network=net,
                   device=torch.device("cpu"), info=ModelInfo("m", "0", "2.25.1"),
                   inference_config={})
 
@@ -48,6 +52,17 @@ def test_gradcam_is_hottest_where_the_evidence_for_the_class_is() -> None:
     assert gradcam(_bundle(), _image(), 0, ["conv"]) == pytest.approx(expected)
 
 
+def test_gradcam_hooks_the_network_once_however_many_images_it_explains() -> None:
+    # MONAI never removes the hooks an explainer registers: one explainer per image would
+    # leave a hook per explained image on every later forward pass of the served network.
+    bundle = _bundle()
+    net = bundle.network
+    assert isinstance(net, nn.Sequential)
+    maps = [gradcam(bundle, _image(), k % 2, ["conv"]) for k in range(5)]
+    assert len(net.conv._forward_hooks) == 1 and len(net.conv._backward_hooks) == 1
+    assert maps[4] == pytest.approx(maps[0]) and not maps[3].any()
+
+
 def test_gradcam_of_a_class_without_evidence_is_empty() -> None:
     # Class 1's channel weight is −1/16: every cell of ReLU(−A / 16) is 0.
     assert not gradcam(_bundle(), _image(), 1, ["conv"]).any()
@@ -65,9 +80,7 @@ def _toy() -> nn.Module:
 
 
 def _ensemble_bundle(*members: nn.Module) -> Bundle:
-    return Bundle(root=Path("."), metadata={}, dicom_ai={}, network=LogitEnsemble(members),
-                  device=torch.device("cpu"), info=ModelInfo("m", "0", "2.25.1"),
-                  inference_config={})
+    return _bundle_of(LogitEnsemble(members))
 
 
 def test_ensemble_gradcam_sums_the_members_maps() -> None:
