@@ -43,6 +43,6 @@ class LogitEnsemble(nn.Module):
         return torch.stack([member(x) for member in self.members]).mean(dim=0)
 
 
-def member_layers(layer: str, members: int) -> tuple[str, ...]:
-    """The names of ``layer`` in each of ``members`` ensemble members."""
-    return tuple(f"members.{k}.{layer}" for k in range(members))
+def member_layer(layer: str, member: int) -> str:
+    """The name of ``layer`` of ensemble member ``member`` in the ensemble."""
+    return f"members.{member}.{layer}"

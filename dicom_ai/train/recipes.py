@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from dicom_ai.inference.ensemble import member_layers
+from dicom_ai.inference.ensemble import member_layer
 from dicom_ai.inference.fracture_net import STRIDE
 from dicom_ai.results.codes import MULTIPLE_FRACTURES
 from dicom_ai.train.augment import CXR, DERMOSCOPY, FUNDUS, AugmentConfig
@@ -79,23 +79,23 @@ class Recipe:
         return {"_target_": "dicom_ai.inference.ensemble.LogitEnsemble",
                 "members": [self.network_def] * self.members}
 
+    def _bundle_layer(self, layer: str, member: int) -> str:
+        """``layer`` of ``member`` as the bundle's network names it."""
+        return layer if self.members == 1 else member_layer(layer, member)
+
     @property
     def bundle_gradcam_layers(self) -> tuple[str, ...]:
         """The layers whose Grad-CAM maps the bundle sums: one per member."""
         if self.gradcam_layer is None:
             return ()
-        if self.members == 1:
-            return (self.gradcam_layer,)
-        return member_layers(self.gradcam_layer, self.members)
+        return tuple(self._bundle_layer(self.gradcam_layer, k) for k in range(self.members))
 
     @property
     def bundle_feature_layers(self) -> tuple[str, ...]:
         """The input-fit layers in the bundle's network. Of an ensemble, the first member's:
         every member saw the same training images, and the members' features together would
         need ``members``² times the covariance entries from those same images."""
-        if self.members == 1:
-            return self.feature_layers
-        return tuple(member_layers(layer, 1)[0] for layer in self.feature_layers)
+        return tuple(self._bundle_layer(layer, 0) for layer in self.feature_layers)
 
 
 CXR_PNEUMONIA = Recipe(

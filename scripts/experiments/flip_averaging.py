@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from dicom_ai.inference.fracture_net import decode_boxes
+from dicom_ai.inference.runner import calibrated_softmax as softmax
 from dicom_ai.train import fracture
 from dicom_ai.train.augment import AugmentConfig
 from dicom_ai.train.loop import predict_logits, validation_auc
@@ -46,11 +47,6 @@ def flips(aug: AugmentConfig) -> list[tuple[int, ...]]:
 
 def flip(x: torch.Tensor, axes: tuple[int, ...]) -> torch.Tensor:
     return torch.flip(x, axes) if axes else x
-
-
-def softmax(logits: FloatArray) -> FloatArray:
-    e = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return np.asarray(e / e.sum(axis=1, keepdims=True), dtype=np.float64)
 
 
 def paired_difference(score: Callable[[IntArray], tuple[float, float]], n: int,

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, update_bn
 
+from dicom_ai.inference.runner import calibrated_softmax as softmax
 from dicom_ai.train.datasets import ImageSet
 from dicom_ai.train.loop import fit, predict_logits
 from dicom_ai.train.metrics import macro_auc
@@ -47,11 +48,6 @@ from dicom_ai.train.run import build_network, load_splits
 RECIPE = RECIPES["fundus-dr"]
 
 Probs = npt.NDArray[np.float64]
-
-
-def softmax(logits: npt.NDArray[np.float64]) -> Probs:
-    e = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return np.asarray(e / e.sum(axis=1, keepdims=True), dtype=np.float64)
 
 
 def stratified_halves(labels: npt.NDArray[np.int64],

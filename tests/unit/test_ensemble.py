@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from dicom_ai.inference.bundle import BundleError, load_bundle
-from dicom_ai.inference.ensemble import LogitEnsemble, member_layers
+from dicom_ai.inference.ensemble import LogitEnsemble, member_layer
 from dicom_ai.train.recipes import FUNDUS_DR
 from dicom_ai.train.run import build_network
 from tests.bundles import CXR_BLOCK, TINY_RESNET, write_bundle
@@ -36,15 +36,14 @@ def test_ensemble_needs_a_member() -> None:
         LogitEnsemble([])
 
 
-def test_member_layers_name_the_layer_in_each_member() -> None:
-    assert member_layers("layer4", 3) == ("members.0.layer4", "members.1.layer4",
-                                          "members.2.layer4")
+def test_member_layer_names_the_layer_inside_the_ensemble() -> None:
+    assert member_layer("layer4", 2) == "members.2.layer4"
 
 
 def test_ensemble_bundle_loads_and_averages(tmp_path: Path) -> None:
     ensemble = {"_target_": "dicom_ai.inference.ensemble.LogitEnsemble",
                 "members": [TINY_RESNET, TINY_RESNET]}
-    block = {**CXR_BLOCK, "gradcam_layer": list(member_layers("layer4", 2))}
+    block = {**CXR_BLOCK, "gradcam_layer": [member_layer("layer4", k) for k in range(2)]}
     bundle = load_bundle(write_bundle(tmp_path, network_def=ensemble, block=block),
                          device=torch.device("cpu"))
     net = bundle.network

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from dicom_ai.inference.bundle import Bundle
-from dicom_ai.inference.ensemble import LogitEnsemble, member_layers
+from dicom_ai.inference.ensemble import LogitEnsemble, member_layer
 from dicom_ai.inference.findings import ModelInfo
 from dicom_ai.inference.runner import gradcam, unit_scaled
 
@@ -84,7 +84,7 @@ def _ensemble_bundle(*members: nn.Module) -> Bundle:
 
 
 def test_ensemble_gradcam_sums_the_members_maps() -> None:
-    layers = member_layers("conv", 2)
+    layers = [member_layer("conv", k) for k in range(2)]
     single = gradcam(_bundle(), _image(), 0, ["conv"])
     # A member repeated: each map is half the single network's (the mean halves the
     # gradients), their sum the whole; scaled, the single network's map.
