@@ -573,7 +573,8 @@ def command_train(args: argparse.Namespace) -> int:
     print(f"{NAME}: train {len(train_set.labels)} ({int(train_set.labels.sum())} fractured), "
           f"valid {len(val_set.labels)} ({int(val_set.labels.sum())}); input {SIZE}",
           flush=True)
-    cfg = dataclasses.replace(RECIPE.loop, max_minutes=args.minutes, epochs=args.epochs)
+    cfg = dataclasses.replace(RECIPE.loop, max_minutes=args.minutes, epochs=args.epochs,
+                              seed=args.seed)
     net = build_network(RECIPE.network_def)
     if RECIPE.warm_start is not None:
         net.load_state_dict(warm_start_weights(RECIPE, Path(args.init) if args.init else None))
@@ -629,6 +630,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     t.add_argument("--minutes", type=float, default=RECIPE.loop.max_minutes,
                    help="training wall-clock budget, summed over resumed runs")
     t.add_argument("--epochs", type=int, default=RECIPE.loop.epochs)
+    t.add_argument("--seed", type=int, default=RECIPE.loop.seed,
+                   help="seed of initialisation, batch order and augmentation")
     t.add_argument("--resume", action="store_true", help="continue from the checkpoint")
     t.add_argument("--init", help="weights a warm-started recipe begins from (checked against "
                                   "the recipe's SHA-256)")
