@@ -50,7 +50,13 @@ from dicom_ai.inference.fracture_net import STRIDE, Box, decode_boxes, iou
 from dicom_ai.inference.input_fit import FeatureTap, fit_statistics, mahalanobis
 from dicom_ai.train.augment import AugmentConfig, affine_matrices, intensity
 from dicom_ai.train.calibrate import fit_temperature, threshold_for_sensitivity
-from dicom_ai.train.loop import LoopConfig, device, learning_rate
+from dicom_ai.train.loop import (
+    LoopConfig,
+    device,
+    global_rng_state,
+    learning_rate,
+    set_global_rng_state,
+)
 from dicom_ai.train.metrics import binary_auc, bootstrap_ci, expected_calibration_error
 from dicom_ai.train.recipes import FRACTURE_MIN_SENSITIVITY, XR_FRACTURE
 from dicom_ai.train.run import build_network, warm_start_weights
@@ -330,7 +336,7 @@ def save_checkpoint(path: Path, net: nn.Module, opt: torch.optim.Optimizer, gen:
     """Write the resumable state atomically (a cut-off mid-write leaves the previous one)."""
     tmp = path.with_suffix(".tmp")
     torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
-                "torch_rng": torch.get_rng_state(), "state": dataclasses.asdict(state),
+                "rng": global_rng_state(), "state": dataclasses.asdict(state),
                 "best": best}, tmp)
     tmp.replace(path)
 
@@ -342,8 +348,8 @@ def load_checkpoint(path: Path, net: nn.Module, opt: torch.optim.Optimizer,
     net.load_state_dict(ck["net"])
     opt.load_state_dict(ck["opt"])
     gen.set_state(ck["gen"])
-    # Dropout draws from torch's global generator.
-    torch.set_rng_state(ck["torch_rng"])
+    # Dropout draws from torch's global generators.
+    set_global_rng_state(ck["rng"])
     return TrainState(**ck["state"]), ck["best"]
 
 

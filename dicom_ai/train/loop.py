@@ -65,8 +65,32 @@ def learning_rate(progress: float, max_lr: float, warmup: float = 0.1) -> float:
 
 
 def device() -> torch.device:
-    """CUDA when torch sees a GPU, else CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """CUDA when torch sees a GPU, else CPU.
+
+    On a GPU, cuDNN is held to deterministic convolution algorithms: a resumed run must repeat
+    the updates of an uninterrupted one there too.
+    """
+    if torch.cuda.is_available():
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def global_rng_state() -> dict[str, Any]:
+    """torch's global generators, for a checkpoint: the CPU one and, where torch sees a GPU,
+    CUDA's (dropout on the GPU draws from that one, not from the CPU's)."""
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_global_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`global_rng_state` returned (CUDA's only where a GPU is seen)."""
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def class_weights(labels: npt.NDArray[np.int64], n_classes: int,
@@ -108,7 +132,7 @@ def predict_logits(net: nn.Module, images: npt.NDArray[np.float16], *,
 
 
 #: Version of the checkpoint layout; a checkpoint of another version is refused.
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
 
 
 class CheckpointMismatch(ValueError):
@@ -172,7 +196,7 @@ def fit(net: nn.Module, train: ImageSet, val: ImageSet, n_classes: int, aug: Aug
         net.load_state_dict(saved["net"])
         opt.load_state_dict(saved["optimizer"])
         gen.set_state(saved["generator"])
-        torch.set_rng_state(saved["torch_rng"])
+        set_global_rng_state(saved["rng"])
         best_state = saved["best"]
         history = History(**saved["history"])
         first_epoch, spent = len(history.epochs), float(saved["spent"])
@@ -228,7 +252,7 @@ def fit(net: nn.Module, train: ImageSet, val: ImageSet, n_classes: int, aug: Aug
                 "version": CHECKPOINT_VERSION, "config": dataclasses.asdict(cfg),
                 "n_train": len(train.labels), "spent": time.monotonic() - start,
                 "net": net.state_dict(), "optimizer": opt.state_dict(),
-                "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                "generator": gen.get_state(), "rng": global_rng_state(),
                 "best": best_state, "history": dataclasses.asdict(history)})
         log(f"epoch {epoch + 1:3d}/{cfg.epochs} train_loss {history.epochs[-1]['train_loss']:.4f}"
             f" val_loss {val_loss:.4f} val_auc {auc:.4f}{' *' if improved else ''}"

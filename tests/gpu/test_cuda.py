@@ -20,7 +20,7 @@ from dicom_ai.inference.runner import predict_logits
 from dicom_ai.train import fracture as tf
 from dicom_ai.train.augment import AugmentConfig
 from dicom_ai.train.datasets import ImageSet
-from dicom_ai.train.loop import LoopConfig, device, fit
+from dicom_ai.train.loop import LoopConfig, device, fit, global_rng_state, set_global_rng_state
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -71,6 +71,16 @@ def test_bundle_on_the_gpu_matches_the_cpu(path: Path) -> None:
     print(f"{path.name}: max |gpu - cpu| / max |cpu| = {fp32:.2e} (fp32), {fp16:.2e} (fp16)")
     assert fp32 < 1e-2
     assert fp16 < 3e-2
+
+
+def test_checkpointed_generators_include_cuda() -> None:
+    # Dropout on the GPU draws from CUDA's generator: a resumed run needs it back.
+    state = global_rng_state()
+    first = torch.rand(4, device="cuda")
+    torch.rand(4, device="cuda")
+    set_global_rng_state(state)
+    assert torch.equal(torch.rand(4, device="cuda"), first)
+    assert torch.backends.cudnn.deterministic
 
 
 def test_classification_training_runs_on_the_gpu() -> None:
