@@ -19,12 +19,14 @@ from torch import nn
 
 
 class LogitEnsemble(nn.Module):
-    """The mean of the members' logits.
+    """The mean of the members' logits; of each output, for members with several (the
+    fracture network's image logit, centre-heatmap logits and log box sizes).
 
     Parameters
     ----------
     members
-        Networks that map the same input to logits of the same shape; at least one.
+        Networks that map the same input to outputs of the same shapes (one tensor, or a tuple
+        of tensors); at least one.
 
     Raises
     ------
@@ -38,9 +40,12 @@ class LogitEnsemble(nn.Module):
             raise ValueError("an ensemble needs at least one member")
         self.members = nn.ModuleList(members)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Mean over the members of ``member(x)``."""
-        return torch.stack([member(x) for member in self.members]).mean(dim=0)
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """Mean over the members of ``member(x)``, output by output."""
+        outputs = [member(x) for member in self.members]
+        if isinstance(outputs[0], tuple):
+            return tuple(torch.stack(parts).mean(dim=0) for parts in zip(*outputs, strict=True))
+        return torch.stack(outputs).mean(dim=0)
 
 
 def member_layer(layer: str, member: int) -> str:

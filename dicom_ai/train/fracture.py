@@ -46,6 +46,7 @@ from torch import nn
 
 from dicom_ai.imaging import xray
 from dicom_ai.imaging.resize import content_box
+from dicom_ai.inference.ensemble import LogitEnsemble
 from dicom_ai.inference.fracture_net import STRIDE, Box, decode_boxes, iou
 from dicom_ai.inference.input_fit import FeatureTap, fit_statistics, mahalanobis
 from dicom_ai.train.augment import AugmentConfig, affine_matrices, intensity
@@ -434,7 +435,7 @@ def dicom_ai_block(temperature: float, threshold: float,
     block["temperature"] = round(temperature, 6)
     block["decision"]["threshold"] = round(threshold, 6)
     if fit_threshold is not None:
-        block["input_fit"] = {"kind": "mahalanobis", "layer": list(RECIPE.feature_layers),
+        block["input_fit"] = {"kind": "mahalanobis", "layer": list(RECIPE.bundle_feature_layers),
                               "stats": "models/input_fit.pt",
                               "threshold": round(fit_threshold, 4),
                               "criterion": f"{INPUT_FIT_PERCENTILE:g}th percentile of "
@@ -498,7 +499,7 @@ def metadata(temperature: float, threshold: float, eval_metrics: dict[str, Any],
 
 def load_trained(bundle: Path) -> nn.Module:
     """The bundle's network with its weights, in eval mode."""
-    net = build_network(RECIPE.network_def)
+    net = build_network(RECIPE.bundle_network_def)
     net.load_state_dict(torch.load(bundle / "models" / "model.pt", map_location="cpu",
                                    weights_only=True))
     return net.eval()
@@ -510,10 +511,10 @@ def export(bundle: Path, train_set: FractureSet, val_set: FractureSet,
     the input-fit statistics on the training images' features, measure, and write
     ``models/input_fit.pt``, ``configs/metadata.json`` and ``configs/inference.json``."""
     net = load_trained(bundle)
-    with FeatureTap(net, RECIPE.feature_layers) as tap:
+    with FeatureTap(net, RECIPE.bundle_feature_layers) as tap:
         pred = predict(net, val_set.images)
     val_features = tap.features
-    with FeatureTap(net, RECIPE.feature_layers) as tap:
+    with FeatureTap(net, RECIPE.bundle_feature_layers) as tap:
         predict(net, train_set.images)
     stats = fit_statistics(tap.features.double().numpy())
     fit_threshold = float(np.percentile(mahalanobis(val_features, stats),
@@ -527,9 +528,10 @@ def export(bundle: Path, train_set: FractureSet, val_set: FractureSet,
     (bundle / "configs").mkdir(parents=True, exist_ok=True)
     (bundle / "configs" / "metadata.json").write_text(
         json.dumps(metadata(temperature, threshold, metrics, fit_threshold), indent=2) + "\n")
+    imports = ["$import dicom_ai.inference.fracture_net"] + (
+        ["$import dicom_ai.inference.ensemble"] if RECIPE.members > 1 else [])
     (bundle / "configs" / "inference.json").write_text(json.dumps(
-        {"imports": ["$import dicom_ai.inference.fracture_net"], "network_def": RECIPE.network_def},
-        indent=2) + "\n")
+        {"imports": imports, "network_def": RECIPE.bundle_network_def}, indent=2) + "\n")
     log(f"{NAME}: temperature {temperature:.3f}, threshold {threshold:.4f}, input-fit "
         f"threshold {fit_threshold:.2f}")
     return metrics
@@ -581,27 +583,73 @@ def command_train(args: argparse.Namespace) -> int:
           flush=True)
     cfg = dataclasses.replace(RECIPE.loop, max_minutes=args.minutes, epochs=args.epochs,
                               seed=args.seed)
-    net = build_network(RECIPE.network_def)
-    if RECIPE.warm_start is not None:
-        net.load_state_dict(warm_start_weights(RECIPE, Path(args.init) if args.init else None))
-        print(f"{NAME}: warm start from {RECIPE.warm_start.source}", flush=True)
-    checkpoint = cache / f"{NAME}-checkpoint.pt"
-    state = train(net, train_set, val_set, cfg, checkpoint=checkpoint, resume=args.resume,
-                  log=lambda s: print(s, flush=True))
+    machine = (f"{platform.processor() or platform.machine()}, {args.threads} threads, "
+               f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu'}")
+    nets: list[nn.Module] = []
+    records: list[dict[str, Any]] = []
+    for k in range(RECIPE.members):
+        member_cfg = dataclasses.replace(cfg, seed=cfg.seed + k)
+        if RECIPE.members > 1:
+            print(f"{NAME}: member {k + 1} of {RECIPE.members}, seed {member_cfg.seed}",
+                  flush=True)
+        torch.manual_seed(member_cfg.seed)
+        net = build_network(RECIPE.network_def)
+        if RECIPE.warm_start is not None:
+            net.load_state_dict(warm_start_weights(RECIPE, Path(args.init) if args.init else None))
+            print(f"{NAME}: warm start from {RECIPE.warm_start.source}", flush=True)
+        name = f"{NAME}-checkpoint.pt" if RECIPE.members == 1 else f"{NAME}-member{k}-checkpoint.pt"
+        state = train(net, train_set, val_set, member_cfg, checkpoint=cache / name,
+                      resume=args.resume, log=lambda s: print(s, flush=True))
+        nets.append(net.cpu())
+        records.append({
+            "recipe": NAME, "loop": dataclasses.asdict(member_cfg),
+            "augment": dataclasses.asdict(RECIPE.augment),
+            "size": list(SIZE), "network_def": RECIPE.network_def,
+            "warm_start": dataclasses.asdict(RECIPE.warm_start) if RECIPE.warm_start else None,
+            "train_images": len(train_set.labels), "val_images": len(val_set.labels),
+            "state": dataclasses.asdict(state),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine})
+    write_weights(out, nets, records)
+    print(format_quality(export(out, train_set, val_set)), flush=True)
+    return 0
+
+
+def write_weights(out: Path, nets: Sequence[nn.Module], records: Sequence[dict[str, Any]]
+                  ) -> None:
+    """``models/model.pt`` of the bundle's network from its members' networks (in seed order),
+    and ``docs/training.json`` from their training records (one, or ``{"members": [...]}``)."""
+    if len(nets) != RECIPE.members or len(records) != RECIPE.members:
+        raise ValueError(f"{NAME} has {RECIPE.members} member(s), got {len(nets)} network(s) "
+                         f"and {len(records)} record(s)")
     (out / "models").mkdir(parents=True, exist_ok=True)
     (out / "docs").mkdir(parents=True, exist_ok=True)
-    torch.save(net.cpu().state_dict(), out / "models" / "model.pt")
-    (out / "docs" / "training.json").write_text(json.dumps({
-        "recipe": NAME, "loop": dataclasses.asdict(cfg),
-        "augment": dataclasses.asdict(RECIPE.augment),
-        "size": list(SIZE), "network_def": RECIPE.network_def,
-        "warm_start": dataclasses.asdict(RECIPE.warm_start) if RECIPE.warm_start else None,
-        "train_images": len(train_set.labels), "val_images": len(val_set.labels),
-        "state": dataclasses.asdict(state),
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": f"{platform.processor() or platform.machine()}, {args.threads} threads, "
-                   f"{'cuda' if torch.cuda.is_available() else 'cpu'}"}, indent=1) + "\n")
-    print(format_quality(export(out, train_set, val_set)), flush=True)
+    net = nets[0] if RECIPE.members == 1 else LogitEnsemble(nets)
+    torch.save(net.state_dict(), out / "models" / "model.pt")
+    record = records[0] if RECIPE.members == 1 else {"recipe": NAME, "members": list(records)}
+    (out / "docs" / "training.json").write_text(json.dumps(record, indent=1) + "\n")
+
+
+def command_ensemble(args: argparse.Namespace) -> int:
+    """``ensemble``: the bundle's weights from single-network bundles trained with the recipe's
+    member seeds (in seed order; e.g. each trained on its own GPU), then ``export``."""
+    torch.set_num_threads(args.threads)
+    nets, records = [], []
+    for member in map(Path, args.members):
+        net = build_network(RECIPE.network_def)
+        net.load_state_dict(torch.load(member / "models" / "model.pt", map_location="cpu",
+                                       weights_only=True))
+        nets.append(net)
+        records.append(json.loads((member / "docs" / "training.json").read_text()))
+    seeds = [r["loop"]["seed"] for r in records]
+    expected = [RECIPE.loop.seed + k for k in range(RECIPE.members)]
+    if seeds != expected:
+        raise SystemExit(f"{NAME}: members were trained with seeds {seeds}, the recipe's are "
+                         f"{expected}")
+    out = Path(args.out)
+    write_weights(out, nets, records)
+    root, cache = Path(args.data) / DATA_SUBDIR, Path(args.cache)
+    print(format_quality(export(out, load_split(root, "train", SIZE, cache),
+                                load_split(root, "valid", SIZE, cache))))
     return 0
 
 
@@ -642,6 +690,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     t.add_argument("--init", help="weights a warm-started recipe begins from (checked against "
                                   "the recipe's SHA-256)")
     t.set_defaults(func=command_train)
+    m = sub.add_parser("ensemble", help="the bundle from its members' single-network "
+                                         "bundles (seed order), then export")
+    m.add_argument("members", nargs="+", help="bundle directories of the members")
+    m.add_argument("--out", default=f"models/{NAME}")
+    m.set_defaults(func=command_ensemble)
     x = sub.add_parser("export", help="recalibrate and rewrite the configs")
     x.add_argument("--out", default=f"models/{NAME}")
     x.set_defaults(func=command_export)

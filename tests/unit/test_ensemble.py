@@ -31,6 +31,22 @@ def test_ensemble_outputs_the_mean_of_its_members_logits() -> None:
     assert net(torch.tensor([[2.0, 5.0]])).tolist() == [[4.0, 0.0]]
 
 
+class _TwoOutputs(nn.Module):
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.scale * x, -self.scale * x.sum(dim=1, keepdim=True)
+
+
+def test_ensemble_averages_each_output_of_multi_output_members() -> None:
+    out = LogitEnsemble([_TwoOutputs(1.0), _TwoOutputs(3.0)])(torch.tensor([[1.0, 2.0]]))
+    # Scales 1 and 3 average to 2: (2, 4) and -(2 · 3) = -6.
+    assert isinstance(out, tuple) and len(out) == 2
+    assert out[0].tolist() == [[2.0, 4.0]] and out[1].tolist() == [[-6.0]]
+
+
 def test_ensemble_needs_a_member() -> None:
     with pytest.raises(ValueError, match="at least one member"):
         LogitEnsemble([])

@@ -284,3 +284,28 @@ def test_shipped_fracture_metadata_is_what_its_recipe_exports() -> None:
     for key in ("pytorch_version", "numpy_version"):
         expected[key] = meta[key]
     assert expected == meta
+
+
+def test_shipped_fracture_network_is_its_recipes_ensemble() -> None:
+    path = Path(__file__).resolve().parents[2] / "models" / "xr-fracture" / "configs"
+    config = json.loads((path / "inference.json").read_text())
+    assert config["network_def"] == tf.RECIPE.bundle_network_def
+    assert len(config["network_def"]["members"]) == tf.RECIPE.members == 2
+
+
+def test_member_weights_and_records_make_the_ensemble_bundle(tmp_path: Path) -> None:
+    def member(seed: int) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        return FractureNet(widths=(4, 4, 4, 4, 4), fpn_channels=4)
+
+    nets = [member(0), member(1)]
+    records = [{"loop": {"seed": 0}}, {"loop": {"seed": 1}}]
+    with pytest.raises(ValueError, match="2 member"):
+        tf.write_weights(tmp_path, nets[:1], records[:1])
+    tf.write_weights(tmp_path, nets, records)
+    state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
+    for k, net in enumerate(nets):
+        for key, value in net.state_dict().items():
+            assert torch.equal(state[f"members.{k}.{key}"], value)
+    assert json.loads((tmp_path / "docs" / "training.json").read_text()) == {
+        "recipe": "xr-fracture", "members": records}

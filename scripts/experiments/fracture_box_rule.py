@@ -1,0 +1,56 @@
+"""Which heatmap score should a further fracture box (beyond an image's top one) need?
+
+For each candidate threshold, on the FracAtlas valid split: the further boxes (at most four
+more, after NMS) of fractured and of normal images, how many hit a radiologist's box (IoU ≥ 0.25
+or centre inside), and how many fractured images would be called "multiple fractures" against
+how many truly have more than one box. The bundle's ``boxes.min_score`` was chosen from this
+table, on the same split that chose the epochs and the operating point.
+
+Usage: ``python scripts/experiments/fracture_box_rule.py [models/xr-fracture]``
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from dicom_ai.train import fracture
+from dicom_ai.train.commands import DEFAULT_CACHE, DEFAULT_DATA
+
+THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("bundle", nargs="?", default="models/xr-fracture", type=Path)
+    parser.add_argument("--data", default=DEFAULT_DATA, type=Path)
+    parser.add_argument("--cache", default=DEFAULT_CACHE, type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    val = fracture.load_split(args.data / fracture.DATA_SUBDIR, "valid", fracture.SIZE,
+                              args.cache)
+    pred = fracture.predict(fracture.load_trained(args.bundle), val.images)
+    truly_multiple = sum(len(b) > 1 for b in val.boxes)
+    print(f"{args.bundle}: {len(val.labels)} images, {int(val.labels.sum())} fractured, "
+          f"{truly_multiple} with more than one radiologist box")
+    print("| min score | further boxes, fractured (hitting) | further boxes, normal | "
+          "called multiple (truly multiple) |\n|---|---|---|---|")
+    for t in THRESHOLDS:
+        hits = extra = normal_extra = called = right = 0
+        for i, boxes in enumerate(pred.boxes):
+            rest = [b for b in boxes[1:] if b.score >= t][:4]
+            if val.labels[i] == 1:
+                extra += len(rest)
+                hits += sum(fracture.box_hit(b, val.boxes[i]) for b in rest)
+                called += bool(rest)
+                right += bool(rest) and len(val.boxes[i]) > 1
+            else:
+                normal_extra += len(rest)
+        print(f"| {t:g} | {extra} ({hits}) | {normal_extra} | {called} ({right}) |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
