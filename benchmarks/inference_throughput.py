@@ -95,15 +95,17 @@ def throughput(models: Path, batches: list[int], threads: list[int], runs: int,
     results: dict[tuple[str, int, int], list[float]] = {}
     for _ in range(runs):
         for bundle in bundles:
+            # Name and version: two versions of one model side by side are two rows.
+            name = f"{bundle.name} {bundle.info.version}"
             for t in threads:
                 torch.set_num_threads(t)
                 for b in batches:
                     if bundle.task == "ct-lung" and b > ct_max_batch:
                         continue
-                    results.setdefault((bundle.name, t, b), []).append(
+                    results.setdefault((name, t, b), []).append(
                         images_per_second(bundle, b, min_time, rng))
-                    print(f"  {bundle.name} threads={t} batch={b}: "
-                          f"{results[(bundle.name, t, b)][-1]:.1f} images/s",
+                    print(f"  {name} threads={t} batch={b}: "
+                          f"{results[(name, t, b)][-1]:.1f} images/s",
                           file=sys.stderr, flush=True)
     return results
 
