@@ -30,6 +30,7 @@ from dicom_ai.inference.spec import BoxRule, SpecError, parse_fracture
 from dicom_ai.train import fracture as tf
 from dicom_ai.train.loop import LoopConfig
 from dicom_ai.train.recipes import CXR_PNEUMONIA
+from dicom_ai.train.run import build_network
 from tests.conftest import MakeDicom
 
 TINY_NET: dict[str, Any] = {"_target_": "dicom_ai.inference.fracture_net.FractureNet",
@@ -309,3 +310,17 @@ def test_member_weights_and_records_make_the_ensemble_bundle(tmp_path: Path) -> 
             assert torch.equal(state[f"members.{k}.{key}"], value)
     assert json.loads((tmp_path / "docs" / "training.json").read_text()) == {
         "recipe": "xr-fracture", "members": records}
+
+
+def test_ensemble_command_refuses_members_of_other_seeds(tmp_path: Path) -> None:
+    for name, seed in (("a", 0), ("b", 5)):
+        (tmp_path / name / "models").mkdir(parents=True)
+        (tmp_path / name / "docs").mkdir()
+        torch.save(build_network(tf.RECIPE.network_def).state_dict(),
+                   tmp_path / name / "models" / "model.pt")
+        (tmp_path / name / "docs" / "training.json").write_text(
+            json.dumps({"loop": {"seed": seed}}))
+    with pytest.raises(SystemExit, match=r"seeds \[0, 5\], the recipe's are \[0, 1\]"):
+        tf.main(["ensemble", str(tmp_path / "a"), str(tmp_path / "b"),
+                 "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
