@@ -21,6 +21,7 @@ from dicom_ai.train import fracture as tf
 from dicom_ai.train.augment import AugmentConfig
 from dicom_ai.train.datasets import ImageSet
 from dicom_ai.train.loop import LoopConfig, device, fit, global_rng_state, set_global_rng_state
+from tests.fracture_data import tiny_fracture_set
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -100,12 +101,7 @@ def test_classification_training_runs_on_the_gpu() -> None:
 
 
 def test_fracture_training_runs_on_the_gpu(tmp_path: Path) -> None:
-    rng = np.random.default_rng(0)
-    images = rng.random((8, 1, 32, 32)).astype(np.float16)
-    boxes = tuple(np.array([[8.0, 8.0, 16.0, 16.0]], np.float32) if i % 2 else
-                  np.zeros((0, 4), np.float32) for i in range(8))
-    data = tf.FractureSet(images, np.array([i % 2 for i in range(8)]), boxes, ("hand",) * 8,
-                          tuple(f"{i}.jpg" for i in range(8)))
+    data = tiny_fracture_set()
     torch.manual_seed(1)
     net = FractureNet(widths=(4, 4, 4, 4, 4), fpn_channels=4, dropout=0.5)
     state = tf.train(net, data, data, LoopConfig(epochs=2, batch_size=4, lr=2e-3),

@@ -32,6 +32,7 @@ from dicom_ai.train.loop import LoopConfig
 from dicom_ai.train.recipes import CXR_PNEUMONIA
 from dicom_ai.train.run import build_network
 from tests.conftest import MakeDicom
+from tests.fracture_data import tiny_fracture_set
 
 TINY_NET: dict[str, Any] = {"_target_": "dicom_ai.inference.fracture_net.FractureNet",
                             "widths": [4, 4, 4, 4, 4], "fpn_channels": 4, "dropout": 0.5}
@@ -126,12 +127,7 @@ def test_box_hit_requires_overlap_or_centre() -> None:
 
 
 def test_resumed_training_equals_an_uninterrupted_run(tmp_path: Path) -> None:
-    rng = np.random.default_rng(0)
-    images = rng.random((8, 1, 32, 32)).astype(np.float16)
-    boxes = tuple(np.array([[8.0, 8.0, 16.0, 16.0]], np.float32) if i % 2 else
-                  np.zeros((0, 4), np.float32) for i in range(8))
-    data = tf.FractureSet(images, np.array([i % 2 for i in range(8)]), boxes, ("hand",) * 8,
-                          tuple(f"{i}.jpg" for i in range(8)))
+    data = tiny_fracture_set()
     # A budget that never binds: the schedule then depends on steps only.
     cfg = LoopConfig(epochs=2, batch_size=4, lr=2e-3, max_minutes=1e9)
 
