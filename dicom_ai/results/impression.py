@@ -40,6 +40,7 @@ class Templates:
     suggested: str
     none_above: str
     candidates_above: str
+    regions_marked: str
     candidates_below: str
     measurements: str
     not_analysed: str
@@ -66,6 +67,7 @@ EN = Templates(
     suggested="{name} suggested ({details})",
     none_above="no finding above the operating point ({details})",
     candidates_above="{n} {name} candidate(s) above the operating point: {items}",
+    regions_marked="{n} {name} region(s) marked: {items}",
     candidates_below="{n} candidate(s) below the operating point, not reported",
     measurements="measurements: {items}",
     not_analysed="{model}: not analysed — {reason}",
@@ -91,6 +93,7 @@ ZH = Templates(
     suggested="提示{name}（{details}）",
     none_above="未见高于工作点的发现（{details}）",
     candidates_above="{n} 个{name}候选高于工作点：{items}",
+    regions_marked="标出 {n} 处{name}区域：{items}",
     candidates_below="{n} 个候选低于工作点，未报告",
     measurements="测量：{items}",
     not_analysed="{model}：未分析 — {reason}",
@@ -222,9 +225,16 @@ def result_sentence(result: ModelResult, language: str = "en") -> str:
     above = [f for f in result.findings if f.localized and f.positive]
     for label in dict.fromkeys(f.label for f in above):
         same = [f for f in above if f.label == label]
-        parts.append(t.candidates_above.format(
-            n=len(same), name=display_name(label, language),
-            items=t.list_separator.join(_details(f, t) for f in same)))
+        # A region without an operating point of its own (a fracture box of a positive image)
+        # was not judged against one, and the sentence must not say it was.
+        for template, group in ((t.candidates_above, [f for f in same
+                                                      if f.operating_point is not None]),
+                                (t.regions_marked, [f for f in same
+                                                    if f.operating_point is None])):
+            if group:
+                parts.append(template.format(
+                    n=len(group), name=display_name(label, language),
+                    items=t.list_separator.join(_details(f, t) for f in group)))
     below = [f for f in result.findings if f.below_operating_point]
     if below:
         parts.append(t.candidates_below.format(n=len(below)))

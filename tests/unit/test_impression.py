@@ -54,6 +54,18 @@ def test_impression_lists_found_not_found_and_not_analysed() -> None:
     assert text.endswith("series 1.2.3 not analysed — no model applies to modality MR.")
 
 
+def test_regions_without_an_operating_point_are_marked_not_judged() -> None:
+    result = fx.fracture_result()
+    image_level, box = result.findings[0], result.findings[1]
+    result.findings = [image_level, Finding("fracture", probability=0.36, positive=True,
+                                            image_uid=box.image_uid, bbox_px=box.bbox_px)]
+    text = impression([result])
+    assert ("xr-fracture 0.1.0: fracture suggested (probability 0.91, operating point 0.50); "
+            "1 fracture region(s) marked: probability 0.36.") in text
+    assert "candidate(s) above" not in text
+    assert "标出 1 处骨折区域：概率 0.36" in impression([result], "zh")
+
+
 def test_impression_when_nothing_is_above_the_operating_point() -> None:
     text = impression([fx.fundus_result()])
     assert "fundus-dr 2.0.0: no finding above the operating point (probability 0.40)" in text
