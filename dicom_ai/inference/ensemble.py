@@ -48,6 +48,11 @@ class LogitEnsemble(nn.Module):
         return torch.stack(outputs).mean(dim=0)
 
 
+def network_of(members: Sequence[nn.Module]) -> nn.Module:
+    """The network a bundle holds: its one member, or the :class:`LogitEnsemble` of several."""
+    return members[0] if len(members) == 1 else LogitEnsemble(members)
+
+
 def member_layer(layer: str, member: int) -> str:
     """The name of ``layer`` of ensemble member ``member`` in the ensemble."""
     return f"members.{member}.{layer}"

@@ -46,7 +46,7 @@ from torch import nn
 
 from dicom_ai.imaging import xray
 from dicom_ai.imaging.resize import content_box
-from dicom_ai.inference.ensemble import LogitEnsemble
+from dicom_ai.inference.ensemble import network_of
 from dicom_ai.inference.fracture_net import STRIDE, Box, decode_boxes, iou
 from dicom_ai.inference.input_fit import FeatureTap, fit_statistics, mahalanobis
 from dicom_ai.train.augment import AugmentConfig, affine_matrices, intensity
@@ -60,7 +60,7 @@ from dicom_ai.train.loop import (
 )
 from dicom_ai.train.metrics import binary_auc, bootstrap_ci, expected_calibration_error
 from dicom_ai.train.recipes import FRACTURE_MIN_SENSITIVITY, XR_FRACTURE
-from dicom_ai.train.run import build_network, warm_start_weights
+from dicom_ai.train.run import build_network, checkpoint_path, member_network
 
 FloatArray = npt.NDArray[np.float32]
 
@@ -335,6 +335,7 @@ class TrainState:
 def save_checkpoint(path: Path, net: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator,
                     state: TrainState, best: dict[str, torch.Tensor]) -> None:
     """Write the resumable state atomically (a cut-off mid-write leaves the previous one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
                 "rng": global_rng_state(), "state": dataclasses.asdict(state),
@@ -528,10 +529,9 @@ def export(bundle: Path, train_set: FractureSet, val_set: FractureSet,
     (bundle / "configs").mkdir(parents=True, exist_ok=True)
     (bundle / "configs" / "metadata.json").write_text(
         json.dumps(metadata(temperature, threshold, metrics, fit_threshold), indent=2) + "\n")
-    imports = ["$import dicom_ai.inference.fracture_net"] + (
-        ["$import dicom_ai.inference.ensemble"] if RECIPE.members > 1 else [])
     (bundle / "configs" / "inference.json").write_text(json.dumps(
-        {"imports": imports, "network_def": RECIPE.bundle_network_def}, indent=2) + "\n")
+        {"imports": RECIPE.bundle_imports("$import dicom_ai.inference.fracture_net"),
+         "network_def": RECIPE.bundle_network_def}, indent=2) + "\n")
     log(f"{NAME}: temperature {temperature:.3f}, threshold {threshold:.4f}, input-fit "
         f"threshold {fit_threshold:.2f}")
     return metrics
@@ -587,19 +587,15 @@ def command_train(args: argparse.Namespace) -> int:
                f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu'}")
     nets: list[nn.Module] = []
     records: list[dict[str, Any]] = []
+    init = Path(args.init) if args.init else None
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+
     for k in range(RECIPE.members):
-        member_cfg = dataclasses.replace(cfg, seed=cfg.seed + k)
-        if RECIPE.members > 1:
-            print(f"{NAME}: member {k + 1} of {RECIPE.members}, seed {member_cfg.seed}",
-                  flush=True)
-        torch.manual_seed(member_cfg.seed)
-        net = build_network(RECIPE.network_def)
-        if RECIPE.warm_start is not None:
-            net.load_state_dict(warm_start_weights(RECIPE, Path(args.init) if args.init else None))
-            print(f"{NAME}: warm start from {RECIPE.warm_start.source}", flush=True)
-        name = f"{NAME}-checkpoint.pt" if RECIPE.members == 1 else f"{NAME}-member{k}-checkpoint.pt"
-        state = train(net, train_set, val_set, member_cfg, checkpoint=cache / name,
-                      resume=args.resume, log=lambda s: print(s, flush=True))
+        member_cfg, net = member_network(RECIPE, cfg, k, init, log)
+        state = train(net, train_set, val_set, member_cfg,
+                      checkpoint=checkpoint_path(RECIPE, cache, k), resume=args.resume, log=log)
         nets.append(net.cpu())
         records.append({
             "recipe": NAME, "loop": dataclasses.asdict(member_cfg),
@@ -623,8 +619,7 @@ def write_weights(out: Path, nets: Sequence[nn.Module], records: Sequence[dict[s
                          f"and {len(records)} record(s)")
     (out / "models").mkdir(parents=True, exist_ok=True)
     (out / "docs").mkdir(parents=True, exist_ok=True)
-    net = nets[0] if RECIPE.members == 1 else LogitEnsemble(nets)
-    torch.save(net.state_dict(), out / "models" / "model.pt")
+    torch.save(network_of(nets).state_dict(), out / "models" / "model.pt")
     record = records[0] if RECIPE.members == 1 else {"recipe": NAME, "members": list(records)}
     (out / "docs" / "training.json").write_text(json.dumps(record, indent=1) + "\n")
 

@@ -221,9 +221,8 @@ def export_bundle(recipe: Recipe, bundle_dir: Path, *, data_dir: Path, cache_dir
     (bundle_dir / "configs").mkdir(parents=True, exist_ok=True)
     torch.save(stats, bundle_dir / "models" / "input_fit.pt")
     (bundle_dir / "configs" / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
-    imports = ["$import monai"] + (["$import dicom_ai.inference.ensemble"]
-                                   if recipe.members > 1 else [])
-    inference = {"imports": imports, "network_def": recipe.bundle_network_def}
+    inference = {"imports": recipe.bundle_imports("$import monai"),
+                 "network_def": recipe.bundle_network_def}
     (bundle_dir / "configs" / "inference.json").write_text(json.dumps(inference, indent=2)
                                                           + "\n")
     log(f"{recipe.name}: temperature {temperature:.3f}, decision {decision}, derived "

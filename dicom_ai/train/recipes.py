@@ -79,6 +79,12 @@ class Recipe:
         return {"_target_": "dicom_ai.inference.ensemble.LogitEnsemble",
                 "members": [self.network_def] * self.members}
 
+    def bundle_imports(self, network_import: str) -> list[str]:
+        """``imports`` of ``configs/inference.json``: ``network_import`` (what builds
+        ``network_def``) and, for an ensemble, the ensemble's module."""
+        return [network_import] + (["$import dicom_ai.inference.ensemble"]
+                                   if self.members > 1 else [])
+
     def _bundle_layer(self, layer: str, member: int) -> str:
         """``layer`` of ``member`` as the bundle's network names it."""
         return layer if self.members == 1 else member_layer(layer, member)

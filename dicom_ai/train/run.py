@@ -15,9 +15,9 @@ import torch
 from monai.bundle.config_parser import ConfigParser
 from torch import nn
 
-from dicom_ai.inference.ensemble import LogitEnsemble
+from dicom_ai.inference.ensemble import network_of
 from dicom_ai.train.datasets import ImageSet, load_cxr, load_fundus, load_isic, split_by_patient
-from dicom_ai.train.loop import History, fit
+from dicom_ai.train.loop import History, LoopConfig, fit
 from dicom_ai.train.recipes import RECIPES, Recipe
 
 #: Fraction of Kermany patients held out for validation, and the seed of that split.
@@ -102,18 +102,11 @@ def train_model(recipe: Recipe, *, data_dir: Path, cache_dir: Path, out_dir: Pat
     members: list[nn.Module] = []
     histories: list[History] = []
     for k in range(recipe.members):
-        member_loop = dataclasses.replace(loop, seed=loop.seed + k)
-        torch.manual_seed(member_loop.seed)
-        member = build_network(recipe.network_def)
-        if recipe.warm_start is not None:
-            member.load_state_dict(warm_start_weights(recipe, init))
-            log(f"{recipe.name}: warm start from {recipe.warm_start.source}")
-        if recipe.members > 1:
-            log(f"{recipe.name}: member {k + 1} of {recipe.members}, seed {member_loop.seed}")
+        member_loop, member = member_network(recipe, loop, k, init, log)
         histories.append(fit(member, train, val, len(recipe.labels), recipe.augment,
                              member_loop, log, checkpoint=checkpoint_path(recipe, cache_dir, k)))
         members.append(member.cpu())
-    net = members[0] if recipe.members == 1 else LogitEnsemble(members)
+    net = network_of(members)
     (out_dir / "models").mkdir(parents=True, exist_ok=True)
     (out_dir / "docs").mkdir(parents=True, exist_ok=True)
     torch.save(net.state_dict(), out_dir / "models" / "model.pt")
@@ -139,6 +132,21 @@ def train_model(recipe: Recipe, *, data_dir: Path, cache_dir: Path, out_dir: Pat
     for k in range(recipe.members):
         checkpoint_path(recipe, cache_dir, k).unlink(missing_ok=True)
     return net, histories
+
+
+def member_network(recipe: Recipe, loop: LoopConfig, member: int, init: Path | None,
+                   log: Callable[[str], None]) -> tuple[LoopConfig, nn.Module]:
+    """Ensemble member ``member``'s loop (seed ``loop.seed + member``) and its network,
+    initialised from that seed, or from the recipe's warm start read from ``init``."""
+    member_loop = dataclasses.replace(loop, seed=loop.seed + member)
+    torch.manual_seed(member_loop.seed)
+    net = build_network(recipe.network_def)
+    if recipe.warm_start is not None:
+        net.load_state_dict(warm_start_weights(recipe, init))
+        log(f"{recipe.name}: warm start from {recipe.warm_start.source}")
+    if recipe.members > 1:
+        log(f"{recipe.name}: member {member + 1} of {recipe.members}, seed {member_loop.seed}")
+    return member_loop, net
 
 
 def checkpoint_path(recipe: Recipe, cache_dir: Path, member: int = 0) -> Path:
