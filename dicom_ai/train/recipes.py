@@ -326,7 +326,8 @@ XR_FRACTURE = Recipe(
     # 1.0.x was one network cut at epoch 22 by a 65-min CPU budget. Same 22 epochs on the GPU:
     # AUC 0.756 against the CPU's 0.740, top-box hit 0.463 against 0.439 (within their CIs).
     # Validation AUC / top-box hit: seed 0 0.808 / 0.683, seed 1 0.812 / 0.658, both
-    # averaged 0.821 / 0.707 (paired gain over seed 0: AUC +0.013, 95 % CI -0.008 to +0.034).
+    # averaged 0.821 / 0.707 (paired gain over seed 0: AUC +0.013, 95 % CI -0.008 to +0.034;
+    # scripts/experiments/fracture_ensemble_gain.py).
     # A second cosine cycle from 1.0.0 (lr 1e-3, 40 min, as derm-lesion 1.1.0 got) was tried
     # and not shipped: validation AUC 0.734 (0.653-0.809) against 0.740.
     loop=LoopConfig(epochs=157, batch_size=16, lr=2e-3, weight_decay=1e-4, max_minutes=600.0),
