@@ -14,6 +14,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import functools
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -48,7 +49,7 @@ def main() -> int:
         batch = torch.from_numpy(prepared[0].model_input[None])
         # The network's forward pass is all the check needs; its outputs are not used here.
         with torch.inference_mode():
-            scores, _ = input_fit.scored(bundle, fit, lambda x=batch: bundle.network(x))
+            scores, _ = input_fit.scored(bundle, fit, functools.partial(bundle.network, batch))
         verdict = "rejected" if scores[0] > fit.threshold else "passes"
         print(f"{path}: {scores[0]:.1f} ({verdict})")
     return 0
