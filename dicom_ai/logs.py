@@ -22,7 +22,6 @@ import logging
 import re
 import sys
 import traceback
-import warnings
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -159,7 +158,6 @@ def configure_logging(level: str = "INFO", *, process: str = "", fmt: str = "tex
         logging.getLogger(name).setLevel(logging.ERROR)
     logging.captureWarnings(True)
     logging.getLogger("py.warnings").setLevel(logging.ERROR)
-    warnings.simplefilter("default")
 
 
 def safe_error_text(exc: BaseException) -> str:

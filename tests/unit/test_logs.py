@@ -77,6 +77,25 @@ def test_json_records_pass_the_identity_filter_one_object_per_line() -> None:
     assert "Doe" not in run.stderr and "19700101" not in run.stderr
 
 
+FILTERS_SCRIPT = r"""
+import warnings
+warnings.filterwarnings("ignore", message="The string .* is unlikely")
+before = list(warnings.filters)
+from dicom_ai.logs import configure_logging
+configure_logging("INFO")
+assert warnings.filters == before, warnings.filters[:3]
+"""
+
+
+def test_logging_set_up_keeps_the_callers_warning_filters() -> None:
+    # An "ignore" the caller set (pytest's filterwarnings, -W) must keep silencing the
+    # name-quoting warnings once replay has set logging up; a filter put in front of it would
+    # let them reach pytest's warning summary in the CI log as written.
+    run = subprocess.run([sys.executable, "-c", FILTERS_SCRIPT], capture_output=True,
+                         text=True, timeout=60, cwd=REPO)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
 def test_json_format_is_a_setting_checked_like_the_others() -> None:
     assert load_settings(env={"DICOM_AI_LOG_FORMAT": "json"}).log_format == "json"
     with pytest.raises(SettingsError, match="log_format: one of text, json"):
