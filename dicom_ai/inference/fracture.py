@@ -2,8 +2,9 @@
 
 Per image: decode → presentation values → aspect-padded model input (the same functions
 training used, :func:`dicom_ai.inference.classify.prepare`) → image-based input-fit check →
-:class:`~dicom_ai.inference.fracture_net.FractureNet` → calibrated image probability and
-boxes decoded from the centre heatmap, mapped back onto the stored pixel grid.
+:class:`~dicom_ai.inference.fracture_net.FractureNet` → calibrated image probability (of the
+image score the bundle names: image logit and heatmap peak) and boxes decoded from the centre
+heatmap, mapped back onto the stored pixel grid.
 
 Findings of the series (its most suspicious image speaks for it):
 
@@ -35,7 +36,7 @@ from dicom_ai.inference import input_fit
 from dicom_ai.inference.bundle import Bundle, BundleError
 from dicom_ai.inference.classify import PreparedImage, prepare_series
 from dicom_ai.inference.findings import Explanation, Finding, ModelResult
-from dicom_ai.inference.fracture_net import Box, decode_boxes, to_source
+from dicom_ai.inference.fracture_net import Box, decode_boxes, image_score, to_source
 from dicom_ai.inference.runner import batches
 from dicom_ai.inference.spec import BoxRule, FractureSpec
 
@@ -102,12 +103,14 @@ def body_part_site(header: Any) -> tuple[str, tuple[str, str, str] | None]:
 
 def forward(bundle: Bundle, inputs: Sequence[FloatArray], batch_size: int
             ) -> tuple[npt.NDArray[np.float64], FloatArray, FloatArray]:
-    """Image logits (N), heatmap probabilities (N×h×w) and log box sizes (N×2×h×w)."""
+    """Image scores (N, the bundle's :func:`~dicom_ai.inference.fracture_net.image_score`),
+    heatmap probabilities (N×h×w) and log box sizes (N×2×h×w)."""
+    weight = fracture_spec(bundle).peak_weight
     logits, heats, sizes = [], [], []
     with torch.inference_mode():
         for batch in batches(inputs, batch_size):
             logit, heat, size = bundle.network(torch.from_numpy(batch).to(bundle.device))
-            logits.append(logit[:, 0].double().cpu().numpy())
+            logits.append(image_score(logit, heat, weight).cpu().numpy())
             heats.append(torch.sigmoid(heat[:, 0]).float().cpu().numpy())
             sizes.append(size.float().cpu().numpy())
     return np.concatenate(logits), np.concatenate(heats), np.concatenate(sizes)

@@ -105,6 +105,34 @@ class FractureNet(nn.Module):
         return logit, self.heat(top), self.size(top)
 
 
+def image_score(logit: torch.Tensor, heat: torch.Tensor, peak_weight: float) -> torch.Tensor:
+    """The image-level "any fracture" logit a bundle calibrates: ``(1 - w) · image logit +
+    w · highest centre-heatmap logit``, with ``w = peak_weight``.
+
+    The two heads read one film two ways: the classifier pools the whole image, the heatmap
+    scores each place. Trained to the end of the schedule, each network's mean of the two
+    ranks validation images better than either alone (``scripts/experiments/
+    fracture_image_score.py``); the weight is the bundle's, as its temperature and threshold
+    are calibrated on the score it defines.
+
+    Parameters
+    ----------
+    logit
+        N×1 image logits.
+    heat
+        N×1×h×w centre-heatmap logits.
+    peak_weight
+        ``w`` in [0, 1]; 0 is the classifier alone.
+
+    Returns
+    -------
+    torch.Tensor
+        N scores, float64.
+    """
+    peak = heat[:, 0].amax(dim=(-2, -1)).double()
+    return (1.0 - peak_weight) * logit[:, 0].double() + peak_weight * peak
+
+
 @dataclass(frozen=True)
 class Box:
     """A fracture box in model-input pixel coordinates (pixel edges: a box over pixels

@@ -124,6 +124,9 @@ class FractureSpec:
     size: tuple[int, int]
     stride: int
     temperature: float
+    #: ``image_score.peak_weight``: the heatmap peak's share of the image score
+    #: (:func:`dicom_ai.inference.fracture_net.image_score`).
+    peak_weight: float
     decision: Decision
     boxes: BoxRule
     codes: Mapping[str, Code]
@@ -318,6 +321,15 @@ def parse_fracture(block: Mapping[str, Any]) -> FractureSpec:
                         f"got {stride!r}")
         stride = 1
     temperature = _temperature(block, problems, required=True)
+    score = block.get("image_score")
+    weight = None
+    if not isinstance(score, Mapping) or "peak_weight" not in score:
+        problems.append("image_score.peak_weight (the heatmap peak's share of the image "
+                        "score) is missing")
+    else:
+        weight = _number(score["peak_weight"], "image_score.peak_weight", problems)
+    if weight is not None and not 0.0 <= weight <= 1.0:
+        problems.append(f"image_score.peak_weight must be in [0, 1], got {weight}")
     decision = _decision(block.get("decision"), ("fracture",), problems)
     if decision.kind != "threshold":
         problems.append("decision must be a threshold on 'fracture'")
@@ -331,7 +343,8 @@ def parse_fracture(block: Mapping[str, Any]) -> FractureSpec:
     if problems:
         raise SpecError(problems)
     return FractureSpec(
-        size=size, stride=int(stride), temperature=temperature, decision=decision,
+        size=size, stride=int(stride), temperature=temperature,
+        peak_weight=float(weight or 0.0), decision=decision,
         boxes=BoxRule(int(numbers["max_boxes"] or 0), float(numbers["min_score"] or 0.0),
                       float(numbers["iou_threshold"] or 0.0)),
         codes=codes, accepts=accepts, finding_site=site, input_fit=fit)

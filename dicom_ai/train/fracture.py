@@ -12,7 +12,10 @@ Recipe: :class:`~dicom_ai.inference.fracture_net.FractureNet` from scratch; loss
 cross-entropy of the image logit + CenterNet focal loss of the centre heatmap + L1 of the log
 box size at box centres; flips, rotation, zoom, shift, gamma/contrast/brightness (boxes follow
 the geometric transform); AdamW with warm-up and cosine decay over a wall-clock budget; the
-epoch with the best validation score (image AUC + top-box hit rate) is kept. A checkpoint
+epoch with the best validation score (image AUC + top-box hit rate) is kept. The bundle's
+image score is the mean of the image logit and the highest heatmap logit
+(:data:`~dicom_ai.train.recipes.FRACTURE_PEAK_WEIGHT`); its temperature and operating point
+are fitted to that score. A checkpoint
 after every epoch lets a cut-off run resume where it stopped (``train --resume``).
 
 Usage::
@@ -47,8 +50,9 @@ from torch import nn
 from dicom_ai.imaging import xray
 from dicom_ai.imaging.resize import content_box
 from dicom_ai.inference.ensemble import network_of
-from dicom_ai.inference.fracture_net import STRIDE, Box, decode_boxes, iou
+from dicom_ai.inference.fracture_net import STRIDE, Box, decode_boxes, image_score, iou
 from dicom_ai.inference.input_fit import FeatureTap, fit_statistics, mahalanobis
+from dicom_ai.inference.spec import parse_fracture
 from dicom_ai.train.augment import AugmentConfig, affine_matrices, intensity
 from dicom_ai.train.calibrate import fit_temperature, threshold_for_sensitivity
 from dicom_ai.train.loop import (
@@ -59,7 +63,7 @@ from dicom_ai.train.loop import (
     set_global_rng_state,
 )
 from dicom_ai.train.metrics import binary_auc, bootstrap_ci, expected_calibration_error
-from dicom_ai.train.recipes import FRACTURE_MIN_SENSITIVITY, XR_FRACTURE
+from dicom_ai.train.recipes import FRACTURE_MIN_SENSITIVITY, FRACTURE_PEAK_WEIGHT, XR_FRACTURE
 from dicom_ai.train.run import build_network, checkpoint_path, member_network
 
 FloatArray = npt.NDArray[np.float32]
@@ -220,7 +224,8 @@ def augmented_batch(data: FractureSet, idx: npt.NDArray[np.int64], aug: AugmentC
 
 @dataclass
 class Predictions:
-    """What the network says about a set: image logits, heatmaps and decoded boxes."""
+    """What the network says about a set: image scores (logits of "any fracture",
+    :func:`~dicom_ai.inference.fracture_net.image_score`), heatmaps and decoded boxes."""
 
     logits: npt.NDArray[np.float64]
     heat: FloatArray
@@ -228,8 +233,11 @@ class Predictions:
 
 
 @torch.no_grad()
-def predict(net: nn.Module, images: npt.NDArray[np.float16], batch_size: int = 32) -> Predictions:
-    """Un-augmented predictions; boxes are every heatmap peak (top 10), highest first."""
+def predict(net: nn.Module, images: npt.NDArray[np.float16], batch_size: int = 32, *,
+            peak_weight: float = 0.0) -> Predictions:
+    """Un-augmented predictions, image scores with the heatmap peak weighted ``peak_weight``
+    (training selects on the classifier alone, 0); boxes are every heatmap peak (top 10),
+    highest first."""
     net.eval()
     dev = next(net.parameters()).device
     logits: list[npt.NDArray[np.float64]] = []
@@ -240,7 +248,7 @@ def predict(net: nn.Module, images: npt.NDArray[np.float16], batch_size: int = 3
         logit, heat, size = net(x)
         prob = torch.sigmoid(heat).cpu().numpy()
         sz = size.cpu().numpy()
-        logits.append(logit[:, 0].double().cpu().numpy())
+        logits.append(image_score(logit, heat, peak_weight).cpu().numpy())
         heats.append(prob[:, 0])
         boxes.extend(decode_boxes(prob[k, 0], sz[k]) for k in range(len(x)))
     return Predictions(np.concatenate(logits), np.concatenate(heats).astype(np.float32), boxes)
@@ -508,12 +516,12 @@ def load_trained(bundle: Path) -> nn.Module:
 
 def export(bundle: Path, train_set: FractureSet, val_set: FractureSet,
            log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Calibrate (temperature on the image logit), choose the operating point on valid, fit
+    """Calibrate (temperature on the image score), choose the operating point on valid, fit
     the input-fit statistics on the training images' features, measure, and write
     ``models/input_fit.pt``, ``configs/metadata.json`` and ``configs/inference.json``."""
     net = load_trained(bundle)
     with FeatureTap(net, RECIPE.bundle_feature_layers) as tap:
-        pred = predict(net, val_set.images)
+        pred = predict(net, val_set.images, peak_weight=FRACTURE_PEAK_WEIGHT)
     val_features = tap.features
     with FeatureTap(net, RECIPE.bundle_feature_layers) as tap:
         predict(net, train_set.images)
@@ -561,13 +569,34 @@ def format_quality(m: dict[str, Any]) -> str:
 
 
 def evaluate_bundle(bundle: Path, data_dir: Path, cache_dir: Path) -> dict[str, Any]:
-    """Recompute the validation figures of a bundle with its own calibration and threshold."""
-    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
-    block = meta["dicom_ai"]
+    """Recompute the validation figures of a bundle with its own image score, calibration and
+    threshold.
+
+    Raises
+    ------
+    SpecError
+        The bundle's ``dicom_ai`` block is not a valid fracture block (every problem listed).
+    """
+    spec = parse_fracture(json.loads((bundle / "configs" / "metadata.json").read_text()
+                                     )["dicom_ai"])
     val = load_split(data_dir / DATA_SUBDIR, "valid", SIZE, cache_dir)
-    pred = predict(load_trained(bundle), val.images)
-    return quality(val, pred, temperature=float(block["temperature"]),
-                   threshold=float(block["decision"]["threshold"]))
+    pred = predict(load_trained(bundle), val.images, peak_weight=spec.peak_weight)
+    return quality(val, pred, temperature=spec.temperature,
+                   threshold=float(spec.decision.threshold or 0.0))
+
+
+def validation_experiment(description: str) -> tuple[Path, FractureSet]:
+    """The command line of a ``scripts/experiments`` study of a fracture bundle on the valid
+    split (``[bundle] [--data D] [--cache C]``, one torch thread): the bundle and the split."""
+    from dicom_ai.train.commands import DEFAULT_CACHE, DEFAULT_DATA
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("bundle", nargs="?", default=f"models/{NAME}", type=Path)
+    parser.add_argument("--data", default=DEFAULT_DATA, type=Path)
+    parser.add_argument("--cache", default=DEFAULT_CACHE, type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    return args.bundle, load_split(args.data / DATA_SUBDIR, "valid", SIZE, args.cache)
 
 
 def command_train(args: argparse.Namespace) -> int:

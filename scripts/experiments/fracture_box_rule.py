@@ -11,29 +11,16 @@ Usage: ``python scripts/experiments/fracture_box_rule.py [models/xr-fracture]``
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
-import torch
-
 from dicom_ai.train import fracture
-from dicom_ai.train.commands import DEFAULT_CACHE, DEFAULT_DATA
 
 THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6)
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("bundle", nargs="?", default="models/xr-fracture", type=Path)
-    parser.add_argument("--data", default=DEFAULT_DATA, type=Path)
-    parser.add_argument("--cache", default=DEFAULT_CACHE, type=Path)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    val = fracture.load_split(args.data / fracture.DATA_SUBDIR, "valid", fracture.SIZE,
-                              args.cache)
-    pred = fracture.predict(fracture.load_trained(args.bundle), val.images)
+    bundle, val = fracture.validation_experiment(__doc__.split("\n")[0])
+    pred = fracture.predict(fracture.load_trained(bundle), val.images)
     truly_multiple = sum(len(b) > 1 for b in val.boxes)
-    print(f"{args.bundle}: {len(val.labels)} images, {int(val.labels.sum())} fractured, "
+    print(f"{bundle}: {len(val.labels)} images, {int(val.labels.sum())} fractured, "
           f"{truly_multiple} with more than one radiologist box")
     print("| min score | further boxes, fractured (hitting) | further boxes, normal | "
           "called multiple (truly multiple) |\n|---|---|---|---|")

@@ -10,14 +10,9 @@ Usage: ``python scripts/experiments/fracture_ensemble_gain.py [models/xr-fractur
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import numpy as np
-import torch
 
 from dicom_ai.train import fracture
-from dicom_ai.train.commands import DEFAULT_CACHE, DEFAULT_DATA
 from dicom_ai.train.metrics import binary_auc
 from dicom_ai.train.run import build_network
 
@@ -25,15 +20,8 @@ RESAMPLES = 2000
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("bundle", nargs="?", default="models/xr-fracture", type=Path)
-    parser.add_argument("--data", default=DEFAULT_DATA, type=Path)
-    parser.add_argument("--cache", default=DEFAULT_CACHE, type=Path)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    val = fracture.load_split(args.data / fracture.DATA_SUBDIR, "valid", fracture.SIZE,
-                              args.cache)
-    ensemble = fracture.load_trained(args.bundle)
+    bundle, val = fracture.validation_experiment(__doc__.split("\n")[0])
+    ensemble = fracture.load_trained(bundle)
     first = build_network(fracture.RECIPE.network_def)
     first.load_state_dict({k.removeprefix("members.0."): v
                            for k, v in ensemble.state_dict().items()

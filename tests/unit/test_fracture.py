@@ -23,9 +23,18 @@ from dicom_ai.inference.fracture import (
     analyse_fracture,
     body_part_site,
     display_marker,
+    forward,
     reported_boxes,
 )
-from dicom_ai.inference.fracture_net import Box, FractureNet, decode_boxes, iou, nms, to_source
+from dicom_ai.inference.fracture_net import (
+    Box,
+    FractureNet,
+    decode_boxes,
+    image_score,
+    iou,
+    nms,
+    to_source,
+)
 from dicom_ai.inference.spec import BoxRule, SpecError, parse_fracture
 from dicom_ai.train import fracture as tf
 from dicom_ai.train.loop import LoopConfig
@@ -52,6 +61,18 @@ def test_decode_boxes_by_hand() -> None:
     assert astuple(boxes[1]) == pytest.approx((20.0, 20.0, 24.0, 24.0, 0.5))
     assert len(boxes) == 2
     assert decode_boxes(heat, log_size, stride=4, min_score=0.6) == boxes[:1]
+
+
+def test_image_score_by_hand() -> None:
+    logit = torch.tensor([[2.0], [-1.0]])
+    heat = torch.full((2, 1, 2, 3), -5.0)
+    heat[0, 0, 1, 2] = 4.0
+    heat[1, 0, 0, 0] = 1.0
+    assert image_score(logit, heat, 0.0).tolist() == [2.0, -1.0]
+    assert image_score(logit, heat, 1.0).tolist() == [4.0, 1.0]
+    # The mean: (2 + 4) / 2 and (-1 + 1) / 2.
+    assert image_score(logit, heat, 0.5).tolist() == [3.0, 0.0]
+    assert image_score(logit, heat, 0.5).dtype == torch.float64
 
 
 def test_iou_and_nms_by_hand() -> None:
@@ -210,31 +231,48 @@ def test_fracture_spec_refuses_incomplete_bundles_with_every_problem() -> None:
             ({**block, "decision": {"kind": "threshold", "label": "fracture"}},
              "decision.threshold"),
             ({**block, "boxes": {}}, "boxes.max_boxes"), ({**block, "codes": {}}, "fracture"),
+            ({**block, "image_score": {}}, "image_score.peak_weight"),
+            ({**block, "image_score": {"peak_weight": 1.5}}, r"must be in \[0, 1\]"),
             ({**block, "preprocessing": {"size": [256, 256], "aspect": "stretch", "stride": 4}},
              "aspect")):
         with pytest.raises(BundleError, match=problem):
             _validate_block("x", broken)
-    everything = {**block, "boxes": {}, "codes": {}, "temperature": 0,
+    assert spec.peak_weight == block["image_score"]["peak_weight"]
+    everything = {**block, "boxes": {}, "codes": {}, "temperature": 0, "image_score": None,
                   "preprocessing": {"size": [256], "aspect": "stretch"}}
     with pytest.raises(SpecError) as caught:
         parse_fracture(everything)
     text = "; ".join(caught.value.problems)
     for part in ("boxes.max_boxes", "boxes.min_score", "boxes.iou_threshold", "fracture",
+                 "image_score.peak_weight",
                  "temperature must be positive", "preprocessing.size", "aspect", "stride"):
         assert part in text, part
 
 
-def _tiny_bundle(root: Path, threshold: float) -> Path:
+def _tiny_bundle(root: Path, threshold: float, peak_weight: float = 0.5) -> Path:
     (root / "configs").mkdir(parents=True)
     (root / "models").mkdir()
     meta = tf.metadata(1.0, threshold, {})
     meta["dicom_ai"]["preprocessing"]["size"] = [32, 32]
+    meta["dicom_ai"]["image_score"]["peak_weight"] = peak_weight
     (root / "configs" / "metadata.json").write_text(json.dumps(meta))
     (root / "configs" / "inference.json").write_text(json.dumps({"network_def": TINY_NET}))
     torch.manual_seed(0)
     net = FractureNet(widths=(4, 4, 4, 4, 4), fpn_channels=4)
     torch.save(net.state_dict(), root / "models" / "model.pt")
     return root
+
+
+@pytest.mark.parametrize("weight", [0.0, 1.0])
+def test_inference_scores_images_with_the_bundles_peak_weight(tmp_path: Path,
+                                                              weight: float) -> None:
+    bundle = load_bundle(_tiny_bundle(tmp_path, 0.5, weight), device=torch.device("cpu"))
+    x = np.random.default_rng(0).random((3, 1, 32, 32)).astype(np.float32)
+    scores, _heats, _sizes = forward(bundle, list(x), batch_size=2)
+    with torch.inference_mode():
+        logit, heat, _size = bundle.network(torch.from_numpy(x))
+    expected = logit[:, 0] if weight == 0.0 else heat[:, 0].amax(dim=(-2, -1))
+    np.testing.assert_allclose(scores, expected.double().numpy(), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("threshold", [0.0, 1.01])
