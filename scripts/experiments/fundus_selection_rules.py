@@ -77,16 +77,24 @@ def best_epoch(epoch_probs: list[Probs], labels: npt.NDArray[np.int64],
     return best
 
 
-def snapshots(train: ImageSet, val: ImageSet, out: Path, seeds: list[int]) -> None:
-    """Per seed, ``out/seed<N>.pt``: the list of state dicts after each epoch."""
+def snapshots(train: ImageSet, val: ImageSet, out: Path, seeds: list[int],
+              init: dict[str, torch.Tensor] | None = None, lr: float | None = None) -> None:
+    """Per seed, ``out/seed<N>.pt``: the list of state dicts after each epoch; with ``init``,
+    each run starts from those weights (every layer but the classifier ``fc``) instead of the
+    seed's random ones; with ``lr``, at that peak learning rate instead of the recipe's."""
     out.mkdir(parents=True, exist_ok=True)
     for seed in seeds:
         # No early stop, and a time budget the run never reaches, so the learning-rate
         # schedule follows the steps alone as in an unhurried recipe run.
         loop = dataclasses.replace(RECIPE.loop, seed=seed, patience=RECIPE.loop.epochs + 1,
-                                   max_minutes=24 * 60.0)
+                                   max_minutes=24 * 60.0, lr=lr or RECIPE.loop.lr)
         torch.manual_seed(seed)
         net = build_network(RECIPE.network_def)
+        if init is not None:
+            missing, _ = net.load_state_dict(
+                {k: v for k, v in init.items() if not k.startswith("fc.")}, strict=False)
+            if any(not k.startswith("fc.") for k in missing):
+                raise ValueError(f"--init lacks layers of the network: {missing}")
         states: list[dict[str, torch.Tensor]] = []
 
         def keep(line: str, net: nn.Module = net,
@@ -191,6 +199,10 @@ def main() -> None:
     ap.add_argument("command", choices=["snapshots", "compare"])
     ap.add_argument("folder", type=Path, help="where the seed<N>.pt per-epoch weights are")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
+    ap.add_argument("--init", type=Path, help="snapshots: a state dict to start each run from "
+                                              "(scripts/experiments/fundus_pretraining.py)")
+    ap.add_argument("--lr", type=float, help="snapshots: peak learning rate (default: the "
+                                             "recipe's)")
     ap.add_argument("--splits", type=int, default=100,
                     help="stratified halvings of validation; each half is held out once")
     ap.add_argument("--average-from", type=int, nargs="+", default=[5])
@@ -201,7 +213,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     train, val = load_splits(RECIPE, args.data, args.cache)
     if args.command == "snapshots":
-        snapshots(train, val, args.folder, args.seeds)
+        init = torch.load(args.init, weights_only=True) if args.init else None
+        snapshots(train, val, args.folder, args.seeds, init, args.lr)
     else:
         compare(train, val, args.folder, args.splits, args.average_from)
 
