@@ -12,11 +12,11 @@ Recipe: :class:`~dicom_ai.inference.fracture_net.FractureNet` from scratch; loss
 cross-entropy of the image logit + CenterNet focal loss of the centre heatmap + L1 of the log
 box size at box centres; flips, rotation, zoom, shift, gamma/contrast/brightness (boxes follow
 the geometric transform); AdamW with warm-up and cosine decay over a wall-clock budget; the
-epoch with the best validation score (image AUC + top-box hit rate) is kept. The bundle's
-image score is the mean of the image logit and the highest heatmap logit
+epoch with the best validation score (image AUC + top-box hit rate) is kept. A checkpoint
+after every epoch lets a cut-off run resume where it stopped (``train --resume``). The
+bundle's image score is the mean of the image logit and the highest heatmap logit
 (:data:`~dicom_ai.train.recipes.FRACTURE_PEAK_WEIGHT`); its temperature and operating point
-are fitted to that score. A checkpoint
-after every epoch lets a cut-off run resume where it stopped (``train --resume``).
+are fitted to that score.
 
 Usage::
 
@@ -227,7 +227,7 @@ class Predictions:
     """What the network says about a set: image scores (logits of "any fracture",
     :func:`~dicom_ai.inference.fracture_net.image_score`), heatmaps and decoded boxes."""
 
-    logits: npt.NDArray[np.float64]
+    scores: npt.NDArray[np.float64]
     heat: FloatArray
     boxes: list[list[Box]]
 
@@ -290,7 +290,7 @@ def quality(data: FractureSet, pred: Predictions, *, temperature: float = 1.0,
     CIs; with a ``threshold``, the operating point and the hit rate of boxes actually
     reported (an image judged negative reports none)."""
     y = data.labels
-    p = 1.0 / (1.0 + np.exp(-pred.logits / temperature))
+    p = 1.0 / (1.0 + np.exp(-pred.scores / temperature))
     auc_ci = bootstrap_ci(lambda i: binary_auc(y[i], p[i]), len(y),
                           resamples=BOOTSTRAP_RESAMPLES)
     frac = np.flatnonzero(y == 1)
@@ -325,7 +325,7 @@ def selection_score(data: FractureSet, pred: Predictions) -> tuple[float, float,
     frac = np.flatnonzero(data.labels == 1)
     hits = [bool(pred.boxes[i]) and box_hit(pred.boxes[i][0], data.boxes[i]) for i in frac]
     peak = pred.heat.reshape(len(pred.heat), -1).max(axis=1)
-    return (binary_auc(data.labels, pred.logits), float(np.mean(hits)),
+    return (binary_auc(data.labels, pred.scores), float(np.mean(hits)),
             binary_auc(data.labels, peak))
 
 
@@ -529,9 +529,9 @@ def export(bundle: Path, train_set: FractureSet, val_set: FractureSet,
     fit_threshold = float(np.percentile(mahalanobis(val_features, stats),
                                         INPUT_FIT_PERCENTILE))
     torch.save(stats, bundle / "models" / "input_fit.pt")
-    two = np.stack([np.zeros_like(pred.logits), pred.logits], axis=1)
+    two = np.stack([np.zeros_like(pred.scores), pred.scores], axis=1)
     temperature = fit_temperature(two, val_set.labels)
-    p = 1.0 / (1.0 + np.exp(-pred.logits / temperature))
+    p = 1.0 / (1.0 + np.exp(-pred.scores / temperature))
     threshold = threshold_for_sensitivity(val_set.labels, p, FRACTURE_MIN_SENSITIVITY)
     metrics = quality(val_set, pred, temperature=temperature, threshold=threshold)
     (bundle / "configs").mkdir(parents=True, exist_ok=True)

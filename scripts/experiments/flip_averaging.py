@@ -16,6 +16,7 @@ Usage: ``python scripts/experiments/flip_averaging.py xr-fracture derm-lesion fu
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -24,8 +25,9 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
-from dicom_ai.inference.fracture_net import decode_boxes
+from dicom_ai.inference.fracture_net import decode_boxes, image_score
 from dicom_ai.inference.runner import calibrated_softmax as softmax
+from dicom_ai.inference.spec import parse_fracture
 from dicom_ai.train import fracture
 from dicom_ai.train.augment import AugmentConfig
 from dicom_ai.train.loop import predict_logits, validation_auc
@@ -91,8 +93,9 @@ def classifier(name: str, data: Path, cache: Path) -> None:
 
 @torch.no_grad()
 def fracture_passes(net: nn.Module, images: npt.NDArray[np.float16],
-                    flips: Sequence[tuple[int, ...]]) -> fracture.Predictions:
-    """Image logits, heatmaps and boxes averaged over ``flips`` (maps flipped back first)."""
+                    flips: Sequence[tuple[int, ...]], peak_weight: float) -> fracture.Predictions:
+    """Image scores (``image_score`` at ``peak_weight``), heatmaps and boxes averaged over
+    ``flips`` (maps flipped back first)."""
     net.eval()
     logits, heats, sizes = [], [], []
     for s in range(0, len(images), 32):
@@ -101,8 +104,8 @@ def fracture_passes(net: nn.Module, images: npt.NDArray[np.float16],
         for axes in flips:
             logit, heat, size = net(flip(x, axes))
             # A flip is its own inverse: flipping the maps again puts them on the input grid.
-            per_flip.append((logit[:, 0].double(), flip(torch.sigmoid(heat), axes),
-                             flip(size, axes)))
+            per_flip.append((image_score(logit, heat, peak_weight),
+                             flip(torch.sigmoid(heat), axes), flip(size, axes)))
         logits.append(torch.stack([p[0] for p in per_flip]).mean(0).numpy())
         heats.append(torch.stack([p[1] for p in per_flip]).mean(0)[:, 0].numpy())
         sizes.append(torch.stack([p[2] for p in per_flip]).mean(0).numpy())
@@ -113,16 +116,19 @@ def fracture_passes(net: nn.Module, images: npt.NDArray[np.float16],
 
 def fracture_model(data: Path, cache: Path) -> None:
     val = fracture.load_split(data / fracture.DATA_SUBDIR, "valid", fracture.SIZE, cache)
-    net = fracture.load_trained(Path("models") / fracture.NAME)
+    bundle = Path("models") / fracture.NAME
+    net = fracture.load_trained(bundle)
+    weight = parse_fracture(json.loads((bundle / "configs" / "metadata.json").read_text())
+                            ["dicom_ai"]).peak_weight
     passes = flips(fracture.RECIPE.augment)
-    plain = fracture_passes(net, val.images, passes[:1])
-    flipped = fracture_passes(net, val.images, passes)
+    plain = fracture_passes(net, val.images, passes[:1], weight)
+    flipped = fracture_passes(net, val.images, passes, weight)
     y = val.labels
     frac = np.flatnonzero(y == 1)
 
     def auc(i: IntArray) -> tuple[float, float]:
-        return (binary_auc(y[i], plain.logits[i]),
-                binary_auc(y[i], flipped.logits[i]))
+        return (binary_auc(y[i], plain.scores[i]),
+                binary_auc(y[i], flipped.scores[i]))
 
     def hits(pred: fracture.Predictions) -> FloatArray:
         return np.array([bool(pred.boxes[i]) and fracture.box_hit(pred.boxes[i][0],

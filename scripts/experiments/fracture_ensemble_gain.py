@@ -30,10 +30,10 @@ def main() -> int:
     logits, hits = {}, {}
     for name, net in (("member 0", first.eval()), ("ensemble", ensemble)):
         pred = fracture.predict(net, val.images)
-        logits[name] = pred.logits
+        logits[name] = pred.scores
         hits[name] = np.array([bool(b) and fracture.box_hit(b[0], val.boxes[i])
                                for i, b in enumerate(pred.boxes)])
-        print(f"{name}: AUC {binary_auc(y, pred.logits):.4f}, top-box hit "
+        print(f"{name}: AUC {binary_auc(y, pred.scores):.4f}, top-box hit "
               f"{hits[name][y == 1].mean():.4f}")
     rng = np.random.default_rng(0)
     pos = np.flatnonzero(y == 1)

@@ -37,7 +37,7 @@ def main() -> int:
     members = list(net.members) if isinstance(net, LogitEnsemble) else []
     y = val.labels
     for name, model in [*((f"member {k}", m) for k, m in enumerate(members)), ("bundle", net)]:
-        scores = {w: fracture.predict(model, val.images, peak_weight=w).logits
+        scores = {w: fracture.predict(model, val.images, peak_weight=w).scores
                   for w in WEIGHTS}
         aucs = ", ".join(f"w={w:g} {binary_auc(y, s):.4f}" for w, s in scores.items())
         lo, hi = bootstrap_ci(partial(auc_gain, y, scores[0.5], scores[0.0]), len(y),
