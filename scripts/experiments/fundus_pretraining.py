@@ -9,9 +9,11 @@ none) — as one 7-class problem, each image normalized by its own task's infere
 28×28 (radiographs repeated over the three channels), with the fundus recipe's augmentation.
 No fundus image is used. Its weights (all but the classifier) then start the fundus recipe.
 
-``pretrain OUT.pt`` writes those weights. ``fundus_selection_rules.py snapshots DIR --init
-OUT.pt`` trains the fine-tuning arm with the recipe's seeds and keeps every epoch;
-``fundus_selection_rules.py snapshots DIR`` the from-scratch arm. ``compare SCRATCH
+``pretrain OUT.pt`` writes those weights; ``contrastive OUT.pt`` writes self-supervised
+ones instead (SimCLR on the same images plus the fundus training images, no labels).
+``fundus_selection_rules.py snapshots DIR --init OUT.pt`` trains the fine-tuning arm with
+the recipe's seeds and keeps every epoch; ``fundus_selection_rules.py snapshots DIR`` the
+from-scratch arm. ``compare SCRATCH
 PRETRAINED`` replays the recipe's best-epoch rule on stratified halves of the official
 validation split — epoch chosen on one half, scored on the other — for every seed of both
 arms, and prints the held-out macro AUC of each arm (one seed on average, and the ensemble of
@@ -23,6 +25,7 @@ favours neither arm.
 Usage (pretraining about 15 minutes on one core; each arm about 4 minutes per seed)::
 
     python scripts/experiments/fundus_pretraining.py pretrain PT/pretrained.pt
+    python scripts/experiments/fundus_pretraining.py contrastive PT/simclr.pt --threads 2
     python scripts/experiments/fundus_selection_rules.py snapshots PT/pre --init PT/pretrained.pt
     python scripts/experiments/fundus_selection_rules.py snapshots PT/scratch
     python scripts/experiments/fundus_pretraining.py compare PT/scratch PT/pre
@@ -41,6 +44,7 @@ from fundus_selection_rules import best_epoch, stratified_halves
 
 from dicom_ai.inference.runner import calibrated_softmax as softmax
 from dicom_ai.train import fracture
+from dicom_ai.train.augment import augment
 from dicom_ai.train.datasets import ImageSet
 from dicom_ai.train.loop import fit, predict_logits
 from dicom_ai.train.metrics import macro_auc
@@ -50,6 +54,9 @@ from dicom_ai.train.run import build_network, load_splits
 RECIPE = RECIPES["fundus-dr"]
 #: The other tasks' label sets, concatenated in this order into 7 classes.
 SOURCES = ("derm-lesion", "cxr-pneumonia", "xr-fracture")
+#: The contrastive views: stronger zoom, shift and colour changes than the fundus recipe's.
+VIEWS = dataclasses.replace(RECIPE.augment, scale=(0.7, 1.3), translate=0.12, brightness=0.2,
+                            contrast=(0.6, 1.4), saturation=(0.5, 1.5))
 PRETRAIN_LOOP = dataclasses.replace(RECIPE.loop, epochs=15, batch_size=64, patience=16,
                                     max_minutes=40.0)
 
@@ -94,6 +101,49 @@ def pretrain(data: Path, cache: Path, out: Path) -> None:
     torch.save({k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}, out)
 
 
+def contrastive(data: Path, cache: Path, out: Path, epochs: int, seed: int = 0) -> None:
+    """SimCLR (Chen et al., ICML 2020) without labels on the other tasks' training images and
+    the fundus training images: two augmented views of each image, NT-Xent loss (temperature
+    0.5) on a 2-layer projection of the pooled features, AdamW with cosine decay."""
+    train, _ = source_sets(data, cache)
+    fundus_train, _ = load_splits(RECIPE, data, cache)
+    images = np.concatenate([train.images, fundus_train.images])
+    print(f"contrastive pretraining on {len(images)} unlabelled images", flush=True)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    net = build_network(RECIPE.network_def)
+    width = int(RECIPE.network_def["block_inplanes"][-1])
+    net.fc = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.ReLU(),
+                                 torch.nn.Linear(width, 128))
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-4)
+    batch = 256
+    steps = epochs * (len(images) // batch)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    net.train()
+    for epoch in range(epochs):
+        order = torch.randperm(len(images), generator=gen).numpy()
+        total = 0.0
+        for b in range(len(images) // batch):
+            x = torch.from_numpy(images[np.sort(order[b * batch:(b + 1) * batch])]
+                                 .astype(np.float32))
+            z = torch.nn.functional.normalize(
+                net(torch.cat([augment(x, VIEWS, gen), augment(x, VIEWS, gen)])), dim=1)
+            sim = z @ z.T / 0.5
+            sim.fill_diagonal_(float("-inf"))
+            n = len(x)
+            target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)])
+            loss = torch.nn.functional.cross_entropy(sim, target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[no-untyped-call]
+            opt.step()
+            sched.step()
+            total += loss.item()
+        print(f"epoch {epoch + 1}/{epochs} nt-xent {total / (len(images) // batch):.4f}",
+              flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}, out)
+
+
 def arm(folder: Path, val: ImageSet) -> list[list[Probs]]:
     """Per seed of ``folder``, the validation probabilities after each epoch."""
     runs = []
@@ -133,9 +183,10 @@ def compare(scratch: Path, pretrained: Path, val: ImageSet, splits: int) -> None
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("command", choices=["pretrain", "compare"])
+    ap.add_argument("command", choices=["pretrain", "contrastive", "compare"])
     ap.add_argument("paths", type=Path, nargs="+",
-                    help="pretrain: OUT.pt; compare: SCRATCH_DIR PRETRAINED_DIR")
+                    help="pretrain, contrastive: OUT.pt; compare: SCRATCH_DIR PRETRAINED_DIR")
+    ap.add_argument("--epochs", type=int, default=8, help="contrastive: epochs")
     ap.add_argument("--splits", type=int, default=100)
     ap.add_argument("--data", type=Path, default=Path("../shared/data"))
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "dicom-ai")
@@ -144,6 +195,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.command == "pretrain":
         pretrain(args.data, args.cache, args.paths[0])
+    elif args.command == "contrastive":
+        contrastive(args.data, args.cache, args.paths[0], args.epochs)
     else:
         _, val = load_splits(RECIPE, args.data, args.cache)
         compare(args.paths[0], args.paths[1], val, args.splits)
