@@ -52,7 +52,7 @@ from dicom_ai.imaging.resize import content_box
 from dicom_ai.inference.ensemble import network_of
 from dicom_ai.inference.fracture_net import STRIDE, Box, decode_boxes, image_score, iou
 from dicom_ai.inference.input_fit import FeatureTap, fit_statistics, mahalanobis
-from dicom_ai.inference.spec import parse_fracture
+from dicom_ai.inference.spec import FractureSpec, parse_fracture
 from dicom_ai.train.augment import AugmentConfig, affine_matrices, intensity
 from dicom_ai.train.calibrate import fit_temperature, threshold_for_sensitivity
 from dicom_ai.train.loop import (
@@ -240,7 +240,7 @@ def predict(net: nn.Module, images: npt.NDArray[np.float16], batch_size: int = 3
     highest first."""
     net.eval()
     dev = next(net.parameters()).device
-    logits: list[npt.NDArray[np.float64]] = []
+    scores: list[npt.NDArray[np.float64]] = []
     heats: list[FloatArray] = []
     boxes: list[list[Box]] = []
     for s in range(0, len(images), batch_size):
@@ -248,10 +248,10 @@ def predict(net: nn.Module, images: npt.NDArray[np.float16], batch_size: int = 3
         logit, heat, size = net(x)
         prob = torch.sigmoid(heat).cpu().numpy()
         sz = size.cpu().numpy()
-        logits.append(image_score(logit, heat, peak_weight).cpu().numpy())
+        scores.append(image_score(logit, heat, peak_weight).cpu().numpy())
         heats.append(prob[:, 0])
         boxes.extend(decode_boxes(prob[k, 0], sz[k]) for k in range(len(x)))
-    return Predictions(np.concatenate(logits), np.concatenate(heats).astype(np.float32), boxes)
+    return Predictions(np.concatenate(scores), np.concatenate(heats).astype(np.float32), boxes)
 
 
 def box_hit(box: Box, truth: FloatArray) -> bool:
@@ -568,17 +568,22 @@ def format_quality(m: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def evaluate_bundle(bundle: Path, data_dir: Path, cache_dir: Path) -> dict[str, Any]:
-    """Recompute the validation figures of a bundle with its own image score, calibration and
-    threshold.
+def bundle_spec(bundle: Path) -> FractureSpec:
+    """The parsed ``dicom_ai`` block of the bundle directory ``bundle``.
 
     Raises
     ------
     SpecError
-        The bundle's ``dicom_ai`` block is not a valid fracture block (every problem listed).
+        The block is not a valid fracture block (every problem listed).
     """
-    spec = parse_fracture(json.loads((bundle / "configs" / "metadata.json").read_text()
+    return parse_fracture(json.loads((bundle / "configs" / "metadata.json").read_text()
                                      )["dicom_ai"])
+
+
+def evaluate_bundle(bundle: Path, data_dir: Path, cache_dir: Path) -> dict[str, Any]:
+    """Recompute the validation figures of a bundle with its own image score, calibration and
+    threshold (:func:`bundle_spec`)."""
+    spec = bundle_spec(bundle)
     val = load_split(data_dir / DATA_SUBDIR, "valid", SIZE, cache_dir)
     pred = predict(load_trained(bundle), val.images, peak_weight=spec.peak_weight)
     return quality(val, pred, temperature=spec.temperature,

@@ -309,7 +309,7 @@ FRACTURE_BOX_SCORE = 0.4
 #: the plain mean before measuring (not tuned on valid). scripts/experiments/
 #: fracture_image_score.py, validation AUC of the classifier alone → the mean: seed 0 0.808 →
 #: 0.821, seed 1 0.812 → 0.819, both members averaged 0.821 → 0.836 (paired difference +0.015,
-#: 95 % CI +0.002 to +0.029). The peak alone is worse for seed 1 (0.794), and after the 22
+#: 95 % CI +0.003 to +0.029). The peak alone is worse for seed 1 (0.794), and after the 22
 #: epochs of 1.0.x it was far behind (0.667 against 0.754): a weight for networks trained to
 #: the end of the schedule, which is why the bundle names it.
 FRACTURE_PEAK_WEIGHT = 0.5

@@ -16,7 +16,6 @@ Usage: ``python scripts/experiments/flip_averaging.py xr-fracture derm-lesion fu
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -27,7 +26,6 @@ from torch import nn
 
 from dicom_ai.inference.fracture_net import decode_boxes, image_score
 from dicom_ai.inference.runner import calibrated_softmax as softmax
-from dicom_ai.inference.spec import parse_fracture
 from dicom_ai.train import fracture
 from dicom_ai.train.augment import AugmentConfig
 from dicom_ai.train.loop import predict_logits, validation_auc
@@ -118,8 +116,7 @@ def fracture_model(data: Path, cache: Path) -> None:
     val = fracture.load_split(data / fracture.DATA_SUBDIR, "valid", fracture.SIZE, cache)
     bundle = Path("models") / fracture.NAME
     net = fracture.load_trained(bundle)
-    weight = parse_fracture(json.loads((bundle / "configs" / "metadata.json").read_text())
-                            ["dicom_ai"]).peak_weight
+    weight = fracture.bundle_spec(bundle).peak_weight
     passes = flips(fracture.RECIPE.augment)
     plain = fracture_passes(net, val.images, passes[:1], weight)
     flipped = fracture_passes(net, val.images, passes, weight)

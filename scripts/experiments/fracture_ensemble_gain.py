@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from dicom_ai.inference.ensemble import LogitEnsemble
 from dicom_ai.train import fracture
 from dicom_ai.train.metrics import binary_auc
-from dicom_ai.train.run import build_network
 
 RESAMPLES = 2000
 
@@ -22,10 +22,9 @@ RESAMPLES = 2000
 def main() -> int:
     bundle, val = fracture.validation_experiment(__doc__.split("\n")[0])
     ensemble = fracture.load_trained(bundle)
-    first = build_network(fracture.RECIPE.network_def)
-    first.load_state_dict({k.removeprefix("members.0."): v
-                           for k, v in ensemble.state_dict().items()
-                           if k.startswith("members.0.")})
+    if not isinstance(ensemble, LogitEnsemble):
+        raise SystemExit(f"{bundle} holds one network, not an ensemble")
+    first = ensemble.members[0]
     y = val.labels
     logits, hits = {}, {}
     for name, net in (("member 0", first.eval()), ("ensemble", ensemble)):

@@ -40,13 +40,13 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 import torch
-from fundus_selection_rules import best_epoch, stratified_halves
+from fundus_selection_rules import best_epoch, epoch_probs, stratified_halves
 
 from dicom_ai.inference.runner import calibrated_softmax as softmax
 from dicom_ai.train import fracture
 from dicom_ai.train.augment import augment
 from dicom_ai.train.datasets import ImageSet
-from dicom_ai.train.loop import fit, predict_logits
+from dicom_ai.train.loop import fit
 from dicom_ai.train.metrics import macro_auc
 from dicom_ai.train.recipes import RECIPES
 from dicom_ai.train.run import build_network, load_splits
@@ -146,15 +146,8 @@ def contrastive(data: Path, cache: Path, out: Path, epochs: int, seed: int = 0) 
 
 def arm(folder: Path, val: ImageSet) -> list[list[Probs]]:
     """Per seed of ``folder``, the validation probabilities after each epoch."""
-    runs = []
-    for f in sorted(folder.glob("seed*.pt")):
-        probs = []
-        for state in torch.load(f, weights_only=True):
-            net = build_network(RECIPE.network_def)
-            net.load_state_dict(state)
-            probs.append(softmax(predict_logits(net, val.images)))
-        runs.append(probs)
-    return runs
+    return [epoch_probs(torch.load(f, weights_only=True), val)
+            for f in sorted(folder.glob("seed*.pt"))]
 
 
 def compare(scratch: Path, pretrained: Path, val: ImageSet, splits: int) -> None:

@@ -107,6 +107,16 @@ def snapshots(train: ImageSet, val: ImageSet, out: Path, seeds: list[int],
         torch.save(states, out / f"seed{seed}.pt")
 
 
+def epoch_probs(states: list[dict[str, torch.Tensor]], val: ImageSet) -> list[Probs]:
+    """Validation probabilities of each of a run's per-epoch weights."""
+    probs = []
+    for state in states:
+        net = build_network(RECIPE.network_def)
+        net.load_state_dict(state)
+        probs.append(softmax(predict_logits(net, val.images)))
+    return probs
+
+
 def averaged_probs(states: list[dict[str, torch.Tensor]], start: int, train: ImageSet,
                    val: ImageSet) -> Probs:
     """Validation probabilities of the mean of the weights after epochs ``start`` … last."""
@@ -129,17 +139,13 @@ def compare(train: ImageSet, val: ImageSet, folder: Path, splits: int,
     seeds: list[tuple[str, list[Probs], dict[int, Probs]]] = []
     for f in sorted(folder.glob("seed*.pt")):
         snaps = torch.load(f, weights_only=True)
-        epoch_probs = []
-        for state in snaps:
-            net = build_network(RECIPE.network_def)
-            net.load_state_dict(state)
-            epoch_probs.append(softmax(predict_logits(net, val.images)))
+        per_epoch = epoch_probs(snaps, val)
         averaged: dict[int, Probs] = {}
         for start in average_from:
             averaged[start] = averaged_probs(snaps, start, train, val)
-        seeds.append((f.stem, epoch_probs, averaged))
+        seeds.append((f.stem, per_epoch, averaged))
         print(f"{f.stem}: {len(snaps)} epochs; full-validation AUC "
-              f"best {max(macro_auc(val.labels, p) for p in epoch_probs):.4f}, "
+              f"best {max(macro_auc(val.labels, p) for p in per_epoch):.4f}, "
               + ", ".join(f"average>={s} {macro_auc(val.labels, p):.4f}"
                           for s, p in averaged.items()), flush=True)
 
@@ -151,13 +157,13 @@ def compare(train: ImageSet, val: ImageSet, folder: Path, splits: int,
     for _ in range(splits):
         for select, held in (stratified_halves(val.labels, rng)[::d] for d in (1, -1)):
             chosen = []
-            for i, (_, epoch_probs, averaged) in enumerate(seeds):
-                e = best_epoch(epoch_probs, val.labels, select, RECIPE.loop.patience)
-                chosen.append(epoch_probs[e][held])
+            for i, (_, per_epoch, averaged) in enumerate(seeds):
+                e = best_epoch(per_epoch, val.labels, select, RECIPE.loop.patience)
+                chosen.append(per_epoch[e][held])
                 scores["best_epoch"][i].append(macro_auc(val.labels[held],
-                                                         epoch_probs[e][held]))
+                                                         per_epoch[e][held]))
                 scores["last_epoch"][i].append(macro_auc(val.labels[held],
-                                                         epoch_probs[-1][held]))
+                                                         per_epoch[-1][held]))
                 for s, p in averaged.items():
                     scores[f"average>={s}"][i].append(macro_auc(val.labels[held], p[held]))
             # Softmax ignores a per-image shift, so the mean of log-probabilities is the
