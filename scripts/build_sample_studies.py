@@ -87,6 +87,9 @@ class ChestXRay:
     bits_stored: int
     window: bool
     transfer_syntax: UID
+    #: The Kermany folder under the data folder that holds ``source`` and its ``labels.csv``;
+    #: only ``kermany_fullres_subset`` records the original size a DX's pixel spacing needs.
+    root: str = "cxr/kermany_fullres_subset"
 
 
 @dataclass(frozen=True)
@@ -233,7 +236,7 @@ def lossy_source(ds: Dataset, ratio: float) -> None:
 
 def chest_xray(spec: ChestXRay, data: Path) -> Dataset:
     """Build one CR or DX object from a Kermany JPEG (see :data:`CHEST_XRAYS`)."""
-    path = data / "cxr" / "kermany_fullres_subset" / spec.source
+    path = data / spec.root / spec.source
     row = source_row(data, spec)
     gray = np.asarray(Image.open(path).convert("L"), dtype=np.uint8)
     if spec.modality == "CR":
@@ -285,7 +288,7 @@ def full_range_window(ds: Dataset, bits_stored: int) -> None:
 
 def source_row(data: Path, spec: ChestXRay) -> dict[str, str]:
     """The ``labels.csv`` row of the source image, after checking its label is the expected one."""
-    with open(data / "cxr" / "kermany_fullres_subset" / "labels.csv", newline="") as fh:
+    with open(data / spec.root / "labels.csv", newline="") as fh:
         row = next(r for r in csv.DictReader(fh) if r["path"] == spec.source)
     if row["label"] != spec.label:
         raise ValueError(f"{spec.key}: {spec.source} is {row['label']}, expected {spec.label}")
@@ -333,6 +336,10 @@ class FractureXRay:
     bits_stored: int
     window: bool
     transfer_syntax: UID
+    #: What ``labels.csv`` must say of the source: the sample studies come from the train split
+    #: only (the valid split scores the model).
+    label: str = "fracture"
+    split: str = "train"
 
 
 FRACTURE_XRAYS: tuple[FractureXRay, ...] = (
@@ -361,9 +368,9 @@ def fracture_xray(spec: FractureXRay, data: Path) -> Dataset:
     root = data / "fracture" / "fracatlas"
     with open(root / "labels.csv", newline="") as fh:
         row = next(r for r in csv.DictReader(fh) if r["path"] == spec.source)
-    if row["label"] != "fracture" or row["split"] != "train":
+    if (row["label"], row["split"]) != (spec.label, spec.split):
         raise ValueError(f"{spec.key}: {spec.source} is {row['label']}/{row['split']}, "
-                         "expected a fractured train image")
+                         f"expected {spec.label}/{spec.split}")
     path = root / spec.source
     gray = np.asarray(Image.open(path).convert("L"), dtype=np.uint8)
     boxes = fracatlas_boxes_px(data, spec.source, *gray.shape)
@@ -486,6 +493,7 @@ class Dermoscopy:
     source: str
     label: str
     transfer_syntax: UID
+    split: str = "train"
 
 
 #: The first train image of each class by file name.
@@ -506,9 +514,9 @@ def dermoscopy_image(spec: Dermoscopy, data: Path) -> Dataset:
     root = data / "skin" / "isic2017"
     with open(root / "labels.csv", newline="") as fh:
         row = next(r for r in csv.DictReader(fh) if r["path"] == spec.source)
-    if (row["label"], row["split"]) != (spec.label, "train"):
+    if (row["label"], row["split"]) != (spec.label, spec.split):
         raise ValueError(f"{spec.key}: {spec.source} is {row['label']}/{row['split']}, "
-                         f"expected {spec.label}/train")
+                         f"expected {spec.label}/{spec.split}")
     path = root / spec.source
     rgb = np.asarray(Image.open(path).convert("RGB"), dtype=np.uint8)
     number = spec.key[-2:]

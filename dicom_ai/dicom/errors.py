@@ -42,5 +42,12 @@ class PixelDecodeError(DicomInputError):
     """The pixel data cannot be decoded (unsupported transfer syntax, corrupt or short data)."""
 
 
+class ContentMismatchError(DicomInputError):
+    """The pixels decode, but the picture is not the kind the model reads (a grey film stored
+    as a colour photograph, a fundus photograph labelled as dermoscopy): the model's result is
+    rejected with the reason, as for an image unlike its training data; the file is not
+    failed."""
+
+
 class SeriesGeometryError(DicomInputError):
     """A series cannot be turned into a consistent volume (duplicates, gaps, tilt, mixed sizes)."""

@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from dicom_ai.config import InferenceSettings
-from dicom_ai.dicom.errors import DicomInputError
+from dicom_ai.dicom.errors import ContentMismatchError, DicomInputError
 from dicom_ai.dicom.model import Instance, Series
 from dicom_ai.dicom.pixels import decode
 from dicom_ai.imaging import dermoscopy, fundus, xray
@@ -68,35 +68,41 @@ class PreparedSeries:
     series: Series
     bundle: Bundle
     started: datetime
-    #: Every image that decodes, in series order.
+    #: Every image that decodes and is the kind the model reads, in series order.
     images: list[PreparedImage]
     #: The instances that failed to decode: path → reason.
     failed: dict[str, str]
+    #: The instances that decode but are not the kind of image the model reads: path → reason.
+    refused: dict[str, str]
 
     def rejected(self, reason: str) -> tuple[ModelResult, dict[str, str]]:
         """The series rejected with ``reason``, and the instances that failed to decode."""
         return (ModelResult.rejected(self.series, self.bundle.info, self.started, reason),
                 self.failed)
 
-    def undecodable(self) -> tuple[ModelResult, dict[str, str]] | None:
-        """The rejection of a series none of whose images decodes; None if one does."""
+    def unusable(self) -> tuple[ModelResult, dict[str, str]] | None:
+        """The rejection of a series none of whose images could be prepared (each failed to
+        decode or was refused); None if one was."""
         if self.images:
             return None
-        return self.rejected("no image of the series could be decoded: "
-                             + "; ".join(sorted(set(self.failed.values()))))
+        reasons = set(self.failed.values()) | set(self.refused.values())
+        return self.rejected("no image of the series could be used: " + "; ".join(sorted(reasons)))
 
 
 def prepare_series(bundle: Bundle, series: Series, started: datetime) -> PreparedSeries:
-    """Every image of ``series`` that decodes, prepared for ``bundle``, and the instances that
-    failed to decode."""
+    """Every image of ``series`` that decodes and is the kind ``bundle`` reads, prepared for it,
+    and the instances that failed to decode or were refused."""
     failed: dict[str, str] = {}
+    refused: dict[str, str] = {}
     prepared: list[PreparedImage] = []
     for instance in series.instances:
         try:
             prepared.append(prepare(bundle, instance))
+        except ContentMismatchError as exc:
+            refused[str(instance.path)] = exc.reason
         except DicomInputError as exc:
             failed[str(instance.path)] = exc.reason
-    return PreparedSeries(series, bundle, started, prepared, failed)
+    return PreparedSeries(series, bundle, started, prepared, failed, refused)
 
 
 def classification_spec(bundle: Bundle) -> ClassificationSpec:
@@ -143,8 +149,11 @@ def prepare(bundle: Bundle, instance: Instance) -> PreparedImage:
                                  _display(square.astype(np.float32) / 255.0), (0, 0, *size))
         if kind == "dermoscopy":
             rgb = fundus.rgb_from_dataset(frame, instance.header)
-            dermoscopy.require_colour(rgb)
-            dermoscopy.require_not_fundus(rgb)
+            try:
+                dermoscopy.require_colour(rgb)
+                dermoscopy.require_not_fundus(rgb)
+            except ValueError as exc:
+                raise ContentMismatchError(str(exc), path=instance.path) from exc
             # Shown as it was photographed; the stretched network input maps back onto the
             # whole image.
             return PreparedImage(instance, dermoscopy.model_input(rgb, size),
@@ -241,8 +250,8 @@ def analyse_images(bundle: Bundle, series: Series, started: datetime,
     """
     spec = classification_spec(bundle)
     series_inputs = prepare_series(bundle, series, started)
-    if (undecodable := series_inputs.undecodable()) is not None:
-        return undecodable
+    if (unusable := series_inputs.unusable()) is not None:
+        return unusable
     prepared = series_inputs.images
     inputs = [p.model_input for p in prepared]
     if spec.input_fit is not None:

@@ -197,8 +197,8 @@ def analyse_fracture(bundle: Bundle, series: Series, started: datetime,
     """
     spec = fracture_spec(bundle)
     series_inputs = prepare_series(bundle, series, started)
-    if (undecodable := series_inputs.undecodable()) is not None:
-        return undecodable
+    if (unusable := series_inputs.unusable()) is not None:
+        return unusable
     prepared = series_inputs.images
     inputs = [p.model_input for p in prepared]
     if spec.input_fit is not None:

@@ -222,3 +222,39 @@ def presentation_grey(path: Path) -> np.ndarray:
     instance = Instance(path, read_header(path))
     shown = presentation_from_dataset(decode(instance), instance.header)
     return np.clip(np.rint(shown * 255.0), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.skipif(not CORPUS.is_dir(), reason="../shared/data/dicom is not present")
+def test_a_refused_photograph_is_a_rejected_result_not_a_failed_file(tmp_path: Path) -> None:
+    """A fundus photograph sent as a skin photograph decodes: derm-lesion's result is rejected
+    with the reason, and the replay counts the file as processed (exit 0), as it does for an
+    image unlike the training data — failed means the file itself could not be read."""
+    import json
+
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    from dicom_ai.config import Settings
+    from dicom_ai.dicom.pixels import decode
+    from dicom_ai.imaging.fundus import rgb_from_dataset
+    from dicom_ai.replay import EXIT_OK, replay
+
+    source = REPO / "sample_studies" / "fundus01" / "1.dcm"
+    instance = Instance(source, read_header(source))
+    folder = tmp_path / "in"
+    folder.mkdir()
+    path = _vl_photograph(folder / "photo.dcm", rgb_from_dataset(decode(instance),
+                                                                 instance.header))
+    ds = pydicom.dcmread(path)
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.save_as(path, enforce_file_format=True)
+    bundle = load_bundle(REPO / "models" / "derm-lesion", device=torch.device("cpu"))
+    report = replay(folder, tmp_path / "out", [bundle], Settings(), progress=False)
+    assert report.exit_status == EXIT_OK
+    (entry,) = report.entries
+    assert (entry["status"], entry["reason"]) == ("processed", None)
+    document = json.loads((tmp_path / "out" / ds.StudyInstanceUID / "findings.json").read_text())
+    (result,) = document["results"]
+    assert result["status"] == "rejected" and result["findings"] == []
+    assert result["reason"].startswith("no image of the series could be used: the picture's "
+                                       "colour and dark surround are a fundus photograph's")
