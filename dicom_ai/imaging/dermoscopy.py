@@ -130,11 +130,14 @@ def require_not_fundus(rgb: UInt8Array) -> None:
         The picture's colour and dark surround are those of a fundus photograph.
     """
     stats = colour_stats(rgb)
-    if stats.blue < MIN_BLUE or (stats.dark_share > FUNDUS_DARK_SHARE
-                                 and stats.blue < FUNDUS_BLUE_MAX):
+    if stats.blue < MIN_BLUE:
+        raise ValueError(f"the picture's colour is a fundus photograph's (blue chromaticity "
+                         f"{stats.blue:.3f} < {MIN_BLUE}), not dermoscopy's")
+    if stats.dark_share > FUNDUS_DARK_SHARE and stats.blue < FUNDUS_BLUE_MAX:
         raise ValueError(f"the picture's colour and dark surround are a fundus photograph's "
-                         f"(blue chromaticity {stats.blue:.3f}, dark surround "
-                         f"{stats.dark_share:.0%}), not dermoscopy's")
+                         f"(blue chromaticity {stats.blue:.3f} < {FUNDUS_BLUE_MAX}, dark "
+                         f"surround {stats.dark_share:.0%} > {FUNDUS_DARK_SHARE:.0%}), not "
+                         "dermoscopy's")
 
 
 def model_input(rgb: UInt8Array, size: tuple[int, int]) -> npt.NDArray[np.float32]:

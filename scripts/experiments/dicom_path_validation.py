@@ -146,11 +146,11 @@ def paired(score: Callable[[IntArray], tuple[float, float]], n: int) -> tuple[fl
     return float(lo), float(hi)
 
 
-def report(name: str, what: str, s: Scored, auc: Callable[[IntArray, FloatArray], float]
-           ) -> None:
+def report(name: str, what: str, s: Scored, auc: Callable[[IntArray, FloatArray], float],
+           images: str = "validation images") -> None:
     """Print the comparison; AUCs over the images both paths scored."""
     ok = np.flatnonzero(~np.isnan(s.dicom if s.dicom.ndim == 1 else s.dicom[:, 0]))
-    print(f"{name}: {len(s.labels)} validation images, {len(ok)} scored through DICOM "
+    print(f"{name}: {len(s.labels)} {images}, {len(ok)} scored through DICOM "
           f"({len(s.unscored)} not)")
     for key, why in sorted(s.unscored.items()):
         print(f"  not scored: {key}: {why}")
@@ -359,11 +359,11 @@ def chest_subsets(shipped: Shipped, bundle: Bundle, spec: ClassificationSpec, da
     dicom_p, unscored = read_probabilities(out, [f.key for f in films], recipe.name,
                                            recipe.labels, [r["path"] for r in rows])
     in_val = sum(index[r["path"][len("train/"):]][0] == "val" for r in rows)
-    print(f"{recipe.name}, films near full resolution against their 224-px copies "
-          f"({in_val} of {len(rows)} in the validation split, the rest trained on):")
     report(recipe.name, auc_name(recipe.labels, recipe.loop.select_classes),
            Scored(labels, array_p, dicom_p, tuple(encoding_name(f) for f in films), unscored),
-           lambda y, p: validation_auc(y, p, recipe.loop.select_classes))
+           lambda y, p: validation_auc(y, p, recipe.loop.select_classes),
+           images=f"films near full resolution against their 224-px copies ({in_val} in the "
+                  "validation split, the rest trained on)")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -185,11 +185,15 @@ def test_colour_stats_and_fundus_rule_by_hand() -> None:
     rgb[0] = (200, 100, 50)
     stats = colour_stats(rgb)
     assert stats.dark_share == 0.5 and stats.blue == pytest.approx(50 / 350)
-    with pytest.raises(ValueError, match="fundus"):
+    # Blue below 0.19 is refused whatever the surround, and the reason says so.
+    with pytest.raises(ValueError, match=r"colour is a fundus photograph's \(blue "
+                                         r"chromaticity 0\.143 < 0\.19\)"):
         require_not_fundus(rgb)
     # Orange-red inside a black surround (blue 0.25 < 0.30, dark 0.5 > 0.15): a fundus.
     rgb[0] = (180, 120, 100)
-    with pytest.raises(ValueError, match="fundus"):
+    with pytest.raises(ValueError, match=r"colour and dark surround are a fundus photograph's "
+                                         r"\(blue chromaticity 0\.250 < 0\.3, dark surround "
+                                         r"50% > 15%\)"):
         require_not_fundus(rgb)
     # The same colour filling the picture is skin-like (blue 0.25 ≥ 0.19, no surround).
     require_not_fundus(np.broadcast_to(np.array([180, 120, 100], dtype=np.uint8),
