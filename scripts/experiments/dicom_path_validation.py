@@ -56,7 +56,7 @@ from dicom_ai.pipeline import load_models
 from dicom_ai.replay import replay
 from dicom_ai.train import fracture
 from dicom_ai.train.loop import predict_logits, validation_auc
-from dicom_ai.train.metrics import binary_auc
+from dicom_ai.train.metrics import binary_auc, bootstrap_ci
 from dicom_ai.train.run import bundle_recipe, load_splits
 
 FloatArray = npt.NDArray[np.float64]
@@ -131,21 +131,6 @@ class Shipped:
         return next(b for b in self.bundles if b.name == name)
 
 
-def paired(score: Callable[[IntArray], tuple[float, float]], n: int) -> tuple[float, float]:
-    """95 % interval of ``dicom − array`` over images resampled with replacement."""
-    rng = np.random.default_rng(0)
-    diffs = []
-    for _ in range(RESAMPLES):
-        idx = rng.integers(0, n, size=n)
-        try:
-            a, d = score(idx)
-        except ValueError:
-            continue
-        diffs.append(d - a)
-    lo, hi = np.percentile(diffs, [2.5, 97.5])
-    return float(lo), float(hi)
-
-
 def report(name: str, what: str, s: Scored, auc: Callable[[IntArray, FloatArray], float],
            images: str = "validation images") -> None:
     """Print the comparison; AUCs over the images both paths scored."""
@@ -162,7 +147,7 @@ def report(name: str, what: str, s: Scored, auc: Callable[[IntArray, FloatArray]
     def both(i: IntArray) -> tuple[float, float]:
         return auc(y[i], a[i]), auc(y[i], d[i])
 
-    lo, hi = paired(both, len(ok))
+    lo, hi = bootstrap_ci(lambda i: both(i)[1] - both(i)[0], len(ok), resamples=RESAMPLES)
     full = both(np.arange(len(ok)))
     print(f"  {what}: arrays {full[0]:.4f}, DICOM {full[1]:.4f}, difference "
           f"{full[1] - full[0]:+.4f} (95% CI {lo:+.4f} to {hi:+.4f}); arrays on all "
