@@ -39,44 +39,9 @@ from dicom_ai.inference.findings import Explanation, Finding, ModelResult
 from dicom_ai.inference.fracture_net import Box, decode_boxes, image_score, to_source
 from dicom_ai.inference.runner import batches
 from dicom_ai.inference.spec import BoxRule, FractureSpec
+from dicom_ai.results.codes import FRACTURE_SITES
 
 FloatArray = npt.NDArray[np.float32]
-
-#: Body Part Examined → (FracAtlas region, SNOMED CT code, meaning), codes as CID 4031
-#: "Common Anatomic Regions" lists them (pydicom's code dictionary).
-BODY_PART_SITES: dict[str, tuple[str, str, str]] = {
-    "HAND": ("hand", "85562004", "Hand"),
-    "FINGER": ("hand", "7569003", "Finger"),
-    "THUMB": ("hand", "76505004", "Thumb"),
-    "WRIST": ("hand", "74670003", "Wrist joint"),
-    "FOREARM": ("hand", "14975008", "Forearm"),
-    "ELBOW": ("shoulder", "16953009", "Elbow joint"),
-    "HUMERUS": ("shoulder", "85050009", "Humerus"),
-    "UPPER ARM": ("shoulder", "40983000", "Upper arm"),
-    "ARM": ("shoulder", "53120007", "Upper limb"),
-    "UPPER EXTREMITY": ("shoulder", "53120007", "Upper limb"),
-    "SHOULDER": ("shoulder", "16982005", "Shoulder"),
-    "CLAVICLE": ("shoulder", "51299004", "Clavicle"),
-    "SCAPULA": ("shoulder", "79601000", "Scapula"),
-    "HIP": ("hip", "29836001", "Hip"),
-    "PELVIS": ("hip", "816092008", "Pelvis"),
-    "FEMUR": ("leg", "71341001", "Femur"),
-    "THIGH": ("leg", "68367000", "Thigh"),
-    "KNEE": ("leg", "72696002", "Knee"),
-    "PATELLA": ("leg", "64234005", "Patella"),
-    "LEG": ("leg", "61685007", "Lower limb"),
-    "LOWER EXTREMITY": ("leg", "61685007", "Lower limb"),
-    "LOWER LEG": ("leg", "30021000", "Lower leg"),
-    "TIBIA": ("leg", "12611008", "Tibia"),
-    "FIBULA": ("leg", "87342007", "Fibula"),
-    "ANKLE": ("leg", "70258002", "Ankle joint"),
-    "FOOT": ("leg", "56459004", "Foot"),
-    "TOE": ("leg", "29707007", "Toe"),
-    "HEEL": ("leg", "80144004", "Calcaneus"),
-    "CALCANEUS": ("leg", "80144004", "Calcaneus"),
-    "EXTREMITY": ("", "66019005", "Extremity"),
-}
-
 
 def fracture_spec(bundle: Bundle) -> FractureSpec:
     """The parsed ``dicom_ai`` block of a fracture bundle (parsed and checked at load).
@@ -95,9 +60,9 @@ def body_part_site(header: Any) -> tuple[str, tuple[str, str, str] | None]:
     """FracAtlas region and SNOMED CT finding site of the examined body part ("" and None
     when the header names none that is known)."""
     part = str(header.get("BodyPartExamined", "") or "").strip().upper()
-    if part not in BODY_PART_SITES:
+    if part not in FRACTURE_SITES:
         return "", None
-    region, value, meaning = BODY_PART_SITES[part]
+    region, value, meaning = FRACTURE_SITES[part]
     return region, (value, "SCT", meaning)
 
 

@@ -37,6 +37,58 @@ MULTIPLE_FRACTURES: dict[str, str] = {"value": "MULTFX", "scheme": PRIVATE_SCHEM
                                       "meaning": "Multiple fractures"}
 
 
+#: Body Part Examined → (FracAtlas region, SNOMED CT code, meaning) of every limb and joint
+#: xr-fracture reads; its bundle accepts exactly these values. The values are the PS3.16
+#: Annex L defined terms (``UPPERARM``, ``LOWERLEG``, ``ACJOINT`` …) and the spelled-out or
+#: retired forms devices still send (``UPPER ARM``, ``LEG``, ``ARM``); every code and meaning
+#: is one pydicom's code dictionary has (most from CID 4031 "Common Anatomic Regions").
+FRACTURE_SITES: dict[str, tuple[str, str, str]] = {
+    "HAND": ("hand", "85562004", "Hand"),
+    "FINGER": ("hand", "7569003", "Finger"),
+    "THUMB": ("hand", "76505004", "Thumb"),
+    "WRIST": ("hand", "74670003", "Wrist joint"),
+    "FOREARM": ("hand", "14975008", "Forearm"),
+    "RADIUS": ("hand", "62413002", "Radius"),
+    "ULNA": ("hand", "23416004", "Ulna"),
+    "RADIUSULNA": ("hand", "110535000", "Radius and ulna"),
+    "ELBOW": ("shoulder", "16953009", "Elbow joint"),
+    "HUMERUS": ("shoulder", "85050009", "Humerus"),
+    "UPPERARM": ("shoulder", "40983000", "Upper arm"),
+    "UPPER ARM": ("shoulder", "40983000", "Upper arm"),
+    "UPPERLIMB": ("shoulder", "53120007", "Upper limb"),
+    "ARM": ("shoulder", "53120007", "Upper limb"),
+    "UPPER EXTREMITY": ("shoulder", "53120007", "Upper limb"),
+    "SHOULDER": ("shoulder", "16982005", "Shoulder"),
+    "ACJOINT": ("shoulder", "85856004", "Acromioclavicular joint"),
+    "SCJOINT": ("shoulder", "7844006", "Sternoclavicular joint"),
+    "CLAVICLE": ("shoulder", "51299004", "Clavicle"),
+    "SCAPULA": ("shoulder", "79601000", "Scapula"),
+    "HIP": ("hip", "29836001", "Hip"),
+    "PELVIS": ("hip", "816092008", "Pelvis"),
+    "PELVISLOWEXTREMT": ("hip", "1231522001", "Pelvis and lower extremities"),
+    "FEMUR": ("leg", "71341001", "Femur"),
+    "THIGH": ("leg", "68367000", "Thigh"),
+    "KNEE": ("leg", "72696002", "Knee"),
+    "PATELLA": ("leg", "64234005", "Patella"),
+    "LOWERLIMB": ("leg", "61685007", "Lower limb"),
+    "LEG": ("leg", "61685007", "Lower limb"),
+    "LOWER EXTREMITY": ("leg", "61685007", "Lower limb"),
+    "LOWERLEG": ("leg", "30021000", "Lower leg"),
+    "LOWER LEG": ("leg", "30021000", "Lower leg"),
+    "CALF": ("leg", "53840002", "Calf of leg"),
+    "TIBIA": ("leg", "12611008", "Tibia"),
+    "FIBULA": ("leg", "87342007", "Fibula"),
+    "TIBIAFIBULA": ("leg", "110536004", "Tibia and fibula"),
+    "ANKLE": ("leg", "70258002", "Ankle joint"),
+    "FOOT": ("leg", "56459004", "Foot"),
+    "TOE": ("leg", "29707007", "Toe"),
+    "SESAMOID": ("leg", "58742003", "Sesamoid bones of foot"),
+    "HEEL": ("leg", "80144004", "Calcaneus"),
+    "CALCANEUS": ("leg", "80144004", "Calcaneus"),
+    "EXTREMITY": ("", "66019005", "Extremity"),
+}
+
+
 def concept(spec: CodeSpec) -> CodedConcept:
     """A bundle ``CodeSpec`` as a highdicom coded concept.
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from dicom_ai.inference.ensemble import member_layer
 from dicom_ai.inference.fracture_net import STRIDE
-from dicom_ai.results.codes import MULTIPLE_FRACTURES
+from dicom_ai.results.codes import FRACTURE_SITES, MULTIPLE_FRACTURES
 from dicom_ai.train.augment import CXR, DERMOSCOPY, FUNDUS, AugmentConfig
 from dicom_ai.train.datasets import CXR_LABELS, DERM_LABELS, FUNDUS_LABELS
 from dicom_ai.train.loop import LoopConfig
@@ -290,13 +290,9 @@ DERM_LESION = Recipe(
                ("1.0.0", "first release")),
 )
 
-#: Body Part Examined values (PS3.16 CID 4031 code meanings as DICOM writes them) of the
-#: extremities and joints FracAtlas covers and their neighbours.
-FRACTURE_BODY_PARTS = [
-    "EXTREMITY", "UPPER EXTREMITY", "LOWER EXTREMITY", "ARM", "LEG", "HAND", "FINGER", "THUMB",
-    "WRIST", "FOREARM", "ELBOW", "HUMERUS", "UPPER ARM", "SHOULDER", "CLAVICLE", "SCAPULA",
-    "HIP", "PELVIS", "FEMUR", "THIGH", "KNEE", "PATELLA", "TIBIA", "FIBULA", "LOWER LEG",
-    "ANKLE", "FOOT", "TOE", "HEEL", "CALCANEUS"]
+#: Body Part Examined values of the limbs and joints the fracture detector reads: those it
+#: knows a finding site for.
+FRACTURE_BODY_PARTS = list(FRACTURE_SITES)
 #: Operating point of the fracture detector's image-level decision.
 FRACTURE_MIN_SENSITIVITY = 0.90
 #: Further boxes (beyond the top one) are reported at or above this heatmap peak probability.
@@ -374,8 +370,11 @@ XR_FRACTURE = Recipe(
                   "multiple_fractures": dict(MULTIPLE_FRACTURES)},
         "finding_site": {"value": "66019005", "scheme": "SCT", "meaning": "Extremity"},
     },
-    version="1.3.0",
-    changelog=(("1.3.0", "image score = mean of the image logit and the highest heatmap logit "
+    version="1.3.1",
+    changelog=(("1.3.1", "accepts the PS3.16 Annex L body-part terms of the limbs it did not "
+                         "know (UPPERARM, LOWERLEG, LOWERLIMB, RADIUS, TIBIAFIBULA, ACJOINT …) "
+                         "with their finding sites (same weights and calibration)"),
+               ("1.3.0", "image score = mean of the image logit and the highest heatmap logit "
                          "(same weights), recalibrated: validation AUC 0.836 (was 0.821), ECE "
                          "0.042 (0.057); specificity at sensitivity 0.90 0.42 (0.47)"),
                ("1.2.0", "two networks of 1.1.0's schedule (seeds 0 and 1), their outputs "

@@ -36,12 +36,15 @@ from dicom_ai.inference.fracture_net import (
     to_source,
 )
 from dicom_ai.inference.spec import BoxRule, SpecError, parse_fracture
+from dicom_ai.results.codes import FRACTURE_SITES
 from dicom_ai.train import fracture as tf
 from dicom_ai.train.loop import LoopConfig
 from dicom_ai.train.recipes import CXR_PNEUMONIA
 from dicom_ai.train.run import build_network
 from tests.conftest import MakeDicom
 from tests.fracture_data import tiny_fracture_set
+
+REPO = Path(__file__).resolve().parents[2]
 
 TINY_NET: dict[str, Any] = {"_target_": "dicom_ai.inference.fracture_net.FractureNet",
                             "widths": [4, 4, 4, 4, 4], "fpn_channels": 4, "dropout": 0.5}
@@ -210,6 +213,22 @@ def test_body_part_site() -> None:
     assert body_part_site(header) == ("hand", ("74670003", "SCT", "Wrist joint"))
     header.BodyPartExamined = "CHEST"
     assert body_part_site(header) == ("", None)
+    # PS3.16 Annex L spells the limbs without spaces; a device's older spelling reads the same.
+    header.BodyPartExamined = "LOWERLEG"
+    assert body_part_site(header) == ("leg", ("30021000", "SCT", "Lower leg"))
+    header.BodyPartExamined = "lower leg "
+    assert body_part_site(header) == ("leg", ("30021000", "SCT", "Lower leg"))
+
+
+@pytest.mark.parametrize("part", ["UPPERARM", "LOWERLEG", "LOWERLIMB", "TIBIAFIBULA", "ACJOINT",
+                                  "RADIUS", "SESAMOID"])
+def test_annex_l_limb_terms_are_routed_to_the_shipped_detector(part: str) -> None:
+    meta = json.loads((REPO / "models" / "xr-fracture" / "configs" / "metadata.json").read_text())
+    accepts = meta["dicom_ai"]["accepts"]
+    film = _series(BodyPartExamined=part)
+    assert routing.not_applicable(accepts, film) is None and routing.unfit(accepts, film) is None
+    # Every value the bundle accepts has a finding site, and every site is accepted.
+    assert accepts["body_part_examined"] == list(FRACTURE_SITES)
 
 
 def test_reported_boxes_and_markers() -> None:
