@@ -125,7 +125,8 @@ CXR_PNEUMONIA = Recipe(
         "accepts": {
             "modality": ["CR", "DX"],
             "photometric_interpretation": ["MONOCHROME1", "MONOCHROME2"],
-            "body_part_examined": ["CHEST"],
+            # PS3.16 Annex L defines both terms, for the same SNOMED CT concept.
+            "body_part_examined": ["CHEST", "THORAX"],
             "reject_view_position": ["LL", "RL", "LATERAL", "LAT"],
             "reject_image_type": ["LOCALIZER"],
         },
@@ -139,6 +140,10 @@ CXR_PNEUMONIA = Recipe(
         },
         "finding_site": {"value": "39607008", "scheme": "SCT", "meaning": "Lung structure"},
     },
+    version="1.0.1",
+    changelog=(("1.0.1", "accepts Body Part Examined THORAX as well as CHEST (same weights and "
+                         "calibration)"),
+               ("1.0.0", "first release")),
 )
 
 FUNDUS_DR = Recipe(

@@ -205,6 +205,10 @@ def test_routing_extremity_for_fracture_chest_for_pneumonia() -> None:
     # The chest model keeps chest films only.
     cxr = CXR_PNEUMONIA.dicom_ai["accepts"]
     assert routing.unfit(cxr, hand) is not None and routing.unfit(cxr, chest) is None
+    # Annex L's THORAX is the same concept as CHEST: the chest model reads it, the fracture
+    # detector does not.
+    thorax = _series(BodyPartExamined="THORAX")
+    assert routing.unfit(cxr, thorax) is None and routing.unfit(accepts, thorax) is not None
 
 
 def test_body_part_site() -> None:
