@@ -95,3 +95,38 @@ def test_region_codes_from_context_groups_and_codes() -> None:
         region_codes(("CID999999",))
     with pytest.raises(ValueError, match="neither"):
         region_codes(("39937001",))
+
+
+@pytest.mark.parametrize("part", ["CHEST", "THORAX", "CHESTABDOMEN", "CHESTABDPELVIS",
+                                  "NECKCHESTABDPELV", "WHOLEBODY"])
+def test_shipped_ct_model_reads_the_annex_l_terms_of_ct_that_include_the_chest(
+        part: str) -> None:
+    import json
+
+    meta = Path(__file__).resolve().parents[2] / "models" / "ct-lung" / "configs" / \
+        "metadata.json"
+    accepts = json.loads(meta.read_text())["dicom_ai"]["accepts"]
+    instances = []
+    for k in range(12):
+        ds = Dataset()
+        ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+        ds.SOPInstanceUID = f"1.2.3.1.{k + 1}"
+        ds.Modality = "CT"
+        ds.Rows = ds.Columns = 16
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.BodyPartExamined = part
+        ds.SliceThickness = "2.5"
+        instances.append(Instance(Path(f"{k}.dcm"), ds))
+    series = Series("1.2.3.4", instances)
+    assert not_applicable(accepts, series) is None and unfit(accepts, series) is None
+    head = Series("1.2.3.5", [Instance(i.path, _with_body_part(i.header, "HEAD"))
+                              for i in instances])
+    assert unfit(accepts, head) == ("body part examined is HEAD, the model reads CHEST, THORAX, "
+                                    "LUNG, CHESTABDOMEN, CHESTABDPELVIS and 6 more")
+
+
+def _with_body_part(header: Dataset, part: str) -> Dataset:
+    ds = Dataset()
+    ds.update(header)
+    ds.BodyPartExamined = part
+    return ds
