@@ -349,16 +349,17 @@ FRACTURE_XRAYS: tuple[FractureXRay, ...] = (
 )
 
 
-def fracatlas_boxes_px(data: Path, source: str, rows: int, cols: int) -> list[str]:
+def fracatlas_boxes_px(data: Path, source: str, rows: int, cols: int
+                       ) -> list[tuple[float, float, float, float]]:
     """The radiologists' boxes of one FracAtlas image (normalized cx, cy, w, h in
-    ``boxes.csv``) as ``[col_min, row_min, col_max, row_max]`` in stored pixels."""
+    ``boxes.csv``) as (col_min, row_min, col_max, row_max) in stored pixels."""
     out = []
     with open(data / "fracture" / "fracatlas" / "boxes.csv", newline="") as fh:
         for b in csv.DictReader(fh):
             if b["path"] == source:
                 cx, cy, w, h = (float(b[k]) for k in ("cx", "cy", "w", "h"))
-                out.append(f"[{(cx - w / 2) * cols:.1f}, {(cy - h / 2) * rows:.1f}, "
-                           f"{(cx + w / 2) * cols:.1f}, {(cy + h / 2) * rows:.1f}]")
+                out.append(((cx - w / 2) * cols, (cy - h / 2) * rows,
+                            (cx + w / 2) * cols, (cy + h / 2) * rows))
     return out
 
 
@@ -373,7 +374,8 @@ def fracture_xray(spec: FractureXRay, data: Path) -> Dataset:
                          f"expected {spec.label}/{spec.split}")
     path = root / spec.source
     gray = np.asarray(Image.open(path).convert("L"), dtype=np.uint8)
-    boxes = fracatlas_boxes_px(data, spec.source, *gray.shape)
+    boxes = [f"[{c0:.1f}, {r0:.1f}, {c1:.1f}, {r1:.1f}]"
+             for c0, r0, c1, r1 in fracatlas_boxes_px(data, spec.source, *gray.shape)]
     number = spec.key[-2:]
     ds = base_dataset(
         spec.key, sop_class=CR_STORAGE, modality="CR", patient_label=f"FRACTURE-{number}",

@@ -55,8 +55,10 @@ from dicom_ai.inference.spec import ClassificationSpec, FractureSpec
 from dicom_ai.pipeline import load_models
 from dicom_ai.replay import replay
 from dicom_ai.train import fracture
+from dicom_ai.train.datasets import ImageSet
 from dicom_ai.train.loop import predict_logits, validation_auc
 from dicom_ai.train.metrics import binary_auc, bootstrap_ci
+from dicom_ai.train.recipes import Recipe
 from dicom_ai.train.run import bundle_recipe, load_splits
 
 FloatArray = npt.NDArray[np.float64]
@@ -165,11 +167,6 @@ def fracture_model(shipped: Shipped, data: Path, cache: Path, work: Path) -> Non
     val = fracture.load_split(root, "valid", fracture.SIZE, cache)
     with (root / "labels.csv").open(newline="") as fh:
         rows = {r["path"]: r for r in csv.DictReader(fh)}
-    with (root / "boxes.csv").open(newline="") as fh:
-        truth: dict[str, list[tuple[float, ...]]] = {}
-        for b in csv.DictReader(fh):
-            truth.setdefault(b["path"], []).append(tuple(float(b[k])
-                                                         for k in ("cx", "cy", "w", "h")))
     folder, out = work / "in", work / "out"
     keys, encodings = [], []
     for i, path in enumerate(val.names):
@@ -180,7 +177,7 @@ def fracture_model(shipped: Shipped, data: Path, cache: Path, work: Path) -> Non
                                     window, syntax, label=row["label"], split="valid")
         samples.write(samples.fracture_xray(film, data), folder / key.lower() / "1.dcm")
         keys.append(key)
-        encodings.append(f"{photometric} {bits}-bit{' VOI' if window else ''} {syntax.name}")
+        encodings.append(xray_encoding(photometric, bits, window, syntax))
     shipped.replay(folder, out)
 
     bundle = shipped.named(fracture.NAME)
@@ -203,11 +200,9 @@ def fracture_model(shipped: Shipped, data: Path, cache: Path, work: Path) -> Non
         dicom_p[i] = image[0]["probability"]
         boxes = [f for f in findings if f["label"] == "fracture" and "bbox_px" in f]
         if boxes and val.labels[i] == 1:
-            rows_px = int(rows[val.names[i]]["height"])
-            cols_px = int(rows[val.names[i]]["width"])
-            gt = np.array([[(cx - w / 2) * cols_px, (cy - h / 2) * rows_px,
-                            (cx + w / 2) * cols_px, (cy + h / 2) * rows_px]
-                           for cx, cy, w, h in truth.get(val.names[i], [])], dtype=np.float32)
+            row = rows[val.names[i]]
+            gt = np.array(samples.fracatlas_boxes_px(data, val.names[i], int(row["height"]),
+                                                     int(row["width"])), dtype=np.float32)
             top = max(boxes, key=lambda f: f["probability"])
             c0, r0, c1, r1 = (float(v) for v in top["bbox_px"])
             top_hit[i] = fracture.box_hit(Box(c0, r0, c1, r1, top["probability"]), gt)
@@ -244,10 +239,17 @@ def chest_xrays(names: Sequence[str], labels: Sequence[str], root: str
     return out
 
 
+def xray_encoding(photometric: str, bits: int, window: bool, syntax: UID) -> str:
+    """How a radiograph was encoded, as the report names it."""
+    return f"{photometric} {bits}-bit{' VOI' if window else ''} {syntax.name}"
+
+
 def encoding_name(spec: samples.ChestXRay) -> str:
-    return (f"{spec.modality} {spec.presentation_intent} {spec.photometric} "
-            f"{spec.bits_stored}-bit{' VOI' if spec.window else ''} "
-            f"{spec.transfer_syntax.name}").replace("  ", " ")
+    """:func:`xray_encoding` of a chest film, after its modality and presentation intent."""
+    kind = f"{spec.modality} {spec.presentation_intent}".strip()
+    encoding = xray_encoding(spec.photometric, spec.bits_stored, spec.window,
+                             spec.transfer_syntax)
+    return f"{kind} {encoding}"
 
 
 def classification_model(shipped: Shipped, name: str, data: Path, cache: Path, work: Path
@@ -256,9 +258,9 @@ def classification_model(shipped: Shipped, name: str, data: Path, cache: Path, w
     spec = bundle.spec
     assert isinstance(spec, ClassificationSpec)
     recipe = bundle_recipe(bundle.metadata)
-    _, val = load_splits(recipe, data, cache)
+    train, val = load_splits(recipe, data, cache)
     if name == "cxr-pneumonia":
-        chest_subsets(shipped, bundle, spec, data, cache, work)
+        chest_subsets(shipped, bundle, spec, recipe, (train, val), data, work)
     array_p = calibrated_softmax(predict_logits(bundle.network, val.images), spec.temperature)
     folder, out = work / "in", work / "out"
     keys, encodings = [], []
@@ -320,30 +322,28 @@ def read_probabilities(out: Path, keys: Sequence[str], model: str, labels: Seque
     return probs, unscored
 
 
-def chest_subsets(shipped: Shipped, bundle: Bundle, spec: ClassificationSpec, data: Path,
-                  cache: Path, work: Path) -> None:
+def chest_subsets(shipped: Shipped, bundle: Bundle, spec: ClassificationSpec, recipe: Recipe,
+                  splits: tuple[ImageSet, ImageSet], data: Path, work: Path) -> None:
     """The 120 Kermany films kept near their original resolution (longest side ≤ 1024) through
-    DICOM, against the 224-px copies of the same films the model trains and validates on: the
-    held-out films may come at either size."""
+    DICOM, against the 224-px copies of the same films (in ``splits``, train and validation)
+    the model trains and validates on: the held-out films may come at either size."""
     root = "cxr/kermany_fullres_subset"
     with (data / root / "labels.csv").open(newline="") as fh:
         rows = list(csv.DictReader(fh))
-    recipe = bundle_recipe(bundle.metadata)
-    train, val = load_splits(recipe, data, cache)
-    index = {n: (s, k) for s, part in (("train", train), ("val", val))
-             for k, n in enumerate(part.names)}
+    index = {n: (part, k) for part in splits for k, n in enumerate(part.names)}
+    # The subset names its films under train/, the 224-px split by class folder.
+    copies = [index[r["path"].removeprefix("train/")] for r in rows]
     films = chest_xrays([r["path"] for r in rows], [r["label"] for r in rows], root)
     folder, out = work / "fullres" / "in", work / "fullres" / "out"
     for film in films:
         samples.write(samples.chest_xray(film, data), folder / film.key.lower() / "1.dcm")
     shipped.replay(folder, out)
-    small = np.stack([(train if index[r["path"][len("train/"):]][0] == "train" else val)
-                      .images[index[r["path"][len("train/"):]][1]] for r in rows])
+    small = np.stack([part.images[k] for part, k in copies])
     array_p = calibrated_softmax(predict_logits(bundle.network, small), spec.temperature)
     labels = np.array([recipe.labels.index(r["label"].lower()) for r in rows], dtype=np.int64)
     dicom_p, unscored = read_probabilities(out, [f.key for f in films], recipe.name,
                                            recipe.labels, [r["path"] for r in rows])
-    in_val = sum(index[r["path"][len("train/"):]][0] == "val" for r in rows)
+    in_val = sum(part is splits[1] for part, _ in copies)
     report(recipe.name, auc_name(recipe.labels, recipe.loop.select_classes),
            Scored(labels, array_p, dicom_p, tuple(encoding_name(f) for f in films), unscored),
            lambda y, p: validation_auc(y, p, recipe.loop.select_classes),

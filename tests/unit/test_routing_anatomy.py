@@ -97,15 +97,8 @@ def test_region_codes_from_context_groups_and_codes() -> None:
         region_codes(("39937001",))
 
 
-@pytest.mark.parametrize("part", ["CHEST", "THORAX", "CHESTABDOMEN", "CHESTABDPELVIS",
-                                  "NECKCHESTABDPELV", "WHOLEBODY"])
-def test_shipped_ct_model_reads_the_annex_l_terms_of_ct_that_include_the_chest(
-        part: str) -> None:
-    import json
-
-    meta = Path(__file__).resolve().parents[2] / "models" / "ct-lung" / "configs" / \
-        "metadata.json"
-    accepts = json.loads(meta.read_text())["dicom_ai"]["accepts"]
+def ct_series(part: str) -> Series:
+    """Twelve 2.5 mm axial CT slices whose Body Part Examined is ``part``."""
     instances = []
     for k in range(12):
         ds = Dataset()
@@ -117,16 +110,20 @@ def test_shipped_ct_model_reads_the_annex_l_terms_of_ct_that_include_the_chest(
         ds.BodyPartExamined = part
         ds.SliceThickness = "2.5"
         instances.append(Instance(Path(f"{k}.dcm"), ds))
-    series = Series("1.2.3.4", instances)
+    return Series("1.2.3.4", instances)
+
+
+@pytest.mark.parametrize("part", ["CHEST", "THORAX", "CHESTABDOMEN", "CHESTABDPELVIS",
+                                  "NECKCHESTABDPELV", "WHOLEBODY"])
+def test_shipped_ct_model_reads_the_annex_l_terms_of_ct_that_include_the_chest(
+        part: str) -> None:
+    import json
+
+    meta = Path(__file__).resolve().parents[2] / "models" / "ct-lung" / "configs" / \
+        "metadata.json"
+    accepts = json.loads(meta.read_text())["dicom_ai"]["accepts"]
+    series = ct_series(part)
     assert not_applicable(accepts, series) is None and unfit(accepts, series) is None
-    head = Series("1.2.3.5", [Instance(i.path, _with_body_part(i.header, "HEAD"))
-                              for i in instances])
-    assert unfit(accepts, head) == ("body part examined is HEAD, the model reads CHEST, THORAX, "
-                                    "LUNG, CHESTABDOMEN, CHESTABDPELVIS and 6 more")
-
-
-def _with_body_part(header: Dataset, part: str) -> Dataset:
-    ds = Dataset()
-    ds.update(header)
-    ds.BodyPartExamined = part
-    return ds
+    assert unfit(accepts, ct_series("HEAD")) == (
+        "body part examined is HEAD, the model reads CHEST, THORAX, LUNG, CHESTABDOMEN, "
+        "CHESTABDPELVIS and 6 more")
