@@ -271,12 +271,14 @@ DERM_LESION = Recipe(
         # The ISIC 2017 challenge's score: the mean of the melanoma and SK one-vs-rest AUCs.
         "mean_auc_of": ["melanoma", "seborrheic_keratosis"],
         # Melanoma and "Malignant" as DICOM PS3.16 lists them (pydicom's concept dictionary);
-        # melanocytic nevus from the SNOMED CT International browser. No SNOMED CT concept
-        # for seborrheic keratosis could be verified here, so it carries its ICD-10 code.
+        # melanocytic nevus from the SNOMED CT International browser. Seborrheic keratosis is
+        # in neither PS3.16 nor pydicom: 394726009 is the concept OHDSI's vocabulary
+        # (OHDSI/Vocabulary-v5.0) maps ICD-10 L82 to, as does a code list built by checking
+        # each SNOMED CT code against tx.fhir.org.
         "codes": {
             "melanoma": {"value": "1162635006", "scheme": "SCT", "meaning": "Malignant melanoma"},
             "nevus": {"value": "400096001", "scheme": "SCT", "meaning": "Melanocytic nevus"},
-            "seborrheic_keratosis": {"value": "L82", "scheme": "I10",
+            "seborrheic_keratosis": {"value": "394726009", "scheme": "SCT",
                                      "meaning": "Seborrheic keratosis"},
             "malignant": {"value": "21594007", "scheme": "SCT", "meaning": "Malignant"},
         },
@@ -285,8 +287,10 @@ DERM_LESION = Recipe(
     warm_start=WarmStart(
         sha256="5ea8b002775873d931d2937731143156925a403d4dacb347a0d9d3564b084767",
         revision="b29eeca", path="models/derm-lesion/models/model.pt"),
-    version="1.3.0",
-    changelog=(("1.3.0", "a fourth cosine cycle at 192 px from the 1.2.0 weights (40 epochs, 60 "
+    version="1.3.1",
+    changelog=(("1.3.1", "seborrheic keratosis coded in SNOMED CT (394726009) instead of "
+                         "ICD-10 (L82); same weights"),
+               ("1.3.0", "a fourth cosine cycle at 192 px from the 1.2.0 weights (40 epochs, 60 "
                          "min on 2 CPU threads; the best on validation was its first epoch)"),
                ("1.2.0", "a third cosine cycle at 160 px from the 1.1.0 weights (40 epochs, 33 "
                          "min on 2 CPU threads)"),

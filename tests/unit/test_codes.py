@@ -90,3 +90,18 @@ def test_shipped_fracture_bundle_codes_multiple_fractures_privately() -> None:
     assert meta["dicom_ai"]["codes"]["multiple_fractures"] == MULTIPLE_FRACTURES
     # A private code stays within Code Value's 16 characters.
     assert len(MULTIPLE_FRACTURES["value"]) <= 16
+
+
+def test_shipped_derm_bundle_codes_every_diagnosis_in_snomed_ct() -> None:
+    import json
+    from pathlib import Path
+
+    from dicom_ai.results.codes import finding_concept
+
+    meta = json.loads((Path(__file__).resolve().parents[2] / "models" / "derm-lesion"
+                       / "configs" / "metadata.json").read_text())
+    found = {label: finding_concept(label, meta["dicom_ai"]["codes"])
+             for label in ("melanoma", "nevus", "seborrheic_keratosis", "malignant")}
+    assert {c.scheme_designator for c in found.values()} == {"SCT"}
+    sk = found["seborrheic_keratosis"]
+    assert (sk.value, sk.meaning) == ("394726009", "Seborrheic keratosis")
