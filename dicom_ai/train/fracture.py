@@ -590,9 +590,11 @@ def evaluate_bundle(bundle: Path, data_dir: Path, cache_dir: Path) -> dict[str, 
                    threshold=float(spec.decision.threshold or 0.0))
 
 
-def validation_experiment(description: str) -> tuple[Path, FractureSet]:
+def validation_experiment(description: str, size: tuple[int, int] = SIZE
+                          ) -> tuple[Path, FractureSet]:
     """The command line of a ``scripts/experiments`` study of a fracture bundle on the valid
-    split (``[bundle] [--data D] [--cache C]``, one torch thread): the bundle and the split."""
+    split (``[bundle] [--data D] [--cache C]``, one torch thread): the bundle and the split,
+    normalized to ``size`` (the recipe's by default)."""
     from dicom_ai.train.commands import DEFAULT_CACHE, DEFAULT_DATA
 
     parser = argparse.ArgumentParser(description=description)
@@ -601,7 +603,7 @@ def validation_experiment(description: str) -> tuple[Path, FractureSet]:
     parser.add_argument("--cache", default=DEFAULT_CACHE, type=Path)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    return args.bundle, load_split(args.data / DATA_SUBDIR, "valid", SIZE, args.cache)
+    return args.bundle, load_split(args.data / DATA_SUBDIR, "valid", size, args.cache)
 
 
 def command_train(args: argparse.Namespace) -> int:
