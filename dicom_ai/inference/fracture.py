@@ -6,14 +6,12 @@ training used, :func:`dicom_ai.inference.classify.prepare`) → image-based inpu
 image score the bundle names: image logit and heatmap peak) and boxes decoded from the centre
 heatmap, mapped back onto the stored pixel grid.
 
-Findings of the series (:func:`series_findings`; its most suspicious image speaks for it):
+Findings of the series (its most suspicious image speaks for it):
 
-* ``fracture`` with the most suspicious image's probability, ``positive`` at the bundle's
-  operating point;
-* for each positive image, that image first, one ``fracture`` finding per box (``bbox_px`` in
-  source pixels, ``image_uid`` the image): the top heatmap peak, plus further peaks at or above
-  ``boxes.min_score``;
-* ``multiple_fractures`` when an image shows more than one box.
+* ``fracture`` with the image-level probability, ``positive`` at the bundle's operating point;
+* for a positive image, one ``fracture`` finding per box (``bbox_px`` in source pixels): the
+  top heatmap peak, plus further peaks at or above ``boxes.min_score``;
+* ``multiple_fractures`` when more than one box is reported.
 
 The finding site is the examined body part (Body Part Examined → SNOMED CT, CID 4031); the
 FracAtlas region it belongs to (hand, leg, hip, shoulder) is named in the caption. Every
@@ -146,23 +144,6 @@ def image_findings(spec: FractureSpec, probability: float, boxes: Sequence[Box],
     return findings, source_boxes
 
 
-def series_findings(per_image: Sequence[Sequence[Finding]], best: int) -> list[Finding]:
-    """The findings of a series from those of its images (:func:`image_findings`): all of
-    image ``best``'s, then the boxes of every other image.
-
-    The views of one exam go in one series, and a fracture seen on two of them is one fracture
-    boxed on each: every view's boxes are reported on their own image, but the image-level
-    score is the most suspicious image's alone, and ``multiple_fractures`` stands once, for an
-    image with more than one box, never for boxes counted across views.
-    """
-    findings = list(per_image[best])
-    others = [f for k, image in enumerate(per_image) if k != best for f in image]
-    findings += [f for f in others if f.bbox_px is not None]
-    if not any(f.label == "multiple_fractures" for f in findings):
-        findings += [f for f in others if f.label == "multiple_fractures"][:1]
-    return findings
-
-
 def caption(probability: float, positive: bool, n_boxes: int, region: str) -> str:
     """The text burned into the Secondary Capture."""
     where = f" ({region})" if region else ""
@@ -211,6 +192,6 @@ def analyse_fracture(bundle: Bundle, series: Series, started: datetime,
             caption=caption(float(p), bool(findings[0].positive), len(source_boxes), region),
             markers=tuple(display_marker(b, source_shape, image.display.shape)
                           for b in source_boxes)))
-    findings = series_findings(per_image, int(np.argmax(probabilities)))
+    best = int(np.argmax(probabilities))
     return ModelResult(series=series, model=bundle.info, status="ok", started=started,
-                       findings=findings, explanations=explanations), series_inputs.failed
+                       findings=per_image[best], explanations=explanations), series_inputs.failed

@@ -19,14 +19,12 @@ from dicom_ai.config import InferenceSettings
 from dicom_ai.dicom.model import Instance, Series
 from dicom_ai.inference import routing
 from dicom_ai.inference.bundle import BundleError, _validate_block, load_bundle
-from dicom_ai.inference.findings import Finding
 from dicom_ai.inference.fracture import (
     analyse_fracture,
     body_part_site,
     display_marker,
     forward,
     reported_boxes,
-    series_findings,
 )
 from dicom_ai.inference.fracture_net import (
     Box,
@@ -298,34 +296,6 @@ def test_inference_scores_images_with_the_bundles_peak_weight(tmp_path: Path,
         logit, heat, _size = bundle.network(torch.from_numpy(x))
     expected = logit[:, 0] if weight == 0.0 else heat[:, 0].amax(dim=(-2, -1))
     np.testing.assert_allclose(scores, expected.double().numpy(), rtol=1e-5, atol=1e-6)
-
-
-def view(uid: str, probability: float, boxes: int) -> list[Finding]:
-    """The findings :func:`image_findings` gives an image of ``probability`` with ``boxes``."""
-    found = [Finding("fracture", probability=probability, positive=boxes > 0,
-                     operating_point=0.5, image_uid=uid)]
-    found += [Finding("fracture", probability=0.9 - k / 10, positive=True, image_uid=uid,
-                      bbox_px=(10.0 * k, 0.0, 10.0 * k + 5, 5.0)) for k in range(boxes)]
-    return found + ([Finding("multiple_fractures", positive=True, image_uid=uid)]
-                    if boxes > 1 else [])
-
-
-def test_series_reports_every_views_boxes_and_the_most_suspicious_views_score() -> None:
-    ap, lateral, oblique = view("ap", 0.7, 1), view("lat", 0.9, 1), view("obl", 0.2, 0)
-    found = series_findings([ap, lateral, oblique], best=1)
-    # The lateral's score and box first (a scorer's "top box"), then the AP's box; the
-    # oblique, negative, has none; one box per view is one fracture seen twice.
-    assert found == [*lateral, ap[1]]
-    assert [f.label for f in found] == ["fracture"] * 3
-
-    two_on_ap = view("ap", 0.7, 2)
-    found = series_findings([two_on_ap, lateral], best=1)
-    assert found == [*lateral, *two_on_ap[1:3], two_on_ap[3]]
-    assert [f.label for f in found].count("multiple_fractures") == 1
-    two_on_both = series_findings([two_on_ap, view("lat", 0.9, 2)], best=1)
-    assert [(f.label, f.image_uid) for f in two_on_both
-            if f.label == "multiple_fractures"] == [("multiple_fractures", "lat")]
-    assert series_findings([lateral], best=0) == lateral
 
 
 @pytest.mark.parametrize("threshold", [0.0, 1.01])
