@@ -6,9 +6,9 @@ is the decoder's own: JPEG 2000 codecs undo the multi-component transform, so YB
 come out as RGB, and native YBR_FULL_422 comes out with its subsampling removed (YBR_FULL).
 :func:`decode_pixels` says which photometric interpretation the returned array is in.
 
-Decoders available: python-gdcm, pylibjpeg-openjpeg, pyjpegls and pydicom's own (native,
-RLE). The GPL pylibjpeg-libjpeg is deliberately absent, so 12-bit JPEG Extended fails with a
-clear reason.
+Decoders available: python-gdcm, Pillow, pylibjpeg-openjpeg, pyjpegls and pydicom's own
+(native, RLE); :data:`DECODING_PLUGINS` says which one decodes what. The GPL pylibjpeg-libjpeg is
+deliberately absent, so 12-bit JPEG Extended fails with a clear reason.
 """
 
 from __future__ import annotations
@@ -29,10 +29,16 @@ from pydicom.encaps import generate_fragments
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.pixels.utils import as_pixel_options, get_expected_length
 from pydicom.uid import (
+    JPEG2000,
     UID,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
 )
 
 from dicom_ai.config import LimitsSettings
@@ -77,6 +83,24 @@ _MAX_JPEG_SEGMENTS = 1000
 _SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD,
                           0xCE, 0xCF, 0xF7})
 _JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  "
+
+#: The pydicom plugins each of these transfer syntaxes may be decoded with, in order: the first
+#: one installed decodes it, alone. GDCM decodes them too, but on some malformed JPEG and
+#: JPEG-LS codestreams it aborts the whole process (an uncaught C++ exception, a failed
+#: assertion; found by fuzzing, ``tests/robustness``) where these raise an error. No fallback
+#: to GDCM either: after the first plugin's error pydicom would hand it the same codestream. On
+#: every file of the test corpus these plugins return the arrays GDCM returns. pylibjpeg comes
+#: first for JPEG Extended where a site installs pylibjpeg-libjpeg for 12-bit files (Pillow,
+#: like GDCM, reads 8 bits only). JPEG Lossless keeps pydicom's order: no other installed
+#: plugin decodes it, so GDCM does.
+DECODING_PLUGINS: dict[str, tuple[str, ...]] = {
+    JPEGBaseline8Bit: ("pillow",),
+    JPEGExtended12Bit: ("pylibjpeg", "pillow"),
+    JPEGLSLossless: ("pyjpegls",),
+    JPEGLSNearLossless: ("pyjpegls",),
+    JPEG2000Lossless: ("pylibjpeg",),
+    JPEG2000: ("pylibjpeg",),
+}
 
 #: Transfer syntaxes newer than pydicom 3.0's UID dictionary, named for error messages.
 _TS_NAMES = {
@@ -155,10 +179,16 @@ def _decode(ds: Dataset, instance: Instance, index: int | None) -> DecodedPixels
         _check_length(ds, instance)
     if not decoder.is_native:
         _check_codestreams(ds, instance)
+    plugins = DECODING_PLUGINS.get(ts, ())
+    plugin = next((p for p in plugins if p in decoder.available_plugins), None)
+    if plugins and plugin is None:
+        raise PixelDecodeError(f"no {' or '.join(plugins)} decoder installed for {name}",
+                               path=instance.path)
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
         try:
             array, properties = decoder.as_array(ds, index=index, raw=True,
+                                                 decoding_plugin=plugin or "",
                                                  **as_pixel_options(ds))
         except Exception as exc:
             raise PixelDecodeError(f"cannot decode {name}: {_one_line(exc)}",
@@ -292,6 +322,12 @@ def _check_codestreams(ds: Dataset, instance: Instance) -> None:
     # The first item is the Basic Offset Table, not a fragment.
     items = generate_fragments(ds.PixelData)
     for fragment in itertools.islice(items, 1, _MAX_FRAGMENTS_CHECKED):
+        if fragment.startswith(_JP2_SIGNATURE) and _jp2_codestream(fragment) is None:
+            # pydicom's own JP2 parser (pixels.utils.get_j2k_parameters) adds each box's
+            # length until it meets the codestream box: a length of 0, or 0 read from the
+            # bytes past the end, makes it loop forever.
+            raise PixelDecodeError("a JP2 file whose boxes do not lead to its codestream "
+                                   "(jp2c)", path=instance.path)
         size = codestream_size(fragment)
         if size is not None and size[0] * size[1] * size[2] > declared:
             raise PixelDecodeError(
@@ -316,7 +352,7 @@ def codestream_size(fragment: bytes) -> tuple[int, int, int] | None:
         or ends before that segment.
     """
     if fragment.startswith(_JP2_SIGNATURE):
-        fragment = _jp2_codestream(fragment)
+        fragment = _jp2_codestream(fragment) or b""
     if fragment.startswith(b"\xff\x4f\xff\x51") and len(fragment) >= 42:
         # SIZ (ISO/IEC 15444-1 A.5.1): Lsiz Rsiz Xsiz Ysiz XOsiz YOsiz ... Csiz.
         x, y, x0, y0 = struct.unpack_from(">LLLL", fragment, 8)
@@ -339,19 +375,21 @@ def codestream_size(fragment: bytes) -> tuple[int, int, int] | None:
     return None
 
 
-def _jp2_codestream(data: bytes) -> bytes:
-    """The contiguous codestream box (jp2c) of a JP2 file, or b"" when there is none."""
+def _jp2_codestream(data: bytes) -> bytes | None:
+    """The contiguous codestream box (jp2c) of a JP2 file, or None unless the boxes before it
+    (at most :data:`_MAX_JPEG_SEGMENTS`, each at least 8 bytes long) lead to it within
+    ``data``."""
     offset = 0
     for _ in range(_MAX_JPEG_SEGMENTS):
         if offset + 8 > len(data):
-            break
+            return None
         (length,) = struct.unpack_from(">L", data, offset)
         if data[offset + 4:offset + 8] == b"jp2c":
             return data[offset + 8:]
         if length < 8:
-            break
+            return None
         offset += length
-    return b""
+    return None
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ Deterministic: one seed, files in sorted order; every loop is bounded in count a
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -331,6 +332,30 @@ def drive_reader(work: str, report: str) -> None:
     }, indent=1))
 
 
+#: Mutations that aborted or hung the reading process until the decoder choice and the JP2
+#: box check of ``dicom_ai.dicom.pixels``: (seed file, generator seed, index in its mutation
+#: sequence). Found by this file's mutations with other generator seeds than :data:`SEED`:
+#: GDCM aborting on a JPEG-LS, a JPEG Baseline and a JPEG Extended codestream (an uncaught C++
+#: exception, a failed assertion), pydicom looping for ever on two JP2 box chains.
+ONCE_FATAL = (("JPEGLSNearLossless_08.dcm", 5004, 37), ("SC_rgb_small_odd_jpeg.dcm", 5012, 48),
+              ("JPEGExtended_3s_1f_u_08_08.dcm", 7047, 288),
+              ("GDCMJ2K_TextGBR.dcm", 5043, 95), ("GDCMJ2K_TextGBR.dcm", 5043, 149))
+
+
+def drive_once_fatal(work: str, report: str) -> None:
+    """The child process: each :data:`ONCE_FATAL` mutation made again and read."""
+    by_name = {p.name: p for p in seeds()}
+    outcomes = {}
+    for name, generator, index in ONCE_FATAL:
+        data = planted(by_name[name]) or by_name[name].read_bytes()
+        mutations = mutate(data, random.Random(generator), index + 1)
+        _kind, variant = next(itertools.islice(mutations, index, None))
+        path = Path(work) / f"{index}-{name}"
+        path.write_bytes(variant)
+        outcomes[f"{name} #{index}"] = exercise(path)
+    Path(report).write_text(json.dumps(outcomes))
+
+
 def _limit_address_space() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE_LIMIT, ADDRESS_SPACE_LIMIT))
 
@@ -464,3 +489,16 @@ def test_replay_fuzz(tmp_path: Path) -> None:
     assert int(rss.read_text()) < REPLAY_RSS_BOUND_MB
     assert [f for f in FRAGMENTS if f in run.stdout + run.stderr] == []
     assert "Traceback" not in run.stderr
+
+
+def test_mutations_that_once_killed_or_hung_the_reader_are_refused(tmp_path: Path) -> None:
+    report = tmp_path / "report.json"
+    run = _child("import sys, test_reader_fuzz as f; f.drive_once_fatal(*sys.argv[1:])",
+                 str(tmp_path), str(report), timeout=120, limit=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    outcomes = json.loads(report.read_text())
+    assert len(outcomes) == len(ONCE_FATAL)
+    # Each read ends: decoded (a tolerant decoder may) or refused with a one-line reason.
+    for name, (outcome, reason) in outcomes.items():
+        assert outcome == "decoded" or (reason and "\n" not in reason), (name, outcome, reason)
+    assert sum(outcome == "pixels failed" for outcome, _ in outcomes.values()) >= 4

@@ -15,6 +15,7 @@ from dicom_ai.dicom.errors import PixelDecodeError
 from dicom_ai.dicom.io import read_header
 from dicom_ai.dicom.model import Instance
 from dicom_ai.dicom.pixels import (
+    DECODING_PLUGINS,
     codestream_size,
     decode,
     decode_frame,
@@ -236,6 +237,44 @@ def test_codestream_size_of_jpeg_ls_and_fragments_that_start_none(make_dicom: Ma
     assert codestream_size(fragment) == (64, 64, 1)
     assert codestream_size(b"\x12\x34" + fragment) is None
     assert codestream_size(fragment[:8]) is None
+
+
+@pytest.mark.timeout(60)
+def test_a_jp2_box_of_length_zero_is_refused_before_pydicom_loops_on_it(
+        make_dicom: MakeDicom) -> None:
+    # JP2 signature box, then a box that declares length 0 before any codestream box:
+    # pydicom's get_j2k_parameters adds 0 to its offset for ever.
+    path = _compressed(make_dicom("a.dcm", RAMP), JPEG2000Lossless)
+    ds = pydicom.dcmread(path)
+    _offset_table, codestream = generate_fragments(ds.PixelData)
+    ds.PixelData = encapsulate([b"\x00\x00\x00\x0cjP  \r\n\x87\n" + bytes(4) + b"jp2h"
+                                + codestream])
+    ds.save_as(path, enforce_file_format=True)
+    with pytest.raises(PixelDecodeError) as info:
+        decode(_instance(path))
+    assert info.value.reason == "a JP2 file whose boxes do not lead to its codestream (jp2c)"
+
+
+@pytest.mark.parametrize("syntax", [JPEGLSLossless, JPEG2000Lossless])
+def test_a_syntax_with_a_named_plugin_is_decoded_by_that_plugin_alone(
+        make_dicom: MakeDicom, monkeypatch: pytest.MonkeyPatch, syntax: str) -> None:
+    path = _compressed(make_dicom("a.dcm", RAMP), syntax)
+    decoder = get_decoder(syntax)
+    asked: list[object] = []
+    real = type(decoder).as_array
+
+    def spy(self: object, *args: object, **kwargs: object) -> object:
+        asked.append(kwargs.get("decoding_plugin"))
+        return real(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(type(decoder), "as_array", spy)
+    np.testing.assert_array_equal(decode(_instance(path)), RAMP)
+    assert asked == list(DECODING_PLUGINS[syntax]) and "gdcm" not in asked
+    monkeypatch.setattr(type(decoder), "available_plugins",
+                        property(lambda self: ("gdcm",)))
+    with pytest.raises(PixelDecodeError) as info:
+        decode(_instance(path))
+    assert info.value.reason.startswith(f"no {DECODING_PLUGINS[syntax][0]} decoder installed for ")
 
 
 @pytest.mark.parametrize("error", [ValueError("could not convert 'Doe^Jane'"), MemoryError(),
