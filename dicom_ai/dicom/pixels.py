@@ -322,13 +322,15 @@ def _check_codestreams(ds: Dataset, instance: Instance) -> None:
     # The first item is the Basic Offset Table, not a fragment.
     items = generate_fragments(ds.PixelData)
     for fragment in itertools.islice(items, 1, _MAX_FRAGMENTS_CHECKED):
-        if fragment.startswith(_JP2_SIGNATURE) and _jp2_codestream(fragment) is None:
+        codestream = _jp2_codestream(fragment) if fragment.startswith(_JP2_SIGNATURE) \
+            else fragment
+        if codestream is None:
             # pydicom's own JP2 parser (pixels.utils.get_j2k_parameters) adds each box's
             # length until it meets the codestream box: a length of 0, or 0 read from the
             # bytes past the end, makes it loop forever.
             raise PixelDecodeError("a JP2 file whose boxes do not lead to its codestream "
                                    "(jp2c)", path=instance.path)
-        size = codestream_size(fragment)
+        size = codestream_size(codestream)
         if size is not None and size[0] * size[1] * size[2] > declared:
             raise PixelDecodeError(
                 f"a codestream declares {size[0]} x {size[1]} x {size[2]} samples, the header "
