@@ -23,18 +23,19 @@ SIZES = (256, 320, 384)
 
 
 def main() -> int:
+    splits = {side: fracture.validation_experiment(__doc__.split("\n")[0], (side, side))
+              for side in SIZES}
+    bundle = splits[SIZES[0]][0]
+    net = fracture.load_trained(bundle)
+    weight = fracture.bundle_spec(bundle).peak_weight
     scores = {}
-    for side in SIZES:
-        bundle, val = fracture.validation_experiment(__doc__.split("\n")[0], (side, side))
-        pred = fracture.predict(fracture.load_trained(bundle), val.images,
-                                peak_weight=fracture.bundle_spec(bundle).peak_weight)
+    for side, (_bundle, val) in splits.items():
+        pred = fracture.predict(net, val.images, peak_weight=weight)
         scores[side] = pred.scores
-        frac = np.flatnonzero(val.labels == 1)
-        hits = np.mean([bool(pred.boxes[i]) and fracture.box_hit(pred.boxes[i][0], val.boxes[i])
-                        for i in frac])
-        print(f"{side} px: image AUC {binary_auc(val.labels, pred.scores):.4f}, top box on a "
-              f"radiologist's box {hits:.3f} of {len(frac)} fractured images", flush=True)
-    y = val.labels
+        auc, hits, _peak_auc = fracture.selection_score(val, pred)
+        print(f"{side} px: image AUC {auc:.4f}, top box on a radiologist's box {hits:.3f} of "
+              f"{int(val.labels.sum())} fractured images", flush=True)
+    y = splits[SIZES[0]][1].labels
     mean = (scores[256] + scores[320]) / 2
     lo, hi = bootstrap_ci(partial(auc_gain, y, mean, scores[256]), len(y), resamples=2000)
     print(f"mean of 256 and 320 px: image AUC {binary_auc(y, mean):.4f}; minus 256 alone "
