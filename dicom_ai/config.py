@@ -215,6 +215,12 @@ class LimitsSettings:
     #: 4 bytes (float32 Hounsfield units), checked from the headers before any slice is decoded.
     #: 2048 MiB holds 2048 slices of 512 × 512; each slice is also bounded by max_decoded_mb.
     max_volume_mb: int = 2048
+    #: Longest one decode in the decoder process may take, in seconds. JPEG Lossless is decoded
+    #: there (by GDCM, which aborts the process it runs in on some malformed files); past this
+    #: the process is killed and the file refused, and the next file gets a new one. A 512 ×
+    #: 512 slice takes milliseconds; 120 s leaves room for a 1024 MiB multi-frame object on a
+    #: loaded machine.
+    isolated_decode_timeout_s: float = 120.0
 
 
 @dataclass
@@ -432,6 +438,8 @@ def validate(settings: Settings) -> list[str]:
         problems.append("limits.max_decoded_mb: must be at least 1")
     if settings.limits.max_volume_mb < 1:
         problems.append("limits.max_volume_mb: must be at least 1")
+    if not settings.limits.isolated_decode_timeout_s > 0:
+        problems.append("limits.isolated_decode_timeout_s: must be positive")
     if not 0 <= settings.http.port < 65536:
         problems.append(f"http.port: must be 0 (a free port) or 1–65535, got {settings.http.port}")
     if settings.http.enabled and not settings.http.bind_address:

@@ -139,7 +139,8 @@ def run_study(study: Study, models: Sequence[Bundle], settings: Settings, *,
     outcome = StudyOutcome(study_instance_uid=study.study_instance_uid,
                            language=settings.output.language)
     with decode_limit(settings.limits.max_decoded_mb,
-                      max_volume_mb=settings.limits.max_volume_mb):
+                      max_volume_mb=settings.limits.max_volume_mb,
+                      isolated_timeout_s=settings.limits.isolated_decode_timeout_s):
         for series in study.series:
             analyse_series(series, models, settings, started, outcome)
     # One SR per study and model: the results of one model on the study's series together.

@@ -21,6 +21,7 @@ import warnings
 from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy.typing as npt
@@ -37,11 +38,14 @@ from pydicom.uid import (
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
     JPEGLSLossless,
     JPEGLSNearLossless,
 )
 
 from dicom_ai.config import LimitsSettings
+from dicom_ai.dicom.decoder_process import ISOLATED_PLUGINS, decode_in_child
 from dicom_ai.dicom.errors import DicomInputError, PixelDecodeError, UnreadableFileError
 from dicom_ai.dicom.io import read_dataset
 from dicom_ai.dicom.model import Instance
@@ -75,6 +79,9 @@ _MAX_DECODED_BYTES: ContextVar[int] = ContextVar(
 #: The volume limit in force (bytes); see :func:`decode_limit` and :func:`check_volume_size`.
 _MAX_VOLUME_BYTES: ContextVar[int] = ContextVar(
     "max_volume_bytes", default=LimitsSettings().max_volume_mb * _MIB)
+#: The time limit in force on a decode in the decoder process (seconds); see :func:`decode_limit`.
+_ISOLATED_TIMEOUT_S: ContextVar[float] = ContextVar(
+    "isolated_timeout_s", default=LimitsSettings().isolated_decode_timeout_s)
 #: Fragments whose codestream header is checked (one per frame is usual).
 _MAX_FRAGMENTS_CHECKED = 100_000
 #: Segments walked to find a JPEG SOF marker (real files have fewer than 20 before it).
@@ -85,17 +92,20 @@ _SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 
 _JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  "
 
 #: The pydicom plugins each of these transfer syntaxes may be decoded with, in order: the first
-#: one installed decodes it, alone. GDCM decodes them too, but on some malformed JPEG and
+#: one installed decodes it, alone. GDCM decodes them all, but on some malformed JPEG and
 #: JPEG-LS codestreams it aborts the whole process (an uncaught C++ exception, a failed
-#: assertion; found by fuzzing, ``tests/robustness``) where these raise an error. No fallback
-#: to GDCM either: after the first plugin's error pydicom would hand it the same codestream. On
-#: every file of the test corpus these plugins return the arrays GDCM returns. pylibjpeg comes
-#: first for JPEG Extended where a site installs pylibjpeg-libjpeg for 12-bit files (Pillow,
-#: like GDCM, reads 8 bits only). JPEG Lossless keeps pydicom's order: no other installed
-#: plugin decodes it, so GDCM does.
+#: assertion; found by fuzzing, ``tests/robustness``) where the others raise an error. No
+#: fallback to GDCM either: after the first plugin's error pydicom would hand it the same
+#: codestream. On every file of the test corpus these plugins return the arrays GDCM returns.
+#: pylibjpeg comes first for JPEG Extended where a site installs pylibjpeg-libjpeg for 12-bit
+#: files (Pillow, like GDCM, reads 8 bits only). JPEG Lossless has no other installed plugin,
+#: so GDCM decodes it, in the child process of :mod:`~dicom_ai.dicom.decoder_process`, where an
+#: abort costs only the file.
 DECODING_PLUGINS: dict[str, tuple[str, ...]] = {
     JPEGBaseline8Bit: ("pillow",),
     JPEGExtended12Bit: ("pylibjpeg", "pillow"),
+    JPEGLossless: ("gdcm",),
+    JPEGLosslessSV1: ("gdcm",),
     JPEGLSLossless: ("pyjpegls",),
     JPEGLSNearLossless: ("pyjpegls",),
     JPEG2000Lossless: ("pylibjpeg",),
@@ -150,40 +160,80 @@ def decode_pixels(instance: Instance, *, index: int | None = None) -> DecodedPix
         decoder, short or corrupt pixel data, or whatever else a decoder raised.
     """
     # Before the file is read: the header alone says how much memory decoding would take.
-    _check_declared_size(instance.header, instance, whole=index is None)
+    _check_declared_size(instance.header, instance.path, whole=index is None)
+    if _plugin(_header_syntax(instance.header)) in ISOLATED_PLUGINS:
+        array, photometric = decode_in_child(instance.path, index,
+                                             timeout_s=_ISOLATED_TIMEOUT_S.get())
+        return DecodedPixels(array, photometric)
+    return decode_file(instance.path, index=index)
+
+
+def decode_file(path: Path, *, index: int | None = None, in_decoder_process: bool = False
+                ) -> DecodedPixels:
+    """Read ``path`` with its pixel data and decode it in this process.
+
+    What :func:`decode_pixels` does after its check of the header, for the transfer syntaxes
+    decoded here, and what the decoder process (:mod:`~dicom_ai.dicom.decoder_process`) does
+    for the others.
+
+    Parameters
+    ----------
+    path:
+        The file.
+    index:
+        0-based frame to decode; None decodes every frame.
+    in_decoder_process:
+        True in the decoder process, the only place a plugin of
+        :data:`~dicom_ai.dicom.decoder_process.ISOLATED_PLUGINS` may run.
+
+    Returns
+    -------
+    DecodedPixels
+        As for :func:`decode_pixels`.
+
+    Raises
+    ------
+    PixelDecodeError
+        As for :func:`decode_pixels`.
+    """
     try:
-        ds = read_dataset(instance.path)
+        ds = read_dataset(path)
     except UnreadableFileError as exc:
-        raise PixelDecodeError(exc.reason, path=instance.path) from exc
+        raise PixelDecodeError(exc.reason, path=path) from exc
     try:
-        return _decode(ds, instance, index)
+        return _decode(ds, path, index, in_decoder_process=in_decoder_process)
     except DicomInputError:
         raise
     except Exception as exc:
         # Whatever a decoder (or pydicom preparing it) raises on values it did not expect is
         # this file's reason, never the end of a study.
-        raise PixelDecodeError(f"cannot decode: {_one_line(exc)}", path=instance.path) from exc
+        raise PixelDecodeError(f"cannot decode: {_one_line(exc)}", path=path) from exc
 
 
-def _decode(ds: Dataset, instance: Instance, index: int | None) -> DecodedPixels:
-    keyword = _pixel_keyword(ds, instance)
-    ts = _transfer_syntax(ds, keyword, instance)
+def _decode(ds: Dataset, path: Path, index: int | None, *, in_decoder_process: bool
+            ) -> DecodedPixels:
+    keyword = _pixel_keyword(ds, path)
+    ts = _transfer_syntax(ds, keyword, path)
     name = transfer_syntax_name(ts)
     try:
         decoder = get_decoder(ts)
     except NotImplementedError as exc:
-        raise PixelDecodeError(f"{name} is not supported", path=instance.path) from exc
+        raise PixelDecodeError(f"{name} is not supported", path=path) from exc
     if not decoder.is_native and not decoder.available_plugins:
-        raise PixelDecodeError(f"no decoder plugin available for {name}", path=instance.path)
+        raise PixelDecodeError(f"no decoder plugin available for {name}", path=path)
     if decoder.is_native and keyword == "PixelData":
-        _check_length(ds, instance)
+        _check_length(ds, path)
     if not decoder.is_native:
-        _check_codestreams(ds, instance)
+        _check_codestreams(ds, path)
     plugins = DECODING_PLUGINS.get(ts, ())
-    plugin = next((p for p in plugins if p in decoder.available_plugins), None)
+    plugin = _plugin(ts)
     if plugins and plugin is None:
         raise PixelDecodeError(f"no {' or '.join(plugins)} decoder installed for {name}",
-                               path=instance.path)
+                               path=path)
+    if plugin in ISOLATED_PLUGINS and not in_decoder_process:
+        # decode_pixels sends these to the decoder process by the header's transfer syntax;
+        # this one's differs, so the file changed since its header was read.
+        raise PixelDecodeError(f"{name} is decoded in the decoder process only", path=path)
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
         try:
@@ -192,10 +242,25 @@ def _decode(ds: Dataset, instance: Instance, index: int | None) -> DecodedPixels
                                                  **as_pixel_options(ds))
         except Exception as exc:
             raise PixelDecodeError(f"cannot decode {name}: {_one_line(exc)}",
-                                   path=instance.path) from exc
+                                   path=path) from exc
     photometric = str(properties.get("photometric_interpretation",
                                      ds.PhotometricInterpretation))
     return DecodedPixels(array, photometric)
+
+
+def _header_syntax(header: Dataset) -> str:
+    meta = getattr(header, "file_meta", None)
+    return str(meta.get("TransferSyntaxUID", "") or "") if meta is not None else ""
+
+
+def _plugin(transfer_syntax: str) -> str | None:
+    """The plugin of :data:`DECODING_PLUGINS` that decodes ``transfer_syntax``: the first one
+    installed; None when it names none, or none of its plugins is installed."""
+    plugins = DECODING_PLUGINS.get(transfer_syntax, ())
+    if not plugins:
+        return None
+    available = get_decoder(transfer_syntax).available_plugins
+    return next((p for p in plugins if p in available), None)
 
 
 def decode(instance: Instance) -> npt.NDArray[Any]:
@@ -265,19 +330,19 @@ def transfer_syntax_name(uid: str) -> str:
     return str(UID(uid).name)
 
 
-def _pixel_keyword(ds: Dataset, instance: Instance) -> str:
+def _pixel_keyword(ds: Dataset, path: Path) -> str:
     present = [k for k in _PIXEL_KEYWORDS if k in ds]
     if not present:
-        raise PixelDecodeError("no pixel data", path=instance.path)
+        raise PixelDecodeError("no pixel data", path=path)
     required = _REQUIRED + (_REQUIRED_INTEGER if present[0] == "PixelData" else ())
     missing = [f"{_spaced(keyword)} {tag}" for keyword, tag in required
                if ds.get(keyword) in (None, "")]
     if missing:
-        raise PixelDecodeError("missing " + ", ".join(missing), path=instance.path)
+        raise PixelDecodeError("missing " + ", ".join(missing), path=path)
     return present[0]
 
 
-def _transfer_syntax(ds: Dataset, keyword: str, instance: Instance) -> str:
+def _transfer_syntax(ds: Dataset, keyword: str, path: Path) -> str:
     meta = getattr(ds, "file_meta", None)
     ts = str(meta.get("TransferSyntaxUID", "") or "") if meta is not None else ""
     if ts:
@@ -286,14 +351,14 @@ def _transfer_syntax(ds: Dataset, keyword: str, instance: Instance) -> str:
     # as long as the pixel data is not encapsulated (a codec would be unknowable).
     if ds[keyword].is_undefined_length:
         raise PixelDecodeError("no Transfer Syntax UID and the pixel data is compressed",
-                               path=instance.path)
+                               path=path)
     implicit, little = ds.original_encoding
     if implicit:
         return str(ImplicitVRLittleEndian)
     return str(ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
 
 
-def _check_declared_size(header: Dataset, instance: Instance, *, whole: bool) -> None:
+def _check_declared_size(header: Dataset, path: Path, *, whole: bool) -> None:
     """Refuse pixel data whose declared decoded size exceeds :func:`decode_limit`."""
     try:
         rows, columns = int(header.get("Rows") or 0), int(header.get("Columns") or 0)
@@ -309,10 +374,10 @@ def _check_declared_size(header: Dataset, instance: Instance, *, whole: bool) ->
         raise PixelDecodeError(
             f"declared image size {columns} x {rows} x {frames} frame(s) x {samples} "
             f"sample(s) x {bits} bit(s) ({declared / _MIB:.0f} MiB) exceeds "
-            f"limits.max_decoded_mb ({limit // _MIB} MiB)", path=instance.path)
+            f"limits.max_decoded_mb ({limit // _MIB} MiB)", path=path)
 
 
-def _check_codestreams(ds: Dataset, instance: Instance) -> None:
+def _check_codestreams(ds: Dataset, path: Path) -> None:
     """Refuse a JPEG, JPEG-LS or JPEG 2000 codestream larger than the header declares.
 
     A decoder allocates what the codestream says, not what Rows and Columns say: a header of
@@ -329,13 +394,13 @@ def _check_codestreams(ds: Dataset, instance: Instance) -> None:
             # length until it meets the codestream box: a length of 0, or 0 read from the
             # bytes past the end, makes it loop forever.
             raise PixelDecodeError("a JP2 file whose boxes do not lead to its codestream "
-                                   "(jp2c)", path=instance.path)
+                                   "(jp2c)", path=path)
         size = codestream_size(codestream)
         if size is not None and size[0] * size[1] * size[2] > declared:
             raise PixelDecodeError(
                 f"a codestream declares {size[0]} x {size[1]} x {size[2]} samples, the header "
                 f"{ds.Columns} x {ds.Rows} x {ds.get('SamplesPerPixel') or 1}",
-                path=instance.path)
+                path=path)
 
 
 def codestream_size(fragment: bytes) -> tuple[int, int, int] | None:
@@ -395,7 +460,8 @@ def _jp2_codestream(data: bytes) -> bytes | None:
 
 
 @contextlib.contextmanager
-def decode_limit(max_decoded_mb: int, *, max_volume_mb: int | None = None) -> Iterator[None]:
+def decode_limit(max_decoded_mb: int, *, max_volume_mb: int | None = None,
+                 isolated_timeout_s: float | None = None) -> Iterator[None]:
     """Within the block, refuse to decode pixel data declaring more than ``max_decoded_mb``.
 
     Parameters
@@ -405,13 +471,19 @@ def decode_limit(max_decoded_mb: int, *, max_volume_mb: int | None = None) -> It
     max_volume_mb:
         ``limits.max_volume_mb``, for :func:`check_volume_size`; the limit in force outside the
         block when not given.
+    isolated_timeout_s:
+        ``limits.isolated_decode_timeout_s``: how long one decode in the decoder process may
+        take; the limit in force outside the block when not given.
     """
     token = _MAX_DECODED_BYTES.set(max_decoded_mb * _MIB)
     volume = _MAX_VOLUME_BYTES.set(_MAX_VOLUME_BYTES.get() if max_volume_mb is None
                                    else max_volume_mb * _MIB)
+    timeout = _ISOLATED_TIMEOUT_S.set(_ISOLATED_TIMEOUT_S.get() if isolated_timeout_s is None
+                                      else isolated_timeout_s)
     try:
         yield
     finally:
+        _ISOLATED_TIMEOUT_S.reset(timeout)
         _MAX_VOLUME_BYTES.reset(volume)
         _MAX_DECODED_BYTES.reset(token)
 
@@ -443,12 +515,12 @@ def check_volume_size(slices: int, rows: int, columns: int, *, bytes_per_voxel: 
             f"({limit // _MIB} MiB)")
 
 
-def _check_length(ds: Dataset, instance: Instance) -> None:
+def _check_length(ds: Dataset, path: Path) -> None:
     expected = int(get_expected_length(ds))
     actual = len(ds.PixelData)
     if actual < expected:
         raise PixelDecodeError(f"pixel data shorter than expected: {actual} of {expected} bytes",
-                               path=instance.path)
+                               path=path)
 
 
 def _number_of_frames(header: Dataset) -> int:
@@ -472,5 +544,13 @@ def _spaced(keyword: str) -> str:
     return "".join(f" {c}" if c.isupper() and i else c for i, c in enumerate(keyword))
 
 
-__all__ = ["DecodedPixels", "codestream_size", "decode", "decode_frame", "decode_limit",
-           "decode_pixels", "transfer_syntax_name"]
+__all__ = [
+    "DecodedPixels",
+    "codestream_size",
+    "decode",
+    "decode_file",
+    "decode_frame",
+    "decode_limit",
+    "decode_pixels",
+    "transfer_syntax_name",
+]

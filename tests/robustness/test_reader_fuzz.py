@@ -13,6 +13,7 @@ Deterministic: one seed, files in sorted order; every loop is bounded in count a
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import os
@@ -38,6 +39,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 CORPUS = REPO.parent / "shared" / "data" / "dicom"
 SAMPLE_CXR = REPO / "sample_studies" / "cxr01" / "1.dcm"
+#: Native RGB, so that DCMTK's lossless copy holds the same pixels.
+SAMPLE_DERM = REPO / "sample_studies" / "derm01" / "1.dcm"
 #: A real chest DX with JPEG Baseline pixel data (torchxrayvision's test image).
 CORPUS_DX = CORPUS / "torchxrayvision" / "Fake_MONOHR1.dcm"
 SEED = 20261201
@@ -332,26 +335,35 @@ def drive_reader(work: str, report: str) -> None:
     }, indent=1))
 
 
-#: Mutations that aborted or hung the reading process until the decoder choice and the JP2
-#: box check of ``dicom_ai.dicom.pixels``: (seed file, generator seed, index in its mutation
-#: sequence). Found by this file's mutations with other generator seeds than :data:`SEED`:
-#: GDCM aborting on a JPEG-LS, a JPEG Baseline and a JPEG Extended codestream (an uncaught C++
-#: exception, a failed assertion), pydicom looping for ever on two JP2 box chains.
+#: Mutations that aborted or hung the reading process until the decoder choice, the JP2 box
+#: check and the decoder process of ``dicom_ai.dicom``: (seed file, generator seed, index in its
+#: mutation sequence). Found by this file's mutations with other generator seeds than
+#: :data:`SEED`: GDCM aborting on a JPEG-LS, a JPEG Baseline, a JPEG Extended and a JPEG
+#: Lossless codestream (an uncaught C++ exception, a failed assertion), pydicom looping for ever
+#: on two JP2 box chains. GDCM still decodes JPEG Lossless, in the decoder process, so that one
+#: is refused because the decoder process was killed.
 ONCE_FATAL = (("JPEGLSNearLossless_08.dcm", 5004, 37), ("SC_rgb_small_odd_jpeg.dcm", 5012, 48),
               ("JPEGExtended_3s_1f_u_08_08.dcm", 7047, 288),
-              ("GDCMJ2K_TextGBR.dcm", 5043, 95), ("GDCMJ2K_TextGBR.dcm", 5043, 149))
+              ("GDCMJ2K_TextGBR.dcm", 5043, 95), ("GDCMJ2K_TextGBR.dcm", 5043, 149),
+              ("SC_rgb_jpeg_gdcm.dcm", 13025, 310))
+#: The JPEG Lossless one of :data:`ONCE_FATAL`, as :func:`drive_once_fatal` names it.
+LOSSLESS_ABORT = "SC_rgb_jpeg_gdcm.dcm #310"
+
+
+def once_fatal(name: str, generator: int, index: int) -> bytes:
+    """One mutation of :data:`ONCE_FATAL`, made again."""
+    seed = next(p for p in seeds() if p.name == name)
+    mutations = mutate(planted(seed) or seed.read_bytes(), random.Random(generator), index + 1)
+    _kind, variant = next(itertools.islice(mutations, index, None))
+    return variant
 
 
 def drive_once_fatal(work: str, report: str) -> None:
     """The child process: each :data:`ONCE_FATAL` mutation made again and read."""
-    by_name = {p.name: p for p in seeds()}
     outcomes = {}
     for name, generator, index in ONCE_FATAL:
-        data = planted(by_name[name]) or by_name[name].read_bytes()
-        mutations = mutate(data, random.Random(generator), index + 1)
-        _kind, variant = next(itertools.islice(mutations, index, None))
         path = Path(work) / f"{index}-{name}"
-        path.write_bytes(variant)
+        path.write_bytes(once_fatal(name, generator, index))
         outcomes[f"{name} #{index}"] = exercise(path)
     Path(report).write_text(json.dumps(outcomes))
 
@@ -501,4 +513,57 @@ def test_mutations_that_once_killed_or_hung_the_reader_are_refused(tmp_path: Pat
     # Each read ends: decoded (a tolerant decoder may) or refused with a one-line reason.
     for name, (outcome, reason) in outcomes.items():
         assert outcome == "decoded" or (reason and "\n" not in reason), (name, outcome, reason)
-    assert sum(outcome == "pixels failed" for outcome, _ in outcomes.values()) >= 4
+    assert sum(outcome == "pixels failed" for outcome, _ in outcomes.values()) >= 5
+    assert outcomes[LOSSLESS_ABORT] == [
+        "pixels failed", "the decoder process was killed by SIGABRT while decoding this file: "
+        "An invalid logic behavior occurred0"]
+
+
+def test_a_replay_goes_on_past_a_file_that_kills_the_decoder(tmp_path: Path) -> None:
+    """Dermoscopy in JPEG Lossless through the shipped model: a copy DCMTK compressed gives the
+    original's probabilities, and the GDCM-aborting mutation, carrying the same header, is that
+    file's failure, not the run's."""
+    if not SAMPLE_DERM.exists():
+        pytest.skip("sample_studies not built")
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    original = pydicom.dcmread(SAMPLE_DERM)
+    for keyword, value in IDENTITY.items():
+        setattr(original, keyword, value)
+    (folder / "native.dcm").write_bytes(_encoded(original))
+    subprocess.run(["dcmcjpeg", "+e1", str(folder / "native.dcm"), str(tmp_path / "sv1.dcm")],
+                   check=True, env={**os.environ, "TCP_NODELAY": "1"})
+    lossless = pydicom.dcmread(tmp_path / "sv1.dcm")
+    assert lossless.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.70"
+    aborting = pydicom.dcmread(pydicom.filebase.DicomBytesIO(
+        once_fatal(*next(f for f in ONCE_FATAL if f"{f[0]} #{f[2]}" == LOSSLESS_ABORT))))
+    for n, ds in enumerate((lossless, aborting), start=1):
+        for element in original:
+            if element.tag.group not in (0x0028, 0x7FE0):
+                ds[element.tag] = copy.deepcopy(element)
+        # Studies of their own, so that each file's findings stand alone.
+        ds.StudyInstanceUID = f"{UID_ROOT}.9.{n}"
+        ds.SeriesInstanceUID = f"{UID_ROOT}.9.{n}.1"
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"{UID_ROOT}.9.{n}.1.1"
+    (folder / "sv1.dcm").write_bytes(_encoded(lossless))
+    (folder / "aborting.dcm").write_bytes(_encoded(aborting))
+    run = _child(REPLAY, str(tmp_path / "rss"), "replay", str(folder), "--out", str(out),
+                 "--quiet", timeout=300)
+    assert run.returncode == 2, run.stderr[-3000:]
+    entries = {Path(e["path"]).name: e
+               for e in json.loads((out / "replay-summary.json").read_text())}
+    assert {n: e["status"] for n, e in entries.items()} == {
+        "native.dcm": "processed", "sv1.dcm": "processed", "aborting.dcm": "failed"}
+    assert entries["aborting.dcm"]["reason"].startswith(
+        "the decoder process was killed by SIGABRT while decoding this file")
+    assert _reason_problem(entries["aborting.dcm"]["reason"]) is None
+    probabilities = {}
+    for uid in (original.StudyInstanceUID, lossless.StudyInstanceUID):
+        (result,) = json.loads((out / uid / "findings.json").read_text())["results"]
+        assert result["status"] == "ok"
+        probabilities[uid] = {f["label"]: f["probability"] for f in result["findings"]}
+    assert probabilities[original.StudyInstanceUID] == probabilities[lossless.StudyInstanceUID]
+    assert set(probabilities[original.StudyInstanceUID]) >= {"melanoma", "nevus",
+                                                             "seborrheic_keratosis"}
+    assert [f for f in FRAGMENTS if f in run.stdout + run.stderr] == []
+    assert "Traceback" not in run.stderr

@@ -32,11 +32,13 @@ cstore_receive = importlib.import_module("cstore_receive")
 e2e_latency = importlib.import_module("e2e_latency")
 gpu = importlib.import_module("gpu")
 inference_throughput = importlib.import_module("inference_throughput")
+lossless_decode = importlib.import_module("lossless_decode")
 
 CT_SAMPLE = REPO / "sample_studies" / "ct-lung-pet-ct-dx-a0002"
 
 
-@pytest.mark.parametrize("module", [cstore_receive, e2e_latency, inference_throughput, gpu])
+@pytest.mark.parametrize("module", [cstore_receive, e2e_latency, inference_throughput, gpu,
+                                    lossless_decode])
 def test_command_line_parses(module: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         module.main(["--help"])
