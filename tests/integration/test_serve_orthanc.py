@@ -10,6 +10,7 @@ The models directory is the repository's ``models/`` (``DICOMAI_TEST_MODELS`` ov
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import os
 import signal
@@ -161,6 +162,7 @@ STORESCU_PROPOSAL = {
     "1.2.840.10008.1.2.4.90": "-xv",   # JPEG 2000 Lossless
     "1.2.840.10008.1.2.4.80": "-xt",   # JPEG-LS Lossless
     "1.2.840.10008.1.2.4.50": "-xy",   # JPEG Baseline
+    "1.2.840.10008.1.2.4.70": "-xs",   # JPEG Lossless SV1
 }
 
 
@@ -171,7 +173,9 @@ def send(paths: tuple[Path, ...] | list[Path], called: str, port: int, calling: 
         ts = str(pydicom.dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID)
         groups.setdefault(STORESCU_PROPOSAL.get(ts, ""), []).append(str(f))
     for flag, files in groups.items():
-        result = subprocess.run(["storescu", *([flag] if flag else []), "-aet", calling,
+        # -R: a presentation context for each SOP class sent, dermoscopy among them (storescu's
+        # default list lacks it).
+        result = subprocess.run(["storescu", "-R", *([flag] if flag else []), "-aet", calling,
                                  "-aec", called, "127.0.0.1", str(port), *files],
                                 env=dict(os.environ, TCP_NODELAY="1"), capture_output=True,
                                 text=True, timeout=300)
@@ -330,6 +334,44 @@ def test_destination_refusing_us_ends_in_dead_letters(workdir: Path,
             "SELECT COUNT(*) = SUM(state = 'delivered') FROM outbound")[0][0] == 1)
         assert results_in_pacs(pacs, study_uid(folder)) is not None
     assert_audit_trail(serve, folder)
+
+
+def test_a_file_that_kills_the_decoder_costs_its_series_not_the_worker(
+        workdir: Path, serve_factory: Callable[..., Serve]) -> None:
+    """One study, two dermoscopy series in JPEG Lossless SV1: the image DCMTK compressed is
+    analysed and its results reach the PACS; the mutation that makes GDCM abort, decoded by the
+    same worker, fails its own series, and that worker is never restarted."""
+    sys.path.insert(0, str(REPO / "tests" / "robustness"))
+    fuzz = importlib.import_module("test_reader_fuzz")
+    if not (fuzz.CORPUS / "INDEX.tsv").is_file():
+        pytest.skip("corpus not present")
+    folder = workdir / "study"
+    folder.mkdir()
+    _native, lossless, aborting = fuzz.lossless_dermoscopy(workdir)
+    study = f"{fuzz.UID_ROOT}.10"
+    for n, ds in enumerate((lossless, aborting), start=1):
+        ds.StudyInstanceUID = study
+        ds.SeriesInstanceUID = f"{study}.{n}"
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"{study}.{n}.1"
+        ds.save_as(folder / f"{n}.dcm", enforce_file_format=True)
+    with start_orthanc(workdir / "pacs") as pacs:
+        serve = serve_factory([dimse(pacs)])
+        serve.start()
+        serve.storescu(folder)
+        wait_for("SR and SC in the PACS", functools.partial(results_in_pacs, pacs, study))
+        wait_for("every result delivered", functools.partial(delivered, serve, study))
+        status = serve.status()
+    results = json.loads((serve.storage / "outputs" / study / "findings.json").read_text())
+    by_series = {r["series_instance_uid"]: r for r in results["results"]}
+    assert {uid: r["status"] for uid, r in by_series.items()} == {
+        f"{study}.1": "ok", f"{study}.2": "rejected"}
+    assert by_series[f"{study}.2"]["reason"].startswith(
+        "no image of the series could be used: the decoder process was killed by SIGABRT")
+    log = serve.log.read_text()
+    assert "decoder process was killed by SIGABRT; a fresh one decodes the next file" in log
+    assert "process exited with code" not in log
+    assert "Traceback" not in log
+    assert [f for f in fuzz.FRAGMENTS if f in log + status] == []
 
 
 def assert_audit_trail(serve: Serve, folder: Path) -> None:

@@ -519,6 +519,26 @@ def test_mutations_that_once_killed_or_hung_the_reader_are_refused(tmp_path: Pat
         "An invalid logic behavior occurred0"]
 
 
+def lossless_dermoscopy(work: Path) -> tuple[Dataset, Dataset, Dataset]:
+    """The sample dermoscopy image (native RGB, with :data:`IDENTITY`), a copy of it that DCMTK
+    compressed to JPEG Lossless SV1, and the GDCM-aborting mutation of :data:`ONCE_FATAL`
+    carrying the same header. The caller gives the copies UIDs of their own."""
+    original = pydicom.dcmread(SAMPLE_DERM)
+    for keyword, value in IDENTITY.items():
+        setattr(original, keyword, value)
+    (work / "native.dcm").write_bytes(_encoded(original))
+    subprocess.run(["dcmcjpeg", "+e1", str(work / "native.dcm"), str(work / "sv1.dcm")],
+                   check=True, env={**os.environ, "TCP_NODELAY": "1"})
+    lossless = pydicom.dcmread(work / "sv1.dcm")
+    assert lossless.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.70"
+    aborting = pydicom.dcmread(pydicom.filebase.DicomBytesIO(
+        once_fatal(*next(f for f in ONCE_FATAL if f"{f[0]} #{f[2]}" == LOSSLESS_ABORT))))
+    for element in original:
+        if element.tag.group not in (0x0028, 0x7FE0):
+            aborting[element.tag] = copy.deepcopy(element)
+    return original, lossless, aborting
+
+
 def test_a_replay_goes_on_past_a_file_that_kills_the_decoder(tmp_path: Path) -> None:
     """Dermoscopy in JPEG Lossless through the shipped model: a copy DCMTK compressed gives the
     original's probabilities, and the GDCM-aborting mutation, carrying the same header, is that
@@ -527,26 +547,14 @@ def test_a_replay_goes_on_past_a_file_that_kills_the_decoder(tmp_path: Path) -> 
         pytest.skip("sample_studies not built")
     folder, out = tmp_path / "in", tmp_path / "out"
     folder.mkdir()
-    original = pydicom.dcmread(SAMPLE_DERM)
-    for keyword, value in IDENTITY.items():
-        setattr(original, keyword, value)
+    original, lossless, aborting = lossless_dermoscopy(tmp_path)
     (folder / "native.dcm").write_bytes(_encoded(original))
-    subprocess.run(["dcmcjpeg", "+e1", str(folder / "native.dcm"), str(tmp_path / "sv1.dcm")],
-                   check=True, env={**os.environ, "TCP_NODELAY": "1"})
-    lossless = pydicom.dcmread(tmp_path / "sv1.dcm")
-    assert lossless.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.70"
-    aborting = pydicom.dcmread(pydicom.filebase.DicomBytesIO(
-        once_fatal(*next(f for f in ONCE_FATAL if f"{f[0]} #{f[2]}" == LOSSLESS_ABORT))))
-    for n, ds in enumerate((lossless, aborting), start=1):
-        for element in original:
-            if element.tag.group not in (0x0028, 0x7FE0):
-                ds[element.tag] = copy.deepcopy(element)
+    for n, (name, ds) in enumerate((("sv1.dcm", lossless), ("aborting.dcm", aborting)), start=1):
         # Studies of their own, so that each file's findings stand alone.
         ds.StudyInstanceUID = f"{UID_ROOT}.9.{n}"
         ds.SeriesInstanceUID = f"{UID_ROOT}.9.{n}.1"
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"{UID_ROOT}.9.{n}.1.1"
-    (folder / "sv1.dcm").write_bytes(_encoded(lossless))
-    (folder / "aborting.dcm").write_bytes(_encoded(aborting))
+        (folder / name).write_bytes(_encoded(ds))
     run = _child(REPLAY, str(tmp_path / "rss"), "replay", str(folder), "--out", str(out),
                  "--quiet", timeout=300)
     assert run.returncode == 2, run.stderr[-3000:]
