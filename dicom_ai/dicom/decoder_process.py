@@ -147,7 +147,7 @@ class DecoderProcess:
         self._stop(kill=True)
         log.warning("decoder process %s; a fresh one decodes the next file", how)
         said = f": {redact_values(lines[-1])[:_MAX_REASON]}" if lines else ""
-        return f"the decoder process {how} while decoding this file{said}"
+        return f"the decoder process {how} while decoding the image{said}"
 
     def _stop(self, *, kill: bool) -> None:
         proc, self._proc = self._proc, None

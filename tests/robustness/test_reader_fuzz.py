@@ -515,7 +515,7 @@ def test_mutations_that_once_killed_or_hung_the_reader_are_refused(tmp_path: Pat
         assert outcome == "decoded" or (reason and "\n" not in reason), (name, outcome, reason)
     assert sum(outcome == "pixels failed" for outcome, _ in outcomes.values()) >= 5
     assert outcomes[LOSSLESS_ABORT] == [
-        "pixels failed", "the decoder process was killed by SIGABRT while decoding this file: "
+        "pixels failed", "the decoder process was killed by SIGABRT while decoding the image: "
         "An invalid logic behavior occurred0"]
 
 
@@ -563,7 +563,7 @@ def test_a_replay_goes_on_past_a_file_that_kills_the_decoder(tmp_path: Path) -> 
     assert {n: e["status"] for n, e in entries.items()} == {
         "native.dcm": "processed", "sv1.dcm": "processed", "aborting.dcm": "failed"}
     assert entries["aborting.dcm"]["reason"].startswith(
-        "the decoder process was killed by SIGABRT while decoding this file")
+        "the decoder process was killed by SIGABRT while decoding the image")
     assert _reason_problem(entries["aborting.dcm"]["reason"]) is None
     probabilities = {}
     for uid in (original.StudyInstanceUID, lossless.StudyInstanceUID):

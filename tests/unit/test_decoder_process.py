@@ -116,7 +116,7 @@ def test_a_child_killed_mid_decode_costs_that_file_only(child: DecoderProcess,
         child.decode(fifo, None, timeout_s=60)
     killer.join()
     assert refused.value.reason.startswith(
-        "the decoder process was killed by SIGABRT while decoding this file")
+        "the decoder process was killed by SIGABRT while decoding the image")
     assert refused.value.path == fifo
     array, photometric = child.decode(RGB_SV1, None, timeout_s=60)
     assert child.pid not in (None, first)
