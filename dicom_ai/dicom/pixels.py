@@ -30,10 +30,13 @@ from pydicom.encaps import generate_fragments
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.pixels.utils import as_pixel_options, get_expected_length
 from pydicom.uid import (
+    HTJ2K,
     JPEG2000,
     UID,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
@@ -42,6 +45,7 @@ from pydicom.uid import (
     JPEGLosslessSV1,
     JPEGLSLossless,
     JPEGLSNearLossless,
+    RLELossless,
 )
 
 from dicom_ai.config import LimitsSettings
@@ -100,7 +104,9 @@ _JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  "
 #: pylibjpeg comes first for JPEG Extended where a site installs pylibjpeg-libjpeg for 12-bit
 #: files (Pillow, like GDCM, reads 8 bits only). JPEG Lossless has no other installed plugin,
 #: so GDCM decodes it, in the child process of :mod:`~dicom_ai.dicom.decoder_process`, where an
-#: abort costs only the file.
+#: abort costs only the file. RLE and HTJ2K are named too (pydicom 3.0 offers no GDCM for
+#: them), so that every compressed syntax the listener accepts has its plugin chosen here: a
+#: pydicom that added GDCM to their order could not run it in this process unnoticed.
 DECODING_PLUGINS: dict[str, tuple[str, ...]] = {
     JPEGBaseline8Bit: ("pillow",),
     JPEGExtended12Bit: ("pylibjpeg", "pillow"),
@@ -110,6 +116,10 @@ DECODING_PLUGINS: dict[str, tuple[str, ...]] = {
     JPEGLSNearLossless: ("pyjpegls",),
     JPEG2000Lossless: ("pylibjpeg",),
     JPEG2000: ("pylibjpeg",),
+    HTJ2KLossless: ("pylibjpeg",),
+    HTJ2KLosslessRPCL: ("pylibjpeg",),
+    HTJ2K: ("pylibjpeg",),
+    RLELossless: ("pydicom",),
 }
 
 #: Transfer syntaxes newer than pydicom 3.0's UID dictionary, named for error messages.
@@ -249,6 +259,7 @@ def _decode(ds: Dataset, path: Path, index: int | None, *, in_decoder_process: b
 
 
 def _header_syntax(header: Dataset) -> str:
+    """The Transfer Syntax UID of the file meta, or "" without one."""
     meta = getattr(header, "file_meta", None)
     return str(meta.get("TransferSyntaxUID", "") or "") if meta is not None else ""
 
@@ -343,8 +354,7 @@ def _pixel_keyword(ds: Dataset, path: Path) -> str:
 
 
 def _transfer_syntax(ds: Dataset, keyword: str, path: Path) -> str:
-    meta = getattr(ds, "file_meta", None)
-    ts = str(meta.get("TransferSyntaxUID", "") or "") if meta is not None else ""
+    ts = _header_syntax(ds)
     if ts:
         return ts
     # Without file meta the encoding pydicom detected while reading is the transfer syntax,

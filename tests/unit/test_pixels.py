@@ -9,8 +9,15 @@ import pydicom
 import pytest
 from pydicom.encaps import encapsulate, generate_fragments
 from pydicom.pixels.decoders.base import get_decoder
-from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
+from pydicom.uid import (
+    JPEG2000Lossless,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    RLELossless,
+)
 
+from dicom_ai.dicom.decoder_process import ISOLATED_PLUGINS
 from dicom_ai.dicom.errors import PixelDecodeError
 from dicom_ai.dicom.io import read_header
 from dicom_ai.dicom.model import Instance
@@ -293,3 +300,14 @@ def test_any_decoder_exception_is_the_files_reason(make_dicom: MakeDicom,
         decode(instance)
     assert info.value.reason.startswith("cannot decode")
     assert "Doe" not in info.value.reason and "\n" not in info.value.reason
+
+
+def test_every_compressed_syntax_the_listener_accepts_names_its_plugin() -> None:
+    # Left to pydicom's order, a syntax could reach GDCM in this process, which an abort ends.
+    from dicom_ai.service.scp import TRANSFER_SYNTAXES
+
+    compressed = {ts for ts in TRANSFER_SYNTAXES if not get_decoder(ts).is_native}
+    assert compressed <= set(DECODING_PLUGINS)
+    assert {ts for ts, plugins in DECODING_PLUGINS.items() if "gdcm" in plugins} == {
+        JPEGLossless, JPEGLosslessSV1}
+    assert {"gdcm"} == ISOLATED_PLUGINS
