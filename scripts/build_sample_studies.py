@@ -28,9 +28,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import gdcm
 import numpy as np
 import numpy.typing as npt
 from PIL import Image
+from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence as DicomSequence
@@ -39,6 +41,7 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
+    JPEGLosslessSV1,
     JPEGLSLossless,
     RLELossless,
     generate_uid,
@@ -223,8 +226,47 @@ def encode(ds: Dataset, transfer_syntax: UID) -> None:
     """Compress the pixel data in place (lossless encoders, fixed plugin, same SOP UID)."""
     if transfer_syntax == ExplicitVRLittleEndian:
         return
+    if transfer_syntax == JPEGLosslessSV1:
+        encode_jpeg_lossless(ds)
+        return
     ds.compress(transfer_syntax, encoding_plugin=ENCODING_PLUGIN[transfer_syntax],
                 generate_instance_uid=False)
+
+
+def encode_jpeg_lossless(ds: Dataset) -> None:
+    """JPEG Lossless, first-order prediction (Process 14, SV1) by GDCM, the syntax CR and DX
+    modalities commonly send.
+
+    pydicom has no encoder for it, so GDCM transcodes a copy written to a temporary file and
+    only its encapsulated pixel data is kept: GDCM's writer also adds attributes of its own
+    (Rescale, Imager Pixel Spacing) that these objects must not carry. The decoded result is
+    checked against the original array.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        plain, coded = Path(tmp) / "plain.dcm", Path(tmp) / "coded.dcm"
+        ds.save_as(plain, enforce_file_format=True)
+        reader = gdcm.ImageReader()
+        reader.SetFileName(str(plain))
+        change = gdcm.ImageChangeTransferSyntax()
+        change.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.JPEGLosslessProcess14_1))
+        writer = gdcm.ImageWriter()
+        writer.SetFileName(str(coded))
+        if not reader.Read():
+            raise RuntimeError(f"GDCM cannot read {ds.SOPInstanceUID} back")
+        change.SetInput(reader.GetImage())
+        if not change.Change():
+            raise RuntimeError(f"GDCM cannot encode {ds.SOPInstanceUID} as JPEG Lossless")
+        writer.SetFile(reader.GetFile())
+        writer.SetImage(change.GetOutput())
+        if not writer.Write():
+            raise RuntimeError(f"GDCM cannot write {ds.SOPInstanceUID}")
+        coded_ds = dcmread(coded)
+    if not np.array_equal(coded_ds.pixel_array, ds.pixel_array):
+        raise RuntimeError(f"{ds.SOPInstanceUID}: GDCM's JPEG Lossless does not decode to the "
+                           "original pixels")
+    ds.PixelData = coded_ds.PixelData
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = JPEGLosslessSV1
 
 
 def lossy_source(ds: Dataset, ratio: float) -> None:
@@ -345,7 +387,7 @@ class FractureXRay:
 FRACTURE_XRAYS: tuple[FractureXRay, ...] = (
     # A hand and wrist in a cast, frontal view, one distal-radius fracture box.
     FractureXRay("FRACTURE01", "train/IMG0003233.jpg", "HAND", "MONOCHROME2", 12, True,
-                 RLELossless),
+                 JPEGLosslessSV1),
 )
 
 

@@ -18,6 +18,7 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
+    JPEGLosslessSV1,
     JPEGLSLossless,
     RLELossless,
 )
@@ -38,7 +39,7 @@ EXPECTED = {
     "fundus01": ("1.2.840.10008.5.1.4.1.1.77.1.5.1", "RGB", 8, ExplicitVRLittleEndian),
     "fundus02": ("1.2.840.10008.5.1.4.1.1.77.1.5.1", "YBR_FULL_422", 8, JPEGBaseline8Bit),
     "fundus03": ("1.2.840.10008.5.1.4.1.1.77.1.5.1", "RGB", 8, RLELossless),
-    "fracture01": ("1.2.840.10008.5.1.4.1.1.1", "MONOCHROME2", 12, RLELossless),
+    "fracture01": ("1.2.840.10008.5.1.4.1.1.1", "MONOCHROME2", 12, JPEGLosslessSV1),
     "derm01": ("1.2.840.10008.5.1.4.1.1.77.1.7", "RGB", 8, ExplicitVRLittleEndian),
     "derm02": ("1.2.840.10008.5.1.4.1.1.77.1.7", "YBR_FULL_422", 8, JPEGBaseline8Bit),
     "derm03": ("1.2.840.10008.5.1.4.1.1.77.1.7", "RGB", 8, RLELossless),
