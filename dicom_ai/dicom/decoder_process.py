@@ -9,16 +9,18 @@ parent refuses that file with a :class:`~dicom_ai.dicom.errors.PixelDecodeError`
 happened, and the next request starts a fresh child.
 
 The child is started on the first request and then serves its parent, one request at a time,
-until the parent closes the pipe or dies. A request names a file and a frame; the reply is a
-JSON header (dtype, shape, photometric interpretation, or the reason the file cannot be decoded)
-followed by the array's bytes, read straight into the parent's array. The child's stderr goes
-to a temporary file that the parent reads only to give an abort's reason, with any quoted value
-taken out.
+until the parent closes the pipe or dies. A request names a file and a frame; the child
+acknowledges it with one byte, so that a death before it is told from a death in the decode (the
+first costs no file: the request goes to a fresh child). The reply is a JSON header (dtype,
+shape, photometric interpretation, or the reason the file cannot be decoded) followed by the
+array's bytes, read straight into the parent's array. The child's stderr goes to a temporary
+file that the parent reads only to give an abort's reason, with any quoted value taken out.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import logging
 import os
@@ -30,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import IO, Any
 
@@ -46,6 +49,9 @@ ISOLATED_PLUGINS = frozenset({"gdcm"})
 
 _MODULE = "dicom_ai.dicom.decoder_process"
 _LENGTH = struct.Struct(">I")
+#: The child's first byte of every reply: it has the request, so a death from here on is the
+#: decode's.
+_ACK = b"\x06"
 #: Longest reason taken from the child's stderr.
 _MAX_REASON = 300
 
@@ -83,30 +89,59 @@ class DecoderProcess:
             As for :func:`~dicom_ai.dicom.pixels.decode_file`, or the decoder ended the child
             process or ran past ``timeout_s``.
         """
+        deadline = time.monotonic() + timeout_s
         with self._lock:
+            proc = self._taken({"path": str(path), "index": index}, path, timeout_s, deadline)
+            assert proc.stdout is not None
+            if not _readable(proc.stdout, deadline - time.monotonic()):
+                raise self._timed_out(timeout_s, path)
+            header = _receive(proc.stdout)
+            if header is None:
+                raise PixelDecodeError(self._died_decoding(), path=path)
+            if "reason" in header:
+                raise PixelDecodeError(str(header["reason"]), path=path)
+            array: npt.NDArray[Any] = np.empty(header["shape"], dtype=np.dtype(header["dtype"]))
+            if not _read_into(proc.stdout, array.reshape(-1).view(np.uint8).data):
+                raise PixelDecodeError(self._died_decoding(), path=path)
+            return array, str(header["photometric"])
+
+    def _taken(self, request: dict[str, Any], path: Path, timeout_s: float, deadline: float
+               ) -> subprocess.Popen[bytes]:
+        """A child that has acknowledged ``request``.
+
+        A child can end between two files (killed by an operator or the kernel's OOM killer)
+        after :meth:`_running` found it alive; such a death is not the file's doing, so it is
+        told apart by the acknowledgement and one fresh child is tried before the file is
+        refused.
+        """
+        for attempt in (1, 2):
             proc = self._running()
             assert proc.stdin is not None and proc.stdout is not None
-            request = {"path": str(path), "index": index}
             try:
                 _send(proc.stdin, request)
-                if not _readable(proc.stdout, timeout_s):
-                    self._stop(kill=True)
-                    log.warning("decoder process stopped after %g s "
-                                "(limits.isolated_decode_timeout_s)", timeout_s)
-                    raise PixelDecodeError(
-                        f"decoding took longer than limits.isolated_decode_timeout_s "
-                        f"({timeout_s:g} s); the decoder process was stopped", path=path)
-                header = _receive(proc.stdout)
-                if header is None:
-                    raise PixelDecodeError(self._death(), path=path)
-                if "reason" in header:
-                    raise PixelDecodeError(str(header["reason"]), path=path)
-                array: npt.NDArray[Any] = np.empty(header["shape"], dtype=np.dtype(header["dtype"]))
-                if not _read_into(proc.stdout, array.reshape(-1).view(np.uint8).data):
-                    raise PixelDecodeError(self._death(), path=path)
             except BrokenPipeError:
-                raise PixelDecodeError(self._death(), path=path) from None
-            return array, str(header["photometric"])
+                pass
+            else:
+                if not _readable(proc.stdout, deadline - time.monotonic()):
+                    raise self._timed_out(timeout_s, path)
+                # Read past the buffer, which is empty between replies: the header that
+                # follows must stay in the pipe for the next select.
+                if os.read(proc.stdout.fileno(), 1) == _ACK:
+                    return proc
+            how, said = self._ended()
+            if attempt == 1:
+                log.warning("decoder process %s before it took a request; starting a fresh "
+                            "one", how)
+        raise PixelDecodeError(f"the decoder process {how} before it could take the file, "
+                               f"twice{said}", path=path)
+
+    def _timed_out(self, timeout_s: float, path: Path) -> PixelDecodeError:
+        self._stop(kill=True)
+        log.warning("decoder process stopped after %g s (limits.isolated_decode_timeout_s)",
+                    timeout_s)
+        return PixelDecodeError(
+            f"decoding took longer than limits.isolated_decode_timeout_s ({timeout_s:g} s); "
+            "the decoder process was stopped", path=path)
 
     @property
     def pid(self) -> int | None:
@@ -136,8 +171,15 @@ class DecoderProcess:
             stdout=subprocess.PIPE, stderr=self._stderr, env=env, close_fds=True)
         return self._proc
 
-    def _death(self) -> str:
-        """Why the child stopped answering: its exit and the last line it printed."""
+    def _died_decoding(self) -> str:
+        """The reason of a file whose decode ended the child."""
+        how, said = self._ended()
+        log.warning("decoder process %s; a fresh one decodes the next file", how)
+        return f"the decoder process {how} while decoding the image{said}"
+
+    def _ended(self) -> tuple[str, str]:
+        """How the child ended ("was killed by SIGABRT") and ": " + the last line it printed,
+        values redacted (or ""), once it is stopped."""
         assert self._proc is not None and self._stderr is not None
         code = _reap(self._proc)
         how = f"was killed by {_signal_name(-code)}" if code < 0 else f"exited with code {code}"
@@ -145,9 +187,7 @@ class DecoderProcess:
         lines = [line.strip() for line in self._stderr.read().decode("utf-8", "replace")
                  .splitlines() if line.strip()]
         self._stop(kill=True)
-        log.warning("decoder process %s; a fresh one decodes the next file", how)
-        said = f": {redact_values(lines[-1])[:_MAX_REASON]}" if lines else ""
-        return f"the decoder process {how} while decoding the image{said}"
+        return how, f": {redact_values(lines[-1])[:_MAX_REASON]}" if lines else ""
 
     def _stop(self, *, kill: bool) -> None:
         proc, self._proc = self._proc, None
@@ -156,7 +196,10 @@ class DecoderProcess:
                 proc.kill()
             for stream in (proc.stdin, proc.stdout):
                 if stream is not None:
-                    stream.close()
+                    # A request the child never read is still buffered: closing flushes it
+                    # into a pipe with no reader (the file descriptor is closed all the same).
+                    with contextlib.suppress(BrokenPipeError):
+                        stream.close()
             _reap(proc)
         if self._stderr is not None:
             self._stderr.close()
@@ -241,6 +284,8 @@ def serve(requests: IO[bytes], replies: IO[bytes]) -> None:
     from dicom_ai.dicom import pixels
 
     while (request := _receive(requests)) is not None:
+        replies.write(_ACK)
+        replies.flush()
         try:
             decoded = pixels.decode_file(Path(request["path"]), index=request["index"],
                                          in_decoder_process=True)

@@ -3,8 +3,10 @@ hang or a refusal there costs (one file, never the process that asked)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -151,6 +153,42 @@ def test_a_child_that_died_between_files_is_replaced(child: DecoderProcess) -> N
     array, _ = child.decode(GREY_P14, None, timeout_s=60)
     assert np.array_equal(array, expected)
     assert child.pid != first
+
+
+def test_a_child_that_dies_after_it_was_found_alive_costs_no_file(
+        child: DecoderProcess, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The child ends between the parent's check that it runs and the request (the race of a
+    kill between files): the file is decoded by a fresh child, not refused for that death."""
+    expected, _ = child.decode(GREY_P14, None, timeout_s=60)
+    first = child.pid
+    assert first is not None
+    os.kill(first, signal.SIGKILL)
+    os.waitpid(first, 0)
+    # The check comes first and finds the child alive: the death falls after it.
+    monkeypatch.setattr(subprocess.Popen, "poll", lambda self: None)
+    with caplog.at_level(logging.WARNING, logger=decoder_process.__name__):
+        array, _ = child.decode(GREY_P14, None, timeout_s=60)
+    assert np.array_equal(array, expected)
+    assert child.pid not in (None, first)
+    assert [r.getMessage() for r in caplog.records] == [
+        "decoder process exited with code 0 before it took a request; starting a fresh one"]
+
+
+def test_a_child_that_cannot_take_a_file_is_the_reason_after_one_fresh_try(
+        child: DecoderProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    broken = tmp_path / "dicom_ai" / "dicom"
+    broken.mkdir(parents=True)
+    for package in (tmp_path / "dicom_ai", broken):
+        (package / "__init__.py").write_text("")
+    (broken / "decoder_process.py").write_text("raise SystemExit('no decoder here')\n")
+    # The child runs ``-m`` from its working directory first: this copy of the module exits.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(PixelDecodeError) as refused:
+        child.decode(GREY_P14, None, timeout_s=60)
+    assert refused.value.reason == (
+        "the decoder process exited with code 1 before it could take the file, twice: "
+        "no decoder here")
 
 
 def test_the_child_ends_when_its_parent_closes_the_pipe(child: DecoderProcess) -> None:
