@@ -120,6 +120,12 @@ class WorkerSettings:
 
     #: Attempts before a job is marked failed for good.
     max_attempts: int = 3
+    #: Longest one analysis may run, in seconds. Past it the service kills the worker (a
+    #: decoder or library call that never returns holds its lane otherwise), starts a fresh one,
+    #: and fails the study for good with the reason: a study that hung once would hang its
+    #: retries too. The 300-slice CT takes about 18 s from its last image to its result on 2
+    #: CPUs; 1800 s leaves room for a 2000-slice one on a loaded machine.
+    job_timeout_s: float = 1800.0
     poll_interval_s: float = 1.0
     #: Worker processes, each with its own copy of the models; 0 sizes the pool from the usable
     #: CPUs and the available memory (:func:`dicom_ai.service.lanes.default_processes`: CPUs − 1,
@@ -427,6 +433,8 @@ def validate(settings: Settings) -> list[str]:
     if settings.inference.device not in {"auto", "cpu", "cuda"}:
         problems.append(f"inference.device: one of auto, cpu, cuda; "
                         f"got {settings.inference.device!r}")
+    if not settings.worker.job_timeout_s > 0:
+        problems.append("worker.job_timeout_s: must be positive")
     if settings.worker.processes < 0:
         problems.append("worker.processes: must be 0 (sized from the machine) or positive")
     if settings.worker.priority not in {"batch", "idle", "normal"}:

@@ -28,6 +28,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -44,7 +45,14 @@ from dicom_ai.service.process import usable_cpus
 from dicom_ai.service.retention import Sweeper
 from dicom_ai.service.scp import FreeBytes, Listener, disk_free_bytes, start_scp
 from dicom_ai.service.spool import Spool
-from dicom_ai.service.worker import Processor, pipeline_processor, requeue_interrupted, worker_main
+from dicom_ai.service.worker import (
+    Processor,
+    fail_timed_out,
+    overdue_jobs,
+    pipeline_processor,
+    requeue_interrupted,
+    worker_main,
+)
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +177,32 @@ class Service:
                 self._requeue_of(proc)
             self._start_child(name)
 
+    def _stop_overdue(self, conn: sqlite3.Connection) -> None:
+        """Kill each worker whose job has run past ``worker.job_timeout_s``, fail that job for
+        good and start a fresh worker (main thread only, like :meth:`_supervise`).
+
+        The worker is killed before its job is failed, so that it cannot finish the job over the
+        failure; should it have finished in between, the job stays done, and one it claimed since
+        is queued again with its attempt given back.
+        """
+        timeout_s = self.settings.worker.job_timeout_s
+        by_pid = {proc.pid: name for name, proc in self._children.items()
+                  if name in self.workers and proc.is_alive()}
+        for job in overdue_jobs(conn, time.time(), timeout_s):
+            name = by_pid.pop(job.worker_pid, None)
+            if name is None:  # a dead worker's job: _supervise re-queues it
+                continue
+            proc = self._children[name]
+            proc.kill()
+            proc.join(timeout=30)
+            if fail_timed_out(conn, job, timeout_s, time.time(), audit_root=self.root):
+                log.error("job %d ran past worker.job_timeout_s (%g s): %s killed, the study "
+                          "failed; restarting it", job.id, timeout_s, name)
+            requeue_interrupted(conn, self.settings.worker.max_attempts, time.time(),
+                                by_shutdown=True, worker_pid=job.worker_pid)
+            metrics.child_restarted(name)
+            self._start_child(name)
+
     def _requeue_of(self, proc: SpawnProcess, *, by_shutdown: bool = False) -> int:
         """Re-queue the job a dead worker process was running (the others keep theirs)."""
         conn = db.connect(self.root / "index.sqlite")
@@ -257,8 +291,13 @@ class Service:
             sweeper = Sweeper(spool, self.settings.storage.retention_days,
                               audit_retention_days=self.settings.storage.audit_retention_days)
             sweeper.start()
-        while not self._stopping.wait(1.0):
-            self._supervise()
+        watch = db.connect(spool.db_path)
+        try:
+            while not self._stopping.wait(1.0):
+                self._stop_overdue(watch)
+                self._supervise()
+        finally:
+            watch.close()
         # First: a stopping service is not ready, and probes should see that at once.
         if endpoint is not None:
             endpoint.stop()

@@ -150,6 +150,47 @@ def requeue_interrupted(conn: sqlite3.Connection, max_attempts: int, now: float,
         return conn.execute(f"UPDATE jobs SET state = 'queued' WHERE {which}", pid).rowcount
 
 
+@dataclass(frozen=True)
+class OverdueJob:
+    """A job running for longer than ``worker.job_timeout_s``."""
+
+    id: int
+    study_instance_uid: str
+    attempts: int
+    worker_pid: int
+
+
+def overdue_jobs(conn: sqlite3.Connection, now: float, timeout_s: float) -> list[OverdueJob]:
+    """Jobs ``running`` since before ``now - timeout_s``, oldest first."""
+    rows = conn.execute("SELECT id, study_instance_uid, attempts, worker_pid FROM jobs "
+                        "WHERE state = 'running' AND worker_pid IS NOT NULL AND started_at < ? "
+                        "ORDER BY started_at",
+                        (now - timeout_s,)).fetchall()
+    return [OverdueJob(int(r[0]), str(r[1]), int(r[2]), int(r[3])) for r in rows]
+
+
+def fail_timed_out(conn: sqlite3.Connection, job: OverdueJob, timeout_s: float, now: float, *,
+                   audit_root: Path) -> bool:
+    """Fail ``job`` for good once its worker has been killed: no retry, since a study that hung
+    its worker once would hang each attempt for ``timeout_s`` again.
+
+    Returns
+    -------
+    bool
+        False when the job was no longer running (its worker finished it before the kill).
+    """
+    reason = (f"analysis ran past worker.job_timeout_s ({timeout_s:g} s); the worker was "
+              "stopped")
+    with db.transaction(conn):
+        failed = conn.execute("UPDATE jobs SET state = 'failed', last_error = ?, finished_at = ? "
+                              "WHERE id = ? AND state = 'running'",
+                              (reason, now, job.id)).rowcount
+    if failed:
+        audit.record(audit_root, job.study_instance_uid, "failed", job_id=job.id,
+                     attempt=job.attempts, reason=reason, final=True)
+    return bool(failed)
+
+
 class Worker:
     """Runs jobs one at a time, from the lanes it serves.
 

@@ -1,5 +1,5 @@
-"""Faults: the service killed with SIGKILL while receiving, processing and exporting; the disk full
-on a small tmpfs; the PACS down for longer than the backoff.
+"""Faults: the service killed with SIGKILL while receiving, processing and exporting; an analysis
+that never returns; the disk full on a small tmpfs; the PACS down for longer than the backoff.
 
 The service runs as it does in production — :class:`~dicom_ai.service.server.Service` in its own
 process with its worker and exporter processes — with a processor that takes a known time (the
@@ -72,11 +72,15 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 30.0) ->
         time.sleep(0.05)
 
 
-def timed_processor(_settings: Settings) -> Processor:
+def timed_processor(settings: Settings) -> Processor:
     """The worker's processor in these tests: ``PROCESSING_S`` per study, then one SC result per
-    source series with a UID derived from the series (deterministic, like the real results)."""
+    source series with a UID derived from the series (deterministic, like the real results).
+    While ``hang`` exists in the storage directory it never returns (a hung decoder)."""
+    hang = Path(settings.storage.directory) / "hang"
 
     def process(paths: Sequence[Path]) -> ProcessedStudy:
+        while hang.exists():
+            time.sleep(0.05)
         time.sleep(PROCESSING_S)
         import pydicom
 
@@ -295,6 +299,33 @@ def test_kill9_while_processing_resumes_the_job(service: ServiceRun, pacs: Pacs)
     assert service.index("SELECT state, attempts FROM jobs") == [("done", 2)]
     assert pacs.received == [service.index("SELECT sop_instance_uid FROM outbound")[0][0]]
     service.assert_bounded_and_contained()
+
+
+def test_a_hung_analysis_is_stopped_and_the_study_after_it_analysed(service: ServiceRun,
+                                                                      pacs: Pacs) -> None:
+    """A job that never returns holds its worker until ``worker.job_timeout_s``: then the
+    worker is replaced, the study fails with the reason, and the next generation is analysed
+    and delivered by the fresh worker."""
+    service.settings.worker.job_timeout_s = 6.0
+    (service.root / "hang").parent.mkdir(parents=True, exist_ok=True)
+    (service.root / "hang").touch()
+    service.start()
+    assert service.process is not None and service.process.pid is not None
+    before = set(children_of(service.process.pid))
+    assert all(o.acknowledged for o in store_with_pynetdicom(service.port, ["1.2.3.9.1"]))
+    wait_for("the hung job failed", lambda: service.index(
+        "SELECT state, last_error FROM jobs") == [(
+            "failed", "analysis ran past worker.job_timeout_s (6 s); the worker was stopped")],
+        timeout=60)
+    (service.root / "hang").unlink()
+    # A new instance re-opens the study: its next generation goes to the fresh worker.
+    assert all(o.acknowledged for o in store_with_pynetdicom(service.port, ["1.2.3.9.2"]))
+    wait_for("the next generation done and delivered", lambda: service.index(
+        "SELECT COUNT(*) FROM outbound WHERE state = 'delivered'")[0][0] == 1, timeout=60)
+    assert service.index("SELECT generation, state, attempts FROM jobs ORDER BY id") == [
+        (1, "failed", 1), (2, "done", 1)]
+    assert len(before - set(children_of(service.process.pid))) == 1, "one worker replaced"
+    assert "ran past worker.job_timeout_s (6 s)" in service.log.read_text()
 
 
 def test_kill9_while_exporting_delivers_every_result(tmp_path: Path) -> None:

@@ -52,6 +52,16 @@ def test_every_problem_is_listed(tmp_path: Path) -> None:
         assert expected in text
 
 
+@pytest.mark.parametrize("key", ["DICOM_AI_WORKER_JOB_TIMEOUT_S",
+                                 "DICOM_AI_LIMITS_ISOLATED_DECODE_TIMEOUT_S"])
+@pytest.mark.parametrize("value", ["0", "-1", "nan"])
+def test_time_limits_must_be_positive(key: str, value: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        load_settings(env={key: value})
+    setting = key.removeprefix("DICOM_AI_").lower().replace("_", ".", 1)
+    assert info.value.problems == [f"{setting}: must be positive"]
+
+
 def test_unreadable_and_invalid_toml(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match="cannot read"):
         load_settings(tmp_path / "missing.toml", env={})

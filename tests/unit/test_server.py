@@ -3,6 +3,7 @@ worker pool: its plan, and a dead worker restarted with only its own job re-queu
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -162,6 +163,52 @@ def test_a_dead_worker_is_restarted_and_only_its_job_requeued(tmp_path: Path) ->
     finally:
         service.stop_children()
     assert jobs() == {FAST: ("done", 1, pids["worker-1"]), BULK: ("done", 2, new_pid)}
+
+
+def test_a_job_past_its_time_limit_fails_and_its_worker_is_replaced(tmp_path: Path) -> None:
+    """A hung analysis (a call that never returns) is stopped at ``worker.job_timeout_s``:
+    its study fails for good with the reason, and a fresh worker takes the next study."""
+    settings = Settings()
+    settings.storage.directory = str(tmp_path)
+    settings.worker.processes = 1
+    settings.worker.poll_interval_s = 0.1
+    settings.worker.job_timeout_s = 0.5
+    conn = db.connect(Spool(tmp_path).db_path)
+    service = Service(settings, processor_factory=held_processor)
+
+    def job(study: str) -> tuple[str, int, str | None]:
+        row = conn.execute("SELECT state, attempts, last_error FROM jobs "
+                           "WHERE study_instance_uid = ?", (study,)).fetchone()
+        return row[0], row[1], row[2]
+
+    try:
+        (name,) = service.workers
+        service._start_child(name)
+        first = service._children[name].pid
+        conn.execute("INSERT INTO jobs (study_instance_uid, generation, state, created_at) "
+                     "VALUES ('1.2.3.1', 1, 'queued', ?)", (time.time(),))
+        wait_for(lambda: job("1.2.3.1")[0] == "running", "the job to be claimed")
+        # Not yet past the limit: nothing is touched.
+        service._stop_overdue(conn)
+        assert service._children[name].pid == first
+        time.sleep(0.6)
+        service._stop_overdue(conn)
+        assert job("1.2.3.1") == (
+            "failed", 1, "analysis ran past worker.job_timeout_s (0.5 s); the worker was stopped")
+        assert first is not None and not Path(f"/proc/{first}").exists()
+        second = service._children[name].pid
+        assert second not in (None, first)
+        trail = [json.loads(line) for line in
+                 (tmp_path / "audit" / "1.2.3.1.jsonl").read_text().splitlines()]
+        assert [(e["event"], e.get("final")) for e in trail] == [("job_started", None),
+                                                                 ("failed", True)]
+        (tmp_path / "release").touch()
+        conn.execute("INSERT INTO jobs (study_instance_uid, generation, state, created_at) "
+                     "VALUES ('1.2.3.2', 1, 'queued', ?)", (time.time(),))
+        wait_for(lambda: job("1.2.3.2")[0] == "done", "the next job done by the fresh worker")
+    finally:
+        service.stop_children()
+    assert job("1.2.3.1")[0] == "failed"
 
 
 def ready_processor(settings: Settings) -> Processor:
