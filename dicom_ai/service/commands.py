@@ -1,4 +1,5 @@
-"""Command-line entry points of the service: ``serve``, ``status``, ``retry``, ``config check``."""
+"""Command-line entry points of the service: ``serve``, ``status``, ``retry``, ``reprocess``,
+``config check``."""
 
 from __future__ import annotations
 
@@ -72,6 +73,33 @@ def _cmd_retry(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_reprocess(args: argparse.Namespace) -> int:
+    from dicom_ai.dicom.uid import is_valid_uid
+    from dicom_ai.service import db
+    from dicom_ai.service.studies import ReprocessRefused, reprocess
+
+    if not is_valid_uid(args.study):
+        print("dicom-ai reprocess: STUDY_UID is not a valid UID", file=sys.stderr)
+        return 2
+    settings = load_settings(args.config)
+    root = Path(settings.storage.directory)
+    if not (root / "index.sqlite").is_file():
+        print(f"no index at {root / 'index.sqlite'}", file=sys.stderr)
+        return 1
+    conn = db.connect(root / "index.sqlite")
+    try:
+        generation, left = reprocess(conn, args.study, time.time(), audit_root=root)
+    except ReprocessRefused as exc:
+        print(f"dicom-ai reprocess: {args.study}: {exc.reason}", file=sys.stderr)
+        return 1
+    finally:
+        conn.close()
+    was = "it had no job" if left == "none" else f"its job was {left}"
+    print(f"study {args.study} generation {generation} queued ({was}); the service analyses "
+          "it next (a stopped one when it starts)")
+    return 0
+
+
 def _cmd_config_check(args: argparse.Namespace) -> int:
     try:
         settings = load_settings(args.file)
@@ -110,7 +138,8 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
 
 
 def add_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
-    """Register ``serve``, ``status``, ``retry`` and ``config check`` on the ``dicom-ai`` parser."""
+    """Register ``serve``, ``status``, ``retry``, ``reprocess`` and ``config check`` on the
+    ``dicom-ai`` parser."""
     p = subparsers.add_parser("serve", help="receive studies over DICOM, analyse them and send "
                               "results back (runs until SIGTERM)")
     p.add_argument("--config", required=True, help="settings TOML file")
@@ -131,6 +160,12 @@ def add_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("--config", default=None, help="settings TOML file")
     p.add_argument("--destination", default=None, help="only this destination (default: all)")
     p.set_defaults(func=_cmd_retry)
+
+    p = subparsers.add_parser("reprocess", help="analyse a received study again (after a "
+                              "failure was fixed, or with upgraded models)")
+    p.add_argument("study", metavar="STUDY_UID", help="the study, as `dicom-ai status` lists it")
+    p.add_argument("--config", default=None, help="settings TOML file")
+    p.set_defaults(func=_cmd_reprocess)
 
     p = subparsers.add_parser("config", help="configuration tools")
     sub = p.add_subparsers(dest="config_command", required=True)

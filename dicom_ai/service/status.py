@@ -138,7 +138,9 @@ def _describe(event: Mapping[str, Any], run: Sequence[Mapping[str, Any]]) -> lis
         return [f"generation {e.get('generation')}, {e.get('instance_count')} instances "
                 f"(rule {e.get('rule')}{': ' + params if params else ''})"]
     if kind in ("job_queued", "superseded"):
-        return [f"job {e.get('job_id')}, generation {e.get('generation')}"]
+        left = e.get("reprocess_of")
+        return [f"job {e.get('job_id')}, generation {e.get('generation')}"
+                + (f" (dicom-ai reprocess; the job was {left})" if left else "")]
     if kind == "job_started":
         extra = _fields(e, ("job_id", "generation", "attempt", "instances"))
         return [f"job {e.get('job_id')}, generation {e.get('generation')}, attempt "

@@ -677,6 +677,80 @@ def queue_unprocessed(conn: sqlite3.Connection, now: float) -> int:
     return len(rows)
 
 
+class ReprocessRefused(Exception):
+    """The study cannot be queued again; ``reason`` says why, in one line."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def reprocess(conn: sqlite3.Connection, study_instance_uid: str, now: float, *,
+              audit_root: Path) -> tuple[int, str]:
+    """Queue the current generation of a complete study again (``dicom-ai reprocess``).
+
+    For a study that failed (a timeout, ``worker.max_attempts`` used up) once the cause is fixed,
+    or one to read again with upgraded models. The job keeps its row: its state goes back to
+    ``queued`` with its attempts at 0, and the trail gets a ``job_queued`` event naming the state
+    it left. Results are idempotent: with the same models their UIDs are the ones already
+    delivered, which are not sent twice.
+
+    Parameters
+    ----------
+    conn:
+        Connection to the index.
+    study_instance_uid:
+        The study.
+    now:
+        Epoch seconds.
+    audit_root:
+        ``storage.directory``.
+
+    Returns
+    -------
+    tuple
+        The generation queued, and the state its job left (``"none"`` if it had none).
+
+    Raises
+    ------
+    ReprocessRefused
+        The study is unknown, still receiving, already queued or running, or its instances were
+        removed by retention.
+    """
+    with db.transaction(conn):
+        study = conn.execute("SELECT state, generation FROM studies WHERE study_instance_uid = ?",
+                             (study_instance_uid,)).fetchone()
+        if study is None:
+            raise ReprocessRefused("no such study in the index (never received, or removed by "
+                                   "retention)")
+        state, generation = str(study[0]), int(study[1])
+        if state != "complete":
+            raise ReprocessRefused("the study is still receiving; it is analysed when complete")
+        instances = conn.execute("SELECT COUNT(*) FROM instances WHERE study_instance_uid = ?",
+                                 (study_instance_uid,)).fetchone()[0]
+        if not instances:
+            raise ReprocessRefused("the study has no instances left (removed by retention)")
+        job = conn.execute("SELECT id, state FROM jobs WHERE study_instance_uid = ? AND "
+                           "generation = ?", (study_instance_uid, generation)).fetchone()
+        if job is None:
+            _queue_job(conn, study_instance_uid, generation, now)
+            left = "none"
+        elif str(job[1]) in ("queued", "running"):
+            raise ReprocessRefused(f"job {job[0]} of generation {generation} is already "
+                                   f"{job[1]}")
+        else:
+            conn.execute("UPDATE jobs SET state = 'queued', attempts = 0, last_error = NULL, "
+                         "outputs = 0, created_at = ?, started_at = NULL, finished_at = NULL, "
+                         "worker_pid = NULL WHERE id = ?", (now, job[0]))
+            left = str(job[1])
+        job_id = conn.execute("SELECT id FROM jobs WHERE study_instance_uid = ? AND "
+                              "generation = ?", (study_instance_uid, generation)).fetchone()[0]
+        # Before the commit, so that the trail has it before the worker's "job_started".
+        audit.record(audit_root, study_instance_uid, "job_queued", now=now,
+                     generation=generation, job_id=int(job_id), reprocess_of=left)
+    return generation, left
+
+
 def _queue_job(conn: sqlite3.Connection, study_instance_uid: str, generation: int,
                now: float) -> None:
     conn.execute("INSERT INTO jobs (study_instance_uid, generation, state, created_at, lane) "

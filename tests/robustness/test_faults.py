@@ -301,13 +301,13 @@ def test_kill9_while_processing_resumes_the_job(service: ServiceRun, pacs: Pacs)
     service.assert_bounded_and_contained()
 
 
-def test_a_hung_analysis_is_stopped_and_the_study_after_it_analysed(service: ServiceRun,
-                                                                      pacs: Pacs) -> None:
+def test_a_hung_analysis_is_stopped_and_reprocessed_once_fixed(service: ServiceRun,
+                                                                pacs: Pacs) -> None:
     """A job that never returns holds its worker until ``worker.job_timeout_s``: then the
-    worker is replaced, the study fails with the reason, and the next generation is analysed
-    and delivered by the fresh worker."""
+    worker is replaced and the study fails with the reason; once the cause is gone,
+    ``dicom-ai reprocess`` has the fresh worker analyse it, and its result is delivered."""
     service.settings.worker.job_timeout_s = 6.0
-    (service.root / "hang").parent.mkdir(parents=True, exist_ok=True)
+    service.root.mkdir(parents=True, exist_ok=True)
     (service.root / "hang").touch()
     service.start()
     assert service.process is not None and service.process.pid is not None
@@ -317,15 +317,19 @@ def test_a_hung_analysis_is_stopped_and_the_study_after_it_analysed(service: Ser
         "SELECT state, last_error FROM jobs") == [(
             "failed", "analysis ran past worker.job_timeout_s (6 s); the worker was stopped")],
         timeout=60)
-    (service.root / "hang").unlink()
-    # A new instance re-opens the study: its next generation goes to the fresh worker.
-    assert all(o.acknowledged for o in store_with_pynetdicom(service.port, ["1.2.3.9.2"]))
-    wait_for("the next generation done and delivered", lambda: service.index(
-        "SELECT COUNT(*) FROM outbound WHERE state = 'delivered'")[0][0] == 1, timeout=60)
-    assert service.index("SELECT generation, state, attempts FROM jobs ORDER BY id") == [
-        (1, "failed", 1), (2, "done", 1)]
     assert len(before - set(children_of(service.process.pid))) == 1, "one worker replaced"
+    (service.root / "hang").unlink()
+    study = service.index("SELECT study_instance_uid FROM studies")[0][0]
+    config = service.root.parent / "settings.toml"
+    config.write_text(f'[storage]\ndirectory = "{service.root}"\n')
+    done = subprocess.run([sys.executable, "-m", "dicom_ai.cli", "reprocess", study, "--config",
+                           str(config)], capture_output=True, text=True, check=True)
+    assert "queued (its job was failed)" in done.stdout
+    wait_for("the study analysed again and delivered", lambda: service.index(
+        "SELECT COUNT(*) FROM outbound WHERE state = 'delivered'")[0][0] == 1, timeout=60)
+    assert service.index("SELECT generation, state, attempts FROM jobs") == [(1, "done", 1)]
     assert "ran past worker.job_timeout_s (6 s)" in service.log.read_text()
+    config.unlink()
 
 
 def test_kill9_while_exporting_delivers_every_result(tmp_path: Path) -> None:

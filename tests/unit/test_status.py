@@ -179,3 +179,62 @@ def test_status_json_without_a_study_says_what_it_needs(
     args = status_args(tmp_path, "--json")
     assert args.func(args) == 2
     assert "give its STUDY_UID" in capsys.readouterr().err
+
+
+def reprocess_args(root: Path, study: str) -> argparse.Namespace:
+    (root / "settings.toml").write_text(f'[storage]\ndirectory = "{root}"\n')
+    return parser().parse_args(["reprocess", study, "--config", str(root / "settings.toml")])
+
+
+def test_reprocess_queues_a_failed_study_again_and_says_what_it_left(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    conn = db.connect(tmp_path / "index.sqlite")
+    with db.transaction(conn):
+        record_arrival(conn, STUDY, 1000.0, new_instance=True)
+    conn.execute("INSERT INTO instances VALUES (?, ?, ?, '1.2', 'x.dcm', 1, 'MODALITY', 1000)",
+                 (f"{STUDY}.1.1", STUDY, f"{STUDY}.1"))
+    args = reprocess_args(tmp_path, STUDY)
+    assert args.func(args) == 1
+    assert capsys.readouterr().err == (
+        f"dicom-ai reprocess: {STUDY}: the study is still receiving; it is analysed when "
+        "complete\n")
+    complete_quiet_studies(conn, 1040.0, 30.0)
+    conn.execute("UPDATE jobs SET state = 'running', attempts = 1, worker_pid = 7")
+    assert args.func(args) == 1
+    assert "job 1 of generation 1 is already running" in capsys.readouterr().err
+    conn.execute("UPDATE jobs SET state = 'failed', last_error = 'analysis ran past "
+                 "worker.job_timeout_s (1800 s); the worker was stopped', finished_at = 2000")
+
+    assert args.func(args) == 0
+    assert capsys.readouterr().out == (
+        f"study {STUDY} generation 1 queued (its job was failed); the service analyses it next "
+        "(a stopped one when it starts)\n")
+    assert [tuple(r) for r in conn.execute(
+        "SELECT id, state, attempts, last_error, started_at, finished_at, worker_pid "
+        "FROM jobs")] == [(1, "queued", 0, None, None, None, None)]
+    events = [json.loads(line) for line in
+              (tmp_path / "audit" / f"{STUDY}.jsonl").read_text().splitlines()]
+    assert (events[-1]["event"], events[-1]["job_id"], events[-1]["reprocess_of"]) == (
+        "job_queued", 1, "failed")
+    trail_args = status_args(tmp_path, STUDY)
+    assert trail_args.func(trail_args) == 0
+    assert "job 1, generation 1 (dicom-ai reprocess; the job was failed)" in (
+        capsys.readouterr().out)
+
+
+@pytest.mark.parametrize(("study", "code", "said"), [
+    ("1.2.3.4", 1, "no such study in the index (never received, or removed by retention)"),
+    ("1.2.3.5", 1, "the study has no instances left (removed by retention)"),
+    ("1.2..3", 2, "STUDY_UID is not a valid UID"),
+])
+def test_reprocess_refuses_what_it_cannot_analyse(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], study: str, code: int,
+        said: str) -> None:
+    conn = db.connect(tmp_path / "index.sqlite")
+    with db.transaction(conn):
+        record_arrival(conn, "1.2.3.5", 1000.0, new_instance=True)
+    complete_quiet_studies(conn, 1040.0, 30.0)
+    args = reprocess_args(tmp_path, study)
+    assert args.func(args) == code
+    assert capsys.readouterr().err.rstrip("\n").endswith(said)
+    assert [tuple(r) for r in conn.execute("SELECT state FROM jobs")] == [("queued",)]
