@@ -122,7 +122,8 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
           f"{studies.quiet_period_s:g} s; at most {studies.maximum_wait_s:g} s")
     worker = settings.worker
     print(f"  workers   {worker.processes or 'sized from the machine'}, priority "
-          f"{worker.priority}{', listener keeps a CPU' if worker.listener_core else ''}")
+          f"{worker.priority}{', listener keeps a CPU' if worker.listener_core else ''}; "
+          f"{worker.max_attempts} attempts, a job stopped after {worker.job_timeout_s:g} s")
     web = settings.http
     print("  http      " + (f"{web.bind_address}:{web.port} (/metrics /healthz /readyz, status "
                              f"page{' with token' if web.token else ''})"

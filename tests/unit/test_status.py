@@ -69,7 +69,8 @@ def test_config_check_accepts_the_example(capsys: pytest.CaptureFixture[str]) ->
     assert f"{example}: ok" in out
     # What an admin checks before a restart: completion, the pool and the HTTP endpoint.
     assert "quiet 2 s (single-image) / 30 s; at most 600 s" in out
-    assert "workers   sized from the machine, priority batch, listener keeps a CPU" in out
+    assert ("workers   sized from the machine, priority batch, listener keeps a CPU; 3 attempts, "
+            "a job stopped after 1800 s") in out
     assert "http      127.0.0.1:9110 (/metrics /healthz /readyz, status page)" in out
     settings = load_settings(example, env={})
     assert [d.name for d in settings.export.destinations] == ["pacs"]
