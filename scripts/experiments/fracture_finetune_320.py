@@ -22,17 +22,15 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
-from fracture_image_score import auc_gain
+from fracture_image_score import paired_auc_gain, selection_line
 
 from dicom_ai.inference.ensemble import LogitEnsemble
 from dicom_ai.train import fracture
 from dicom_ai.train.commands import DEFAULT_CACHE, DEFAULT_DATA
-from dicom_ai.train.metrics import binary_auc, bootstrap_ci
 
 SIDE = 320
 #: A tenth of the recipe's peak learning rate: the members are trained, only their input size
@@ -80,13 +78,9 @@ def main() -> int:
     for name, data, pred in (("shipped at 256 px", val_256, base),
                              (f"shipped at {SIDE} px", val, plain),
                              (f"fine-tuned at {SIDE} px", val, new)):
-        auc, hits, _peak = fracture.selection_score(data, pred)
-        print(f"{name}: image AUC {auc:.4f}, top box on a radiologist's box {hits:.3f} of "
-              f"{int(data.labels.sum())} fractured images", flush=True)
-    y = val.labels
-    lo, hi = bootstrap_ci(partial(auc_gain, y, new.scores, base.scores), len(y), resamples=2000)
-    print(f"fine-tuned at {SIDE} px minus shipped at 256 px: image AUC "
-          f"{binary_auc(y, new.scores) - binary_auc(y, base.scores):+.4f} "
+        print(selection_line(name, data, pred), flush=True)
+    gain, lo, hi = paired_auc_gain(val.labels, new.scores, base.scores)
+    print(f"fine-tuned at {SIDE} px minus shipped at 256 px: image AUC {gain:+.4f} "
           f"(95% CI {lo:+.4f} to {hi:+.4f})", flush=True)
     return 0
 

@@ -31,6 +31,21 @@ def auc_gain(y: npt.NDArray[np.int64], a: npt.NDArray[np.float64], b: npt.NDArra
     return binary_auc(y[i], a[i]) - binary_auc(y[i], b[i])
 
 
+def paired_auc_gain(y: npt.NDArray[np.int64], a: npt.NDArray[np.float64],
+                    b: npt.NDArray[np.float64]) -> tuple[float, float, float]:
+    """AUC of scores ``a`` minus that of ``b`` on every image, with the 95 % interval of the
+    paired bootstrap (2,000 resamples of images)."""
+    lo, hi = bootstrap_ci(partial(auc_gain, y, a, b), len(y), resamples=2000)
+    return auc_gain(y, a, b, np.arange(len(y))), lo, hi
+
+
+def selection_line(name: str, data: fracture.FractureSet, pred: fracture.Predictions) -> str:
+    """``name``'s image AUC and top-box hit rate (:func:`fracture.selection_score`)."""
+    auc, hits, _peak_auc = fracture.selection_score(data, pred)
+    return (f"{name}: image AUC {auc:.4f}, top box on a radiologist's box {hits:.3f} of "
+            f"{int(data.labels.sum())} fractured images")
+
+
 def main() -> int:
     bundle, val = fracture.validation_experiment(__doc__.split("\n")[0])
     net = fracture.load_trained(bundle)
@@ -40,9 +55,7 @@ def main() -> int:
         scores = {w: fracture.predict(model, val.images, peak_weight=w).scores
                   for w in WEIGHTS}
         aucs = ", ".join(f"w={w:g} {binary_auc(y, s):.4f}" for w, s in scores.items())
-        lo, hi = bootstrap_ci(partial(auc_gain, y, scores[0.5], scores[0.0]), len(y),
-                              resamples=2000)
-        gain = auc_gain(y, scores[0.5], scores[0.0], np.arange(len(y)))
+        gain, lo, hi = paired_auc_gain(y, scores[0.5], scores[0.0])
         print(f"{name}: AUC {aucs}; w=0.5 - w=0: {gain:+.4f} (95% CI {lo:+.4f} to "
               f"{hi:+.4f})", flush=True)
     return 0

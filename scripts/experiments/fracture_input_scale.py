@@ -11,13 +11,10 @@ Usage: ``python scripts/experiments/fracture_input_scale.py [models/xr-fracture]
 
 from __future__ import annotations
 
-from functools import partial
-
-import numpy as np
-from fracture_image_score import auc_gain
+from fracture_image_score import paired_auc_gain, selection_line
 
 from dicom_ai.train import fracture
-from dicom_ai.train.metrics import binary_auc, bootstrap_ci
+from dicom_ai.train.metrics import binary_auc
 
 SIZES = (256, 320, 384)
 
@@ -32,15 +29,12 @@ def main() -> int:
     for side, (_bundle, val) in splits.items():
         pred = fracture.predict(net, val.images, peak_weight=weight)
         scores[side] = pred.scores
-        auc, hits, _peak_auc = fracture.selection_score(val, pred)
-        print(f"{side} px: image AUC {auc:.4f}, top box on a radiologist's box {hits:.3f} of "
-              f"{int(val.labels.sum())} fractured images", flush=True)
+        print(selection_line(f"{side} px", val, pred), flush=True)
     y = splits[SIZES[0]][1].labels
     mean = (scores[256] + scores[320]) / 2
-    lo, hi = bootstrap_ci(partial(auc_gain, y, mean, scores[256]), len(y), resamples=2000)
+    gain, lo, hi = paired_auc_gain(y, mean, scores[256])
     print(f"mean of 256 and 320 px: image AUC {binary_auc(y, mean):.4f}; minus 256 alone "
-          f"{auc_gain(y, mean, scores[256], np.arange(len(y))):+.4f} "
-          f"(95% CI {lo:+.4f} to {hi:+.4f})", flush=True)
+          f"{gain:+.4f} (95% CI {lo:+.4f} to {hi:+.4f})", flush=True)
     return 0
 
 
