@@ -49,7 +49,7 @@ from torch import nn
 
 from dicom_ai.imaging import xray
 from dicom_ai.imaging.resize import content_box
-from dicom_ai.inference.ensemble import network_of
+from dicom_ai.inference.ensemble import LogitEnsemble, network_of
 from dicom_ai.inference.fracture_net import STRIDE, Box, decode_boxes, image_score, iou
 from dicom_ai.inference.input_fit import FeatureTap, fit_statistics, mahalanobis
 from dicom_ai.inference.spec import FractureSpec, parse_fracture
@@ -506,12 +506,27 @@ def metadata(temperature: float, threshold: float, eval_metrics: dict[str, Any],
     }
 
 
+def training_records(bundle: Path) -> list[dict[str, Any]]:
+    """The training record of each network of ``bundle`` (``docs/training.json``, as
+    :func:`write_weights` writes it), in seed order."""
+    record: dict[str, Any] = json.loads((bundle / "docs" / "training.json").read_text())
+    return list(record["members"]) if "members" in record else [record]
+
+
 def load_trained(bundle: Path) -> nn.Module:
-    """The bundle's network with its weights, in eval mode."""
-    net = build_network(RECIPE.bundle_network_def)
+    """The bundle's network with its weights, in eval mode: the recipe's network, or the
+    ensemble of as many of them as its training records list. That count may differ from the
+    recipe's ``members``: a bundle of other seeds or an earlier release loads for comparison."""
+    shape = dataclasses.replace(RECIPE, members=len(training_records(bundle)))
+    net = build_network(shape.bundle_network_def)
     net.load_state_dict(torch.load(bundle / "models" / "model.pt", map_location="cpu",
                                    weights_only=True))
     return net.eval()
+
+
+def member_networks(net: nn.Module) -> list[nn.Module]:
+    """The networks whose logits ``net`` averages: its members, or itself."""
+    return list(net.members) if isinstance(net, LogitEnsemble) else [net]
 
 
 def export(bundle: Path, train_set: FractureSet, val_set: FractureSet,
@@ -661,16 +676,15 @@ def write_weights(out: Path, nets: Sequence[nn.Module], records: Sequence[dict[s
 
 
 def command_ensemble(args: argparse.Namespace) -> int:
-    """``ensemble``: the bundle's weights from single-network bundles trained with the recipe's
-    member seeds (in seed order; e.g. each trained on its own GPU), then ``export``."""
+    """``ensemble``: the bundle's weights from bundles whose networks, in order, were trained
+    with the recipe's member seeds (e.g. each trained on its own GPU, or an earlier release's
+    members followed by the new seeds'), then ``export``."""
     torch.set_num_threads(args.threads)
-    nets, records = [], []
+    nets: list[nn.Module] = []
+    records: list[dict[str, Any]] = []
     for member in map(Path, args.members):
-        net = build_network(RECIPE.network_def)
-        net.load_state_dict(torch.load(member / "models" / "model.pt", map_location="cpu",
-                                       weights_only=True))
-        nets.append(net)
-        records.append(json.loads((member / "docs" / "training.json").read_text()))
+        nets += member_networks(load_trained(member))
+        records += training_records(member)
     seeds = [r["loop"]["seed"] for r in records]
     expected = [RECIPE.loop.seed + k for k in range(RECIPE.members)]
     if seeds != expected:
@@ -721,9 +735,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     t.add_argument("--init", help="weights a warm-started recipe begins from (checked against "
                                   "the recipe's SHA-256)")
     t.set_defaults(func=command_train)
-    m = sub.add_parser("ensemble", help="the bundle from its members' single-network "
-                                         "bundles (seed order), then export")
-    m.add_argument("members", nargs="+", help="bundle directories of the members")
+    m = sub.add_parser("ensemble", help="the bundle from bundles holding its members (seed "
+                                         "order), then export")
+    m.add_argument("members", nargs="+", help="bundle directories holding the members")
     m.add_argument("--out", default=f"models/{NAME}")
     m.set_defaults(func=command_ensemble)
     x = sub.add_parser("export", help="recalibrate and rewrite the configs")

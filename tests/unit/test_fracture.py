@@ -3,6 +3,7 @@ routing, and the findings an analysed radiograph produces."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import astuple
@@ -369,15 +370,42 @@ def test_member_weights_and_records_make_the_ensemble_bundle(tmp_path: Path) -> 
         "recipe": "xr-fracture", "members": records}
 
 
+def recipe_networks(*seeds: int) -> list[torch.nn.Module]:
+    nets = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        nets.append(build_network(tf.RECIPE.network_def))
+    return nets
+
+
+def test_a_bundle_of_another_member_count_loads_with_its_records(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An earlier release (or a bundle of further seeds) loads although the recipe's member
+    count has changed since: the records say how many networks the weights hold."""
+    nets = recipe_networks(0, 1, 2)
+    records = [{"loop": {"seed": seed}} for seed in (0, 1, 2)]
+    monkeypatch.setattr(tf, "RECIPE", dataclasses.replace(tf.RECIPE, members=3))
+    tf.write_weights(tmp_path, nets, records)
+    monkeypatch.undo()
+    assert tf.RECIPE.members != 3
+    loaded = tf.member_networks(tf.load_trained(tmp_path))
+    assert tf.training_records(tmp_path) == records
+    assert len(loaded) == 3
+    for net, back in zip(nets, loaded, strict=True):
+        for key, value in net.state_dict().items():
+            assert torch.equal(back.state_dict()[key], value)
+
+
 def test_ensemble_command_refuses_members_of_other_seeds(tmp_path: Path) -> None:
-    for name, seed in (("a", 0), ("b", 5)):
-        (tmp_path / name / "models").mkdir(parents=True)
-        (tmp_path / name / "docs").mkdir()
-        torch.save(build_network(tf.RECIPE.network_def).state_dict(),
-                   tmp_path / name / "models" / "model.pt")
-        (tmp_path / name / "docs" / "training.json").write_text(
-            json.dumps({"loop": {"seed": seed}}))
-    with pytest.raises(SystemExit, match=r"seeds \[0, 5\], the recipe's are \[0, 1\]"):
-        tf.main(["ensemble", str(tmp_path / "a"), str(tmp_path / "b"),
+    """Members come in seed order from single networks and from ensembles alike."""
+    single = tmp_path / "single"
+    tf.write_weights(tmp_path / "pair", recipe_networks(0, 1),
+                     [{"loop": {"seed": 0}}, {"loop": {"seed": 1}}])
+    (single / "models").mkdir(parents=True)
+    (single / "docs").mkdir()
+    torch.save(recipe_networks(5)[0].state_dict(), single / "models" / "model.pt")
+    (single / "docs" / "training.json").write_text(json.dumps({"loop": {"seed": 5}}))
+    with pytest.raises(SystemExit, match=r"seeds \[5, 0, 1\], the recipe's are \[0, 1\]"):
+        tf.main(["ensemble", str(single), str(tmp_path / "pair"),
                  "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
