@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import astuple
 from datetime import datetime
 from pathlib import Path
@@ -349,7 +350,7 @@ def test_shipped_fracture_network_is_its_recipes_ensemble() -> None:
     path = Path(__file__).resolve().parents[2] / "models" / "xr-fracture" / "configs"
     config = json.loads((path / "inference.json").read_text())
     assert config["network_def"] == tf.RECIPE.bundle_network_def
-    assert len(config["network_def"]["members"]) == tf.RECIPE.members == 2
+    assert len(config["network_def"]["members"]) == tf.RECIPE.members == 4
 
 
 def test_member_weights_and_records_make_the_ensemble_bundle(tmp_path: Path) -> None:
@@ -357,9 +358,9 @@ def test_member_weights_and_records_make_the_ensemble_bundle(tmp_path: Path) -> 
         torch.manual_seed(seed)
         return FractureNet(widths=(4, 4, 4, 4, 4), fpn_channels=4)
 
-    nets = [member(0), member(1)]
-    records = [{"loop": {"seed": 0}}, {"loop": {"seed": 1}}]
-    with pytest.raises(ValueError, match="2 member"):
+    nets = [member(k) for k in range(tf.RECIPE.members)]
+    records = [{"loop": {"seed": k}} for k in range(tf.RECIPE.members)]
+    with pytest.raises(ValueError, match=f"{tf.RECIPE.members} member"):
         tf.write_weights(tmp_path, nets[:1], records[:1])
     tf.write_weights(tmp_path, nets, records)
     state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
@@ -396,16 +397,21 @@ def test_a_bundle_of_another_member_count_loads_with_its_records(
             assert torch.equal(back.state_dict()[key], value)
 
 
-def test_ensemble_command_refuses_members_of_other_seeds(tmp_path: Path) -> None:
+def test_ensemble_command_refuses_members_of_other_seeds(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Members come in seed order from single networks and from ensembles alike."""
     single = tmp_path / "single"
+    monkeypatch.setattr(tf, "RECIPE", dataclasses.replace(tf.RECIPE, members=2))
     tf.write_weights(tmp_path / "pair", recipe_networks(0, 1),
                      [{"loop": {"seed": 0}}, {"loop": {"seed": 1}}])
+    monkeypatch.undo()
     (single / "models").mkdir(parents=True)
     (single / "docs").mkdir()
     torch.save(recipe_networks(5)[0].state_dict(), single / "models" / "model.pt")
     (single / "docs" / "training.json").write_text(json.dumps({"loop": {"seed": 5}}))
-    with pytest.raises(SystemExit, match=r"seeds \[5, 0, 1\], the recipe's are \[0, 1\]"):
+    expected = list(range(tf.RECIPE.members))
+    with pytest.raises(SystemExit, match=re.escape(f"seeds [5, 0, 1], the recipe's are "
+                                                   f"{expected}")):
         tf.main(["ensemble", str(single), str(tmp_path / "pair"),
                  "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
