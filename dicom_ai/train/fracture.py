@@ -18,8 +18,13 @@ bundle's image score is the mean of the image logit and the highest heatmap logi
 (:data:`~dicom_ai.train.recipes.FRACTURE_PEAK_WEIGHT`); its temperature and operating point
 are fitted to that score.
 
+``pretrain`` trains the network's encoder with SimCLR (:mod:`dicom_ai.train.contrastive`) on
+:func:`pretraining_images`, for the transfer learning that
+``scripts/experiments/fracture_pretraining.py`` measures.
+
 Usage::
 
+    python -m dicom_ai.train.fracture --threads 2 pretrain --out PT/encoder.pt
     python -m dicom_ai.train.fracture train --out models/xr-fracture --minutes 65
     python -m dicom_ai.train.fracture evaluate models/xr-fracture
 """
@@ -53,6 +58,7 @@ from dicom_ai.inference.ensemble import LogitEnsemble, network_of
 from dicom_ai.inference.fracture_net import STRIDE, Box, decode_boxes, image_score, iou
 from dicom_ai.inference.input_fit import FeatureTap, fit_statistics, mahalanobis
 from dicom_ai.inference.spec import FractureSpec, parse_fracture
+from dicom_ai.train import contrastive
 from dicom_ai.train.augment import AugmentConfig, affine_matrices, intensity
 from dicom_ai.train.calibrate import fit_temperature, threshold_for_sensitivity
 from dicom_ai.train.loop import (
@@ -71,6 +77,8 @@ FloatArray = npt.NDArray[np.float32]
 RECIPE = XR_FRACTURE
 NAME = RECIPE.name
 DATA_SUBDIR = Path("fracture") / "fracatlas"
+#: Chest radiographs the encoder is pretrained on besides FracAtlas.
+KERMANY_SUBDIR = Path("cxr") / "kermany224"
 SIZE = RECIPE.size
 CACHE_VERSION = "1"
 #: A top box hits when it overlaps a radiologist's box by this IoU, or its centre lies inside.
@@ -108,6 +116,24 @@ def boxes_in_input(rows: Sequence[dict[str, str]], source_hw: tuple[int, int],
     return out
 
 
+def cached_inputs(root: Path, paths: Sequence[str], size: tuple[int, int],
+                  cache: Path) -> npt.NDArray[np.float16]:
+    """8-bit radiographs ``root / path`` as the model reads them (N×1×H×W float16), through
+    the path of an 8-bit MONOCHROME2 DX; kept in the ``cache`` file after the first call."""
+    if cache.exists():
+        cached: npt.NDArray[np.float16] = np.load(cache)
+        return cached
+    stack = []
+    for p in paths:
+        with Image.open(root / p) as im:
+            gray = np.asarray(im.convert("L"), dtype=np.uint8)
+        stack.append(xray.model_input(xray.presentation_from_8bit(gray), size, aspect="pad"))
+    images = np.stack(stack).astype(np.float16)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.save(cache, images)
+    return images
+
+
 def load_split(root: Path, split: str, size: tuple[int, int], cache_dir: Path) -> FractureSet:
     """One FracAtlas split normalized to ``size`` (cached as float16 under ``cache_dir``)."""
     with (root / "labels.csv").open(newline="") as fh:
@@ -121,22 +147,26 @@ def load_split(root: Path, split: str, size: tuple[int, int], cache_dir: Path) -
     rows.sort(key=lambda r: r["path"])
     tag = hashlib.sha1(f"{CACHE_VERSION}|{root.resolve()}|{split}|{size}".encode()).hexdigest()
     cache = cache_dir / f"fracatlas-{split}-{size[0]}x{size[1]}-{tag[:12]}.npy"
-    if cache.exists():
-        images = np.load(cache)
-    else:
-        stack = []
-        for r in rows:
-            with Image.open(root / r["path"]) as im:
-                gray = np.asarray(im.convert("L"), dtype=np.uint8)
-            stack.append(xray.model_input(xray.presentation_from_8bit(gray), size, aspect="pad"))
-        images = np.stack(stack).astype(np.float16)
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        np.save(cache, images)
+    images = cached_inputs(root, [r["path"] for r in rows], size, cache)
     boxes = tuple(boxes_in_input(by_path.get(r["path"], []),
                                  (int(r["height"]), int(r["width"])), size) for r in rows)
     labels = np.array([1 if r["label"] == "fracture" else 0 for r in rows], dtype=np.int64)
     return FractureSet(images, labels, boxes, tuple(r["region"] for r in rows),
                        tuple(r["path"] for r in rows))
+
+
+def pretraining_images(data_dir: Path, cache_dir: Path) -> npt.NDArray[np.float16]:
+    """Every training radiograph of the project through this task's normalization, for
+    :func:`dicom_ai.train.contrastive.pretrain`: the FracAtlas train split, then the Kermany
+    chest radiographs' train split (cached as float16 under ``cache_dir``). No validation
+    image."""
+    root = data_dir / KERMANY_SUBDIR
+    with (root / "labels.csv").open(newline="") as fh:
+        paths = sorted(r["path"] for r in csv.DictReader(fh) if r["split"] == "train")
+    tag = hashlib.sha1(f"{root.resolve()}|{SIZE}|{len(paths)}".encode()).hexdigest()
+    cache = cache_dir / f"kermany-train-fracture-input-{tag[:12]}.npy"
+    return np.concatenate([load_split(data_dir / DATA_SUBDIR, "train", SIZE, cache_dir).images,
+                           cached_inputs(root, paths, SIZE, cache)])
 
 
 def transform_boxes(boxes: FloatArray, theta: torch.Tensor, size: tuple[int, int]) -> FloatArray:
@@ -621,6 +651,23 @@ def validation_experiment(description: str, size: tuple[int, int] = SIZE
     return args.bundle, load_split(args.data / DATA_SUBDIR, "valid", size, args.cache)
 
 
+def command_pretrain(args: argparse.Namespace) -> int:
+    """``pretrain``: SimCLR on :func:`pretraining_images`, the encoder weights to ``--out``."""
+    torch.set_num_threads(args.threads)
+    images = pretraining_images(Path(args.data), Path(args.cache))
+    cfg = dataclasses.replace(contrastive.ContrastiveConfig(), epochs=args.epochs)
+    print(f"{NAME}: contrastive pretraining on {len(images)} radiographs, {cfg.epochs} epochs",
+          flush=True)
+    state = contrastive.pretrain(RECIPE.network_def, images, cfg,
+                                 checkpoint=Path(args.cache) / "checkpoints" / f"{NAME}-simclr.pt",
+                                 resume=args.resume, log=lambda line: print(line, flush=True))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, out)
+    print(f"{out}: sha256 {hashlib.sha256(out.read_bytes()).hexdigest()}")
+    return 0
+
+
 def command_train(args: argparse.Namespace) -> int:
     """``train``: fit (or resume), write the weights, then export the bundle."""
     torch.set_num_threads(args.threads)
@@ -724,6 +771,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                                      "checkpoint)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("pretrain", help="self-supervised pretraining of the encoder (the "
+                                         "weights the recipe's warm start names)")
+    p.add_argument("--out", required=True, help="where the encoder weights go")
+    p.add_argument("--epochs", type=int, default=contrastive.ContrastiveConfig.epochs)
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint")
+    p.set_defaults(func=command_pretrain)
     t = sub.add_parser("train", help="train (or resume) and write the bundle")
     t.add_argument("--out", default=f"models/{NAME}")
     t.add_argument("--minutes", type=float, default=RECIPE.loop.max_minutes,

@@ -149,6 +149,26 @@ def member_network(recipe: Recipe, loop: LoopConfig, member: int, init: Path | N
     return member_loop, net
 
 
+def load_warm_start(net: nn.Module, modules: tuple[str, ...],
+                    state: dict[str, torch.Tensor]) -> None:
+    """Copy ``state``, the weights of ``net``'s top-level ``modules`` (a pretrained encoder),
+    into ``net``; the rest of ``net`` keeps its initialisation.
+
+    Raises
+    ------
+    ValueError
+        ``state`` lacks a weight of ``modules`` or holds one outside them.
+    """
+    prefixes = tuple(f"{m}." for m in modules)
+    wanted = {k for k in net.state_dict() if k.startswith(prefixes)}
+    absent = sorted(wanted - state.keys())
+    foreign = sorted(state.keys() - wanted)
+    if absent or foreign:
+        raise ValueError(f"warm start of {', '.join(modules)}: missing {absent[:3]}, "
+                         f"not of those modules {foreign[:3]}")
+    net.load_state_dict(state, strict=False)
+
+
 def checkpoint_path(recipe: Recipe, cache_dir: Path, member: int = 0) -> Path:
     """Where :func:`train_model` checkpoints ``recipe``'s ``member`` (scratch space, never
     the bundle)."""

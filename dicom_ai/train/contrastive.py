@@ -1,0 +1,154 @@
+"""Self-supervised pretraining (SimCLR) of a network's encoder on unlabelled images.
+
+Transfer learning without downloadable weights: an encoder first learns, without labels, to
+tell two random views of one image from the views of every other image in the batch (Chen et
+al., "A simple framework for contrastive learning of visual representations", ICML 2020), then
+starts a task's training (:func:`dicom_ai.train.run.load_warm_start` copies it). A view
+is an affine zoom into part of the image (SimCLR's crop), shift, rotation, flips and intensity
+changes, sampled at a reduced side so that pretraining is affordable on a CPU; the loss is
+NT-Xent on a 2-layer projection of the pooled deepest features, which training then discards.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dicom_ai.inference.fracture_net import FractureNet
+from dicom_ai.train.augment import AugmentConfig, affine_matrices, intensity
+from dicom_ai.train.loop import learning_rate
+from dicom_ai.train.run import build_network
+
+#: The FractureNet modules pretraining trains and a warm start copies.
+FRACTURE_ENCODER = ("stem", "stages")
+
+#: A zoom up to 2.2× shows 1/2.2 of the image's side: SimCLR's crops, as an affine map.
+RADIOGRAPH_VIEWS = AugmentConfig(rotate_deg=20.0, scale=(1.0, 2.2), translate=0.25, hflip=True,
+                                 vflip=True, brightness=0.15, contrast=(0.6, 1.4),
+                                 gamma=(0.6, 1.6))
+
+
+@dataclass(frozen=True)
+class ContrastiveConfig:
+    """How pretraining runs."""
+
+    epochs: int = 20
+    #: Images a step; the loss sees twice as many views.
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    temperature: float = 0.2
+    #: Side (px) the views are sampled at.
+    view_side: int = 160
+    views: AugmentConfig = RADIOGRAPH_VIEWS
+    seed: int = 0
+
+
+class FractureEncoder(nn.Module):
+    """A FractureNet's stem and stages (shared, not copied), their deepest features pooled as
+    its classifier pools them (mean and max), then the projection head."""
+
+    def __init__(self, net: FractureNet, projection: int = 128) -> None:
+        super().__init__()
+        self.stem = net.stem
+        self.stages = net.stages
+        head = net.classifier[1]
+        if not isinstance(head, nn.Linear):
+            raise TypeError("a FractureNet's classifier ends in a linear layer")
+        width = head.in_features
+        self.projection = nn.Sequential(nn.Linear(width, width), nn.ReLU(),
+                                        nn.Linear(width, projection))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.stem(x)
+        for stage in self.stages:
+            y = stage(y)
+        pooled = torch.cat([y.mean(dim=(2, 3)), y.amax(dim=(2, 3))], dim=1)
+        return F.normalize(self.projection(pooled), dim=1)
+
+
+def views(x: torch.Tensor, cfg: ContrastiveConfig, gen: torch.Generator) -> torch.Tensor:
+    """One random view of each image of the N×C×H×W batch, N×C×side×side."""
+    n, channels = x.shape[0], x.shape[1]
+    theta = affine_matrices(n, cfg.views, gen).to(x.dtype)
+    grid = F.affine_grid(theta, [n, channels, cfg.view_side, cfg.view_side],
+                         align_corners=False)
+    warped = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return intensity(warped, cfg.views, gen)
+
+
+def nt_xent(z: torch.Tensor, temperature: float) -> torch.Tensor:
+    """SimCLR's loss for 2N unit embeddings whose rows k and k + N are two views of one image:
+    the mean over rows of the cross-entropy of picking the other view among the 2N − 1 others,
+    similarities being cosines over ``temperature``."""
+    n = len(z) // 2
+    sim = z @ z.T / temperature
+    sim.fill_diagonal_(float("-inf"))
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)])
+    return F.cross_entropy(sim, target)
+
+
+def pretrain(network_def: dict[str, Any], images: npt.NDArray[np.float16],
+             cfg: ContrastiveConfig, *, checkpoint: Path, resume: bool = False,
+             log: Callable[[str], None] = print) -> dict[str, torch.Tensor]:
+    """Build the FractureNet ``network_def`` names from ``cfg.seed``, train its encoder on
+    ``images`` (N×C×H×W in [0, 1]) and return its :data:`FRACTURE_ENCODER` weights. A
+    checkpoint after every epoch lets a cut-off run resume (``resume``) where it stopped."""
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    net = build_network(network_def)
+    if not isinstance(net, FractureNet):
+        raise ValueError(f"{network_def.get('_target_')} is not a FractureNet")
+    enc = FractureEncoder(net)
+    opt = torch.optim.AdamW(enc.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = len(images) // cfg.batch_size
+    if steps == 0:
+        raise ValueError(f"{len(images)} images do not fill one batch of {cfg.batch_size}")
+    start = 0
+    if resume and checkpoint.exists():
+        ck = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        enc.load_state_dict(ck["enc"])
+        opt.load_state_dict(ck["opt"])
+        gen.set_state(ck["gen"])
+        start = int(ck["epoch"])
+        log(f"resumed after epoch {start}")
+    enc.train()
+    for epoch in range(start, cfg.epochs):
+        t0 = time.monotonic()
+        order = torch.randperm(len(images), generator=gen).numpy()
+        total = 0.0
+        for b in range(steps):
+            lr = learning_rate((epoch + b / steps) / cfg.epochs, cfg.lr, warmup=0.05)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            idx = np.sort(order[b * cfg.batch_size:(b + 1) * cfg.batch_size])
+            x = torch.from_numpy(images[idx].astype(np.float32))
+            loss = nt_xent(enc(torch.cat([views(x, cfg, gen), views(x, cfg, gen)])),
+                           cfg.temperature)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[no-untyped-call]
+            opt.step()
+            total += float(loss.item())
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        tmp = checkpoint.with_suffix(".tmp")
+        torch.save({"enc": enc.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
+                    "epoch": epoch + 1}, tmp)
+        tmp.replace(checkpoint)
+        log(f"epoch {epoch + 1}/{cfg.epochs} nt-xent {total / steps:.4f} "
+            f"{time.monotonic() - t0:.0f}s")
+    return encoder_state(net)
+
+
+def encoder_state(net: nn.Module) -> dict[str, torch.Tensor]:
+    """The :data:`FRACTURE_ENCODER` part of ``net``'s state dict."""
+    prefixes = tuple(f"{m}." for m in FRACTURE_ENCODER)
+    return {k: v for k, v in net.state_dict().items() if k.startswith(prefixes)}
