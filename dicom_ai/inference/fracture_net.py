@@ -89,14 +89,23 @@ class FractureNet(nn.Module):
             # Typical FracAtlas boxes are ~5 cells wide at 256 px: start the size head there.
             self.size.bias.fill_(math.log(5.0))  # type: ignore[union-attr]
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The four stages' features, strides 4 to 32."""
         feats = []
         y = self.stem(x)
         for stage in self.stages:
             y = stage(y)
             feats.append(y)
-        pooled = torch.cat([feats[-1].mean(dim=(2, 3)), feats[-1].amax(dim=(2, 3))], dim=1)
-        logit = self.classifier(pooled)
+        return feats
+
+    @staticmethod
+    def pool(deepest: torch.Tensor) -> torch.Tensor:
+        """What the classifier reads: the deepest features' mean and max over the image."""
+        return torch.cat([deepest.mean(dim=(2, 3)), deepest.amax(dim=(2, 3))], dim=1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        feats = self.encode(x)
+        logit = self.classifier(self.pool(feats[-1]))
         top = self.lateral[-1](feats[-1])
         for i in range(len(feats) - 2, -1, -1):
             top = F.interpolate(top, size=feats[i].shape[2:], mode="nearest") + \

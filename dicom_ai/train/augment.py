@@ -88,10 +88,13 @@ def intensity(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torc
     return out.clamp(0.0, 1.0)
 
 
-def augment(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
+def augment(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator,
+            size: tuple[int, int] | None = None) -> torch.Tensor:
     """Geometric then intensity augmentation of a batch; outside the image is 0 (black), as
-    padding is at inference."""
-    grid = F.affine_grid(affine_matrices(x.shape[0], cfg, gen).to(x.dtype), list(x.shape),
+    padding is at inference. The result is sampled at ``size`` (H, W), by default the input's
+    (a smaller one gives SimCLR's reduced views)."""
+    out = list(x.shape[:2]) + list(size) if size is not None else list(x.shape)
+    grid = F.affine_grid(affine_matrices(x.shape[0], cfg, gen).to(x.dtype), out,
                          align_corners=False)
     warped = F.grid_sample(x, grid.to(x.device), mode="bilinear", padding_mode="zeros",
                            align_corners=False)

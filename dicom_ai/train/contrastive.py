@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dicom_ai.inference.fracture_net import FractureNet
-from dicom_ai.train.augment import AugmentConfig, affine_matrices, intensity
-from dicom_ai.train.loop import learning_rate
+from dicom_ai.train.augment import AugmentConfig, augment
+from dicom_ai.train.loop import learning_rate, write_checkpoint
 from dicom_ai.train.run import build_network
 
 #: The FractureNet modules pretraining trains and a warm start copies.
@@ -47,20 +47,19 @@ class ContrastiveConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     temperature: float = 0.2
-    #: Side (px) the views are sampled at.
+    #: Side (px) the views are sampled at (:func:`~dicom_ai.train.augment.augment`'s size).
     view_side: int = 160
     views: AugmentConfig = RADIOGRAPH_VIEWS
     seed: int = 0
 
 
 class FractureEncoder(nn.Module):
-    """A FractureNet's stem and stages (shared, not copied), their deepest features pooled as
-    its classifier pools them (mean and max), then the projection head."""
+    """A FractureNet's encoder (the network itself, not a copy), its deepest features pooled as
+    its classifier pools them, then the projection head."""
 
     def __init__(self, net: FractureNet, projection: int = 128) -> None:
         super().__init__()
-        self.stem = net.stem
-        self.stages = net.stages
+        self.net = net
         head = net.classifier[1]
         if not isinstance(head, nn.Linear):
             raise TypeError("a FractureNet's classifier ends in a linear layer")
@@ -69,21 +68,7 @@ class FractureEncoder(nn.Module):
                                         nn.Linear(width, projection))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.stem(x)
-        for stage in self.stages:
-            y = stage(y)
-        pooled = torch.cat([y.mean(dim=(2, 3)), y.amax(dim=(2, 3))], dim=1)
-        return F.normalize(self.projection(pooled), dim=1)
-
-
-def views(x: torch.Tensor, cfg: ContrastiveConfig, gen: torch.Generator) -> torch.Tensor:
-    """One random view of each image of the N×C×H×W batch, N×C×side×side."""
-    n, channels = x.shape[0], x.shape[1]
-    theta = affine_matrices(n, cfg.views, gen).to(x.dtype)
-    grid = F.affine_grid(theta, [n, channels, cfg.view_side, cfg.view_side],
-                         align_corners=False)
-    warped = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return intensity(warped, cfg.views, gen)
+        return F.normalize(self.projection(self.net.pool(self.net.encode(x)[-1])), dim=1)
 
 
 def nt_xent(z: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -132,17 +117,16 @@ def pretrain(network_def: dict[str, Any], images: npt.NDArray[np.float16],
                 group["lr"] = lr
             idx = np.sort(order[b * cfg.batch_size:(b + 1) * cfg.batch_size])
             x = torch.from_numpy(images[idx].astype(np.float32))
-            loss = nt_xent(enc(torch.cat([views(x, cfg, gen), views(x, cfg, gen)])),
+            side = (cfg.view_side, cfg.view_side)
+            loss = nt_xent(enc(torch.cat([augment(x, cfg.views, gen, size=side),
+                                          augment(x, cfg.views, gen, size=side)])),
                            cfg.temperature)
             opt.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
             total += float(loss.item())
-        checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        tmp = checkpoint.with_suffix(".tmp")
-        torch.save({"enc": enc.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
-                    "epoch": epoch + 1}, tmp)
-        tmp.replace(checkpoint)
+        write_checkpoint(checkpoint, {"enc": enc.state_dict(), "opt": opt.state_dict(),
+                                      "gen": gen.get_state(), "epoch": epoch + 1})
         log(f"epoch {epoch + 1}/{cfg.epochs} nt-xent {total / steps:.4f} "
             f"{time.monotonic() - t0:.0f}s")
     return encoder_state(net)

@@ -67,6 +67,7 @@ from dicom_ai.train.loop import (
     global_rng_state,
     learning_rate,
     set_global_rng_state,
+    write_checkpoint,
 )
 from dicom_ai.train.metrics import binary_auc, bootstrap_ci, expected_calibration_error
 from dicom_ai.train.recipes import FRACTURE_MIN_SENSITIVITY, FRACTURE_PEAK_WEIGHT, XR_FRACTURE
@@ -373,12 +374,9 @@ class TrainState:
 def save_checkpoint(path: Path, net: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator,
                     state: TrainState, best: dict[str, torch.Tensor]) -> None:
     """Write the resumable state atomically (a cut-off mid-write leaves the previous one)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
-                "rng": global_rng_state(), "state": dataclasses.asdict(state),
-                "best": best}, tmp)
-    tmp.replace(path)
+    write_checkpoint(path, {"net": net.state_dict(), "opt": opt.state_dict(),
+                            "gen": gen.get_state(), "rng": global_rng_state(),
+                            "state": dataclasses.asdict(state), "best": best})
 
 
 def load_checkpoint(path: Path, net: nn.Module, opt: torch.optim.Optimizer,
@@ -655,7 +653,7 @@ def command_pretrain(args: argparse.Namespace) -> int:
     """``pretrain``: SimCLR on :func:`pretraining_images`, the encoder weights to ``--out``."""
     torch.set_num_threads(args.threads)
     images = pretraining_images(Path(args.data), Path(args.cache))
-    cfg = dataclasses.replace(contrastive.ContrastiveConfig(), epochs=args.epochs)
+    cfg = contrastive.ContrastiveConfig(epochs=args.epochs)
     print(f"{NAME}: contrastive pretraining on {len(images)} radiographs, {cfg.epochs} epochs",
           flush=True)
     state = contrastive.pretrain(RECIPE.network_def, images, cfg,

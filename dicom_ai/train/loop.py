@@ -139,7 +139,8 @@ class CheckpointMismatch(ValueError):
     """A checkpoint was written by a run with other settings or other training data."""
 
 
-def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+def write_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Save ``state`` at ``path`` atomically."""
     # Written next to its final name and renamed over it, so a run cut off mid-save leaves the
     # previous epoch's checkpoint intact.
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -248,7 +249,7 @@ def fit(net: nn.Module, train: ImageSet, val: ImageSet, n_classes: int, aug: Aug
         elif epoch + 1 == cfg.epochs:
             history.stopped = f"all {cfg.epochs} epochs"
         if checkpoint is not None:
-            _save_checkpoint(checkpoint, {
+            write_checkpoint(checkpoint, {
                 "version": CHECKPOINT_VERSION, "config": dataclasses.asdict(cfg),
                 "n_train": len(train.labels), "spent": time.monotonic() - start,
                 "net": net.state_dict(), "optimizer": opt.state_dict(),

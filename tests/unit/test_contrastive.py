@@ -1,10 +1,9 @@
 """SimCLR pretraining of the fracture encoder: the loss against values worked out by hand, the
-views, a resumed run equal to an uninterrupted one, and the warm start that copies only the
-encoder."""
+reduced views (:func:`~dicom_ai.train.augment.augment` at a size), a resumed run equal to an
+uninterrupted one, and the warm start that copies only the encoder."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from pathlib import Path
 
@@ -12,13 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from dicom_ai.train.augment import AugmentConfig
+from dicom_ai.train.augment import AugmentConfig, augment
 from dicom_ai.train.contrastive import (
     ContrastiveConfig,
     encoder_state,
     nt_xent,
     pretrain,
-    views,
 )
 from dicom_ai.train.recipes import XR_FRACTURE
 from dicom_ai.train.run import build_network, load_warm_start
@@ -40,9 +38,8 @@ def test_nt_xent_by_hand() -> None:
 
 
 def test_views_sample_at_the_view_side_and_keep_a_constant_image() -> None:
-    cfg = dataclasses.replace(CFG, view_side=16, views=AugmentConfig())
     x = torch.full((3, 1, 64, 64), 0.25)
-    out = views(x, cfg, torch.Generator().manual_seed(0))
+    out = augment(x, AugmentConfig(), torch.Generator().manual_seed(0), size=(16, 16))
     assert out.shape == (3, 1, 16, 16)
     assert torch.allclose(out, torch.full_like(out, 0.25), atol=1e-6)
 
