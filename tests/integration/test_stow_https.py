@@ -67,9 +67,12 @@ def tls_front(pacs: Orthanc, certs: Path, *, require_client_cert: bool) -> Itera
     thread.start()
     async def shut_down() -> None:
         server.close()
-        for task in asyncio.all_tasks():
-            if task is not asyncio.current_task():
-                task.cancel()
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        # Waited for here, so none is left pending when the loop closes: a pending task is
+        # destroyed later, in whatever test runs then, and logs a traceback into its caplog.
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     try:
         yield f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}/dicom-web"
