@@ -40,11 +40,23 @@ CI −0.007 to +0.067), minus the shipped four networks (0.838 / 0.720) +0.019 (
 below the four's 0.720), so 1.4.0 stays shipped and seeds 0 and 1 are to be retrained from the
 pretraining.
 
+``four`` then judges the four networks of the recipe's seeds 0-3, all fine-tuned from the same
+pretrained encoder, averaged as the bundle averages its members, against the shipped four
+(1.4.0, from scratch): each seed alone, the four averaged, and the paired bootstrap interval
+of the four's AUC minus the shipped's. Fixed on 2026-12-07 before seeds 0 and 1 had finished
+training or been scored, by ``fracture_more_members.py``'s rule: the four pretrained networks
+become xr-fracture 1.5.0 (the recipe's warm start: the encoder, then ``members=4``) if their
+image AUC is above the shipped four's and their top-box hit rate not below theirs; the
+interval is reported, not required. Nothing else is a candidate (not the pretrained pair, not
+a mix of pretrained and from-scratch networks).
+
 Usage (each fine-tuned seed about 50 minutes on 2 threads)::
 
     python -m dicom_ai.train.fracture --threads 2 pretrain --out PT/simclr.pt
     python scripts/experiments/fracture_pretraining.py finetune PT/simclr.pt PT/seeds
     python scripts/experiments/fracture_pretraining.py compare PT/seeds [models/xr-fracture]
+    python scripts/experiments/fracture_pretraining.py finetune PT/simclr.pt PT/seeds --seeds 0 1
+    python scripts/experiments/fracture_pretraining.py four PT/seeds [models/xr-fracture]
 """
 
 from __future__ import annotations
@@ -88,6 +100,16 @@ def finetune(args: argparse.Namespace) -> None:
             json.dumps(dataclasses.asdict(state), indent=1) + "\n")
 
 
+def fine_tuned(seeds_dir: Path, seeds: tuple[int, ...]) -> list[torch.nn.Module]:
+    """The networks ``finetune`` wrote for ``seeds``."""
+    nets = []
+    for s in seeds:
+        net = build_network(fracture.RECIPE.network_def)
+        net.load_state_dict(torch.load(seeds_dir / f"seed{s}.pt", weights_only=True))
+        nets.append(net)
+    return nets
+
+
 def compare(args: argparse.Namespace) -> None:
     val = fracture.load_split(args.data / fracture.DATA_SUBDIR, "valid", fracture.SIZE,
                               args.cache)
@@ -95,11 +117,7 @@ def compare(args: argparse.Namespace) -> None:
     shipped = fracture.member_networks(fracture.load_trained(args.bundle))
     seeds = [r["loop"]["seed"] for r in fracture.training_records(args.bundle)]
     scratch = [shipped[seeds.index(s)] for s in SEEDS]
-    tuned = []
-    for s in SEEDS:
-        net = build_network(fracture.RECIPE.network_def)
-        net.load_state_dict(torch.load(args.seeds / f"seed{s}.pt", weights_only=True))
-        tuned.append(net)
+    tuned = fine_tuned(args.seeds, SEEDS)
     scores = {}
     for arm, nets in (("from scratch", scratch), ("pretrained", tuned)):
         for s, net in zip(SEEDS, nets, strict=True):
@@ -117,6 +135,28 @@ def compare(args: argparse.Namespace) -> None:
               f"(95% CI {lo:+.4f} to {hi:+.4f})", flush=True)
 
 
+def four(args: argparse.Namespace) -> None:
+    val = fracture.load_split(args.data / fracture.DATA_SUBDIR, "valid", fracture.SIZE,
+                              args.cache)
+    weight = fracture.bundle_spec(args.bundle).peak_weight
+    seeds = tuple(fracture.RECIPE.loop.seed + k for k in range(fracture.RECIPE.members))
+    tuned = fine_tuned(args.seeds, seeds)
+    for s, net in zip(seeds, tuned, strict=True):
+        print(selection_line(f"seed {s}, pretrained", val,
+                             fracture.predict(net, val.images, peak_weight=weight)), flush=True)
+    pred = fracture.predict(LogitEnsemble(tuned).eval(), val.images, peak_weight=weight)
+    print(selection_line(f"seeds {list(seeds)}, pretrained", val, pred), flush=True)
+    base = fracture.predict(fracture.load_trained(args.bundle), val.images, peak_weight=weight)
+    print(selection_line("shipped", val, base), flush=True)
+    gain, lo, hi = paired_auc_gain(val.labels, pred.scores, base.scores)
+    print(f"pretrained four - shipped: image AUC {gain:+.4f} (95% CI {lo:+.4f} to {hi:+.4f})")
+    auc, hit, _ = fracture.selection_score(val, pred)
+    base_auc, base_hit, _ = fracture.selection_score(val, base)
+    passed = auc > base_auc and hit >= base_hit
+    print(f"rule (AUC above {base_auc:.4f}, top box not below {base_hit:.3f}): "
+          f"{'passed' if passed else 'failed'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default=DEFAULT_DATA, type=Path)
@@ -131,9 +171,12 @@ def main() -> None:
     p = sub.add_parser("compare")
     p.add_argument("seeds", type=Path)
     p.add_argument("bundle", nargs="?", default=Path("models/xr-fracture"), type=Path)
+    p = sub.add_parser("four")
+    p.add_argument("seeds", type=Path)
+    p.add_argument("bundle", nargs="?", default=Path("models/xr-fracture"), type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    {"finetune": finetune, "compare": compare}[args.command](args)
+    {"finetune": finetune, "compare": compare, "four": four}[args.command](args)
 
 
 if __name__ == "__main__":
