@@ -50,6 +50,13 @@ image AUC is above the shipped four's and their top-box hit rate not below their
 interval is reported, not required. Nothing else is a candidate (not the pretrained pair, not
 a mix of pretrained and from-scratch networks).
 
+Result (2026-12-07; seeds 0 and 1 on 1 CPU thread each, side by side after seed 0's first 13
+epochs on 2, 109 and 90 min, seed 0's including about 25 min stopped; best epochs 132 and 86;
+log ``models/xr-fracture/docs/pretraining-experiment.log``): image AUC / top box, seed 0 0.833 /
+0.707, seed 1 0.829 / 0.707, **the four pretrained 0.856 / 0.707** against the shipped four's
+0.838 / 0.720; AUC +0.018 (95 % CI −0.011 to +0.048). The rule failed on the top box (58 of 82
+fractured images against 59), so 1.4.0 stays shipped.
+
 Usage (each fine-tuned seed about 50 minutes on 2 threads)::
 
     python -m dicom_ai.train.fracture --threads 2 pretrain --out PT/simclr.pt
