@@ -32,9 +32,6 @@ class WarmStart:
     #: Where the weights are kept: the git revision that committed them and their path there.
     revision: str
     path: str
-    #: The network's top-level modules the weights are of (a pretrained encoder; the rest
-    #: keeps the seed's initialisation); empty: the whole network.
-    modules: tuple[str, ...] = ()
 
     @property
     def source(self) -> str:

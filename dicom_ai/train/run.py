@@ -137,17 +137,12 @@ def train_model(recipe: Recipe, *, data_dir: Path, cache_dir: Path, out_dir: Pat
 def member_network(recipe: Recipe, loop: LoopConfig, member: int, init: Path | None,
                    log: Callable[[str], None]) -> tuple[LoopConfig, nn.Module]:
     """Ensemble member ``member``'s loop (seed ``loop.seed + member``) and its network,
-    initialised from that seed, then from the recipe's warm start read from ``init`` (all of
-    it, or the modules the warm start names)."""
+    initialised from that seed, or from the recipe's warm start read from ``init``."""
     member_loop = dataclasses.replace(loop, seed=loop.seed + member)
     torch.manual_seed(member_loop.seed)
     net = build_network(recipe.network_def)
     if recipe.warm_start is not None:
-        weights = warm_start_weights(recipe, init)
-        if recipe.warm_start.modules:
-            load_warm_start(net, recipe.warm_start.modules, weights)
-        else:
-            net.load_state_dict(weights)
+        net.load_state_dict(warm_start_weights(recipe, init))
         log(f"{recipe.name}: warm start from {recipe.warm_start.source}")
     if recipe.members > 1:
         log(f"{recipe.name}: member {member + 1} of {recipe.members}, seed {member_loop.seed}")

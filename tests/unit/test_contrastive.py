@@ -1,12 +1,9 @@
 """SimCLR pretraining of the fracture encoder: the loss against values worked out by hand, the
 reduced views (:func:`~dicom_ai.train.augment.augment` at a size), a resumed run equal to an
-uninterrupted one, and the warm start that copies only the encoder (into a recipe's member
-too)."""
+uninterrupted one, and the warm start that copies only the encoder."""
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import math
 from pathlib import Path
 
@@ -16,14 +13,13 @@ import torch
 
 from dicom_ai.train.augment import AugmentConfig, augment
 from dicom_ai.train.contrastive import (
-    FRACTURE_ENCODER,
     ContrastiveConfig,
     encoder_state,
     nt_xent,
     pretrain,
 )
-from dicom_ai.train.recipes import XR_FRACTURE, WarmStart
-from dicom_ai.train.run import build_network, load_warm_start, member_network
+from dicom_ai.train.recipes import XR_FRACTURE
+from dicom_ai.train.run import build_network, load_warm_start
 
 #: A small network and problem: 8 images of 64 px, batches of 4, views of 64 px.
 SMALL = {**XR_FRACTURE.network_def, "widths": [4, 4, 8, 8, 8], "fpn_channels": 4}
@@ -99,23 +95,3 @@ def test_a_warm_start_refuses_a_partial_or_foreign_encoder() -> None:
         load_warm_start(net, ("stem", "stages"), partial)
     with pytest.raises(ValueError, match="not of those modules"):
         load_warm_start(net, ("stem", "stages"), net.state_dict())
-
-
-def test_a_member_of_a_recipe_warm_started_from_an_encoder(tmp_path: Path) -> None:
-    """The member is its seed's network with the named encoder copied in, as the pretraining
-    experiment built its networks."""
-    path = tmp_path / "encoder.pt"
-    torch.manual_seed(7)
-    torch.save(encoder_state(build_network(SMALL)), path)
-    recipe = dataclasses.replace(XR_FRACTURE, network_def=SMALL, warm_start=WarmStart(
-        hashlib.sha256(path.read_bytes()).hexdigest(), "HEAD", "encoder.pt",
-        modules=FRACTURE_ENCODER))
-    lines: list[str] = []
-    loop, net = member_network(recipe, recipe.loop, 1, path, lines.append)
-    assert loop.seed == recipe.loop.seed + 1
-    torch.manual_seed(loop.seed)
-    expected = build_network(SMALL)
-    load_warm_start(expected, FRACTURE_ENCODER, torch.load(path, weights_only=True))
-    for k, v in expected.state_dict().items():
-        assert torch.equal(net.state_dict()[k], v), k
-    assert "warm start from git show HEAD:encoder.pt" in lines[0]
