@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from torch import nn
 
 from dicom_ai.inference.fracture_net import FractureNet
 from dicom_ai.train.augment import AugmentConfig, augment
-from dicom_ai.train.loop import learning_rate, write_checkpoint
+from dicom_ai.train.loop import learning_rate, read_checkpoint, write_checkpoint
 from dicom_ai.train.run import build_network
 
 #: The FractureNet modules pretraining trains and a warm start copies.
@@ -87,7 +87,15 @@ def pretrain(network_def: dict[str, Any], images: npt.NDArray[np.float16],
              log: Callable[[str], None] = print) -> dict[str, torch.Tensor]:
     """Build the FractureNet ``network_def`` names from ``cfg.seed``, train its encoder on
     ``images`` (N×C×H×W in [0, 1]) and return its :data:`FRACTURE_ENCODER` weights. A
-    checkpoint after every epoch lets a cut-off run resume (``resume``) where it stopped."""
+    checkpoint after every epoch lets a cut-off run resume (``resume``) where it stopped.
+
+    Raises
+    ------
+    ValueError
+        ``network_def`` is not a FractureNet, or ``images`` do not fill one batch.
+    ~dicom_ai.train.loop.CheckpointMismatch
+        Resuming from a checkpoint of another configuration, network or image count.
+    """
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     net = build_network(network_def)
@@ -99,8 +107,10 @@ def pretrain(network_def: dict[str, Any], images: npt.NDArray[np.float16],
     if steps == 0:
         raise ValueError(f"{len(images)} images do not fill one batch of {cfg.batch_size}")
     start = 0
+    settings = {"config": asdict(cfg), "network_def": network_def,
+                "n_images": len(images)}
     if resume and checkpoint.exists():
-        ck = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        ck = read_checkpoint(checkpoint, settings)
         enc.load_state_dict(ck["enc"])
         opt.load_state_dict(ck["opt"])
         gen.set_state(ck["gen"])
@@ -126,7 +136,7 @@ def pretrain(network_def: dict[str, Any], images: npt.NDArray[np.float16],
             opt.step()
             total += float(loss.item())
         write_checkpoint(checkpoint, {"enc": enc.state_dict(), "opt": opt.state_dict(),
-                                      "gen": gen.get_state(), "epoch": epoch + 1})
+                                      "gen": gen.get_state(), "epoch": epoch + 1}, settings)
         log(f"epoch {epoch + 1}/{cfg.epochs} nt-xent {total / steps:.4f} "
             f"{time.monotonic() - t0:.0f}s")
     return encoder_state(net)

@@ -66,6 +66,7 @@ from dicom_ai.train.loop import (
     device,
     global_rng_state,
     learning_rate,
+    read_checkpoint,
     set_global_rng_state,
     write_checkpoint,
 )
@@ -372,17 +373,20 @@ class TrainState:
 
 
 def save_checkpoint(path: Path, net: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator,
-                    state: TrainState, best: dict[str, torch.Tensor]) -> None:
+                    state: TrainState, best: dict[str, torch.Tensor],
+                    settings: dict[str, Any]) -> None:
     """Write the resumable state atomically (a cut-off mid-write leaves the previous one)."""
     write_checkpoint(path, {"net": net.state_dict(), "opt": opt.state_dict(),
                             "gen": gen.get_state(), "rng": global_rng_state(),
-                            "state": dataclasses.asdict(state), "best": best})
+                            "state": dataclasses.asdict(state), "best": best}, settings)
 
 
 def load_checkpoint(path: Path, net: nn.Module, opt: torch.optim.Optimizer,
-                    gen: torch.Generator) -> tuple[TrainState, dict[str, torch.Tensor]]:
-    """Restore network, optimiser and generator from :func:`save_checkpoint`."""
-    ck = torch.load(path, map_location="cpu", weights_only=True)
+                    gen: torch.Generator, settings: dict[str, Any]
+                    ) -> tuple[TrainState, dict[str, torch.Tensor]]:
+    """Restore network, optimiser and generator from :func:`save_checkpoint` of a run with
+    these ``settings``."""
+    ck = read_checkpoint(path, settings)
     net.load_state_dict(ck["net"])
     opt.load_state_dict(ck["opt"])
     gen.set_state(ck["gen"])
@@ -399,6 +403,12 @@ def train(net: nn.Module, train_set: FractureSet, val_set: FractureSet, cfg: Loo
 
     The learning-rate schedule runs on the larger of the fraction of epochs and the fraction
     of the time budget done, so a slow machine still anneals.
+
+    Raises
+    ------
+    ~dicom_ai.train.loop.CheckpointMismatch
+        Resuming from a checkpoint of a run with another ``cfg``, augmentation, input size or
+        training-set size.
     """
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -406,12 +416,14 @@ def train(net: nn.Module, train_set: FractureSet, val_set: FractureSet, cfg: Loo
     net.to(dev)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     state, best = TrainState(), copy.deepcopy(net.state_dict())
+    size = (train_set.images.shape[2], train_set.images.shape[3])
+    settings = {"config": dataclasses.asdict(cfg), "augment": dataclasses.asdict(aug),
+                "size": list(size), "n_train": len(train_set.labels)}
     if resume and checkpoint.exists():
-        state, best = load_checkpoint(checkpoint, net, opt, gen)
+        state, best = load_checkpoint(checkpoint, net, opt, gen, settings)
         log(f"resumed after epoch {state.epoch} ({state.seconds / 60:.1f} min spent)")
     budget = cfg.max_minutes * 60.0
     steps = max(1, len(train_set.labels) // cfg.batch_size)
-    size = (train_set.images.shape[2], train_set.images.shape[3])
     while state.epoch < cfg.epochs and state.seconds < budget:
         t0 = time.monotonic()
         net.train()
@@ -452,7 +464,7 @@ def train(net: nn.Module, train_set: FractureSet, val_set: FractureSet, cfg: Loo
                               "val_auc": round(auc, 4), "val_top_box_hit": round(hit, 4),
                               "val_peak_auc": round(peak_auc, 4),
                               "lr": lr, "minutes": round(state.seconds / 60, 2)})
-        save_checkpoint(checkpoint, net, opt, gen, state, best)
+        save_checkpoint(checkpoint, net, opt, gen, state, best, settings)
         log(f"epoch {state.epoch:3d} cls {sums['cls']:.3f} heat {sums['heat']:.3f} "
             f"size {sums['size']:.3f} val_auc {auc:.4f} top_box_hit {hit:.3f} "
             f"peak_auc {peak_auc:.4f}"

@@ -132,29 +132,39 @@ def predict_logits(net: nn.Module, images: npt.NDArray[np.float16], *,
 
 
 #: Version of the checkpoint layout; a checkpoint of another version is refused.
-CHECKPOINT_VERSION = 2
+CHECKPOINT_VERSION = 3
 
 
 class CheckpointMismatch(ValueError):
     """A checkpoint was written by a run with other settings or other training data."""
 
 
-def write_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Save ``state`` at ``path`` atomically."""
+def write_checkpoint(path: Path, state: dict[str, Any], settings: dict[str, Any]) -> None:
+    """Save ``state`` at ``path`` atomically, with the layout version and the ``settings`` of
+    the run (what :func:`read_checkpoint` must find to resume from it)."""
     # Written next to its final name and renamed over it, so a run cut off mid-save leaves the
     # previous epoch's checkpoint intact.
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
+    torch.save({**state, "version": CHECKPOINT_VERSION, "settings": settings}, tmp)
     os.replace(tmp, path)
 
 
-def _load_checkpoint(path: Path, cfg: LoopConfig, n_train: int) -> dict[str, Any]:
+def read_checkpoint(path: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """The state :func:`write_checkpoint` saved at ``path`` by a run with these ``settings``.
+
+    Raises
+    ------
+    CheckpointMismatch
+        The checkpoint is of another layout version, or its run had other settings (another
+        configuration, data set size, augmentation …): resuming from it would silently mix two
+        runs.
+    """
     state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
     if state.get("version") != CHECKPOINT_VERSION:
         raise CheckpointMismatch(f"{path}: checkpoint version {state.get('version')!r}, "
                                  f"expected {CHECKPOINT_VERSION}; delete it to start over")
-    if state["config"] != dataclasses.asdict(cfg) or state["n_train"] != n_train:
+    if state["settings"] != settings:
         raise CheckpointMismatch(f"{path}: written by a run with other settings or another "
                                  f"training set; delete it to start over")
     return state
@@ -192,8 +202,9 @@ def fit(net: nn.Module, train: ImageSet, val: ImageSet, n_classes: int, aug: Aug
     history = History()
     best_state = copy.deepcopy(net.state_dict())
     first_epoch, spent = 0, 0.0
+    settings = {"config": dataclasses.asdict(cfg), "n_train": len(train.labels)}
     if checkpoint is not None and checkpoint.exists():
-        saved = _load_checkpoint(checkpoint, cfg, len(train.labels))
+        saved = read_checkpoint(checkpoint, settings)
         net.load_state_dict(saved["net"])
         opt.load_state_dict(saved["optimizer"])
         gen.set_state(saved["generator"])
@@ -250,11 +261,10 @@ def fit(net: nn.Module, train: ImageSet, val: ImageSet, n_classes: int, aug: Aug
             history.stopped = f"all {cfg.epochs} epochs"
         if checkpoint is not None:
             write_checkpoint(checkpoint, {
-                "version": CHECKPOINT_VERSION, "config": dataclasses.asdict(cfg),
-                "n_train": len(train.labels), "spent": time.monotonic() - start,
-                "net": net.state_dict(), "optimizer": opt.state_dict(),
-                "generator": gen.get_state(), "rng": global_rng_state(),
-                "best": best_state, "history": dataclasses.asdict(history)})
+                "spent": time.monotonic() - start, "net": net.state_dict(),
+                "optimizer": opt.state_dict(), "generator": gen.get_state(),
+                "rng": global_rng_state(), "best": best_state,
+                "history": dataclasses.asdict(history)}, settings)
         log(f"epoch {epoch + 1:3d}/{cfg.epochs} train_loss {history.epochs[-1]['train_loss']:.4f}"
             f" val_loss {val_loss:.4f} val_auc {auc:.4f}{' *' if improved else ''}"
             f" lr {lr:.2e} {elapsed:.0f}s")

@@ -1,9 +1,11 @@
 """SimCLR pretraining of the fracture encoder: the loss against values worked out by hand, the
 reduced views (:func:`~dicom_ai.train.augment.augment` at a size), a resumed run equal to an
-uninterrupted one, and the warm start that copies only the encoder."""
+uninterrupted one (and a resume with other settings refused), and the warm start that copies
+only the encoder."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from dicom_ai.train.contrastive import (
     nt_xent,
     pretrain,
 )
+from dicom_ai.train.loop import CheckpointMismatch
 from dicom_ai.train.recipes import XR_FRACTURE
 from dicom_ai.train.run import build_network, load_warm_start
 
@@ -65,6 +68,13 @@ def test_a_resumed_pretraining_equals_an_uninterrupted_one(tmp_path: Path) -> No
         assert torch.equal(v, resumed[k]), k
     assert any(not torch.equal(v, encoder_state(build_network(SMALL))[k])
                for k, v in straight.items() if v.is_floating_point())
+    # Resuming with another configuration or other images would mix two runs: refused.
+    with pytest.raises(CheckpointMismatch, match="other settings"):
+        pretrain(SMALL, _images(), dataclasses.replace(CFG, temperature=0.5),
+                 checkpoint=tmp_path / "b.pt", resume=True, log=lines.append)
+    with pytest.raises(CheckpointMismatch, match="other settings"):
+        pretrain(SMALL, _images()[:6], CFG, checkpoint=tmp_path / "b.pt", resume=True,
+                 log=lines.append)
 
 
 def test_pretraining_refuses_too_few_images(tmp_path: Path) -> None:

@@ -1,5 +1,5 @@
-"""xr-fracture: box decoding, mapping to the source grid, training targets and resume,
-routing, and the findings an analysed radiograph produces."""
+"""xr-fracture: box decoding, mapping to the source grid, training targets and resume (refused
+with other settings), routing, and the findings an analysed radiograph produces."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ from dicom_ai.inference.fracture_net import (
 from dicom_ai.inference.spec import BoxRule, SpecError, parse_fracture
 from dicom_ai.results.codes import FRACTURE_SITES
 from dicom_ai.train import fracture as tf
-from dicom_ai.train.loop import LoopConfig
+from dicom_ai.train.loop import CheckpointMismatch, LoopConfig
 from dicom_ai.train.recipes import CXR_PNEUMONIA
 from dicom_ai.train.run import build_network
 from tests.conftest import MakeDicom
@@ -181,6 +181,14 @@ def test_resumed_training_equals_an_uninterrupted_run(tmp_path: Path) -> None:
     ck_b = torch.load(tmp_path / "b.pt", weights_only=True)
     for key, value in ck_a["net"].items():
         assert torch.allclose(value.float(), ck_b["net"][key].float(), atol=1e-6), key
+    # Resuming with other settings would mix two runs: refused.
+    for other in (dataclasses.replace(cfg, lr=1e-3), dataclasses.replace(cfg, epochs=3)):
+        with pytest.raises(CheckpointMismatch, match="other settings"):
+            tf.train(net(), data, data, other, checkpoint=tmp_path / "b.pt", resume=True,
+                     log=lambda _s: None)
+    with pytest.raises(CheckpointMismatch, match="other settings"):
+        tf.train(net(), data, data, cfg, checkpoint=tmp_path / "b.pt", resume=True,
+                 aug=dataclasses.replace(tf.RECIPE.augment, vflip=False), log=lambda _s: None)
 
 
 def _series(**attrs: Any) -> Series:
