@@ -26,7 +26,7 @@ from torch import nn
 from dicom_ai.inference.fracture_net import FractureNet
 from dicom_ai.train.augment import AugmentConfig, augment
 from dicom_ai.train.loop import learning_rate, read_checkpoint, write_checkpoint
-from dicom_ai.train.run import build_network
+from dicom_ai.train.run import build_network, module_state
 
 #: The FractureNet modules pretraining trains and a warm start copies.
 FRACTURE_ENCODER = ("stem", "stages")
@@ -117,6 +117,7 @@ def pretrain(network_def: dict[str, Any], images: npt.NDArray[np.float16],
         start = int(ck["epoch"])
         log(f"resumed after epoch {start}")
     enc.train()
+    side = (cfg.view_side, cfg.view_side)
     for epoch in range(start, cfg.epochs):
         t0 = time.monotonic()
         order = torch.randperm(len(images), generator=gen).numpy()
@@ -127,7 +128,6 @@ def pretrain(network_def: dict[str, Any], images: npt.NDArray[np.float16],
                 group["lr"] = lr
             idx = np.sort(order[b * cfg.batch_size:(b + 1) * cfg.batch_size])
             x = torch.from_numpy(images[idx].astype(np.float32))
-            side = (cfg.view_side, cfg.view_side)
             loss = nt_xent(enc(torch.cat([augment(x, cfg.views, gen, size=side),
                                           augment(x, cfg.views, gen, size=side)])),
                            cfg.temperature)
@@ -144,5 +144,4 @@ def pretrain(network_def: dict[str, Any], images: npt.NDArray[np.float16],
 
 def encoder_state(net: nn.Module) -> dict[str, torch.Tensor]:
     """The :data:`FRACTURE_ENCODER` part of ``net``'s state dict."""
-    prefixes = tuple(f"{m}." for m in FRACTURE_ENCODER)
-    return {k: v for k, v in net.state_dict().items() if k.startswith(prefixes)}
+    return module_state(net, FRACTURE_ENCODER)

@@ -149,6 +149,12 @@ def member_network(recipe: Recipe, loop: LoopConfig, member: int, init: Path | N
     return member_loop, net
 
 
+def module_state(net: nn.Module, modules: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The part of ``net``'s state dict that belongs to its top-level ``modules``."""
+    prefixes = tuple(f"{m}." for m in modules)
+    return {k: v for k, v in net.state_dict().items() if k.startswith(prefixes)}
+
+
 def load_warm_start(net: nn.Module, modules: tuple[str, ...],
                     state: dict[str, torch.Tensor]) -> None:
     """Copy ``state``, the weights of ``net``'s top-level ``modules`` (a pretrained encoder),
@@ -159,8 +165,7 @@ def load_warm_start(net: nn.Module, modules: tuple[str, ...],
     ValueError
         ``state`` lacks a weight of ``modules`` or holds one outside them.
     """
-    prefixes = tuple(f"{m}." for m in modules)
-    wanted = {k for k in net.state_dict() if k.startswith(prefixes)}
+    wanted = module_state(net, modules).keys()
     absent = sorted(wanted - state.keys())
     foreign = sorted(state.keys() - wanted)
     if absent or foreign:
