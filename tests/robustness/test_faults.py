@@ -196,6 +196,10 @@ class ServiceRun:
         return self.settings.scp.port
 
     def start(self) -> None:
+        """Start the service and return once it listens and has started its children: the
+        listener opens before the worker and exporter do, and a test that counts children
+        must not count them before they exist."""
+        started = self.children_started()
         ctx = multiprocessing.get_context("spawn")
         self.process = ctx.Process(target=run_service, args=(self.settings, str(self.log)))
         self.process.start()
@@ -208,6 +212,14 @@ class ServiceRun:
                 return s.connect_ex(("127.0.0.1", self.port)) == 0
 
         wait_for("the listener", listening, timeout=60)
+        wait_for("the worker and exporter", lambda: self.children_started() > started,
+                 timeout=60)
+
+    def children_started(self) -> int:
+        """How many times a service has logged its exporter started, the last child it starts."""
+        if not self.log.exists():
+            return 0
+        return self.log.read_text(errors="replace").count("exporter process started")
 
     def kill9(self) -> None:
         """SIGKILL the service process only; its worker and exporter must end by themselves."""
