@@ -351,13 +351,19 @@ def quality(data: FractureSet, pred: Predictions, *, temperature: float = 1.0,
     return out
 
 
+def top_box_hits(data: FractureSet, pred: Predictions) -> npt.NDArray[np.bool_]:
+    """For each fractured image of ``data`` in order, whether its top box hits a radiologist's
+    box (:func:`box_hit`); an image without a box misses."""
+    frac = np.flatnonzero(data.labels == 1)
+    return np.array([bool(pred.boxes[i]) and box_hit(pred.boxes[i][0], data.boxes[i])
+                     for i in frac], dtype=bool)
+
+
 def selection_score(data: FractureSet, pred: Predictions) -> tuple[float, float, float]:
     """Validation AUC and top-box hit rate (model selection uses their sum), and for the
     record the AUC of the highest heatmap peak as an image score."""
-    frac = np.flatnonzero(data.labels == 1)
-    hits = [bool(pred.boxes[i]) and box_hit(pred.boxes[i][0], data.boxes[i]) for i in frac]
     peak = pred.heat.reshape(len(pred.heat), -1).max(axis=1)
-    return (binary_auc(data.labels, pred.scores), float(np.mean(hits)),
+    return (binary_auc(data.labels, pred.scores), float(np.mean(top_box_hits(data, pred))),
             binary_auc(data.labels, peak))
 
 

@@ -152,6 +152,22 @@ def test_box_hit_requires_overlap_or_centre() -> None:
     assert not tf.box_hit(Box(4, 4, 40, 40, 1.0), truth)
 
 
+def test_top_box_hits_by_hand() -> None:
+    # Images 0 and 2 fractured (truth at the top left); 1 normal, whatever its box.
+    truth = np.array([[0.0, 0.0, 8.0, 8.0]], dtype=np.float32)
+    none = np.zeros((0, 4), dtype=np.float32)
+    data = tf.FractureSet(images=np.zeros((3, 1, 4, 4), np.float16),
+                          labels=np.array([1, 0, 1]), boxes=(truth, none, truth),
+                          regions=("hand",) * 3, names=("a", "b", "c"))
+    pred = tf.Predictions(scores=np.zeros(3), heat=np.zeros((3, 1, 1), np.float32),
+                          boxes=[[Box(1, 1, 7, 7, 0.9), Box(30, 30, 40, 40, 0.1)],
+                                 [Box(1, 1, 7, 7, 0.9)], []])
+    assert tf.top_box_hits(data, pred).tolist() == [True, False]
+    # Only the top box counts: a hit in second place does not.
+    pred.boxes[0].reverse()
+    assert tf.top_box_hits(data, pred).tolist() == [False, False]
+
+
 def test_resumed_training_equals_an_uninterrupted_run(tmp_path: Path) -> None:
     data = tiny_fracture_set()
     # A budget that never binds: the schedule then depends on steps only.
