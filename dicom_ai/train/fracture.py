@@ -749,7 +749,7 @@ def command_ensemble(args: argparse.Namespace) -> int:
         nets += member_networks(load_trained(member))
         records += training_records(member)
     seeds = [r["loop"]["seed"] for r in records]
-    expected = [RECIPE.loop.seed + k for k in range(RECIPE.members)]
+    expected = list(RECIPE.member_seeds)
     if seeds != expected:
         raise SystemExit(f"{NAME}: members were trained with seeds {seeds}, the recipe's are "
                          f"{expected}")

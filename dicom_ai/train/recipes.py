@@ -71,6 +71,12 @@ class Recipe:
             raise ValueError(f"{self.name}: members must be at least 1, got {self.members}")
 
     @property
+    def member_seeds(self) -> tuple[int, ...]:
+        """The seeds of the bundle's members, in order: ``loop.seed`` … ``loop.seed +
+        members - 1``."""
+        return tuple(self.loop.seed + k for k in range(self.members))
+
+    @property
     def bundle_network_def(self) -> dict[str, Any]:
         """The network of ``configs/inference.json``: ``network_def``, or the ensemble of
         ``members`` of it."""
