@@ -5,7 +5,8 @@ whether the study came from disk or over the network.
 
 ::
 
-    study ──▶ for each series: routing.not_applicable / routing.unfit  (skip or reject, with reason)
+    study ──▶ for each series: routing.not_applicable / routing.unfit  (skip or reject, with reason;
+              models for other anatomy left out when one model reads the series' anatomy)
           ──▶ task analyser (classification, ct-lung, detection) ──▶ ModelResult
           ──▶ results.build_outputs: Secondary Captures, CT candidate SEGs + TID 1500 SR
               (deterministic UIDs; results.writer writes them for replay and the service)
@@ -31,7 +32,7 @@ from dicom_ai.dicom.model import Series, Study
 from dicom_ai.dicom.pixels import decode_limit
 from dicom_ai.inference import routing
 from dicom_ai.inference.bundle import Bundle, BundleError, load_all, select_device
-from dicom_ai.inference.findings import ModelResult
+from dicom_ai.inference.findings import ModelInfo, ModelResult
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,9 @@ class StudyOutcome:
     datasets: list[Dataset] = field(default_factory=list)
     #: Series no model applies to: Series Instance UID → reason.
     skipped_series: dict[str, str] = field(default_factory=dict)
+    #: Models left out of a series because another model reads its anatomy and they do not:
+    #: (Series Instance UID, model, reason), in processing order.
+    routed_elsewhere: list[tuple[str, ModelInfo, str]] = field(default_factory=list)
     #: Files that could not be used: path → reason.
     failed_files: dict[str, str] = field(default_factory=dict)
     #: Language of the Impression (``output.language``).
@@ -82,6 +86,9 @@ class StudyOutcome:
                                      language=self.language, skipped=self.skipped_series)
         document["skipped_series"] = [{"series_instance_uid": uid, "reason": reason}
                                       for uid, reason in sorted(self.skipped_series.items())]
+        document["routed_elsewhere"] = [
+            {"series_instance_uid": uid, "model": {"name": model.name, "version": model.version},
+             "reason": reason} for uid, model, reason in self.routed_elsewhere]
         return document
 
 
@@ -109,6 +116,18 @@ def analyse_series(series: Series, models: Sequence[Bundle], settings: Settings,
     if not applicable:
         outcome.skipped_series[series.series_instance_uid] = routing.skip_reason(series, reasons)
         return
+    anatomy = [routing.wrong_anatomy(bundle.dicom_ai["accepts"], series) for bundle in applicable]
+    # A hand film is the fracture detector's: the chest model leaves it out rather than put a
+    # "not analysed" SR into every fracture study. Only when no model reads the anatomy (a
+    # skull film) does each model's rejection say why nothing analysed the series.
+    if None in anatomy:
+        for bundle, reason in zip(applicable, anatomy, strict=True):
+            if reason is not None:
+                outcome.routed_elsewhere.append((series.series_instance_uid, bundle.info,
+                                                 reason))
+                log.info("series %s: %s %s left out, another model reads it (%s)",
+                         series.series_instance_uid, bundle.name, bundle.version, reason)
+        applicable = [b for b, reason in zip(applicable, anatomy, strict=True) if reason is None]
     for bundle in applicable:
         unfit = routing.unfit(bundle.dicom_ai["accepts"], series)
         if unfit is not None:

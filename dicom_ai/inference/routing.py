@@ -5,10 +5,14 @@ Two different answers, on purpose:
 * **applies** — modality, SOP class and photometric interpretation. A series no model applies
   to is *skipped* with a reason ("no model accepts modality MR"); it is not an error.
 * **fit** — body part, anatomic region, view position, image type, slice count. A series a
-  model applies to but
-  should not judge (a lateral or hand radiograph for the chest X-ray model) is *rejected* by
-  that model with a reason, and the SR says so. The image-based input-fit check of
-  :mod:`dicom_ai.inference.input_fit` comes on top, at inference time.
+  model applies to but should not judge (a lateral chest radiograph for the chest X-ray model)
+  is *rejected* by that model with a reason, and the SR says so. The image-based input-fit
+  check of :mod:`dicom_ai.inference.input_fit` comes on top, at inference time.
+
+:func:`wrong_anatomy` is the part of *fit* that says which model a series is for: when another
+model that applies reads the anatomy (a hand radiograph, for the fracture detector), the pipeline
+leaves out the models that do not, instead of having each write a "not analysed" SR into the
+study (:func:`dicom_ai.pipeline.analyse_series`).
 
 Rules come from each bundle's ``dicom_ai.accepts`` block, parsed when the bundle loads
 (:class:`~dicom_ai.inference.spec.Accepts`, ``Bundle.accepts``); a new bundle needs no code
@@ -115,8 +119,22 @@ def listed(values: Sequence[str]) -> str:
     return f"{shown} and {rest} more" if rest > 0 else shown
 
 
-def _anatomy_unfit(accepts: Accepts, series: Series, body_part: str) -> str | None:
-    """The anatomic region rules of :func:`unfit`."""
+def wrong_anatomy(rules: Rules, series: Series) -> str | None:
+    """Why ``series`` shows anatomy the model does not read (Body Part Examined, the Anatomic
+    Region Sequence), or None: the first check of :func:`unfit`.
+
+    Raises
+    ------
+    SpecError
+        ``rules`` is a raw mapping with invalid rules.
+    """
+    accepts = as_accepts(rules)
+    body_parts = accepts.body_part_examined
+    body_part = str(series.header.get("BodyPartExamined", "") or "").strip().upper()
+    # An absent Body Part Examined is common (it is Type 3 in many IODs): the image-based
+    # input-fit check decides then.
+    if body_parts and body_part and body_part not in _upper_set(body_parts):
+        return f"body part examined is {body_part}, the model reads {listed(body_parts)}"
     regions = _anatomic_regions(series.header)
     allowed = accepts.anatomic_region
     refused = accepts.reject_anatomic_region
@@ -175,16 +193,10 @@ def unfit(rules: Rules, series: Series) -> str | None:
         ``rules`` is a raw mapping with invalid rules.
     """
     accepts = as_accepts(rules)
-    header = series.header
-    body_parts = accepts.body_part_examined
-    body_part = str(header.get("BodyPartExamined", "") or "").strip().upper()
-    # An absent Body Part Examined is common (it is Type 3 in many IODs): the image-based
-    # input-fit check decides then.
-    if body_parts and body_part and body_part not in _upper_set(body_parts):
-        return f"body part examined is {body_part}, the model reads {listed(body_parts)}"
-    anatomy = _anatomy_unfit(accepts, series, body_part)
+    anatomy = wrong_anatomy(accepts, series)
     if anatomy:
         return anatomy
+    header = series.header
     view = str(header.get("ViewPosition", "") or "").strip().upper()
     if view and view in _upper_set(accepts.reject_view_position):
         return f"view position {view} is not a frontal (PA/AP) view"

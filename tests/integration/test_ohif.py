@@ -1,6 +1,7 @@
 """Our results in the reference web viewer: OHIF Viewer 3.13 on Orthanc's DICOMweb, in Chromium.
 
-What a radiologist does, done by a browser: ``dicom-ai replay sample_studies`` runs once; the
+What a radiologist does, done by a browser: ``dicom-ai replay sample_studies`` runs once (and
+once more on a lateral chest film, whose only SR says it was not analysed); the
 sample studies and everything it wrote go into Orthanc (with its DICOMweb plugin); OHIF's
 prebuilt ``dist/`` (npm ``@ohif/app``, no build) is served on one origin with ``/dicom-web``
 forwarded to Orthanc; Debian's headless Chromium, driven by npm ``playwright-core``
@@ -44,6 +45,7 @@ import pydicom
 import pytest
 from ohif.viewer_server import serve_viewer
 from orthanc import DICOMWEB_PLUGIN, end_with_this_process, orthanc_available, start_orthanc
+from pydicom.uid import generate_uid
 
 from dicom_ai.cli import main
 
@@ -160,12 +162,27 @@ def _read(path: Path) -> pydicom.Dataset:
     return pydicom.dcmread(path, stop_before_pixels=True)
 
 
-def _plan_studies(out: Path) -> list[Study]:
-    """Each study the replay wrote results for, with its sample files' series and ours."""
+def _lateral_study(folder: Path) -> Path:
+    """A study of one lateral chest film (the first chest sample, relabelled LL): the chest model
+    rejects it and the fracture detector leaves it out, so its only SR is a "not analysed" one,
+    which OHIF must open like any other."""
+    ds = pydicom.dcmread(SAMPLES / "cxr01" / "1.dcm")
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+        setattr(ds, keyword, generate_uid(entropy_srcs=["ohif-lateral", keyword]))
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.ViewPosition = "LL"
+    (folder / "cxr01-lateral").mkdir(parents=True)
+    ds.save_as(folder / "cxr01-lateral" / "1.dcm", enforce_file_format=True)
+    return folder
+
+
+def _plan_studies(out: Path, inputs: list[Path]) -> list[Study]:
+    """Each study the replay wrote results for, with its input files' series and ours."""
     sources: dict[str, list[tuple[Path, pydicom.Dataset]]] = {}
-    for path in sorted(SAMPLES.rglob("*.dcm")):
-        ds = _read(path)
-        sources.setdefault(str(ds.StudyInstanceUID), []).append((path, ds))
+    for root in inputs:
+        for path in sorted(root.rglob("*.dcm")):
+            ds = _read(path)
+            sources.setdefault(str(ds.StudyInstanceUID), []).append((path, ds))
     studies = []
     for document_path in sorted(out.glob("*/findings.json")):
         document = json.loads(document_path.read_text())
@@ -183,7 +200,7 @@ def _plan_studies(out: Path) -> list[Study]:
         if not reports and len(series) == len({str(ds.SeriesInstanceUID) for _, ds in originals}):
             continue  # nothing of ours to look at (no model took the study)
         voi = {str(ds.SeriesInstanceUID) for _, ds in originals if "VOILUTFunction" in ds}
-        folder = originals[0][0].parent.relative_to(SAMPLES).as_posix()
+        folder = originals[0][0].parent.name
         sop_classes = {str(ds.SeriesInstanceUID): str(ds.SOPClassUID) for _, ds in originals}
         studies.append(Study(folder, uid, series, sop_classes, reports, voi))
     return studies
@@ -209,9 +226,6 @@ def _browser_plan(studies: list[Study], base_url: str, node_modules: Path,
     for study in studies:
         shot = SCREENSHOTS.get(study.folder)
         reports = _placeable(study)
-        # The fracture film's first report is the chest model's "not analysed": show the first
-        # one with a finding instead.
-        shown = next((i for i, r in enumerate(reports) if r.positives), 0)
         plan_studies.append({
             "studyInstanceUID": study.study_instance_uid,
             "seriesCount": len(study.series),
@@ -223,7 +237,7 @@ def _browser_plan(studies: list[Study], base_url: str, node_modules: Path,
                               if m == "SEG"],
             # The screenshot shows that report as it opens (its first finding's image).
             "reports": [{"seriesInstanceUID": r.series_instance_uid,
-                         "screenshot": str(shots / shot) if shot and i == shown else None}
+                         "screenshot": str(shots / shot) if shot and i == 0 else None}
                         for i, r in enumerate(reports)],
         })
     user_data = work / "chromium-profile"
@@ -252,14 +266,18 @@ def studies(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Study]]:
     # An existing replay's output can be viewed instead of a fresh run (to look at SR changes
     # without waiting for the models); CI never sets it.
     out = Path(os.environ.get("OHIF_TEST_REPLAY") or work / "replay")
+    inputs = [SAMPLES]
     if "OHIF_TEST_REPLAY" not in os.environ:
-        assert main(["replay", str(SAMPLES), "--out", str(out), "--models",
-                     str(REPO / "models"), "--quiet"]) == 0
-    planned = _plan_studies(out)
+        inputs.append(_lateral_study(work / "extra"))
+        for folder in inputs:
+            assert main(["replay", str(folder), "--out", str(out), "--models",
+                         str(REPO / "models"), "--quiet"]) == 0
+    planned = _plan_studies(out, inputs)
     shots = Path(os.environ.get("OHIF_TEST_SCREENSHOTS") or work / "screenshots")
     shots.mkdir(parents=True, exist_ok=True)
     with start_orthanc(work / "orthanc") as pacs:
-        for path in [*sorted(SAMPLES.rglob("*.dcm")), *sorted(out.rglob("*.dcm"))]:
+        for path in [*(p for root in inputs for p in sorted(root.rglob("*.dcm"))),
+                     *sorted(out.rglob("*.dcm"))]:
             pacs.upload(path)
         with serve_viewer(dist, pacs.http_port) as server:
             plan = _browser_plan(planned, server.url, node_modules, work, shots)
@@ -363,3 +381,11 @@ def test_arrows_step_through_every_finding(studies: list[Study]) -> None:
                 # only a comment, e.g. "not analysed").
                 if measurements[step["measurement"]]["labels"]:
                     assert step["texts"], (study.folder, step)
+
+
+def test_a_report_that_says_not_analysed_opens(studies: list[Study]) -> None:
+    if "OHIF_TEST_REPLAY" in os.environ:
+        pytest.skip("the lateral film is replayed only by a fresh replay")
+    (lateral,) = [s for s in studies if s.folder == "cxr01-lateral"]
+    ((report, seen),) = _viewable_reports(lateral)
+    assert report.positives == [] and seen.get("measurements"), seen.get("error")

@@ -58,8 +58,8 @@ def results_by_model(out: Path) -> dict[str, list[dict[str, Any]]]:
 
 def test_every_cxr_and_fundus_study_gets_findings(replayed: Path) -> None:
     by_model = results_by_model(replayed)
-    # The hand radiograph (a CR too) is declined by the chest model: see the fracture test.
-    chest = [r for r in by_model["cxr-pneumonia"] if r["status"] == "ok"]
+    # The hand radiograph (a CR too) is the fracture detector's: see the fracture test.
+    chest = by_model["cxr-pneumonia"]
     assert len(chest) == 4
     assert len(by_model["fundus-dr"]) == 3
     for result in chest + by_model["fundus-dr"]:
@@ -87,10 +87,13 @@ def test_fracture_radiograph_gets_a_box_and_chest_films_do_not(replayed: Path) -
     # (sample_studies/README.md): the top box's centre lies inside it.
     c0, r0, c1, r1 = boxes[0]["bbox_px"]
     assert 216.7 <= (c0 + c1) / 2 <= 255.6 and 177.4 <= (r0 + r1) / 2 <= 198.6
-    declined = [r for r in by_model["xr-fracture"] if r["status"] == "rejected"]
-    assert len(declined) == 4 and all("CHEST" in r["reason"] for r in declined)
-    (hand,) = [r for r in by_model["cxr-pneumonia"] if r["status"] == "rejected"]
-    assert "HAND" in hand["reason"]
+    # Each model stays out of the other's films: no "not analysed" result, no SR for them.
+    assert len(by_model["xr-fracture"]) == 1
+    left_out = [(e["model"]["name"], e["reason"]) for d in documents(replayed)
+                for e in d["routed_elsewhere"]]
+    assert sorted(name for name, _ in left_out) == ["cxr-pneumonia"] + ["xr-fracture"] * 4
+    assert all(("HAND" if name == "cxr-pneumonia" else "CHEST") in reason
+               for name, reason in left_out)
 
 
 def test_summary_accounts_for_every_file(replayed: Path) -> None:
@@ -153,9 +156,9 @@ def test_sr_probabilities_equal_findings_json(replayed: Path) -> None:
             expected = sorted(f["probability"] for f in result["findings"])
             assert probabilities == pytest.approx(expected, abs=1e-6)
             checked += 1
-    # Every non-CT result of the samples: 4 chest films and the hand film by each of
-    # cxr-pneumonia and xr-fracture, 3 fundus, 3 dermoscopy.
-    assert checked == 16
+    # Every non-CT result of the samples: 4 chest films by cxr-pneumonia, the hand film by
+    # xr-fracture, 3 fundus, 3 dermoscopy.
+    assert checked == 11
 
 
 def test_corpus_replay_accounts_for_every_file(tmp_path: Path,
@@ -189,12 +192,12 @@ def test_frontal_and_lateral_study_gets_one_valid_sr(tmp_path: Path) -> None:
                  "--quiet"]) == 0
     (study_dir,) = [p for p in out.iterdir() if p.is_dir()]
     srs = sorted(study_dir.glob("sr-*.dcm"))
-    # One SR per study and model: cxr-pneumonia's holds the frontal finding and the lateral's
-    # "not analysed"; xr-fracture says it does not read chest films.
+    # One SR: cxr-pneumonia's holds the frontal finding and the lateral's "not analysed";
+    # xr-fracture, which does not read chest films, stays out of the study.
     document = json.loads((study_dir / "findings.json").read_text())
-    models = {r["model"]["name"] for r in document["results"]}
-    assert models == {"cxr-pneumonia", "xr-fracture"}
-    assert len(srs) == len(models)
+    assert [r["model"]["name"] for r in document["results"]] == ["cxr-pneumonia"] * 2
+    assert {e["model"]["name"] for e in document["routed_elsewhere"]} == {"xr-fracture"}
+    assert len(srs) == 1
     outputs = sorted(study_dir.glob("*.dcm"))
     for path in outputs:
         assert validator_errors("dciodvfy", path) == [], path.name
