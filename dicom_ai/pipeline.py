@@ -87,8 +87,8 @@ class StudyOutcome:
         document["skipped_series"] = [{"series_instance_uid": uid, "reason": reason}
                                       for uid, reason in sorted(self.skipped_series.items())]
         document["routed_elsewhere"] = [
-            {"series_instance_uid": uid, "model": {"name": model.name, "version": model.version},
-             "reason": reason} for uid, model, reason in self.routed_elsewhere]
+            {"series_instance_uid": uid, "model": model.to_json(), "reason": reason}
+            for uid, model, reason in self.routed_elsewhere]
         return document
 
 

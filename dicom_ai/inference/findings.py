@@ -31,6 +31,10 @@ class ModelInfo:
     device_uid: str
     manufacturer: str = "dicom-ai"
 
+    def to_json(self) -> dict[str, str]:
+        """The ``findings.json`` form: name and version."""
+        return {"name": self.name, "version": self.version}
+
 
 #: A finding site as ``(code value, coding scheme designator, code meaning)``.
 SiteCode = tuple[str, str, str]
@@ -175,7 +179,7 @@ class ModelResult:
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "series_instance_uid": self.series.series_instance_uid,
-            "model": {"name": self.model.name, "version": self.model.version},
+            "model": self.model.to_json(),
             "status": self.status,
         }
         if self.reason is not None:
