@@ -134,6 +134,13 @@ def print_table(outcomes: Sequence[StudyOutcome], entries: Sequence[dict[str, An
                      + "  " + row[5] + "\n")
         if n == 0:
             stream.write("  ".join("-" * w for w in widths) + "  --------\n")
+    left_out = Counter(f"{model.name} {model.version}" for outcome in outcomes
+                       for _, model, _ in outcome.routed_elsewhere)
+    if left_out:
+        stream.write("\nLeft to the model for the series' anatomy (routed_elsewhere in "
+                     "findings.json): "
+                     + ", ".join(f"{name} on {n} series" for name, n in sorted(left_out.items()))
+                     + ".\n")
     counts = Counter(e["status"] for e in entries)
     stream.write(f"\n{len(entries)} files: {counts.get('processed', 0)} processed, "
                  f"{counts.get('skipped', 0)} skipped, {counts.get('failed', 0)} failed. "

@@ -3,6 +3,7 @@ its reason when none reads it."""
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -12,18 +13,19 @@ import torch
 
 from dicom_ai.config import Settings
 from dicom_ai.inference.bundle import load_bundle
-from dicom_ai.replay import replay
+from dicom_ai.replay import print_table, replay
 from tests.bundles import CXR_BLOCK, write_bundle
 from tests.conftest import STUDY_UID, MakeDicom
 
 DX = "1.2.840.10008.5.1.4.1.1.1.1"
+#: Model results by film, the study's findings.json, the replay table.
+Routed = tuple[dict[str, list[str]], dict[str, object], str]
 LIMB_BLOCK = {**CXR_BLOCK, "accepts": {**CXR_BLOCK["accepts"], "body_part_examined": ["HAND"],
                                        "reject_view_position": []}}
 
 
 @pytest.fixture
-def outcome_and_document(tmp_path: Path, make_dicom: MakeDicom) -> tuple[dict[str, list[str]],
-                                                                         dict[str, object]]:
+def outcome_and_document(tmp_path: Path, make_dicom: MakeDicom) -> Routed:
     pixels = (np.random.default_rng(0).random((40, 32)) * 255).astype(np.uint8)
     films = {"hand": {"BodyPartExamined": "HAND"},
              "lateral": {"BodyPartExamined": "CHEST", "ViewPosition": "LL"},
@@ -44,12 +46,14 @@ def outcome_and_document(tmp_path: Path, make_dicom: MakeDicom) -> tuple[dict[st
             result.series.series_instance_uid]
         by_series.setdefault(name, []).append(f"{result.model.name} {result.status}")
     document = json.loads((tmp_path / "out" / STUDY_UID / "findings.json").read_text())
-    return by_series, document
+    table = io.StringIO()
+    print_table(report.outcomes, report.entries, table)
+    return by_series, document, table.getvalue()
 
 
 def test_the_model_for_the_anatomy_reports_and_the_others_are_left_out(
-        outcome_and_document: tuple[dict[str, list[str]], dict[str, object]]) -> None:
-    by_series, document = outcome_and_document
+        outcome_and_document: Routed) -> None:
+    by_series, document, _ = outcome_and_document
     # The hand film is the limb model's; the lateral chest film is the chest model's, which
     # says why it did not analyse it.
     assert by_series["hand"] == ["tiny-limb ok"]
@@ -64,10 +68,16 @@ def test_the_model_for_the_anatomy_reports_and_the_others_are_left_out(
 
 
 def test_anatomy_no_model_reads_gets_every_reason_and_unstated_anatomy_every_model(
-        outcome_and_document: tuple[dict[str, list[str]], dict[str, object]]) -> None:
-    by_series, document = outcome_and_document
+        outcome_and_document: Routed) -> None:
+    by_series, document, _ = outcome_and_document
     assert by_series["skull"] == ["tiny-cxr rejected", "tiny-limb rejected"]
     # Without Body Part Examined the image-based checks decide, so both models look.
     assert by_series["unstated"] == ["tiny-cxr ok", "tiny-limb ok"]
     impression = str(document["impression"])
     assert "SKULL" in impression and "body part examined is HAND" not in impression
+
+
+def test_the_replay_table_says_which_models_were_left_out(outcome_and_document: Routed) -> None:
+    table = outcome_and_document[2]
+    assert ("Left to the model for the series' anatomy (routed_elsewhere in findings.json): "
+            "tiny-cxr 0.0.1 on 1 series, tiny-limb 0.0.1 on 1 series.") in table
