@@ -25,7 +25,7 @@ LIMB_BLOCK = {**CXR_BLOCK, "accepts": {**CXR_BLOCK["accepts"], "body_part_examin
 
 
 @pytest.fixture
-def outcome_and_document(tmp_path: Path, make_dicom: MakeDicom) -> Routed:
+def routed(tmp_path: Path, make_dicom: MakeDicom) -> Routed:
     pixels = (np.random.default_rng(0).random((40, 32)) * 255).astype(np.uint8)
     films = {"hand": {"BodyPartExamined": "HAND"},
              "lateral": {"BodyPartExamined": "CHEST", "ViewPosition": "LL"},
@@ -52,8 +52,8 @@ def outcome_and_document(tmp_path: Path, make_dicom: MakeDicom) -> Routed:
 
 
 def test_the_model_for_the_anatomy_reports_and_the_others_are_left_out(
-        outcome_and_document: Routed) -> None:
-    by_series, document, _ = outcome_and_document
+        routed: Routed) -> None:
+    by_series, document, _ = routed
     # The hand film is the limb model's; the lateral chest film is the chest model's, which
     # says why it did not analyse it.
     assert by_series["hand"] == ["tiny-limb ok"]
@@ -68,8 +68,8 @@ def test_the_model_for_the_anatomy_reports_and_the_others_are_left_out(
 
 
 def test_anatomy_no_model_reads_gets_every_reason_and_unstated_anatomy_every_model(
-        outcome_and_document: Routed) -> None:
-    by_series, document, _ = outcome_and_document
+        routed: Routed) -> None:
+    by_series, document, _ = routed
     assert by_series["skull"] == ["tiny-cxr rejected", "tiny-limb rejected"]
     # Without Body Part Examined the image-based checks decide, so both models look.
     assert by_series["unstated"] == ["tiny-cxr ok", "tiny-limb ok"]
@@ -77,7 +77,7 @@ def test_anatomy_no_model_reads_gets_every_reason_and_unstated_anatomy_every_mod
     assert "SKULL" in impression and "body part examined is HAND" not in impression
 
 
-def test_the_replay_table_says_which_models_were_left_out(outcome_and_document: Routed) -> None:
-    table = outcome_and_document[2]
+def test_the_replay_table_says_which_models_were_left_out(routed: Routed) -> None:
+    table = routed[2]
     assert ("Left to the model for the series' anatomy (routed_elsewhere in findings.json): "
             "tiny-cxr 0.0.1 on 1 series, tiny-limb 0.0.1 on 1 series.") in table
