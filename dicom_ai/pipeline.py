@@ -108,7 +108,7 @@ def analyse_series(series: Series, models: Sequence[Bundle], settings: Settings,
     applicable: list[Bundle] = []
     reasons: list[str] = []
     for bundle in models:
-        reason = routing.not_applicable(bundle.dicom_ai["accepts"], series)
+        reason = routing.not_applicable(bundle.accepts, series)
         if reason is None:
             applicable.append(bundle)
         else:
@@ -116,7 +116,7 @@ def analyse_series(series: Series, models: Sequence[Bundle], settings: Settings,
     if not applicable:
         outcome.skipped_series[series.series_instance_uid] = routing.skip_reason(series, reasons)
         return
-    anatomy = [routing.wrong_anatomy(bundle.dicom_ai["accepts"], series) for bundle in applicable]
+    anatomy = [routing.wrong_anatomy(bundle.accepts, series) for bundle in applicable]
     # A hand film is the fracture detector's: the chest model leaves it out rather than put a
     # "not analysed" SR into every fracture study. Only when no model reads the anatomy (a
     # skull film) does each model's rejection say why nothing analysed the series.
@@ -129,7 +129,7 @@ def analyse_series(series: Series, models: Sequence[Bundle], settings: Settings,
                          series.series_instance_uid, bundle.name, bundle.version, reason)
         applicable = [b for b, reason in zip(applicable, anatomy, strict=True) if reason is None]
     for bundle in applicable:
-        unfit = routing.unfit(bundle.dicom_ai["accepts"], series)
+        unfit = routing.unfit(bundle.accepts, series)
         if unfit is not None:
             result = ModelResult.rejected(series, bundle.info, started, unfit)
         else:

@@ -59,10 +59,11 @@ class Bundle:
     device: torch.device
     info: ModelInfo
     inference_config: dict[str, Any]
+    #: The routing rules (``dicom_ai.accepts``), parsed once when the bundle loads; the pipeline
+    #: checks every series against these.
+    accepts: Accepts
     #: The parsed ``dicom_ai`` block of a classification or fracture bundle.
     spec: ClassificationSpec | FractureSpec | None = None
-    #: The parsed routing rules (``dicom_ai.accepts``) of every bundle :func:`load_bundle` loads.
-    accepts: Accepts | None = None
     #: MONAI Grad-CAM explainers by layer, made on first use by
     #: :func:`dicom_ai.inference.runner.gradcam` and kept: each registers hooks on the network
     #: that are never removed, so one made per image would add hooks to every later pass.
@@ -191,7 +192,7 @@ def load_bundle(root: Path, *, device: torch.device) -> Bundle:
     info = ModelInfo(name=name, version=version, device_uid=device_uid(name, version, digest),
                      manufacturer=str(metadata.get("authors", "dicom-ai")))
     return Bundle(root=root, metadata=metadata, dicom_ai=block, network=network, device=device,
-                  info=info, inference_config=config, spec=spec, accepts=accepts)
+                  info=info, inference_config=config, accepts=accepts, spec=spec)
 
 
 def _named_layers(spec: ClassificationSpec | FractureSpec | None) -> list[str]:

@@ -520,10 +520,10 @@ def analyse_volume(bundle: Bundle, volume: CTVolume, settings: InferenceSettings
     volume is not a chest CT the model can judge."""
     block = bundle.dicom_ai
     pre = Preprocessing.from_block(block["preprocessing"])
-    max_spacing = block["accepts"].get("max_slice_thickness_mm")
-    if max_spacing is not None and volume.spacing[0] > float(max_spacing) * 1.01:
+    max_spacing = bundle.accepts.max_slice_thickness_mm
+    if max_spacing is not None and volume.spacing[0] > max_spacing * 1.01:
         return (f"slices are {volume.spacing[0]:.2f} mm apart, over the model's limit of "
-                f"{float(max_spacing):g} mm", [], [])
+                f"{max_spacing:g} mm", [], [])
     # The lungs are segmented on slices as far apart as the network reads them: on a thin-slice
     # series the full-resolution segmentation needs ~15 bytes per voxel (two 3D labellings),
     # which for 1,000 slices of 512² is 4 GB on top of the volume.

@@ -14,9 +14,10 @@ model that applies reads the anatomy (a hand radiograph, for the fracture detect
 leaves out the models that do not, instead of having each write a "not analysed" SR into the
 study (:func:`dicom_ai.pipeline.analyse_series`).
 
-Rules come from each bundle's ``dicom_ai.accepts`` block, parsed when the bundle loads
-(:class:`~dicom_ai.inference.spec.Accepts`, ``Bundle.accepts``); a new bundle needs no code
-change. A raw ``accepts`` mapping is parsed on the way in, and refused with every problem when
+Rules come from each bundle's ``dicom_ai.accepts`` block, parsed once when the bundle loads
+(:class:`~dicom_ai.inference.spec.Accepts`, ``Bundle.accepts``), which is what the pipeline
+passes; a new bundle needs no code change. A raw ``accepts`` mapping (a recipe or a
+``metadata.json`` read by a tool) is parsed on the way in, and refused with every problem when
 it is invalid.
 """
 

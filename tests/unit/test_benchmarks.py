@@ -24,6 +24,7 @@ from dicom_ai.imaging.ct import build_volume
 from dicom_ai.inference.bundle import Bundle
 from dicom_ai.inference.findings import ModelInfo
 from dicom_ai.inference.runner import predict_logits
+from dicom_ai.inference.spec import Accepts
 
 REPO = Path(__file__).resolve().parents[2]
 # The scripts import each other by name, as they do when run from the command line.
@@ -127,7 +128,7 @@ def test_serve_path_on_the_cpu_runs_float32_without_autocast_when_amp_is_asked()
     net = Recorder()
     bundle = Bundle(root=Path("."), metadata={}, dicom_ai={}, network=net,
                     device=torch.device("cpu"), info=ModelInfo("m", "0", "2.25.1"),
-                    inference_config={})
+                    inference_config={}, accepts=Accepts(modality=("OT",)))
     items = [np.full((1, 4, 4), v, dtype=np.float32) for v in (0.25, 0.75, 1.0)]
     logits = predict_logits(bundle, items, batch_size=2, amp=True)
     assert logits.dtype == np.float32 and logits.shape == (3, 2)

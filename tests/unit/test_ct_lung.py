@@ -39,6 +39,7 @@ from dicom_ai.inference.ct_lung import (
     validate_block,
 )
 from dicom_ai.inference.findings import ModelInfo, ModelResult
+from dicom_ai.inference.routing import as_accepts
 from dicom_ai.pipeline import StudyOutcome, analyse_series
 
 torch.set_num_threads(1)
@@ -70,7 +71,7 @@ def _bundle(**accepts: object) -> Bundle:
     }
     return Bundle(root=Path("."), metadata={}, dicom_ai=block, network=DensityBand(),
                   device=torch.device("cpu"), info=ModelInfo("ct-lung", "0", "2.25.1"),
-                  inference_config={})
+                  inference_config={}, accepts=as_accepts(block["accepts"]))
 
 
 def _grid() -> tuple[npt.NDArray[np.float64], ...]:

@@ -25,6 +25,7 @@ from dicom_ai.inference.detection import (
     orientation,
 )
 from dicom_ai.inference.findings import ModelInfo
+from dicom_ai.inference.routing import as_accepts
 from tests.unit.test_ct_lung import ORIGIN, SHAPE, SPACING, chest_phantom, write_series
 
 AXIAL = np.eye(3)
@@ -90,7 +91,7 @@ def _bundle(network: nn.Module, config: dict[str, Any] | None = None) -> Bundle:
              "accepts": {"modality": ["CT"], "min_instances": 10}}
     return Bundle(root=Path("."), metadata={}, dicom_ai=block, network=network,
                   device=torch.device("cpu"), info=ModelInfo("zoo-detector", "0.1", "2.25.2"),
-                  inference_config=config or CONFIG)
+                  inference_config=config or CONFIG, accepts=as_accepts(block["accepts"]))
 
 
 def test_orientation_of_axial_slices() -> None:

@@ -13,6 +13,7 @@ from dicom_ai.inference.bundle import Bundle
 from dicom_ai.inference.ensemble import LogitEnsemble, member_layer
 from dicom_ai.inference.findings import ModelInfo
 from dicom_ai.inference.runner import gradcam, unit_scaled
+from dicom_ai.inference.spec import Accepts
 
 
 def _bundle() -> Bundle:
@@ -32,7 +33,7 @@ def _bundle() -> Bundle:
 def _bundle_of(net: nn.Module) -> Bundle:
     return Bundle(root=Path("."), metadata={}, dicom_ai={}, network=net,
                   device=torch.device("cpu"), info=ModelInfo("m", "0", "2.25.1"),
-                  inference_config={})
+                  inference_config={}, accepts=Accepts(modality=("OT",)))
 
 
 def _image() -> np.ndarray:
