@@ -220,6 +220,16 @@ def test_unusable_series_are_rejected(tmp_path: Path, kwargs: dict[str, Any], sl
     assert result.reason.startswith(reason)
 
 
+def test_slices_further_apart_than_the_limit_are_rejected_whatever_their_thickness(
+        tmp_path: Path) -> None:
+    # Thin slices with gaps between them: Slice Thickness (1.5 mm) passes the header rule,
+    # the positions (2.5 mm apart) do not.
+    series = write_series(chest_phantom([]), tmp_path / "s", thickness=1.5)
+    result, _ = _run(series, _bundle(max_slice_thickness_mm=2.0))
+    assert result.status == "rejected"
+    assert result.reason == "slices are 2.50 mm apart, over the model's limit of 2 mm"
+
+
 def test_body_part_of_another_region_is_rejected(tmp_path: Path) -> None:
     series = write_series(chest_phantom([]), tmp_path / "s")
     result, _ = _run(series, _bundle(body_part_examined=["LUNG"]))
