@@ -125,8 +125,8 @@ def analyse_series(series: Series, models: Sequence[Bundle], settings: Settings,
             if reason is not None:
                 outcome.routed_elsewhere.append((series.series_instance_uid, bundle.info,
                                                  reason))
-                log.info("series %s: %s %s left out, another model reads it (%s)",
-                         series.series_instance_uid, bundle.name, bundle.version, reason)
+                log.info("series %s: %s left out, another model reads it (%s)",
+                         series.series_instance_uid, bundle.info.label, reason)
         applicable = [b for b, reason in zip(applicable, anatomy, strict=True) if reason is None]
     for bundle in applicable:
         unfit = routing.unfit(bundle.accepts, series)
@@ -143,8 +143,8 @@ def analyse_series(series: Series, models: Sequence[Bundle], settings: Settings,
             outcome.failed_files.update(failed)
             outcome.inference_seconds[bundle.name] = (
                 outcome.inference_seconds.get(bundle.name, 0.0) + time.perf_counter() - began)
-        log.info("series %s: %s %s → %s%s", series.series_instance_uid, bundle.name,
-                 bundle.version, result.status, f" ({result.reason})" if result.reason else "")
+        log.info("series %s: %s → %s%s", series.series_instance_uid, bundle.info.label,
+                 result.status, f" ({result.reason})" if result.reason else "")
         outcome.results.append(result)
 
 

@@ -126,7 +126,7 @@ def print_table(outcomes: Sequence[StudyOutcome], entries: Sequence[dict[str, An
     for outcome in outcomes:
         for r in outcome.results:
             rows.append((outcome.study_instance_uid[-12:], r.series.series_instance_uid[-12:],
-                         r.series.modality, f"{r.model.name} {r.model.version}", r.status,
+                         r.series.modality, r.model.label, r.status,
                          _headline(r)))
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     for n, row in enumerate(rows):
@@ -134,7 +134,7 @@ def print_table(outcomes: Sequence[StudyOutcome], entries: Sequence[dict[str, An
                      + "  " + row[5] + "\n")
         if n == 0:
             stream.write("  ".join("-" * w for w in widths) + "  --------\n")
-    left_out = Counter(f"{model.name} {model.version}" for outcome in outcomes
+    left_out = Counter(model.label for outcome in outcomes
                        for _, model, _ in outcome.routed_elsewhere)
     if left_out:
         stream.write("\nLeft to the model for the series' anatomy (routed_elsewhere in "

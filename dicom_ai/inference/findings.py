@@ -31,6 +31,11 @@ class ModelInfo:
     device_uid: str
     manufacturer: str = "dicom-ai"
 
+    @property
+    def label(self) -> str:
+        """``<name> <version>``, as tables, logs, descriptions and the SR's model name show it."""
+        return f"{self.name} {self.version}"
+
     def to_json(self) -> dict[str, str]:
         """The ``findings.json`` form: name and version."""
         return {"name": self.name, "version": self.version}

@@ -206,7 +206,7 @@ def finding_line(finding: Finding, language: str = "en") -> str:
 def result_sentence(result: ModelResult, language: str = "en") -> str:
     """What one model said about one series, as one sentence of the Impression."""
     t = templates(language)
-    model = f"{result.model.name} {result.model.version}"
+    model = result.model.label
     if result.status == "rejected":
         return t.not_analysed.format(model=model, reason=result.reason or "input rejected")
     parts: list[str] = []

@@ -215,7 +215,7 @@ def _laterality(header: Dataset) -> str | None:
 
 def series_description(kind: str, result: ModelResult) -> str:
     """A Series Description (LO, ≤ 64 chars) that says the series is AI output."""
-    model = f"{result.model.name} {result.model.version}"
+    model = result.model.label
     text = f"AI {kind} {model} (not for diagnostic use)"
     return text if len(text) <= 64 else f"AI {kind} {model}"[:64]
 
@@ -307,6 +307,6 @@ def build_secondary_capture(explanation: Explanation, result: ModelResult,
     purpose = hd.sr.CodedConcept("121322", "DCM", "Source image for image processing operation")
     ref.PurposeOfReferenceCodeSequence = [purpose]
     sc.SourceImageSequence = [ref]
-    sc.DerivationDescription = (f"Heatmap of {model.name} {model.version} over the analysed "
+    sc.DerivationDescription = (f"Heatmap of {model.label} over the analysed "
                                 "image; banner and caption burned in")
     return sc

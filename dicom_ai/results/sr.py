@@ -393,7 +393,7 @@ def build_sr(results: Sequence[ModelResult], settings: OutputSettings, *,
         observer_type=dcm_codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
             uid=model.device_uid, name=model.name, manufacturer_name=model.manufacturer,
-            model_name=f"{model.name} {model.version}"[:64]))
+            model_name=model.label[:64]))
     header = result.series.header
     groups: list[Group | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations] = [
         g for ctx in contexts for g in measurement_groups(ctx)]

@@ -309,7 +309,7 @@ def pipeline_processor(settings: Settings) -> Processor:
     if not models:
         log.error("no usable model bundle under %s: studies will be received but produce no "
                   "results", settings.inference.models_dir)
-    log.info("models loaded: %s", ", ".join(f"{m.name} {m.version}" for m in models) or "none")
+    log.info("models loaded: %s", ", ".join(m.info.label for m in models) or "none")
 
     def process(paths: Sequence[Path]) -> ProcessedStudy:
         datasets: list[Dataset] = []
